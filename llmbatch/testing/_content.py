@@ -1,0 +1,174 @@
+"""Deterministic response bodies shared by the simulator's online and batch endpoints.
+
+Every response is a pure function of its request: the completion text starts with
+``[<tag>]`` where ``tag`` is :func:`content_tag` of the last user message, so a test can
+prove which input an output belongs to, and the same request always gets the same answer.
+The completion length is derived from the same hash and never exceeds ``max_tokens``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "anthropic_message",
+    "completion_plan",
+    "content_tag",
+    "embeddings_response",
+    "estimate_tokens",
+    "last_user_text",
+    "openai_chat_completion",
+]
+
+#: what the simulator charges (and caps a completion at) when a request sets no max_tokens
+DEFAULT_MAX_TOKENS = 4096
+_WORDS = (
+    "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike "
+    "november oscar papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu"
+).split()
+
+
+def content_tag(text: str) -> str:
+    """The 8-hex-digit tag that marks a response as belonging to *text*."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
+
+
+def _text_of(content: Any) -> str:
+    """Flatten OpenAI/Anthropic message content (a string or a list of parts) to text."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Sequence):
+        parts = []
+        for part in content:
+            if isinstance(part, Mapping) and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+        return "".join(parts)
+    return ""
+
+
+def last_user_text(messages: Sequence[Mapping[str, Any]]) -> str:
+    """The text of the last ``user`` message ('' when there is none)."""
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return _text_of(message.get("content"))
+    return ""
+
+
+def estimate_tokens(body: Mapping[str, Any]) -> int:
+    """Estimate a request's prompt tokens from its character count, as OpenAI does.
+
+    About four characters per token, plus a small per-message overhead. Works for chat
+    (``messages`` and Anthropic's ``system``), embeddings (``input``) and plain ``prompt``.
+    """
+    chars = 0
+    overhead = 0
+    for message in body.get("messages") or ():
+        if isinstance(message, Mapping):
+            chars += len(_text_of(message.get("content")))
+            overhead += 4
+    system = body.get("system")
+    if system is not None:
+        chars += len(_text_of(system))
+        overhead += 4
+    inputs = body.get("input", body.get("prompt"))
+    if isinstance(inputs, str):
+        chars += len(inputs)
+    elif isinstance(inputs, Sequence):
+        for item in inputs:
+            chars += len(item) if isinstance(item, str | list) else 1
+    return max(1, math.ceil(chars / 4) + overhead)
+
+
+def completion_plan(body: Mapping[str, Any], *, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> tuple[str, int, bool]:
+    """``(text, completion_tokens, truncated)`` for a chat/messages request body.
+
+    The natural length is 16..47 tokens (from the hash); ``max_tokens`` (or
+    ``max_completion_tokens``) truncates it, and ``truncated`` says so.
+    """
+    prompt = last_user_text(body.get("messages") or ())
+    tag = content_tag(prompt)
+    limit = body.get("max_completion_tokens") or body.get("max_tokens") or default_max_tokens
+    natural = 16 + int(tag, 16) % 32
+    n = max(1, min(natural, int(limit)))
+    seed = int(tag, 16)
+    words = [f"[{tag}]"] + [_WORDS[(seed >> (i % 24) ^ i) % len(_WORDS)] for i in range(1, n)]
+    return " ".join(words), n, n < natural
+
+
+def openai_chat_completion(
+    body: Mapping[str, Any], *, completion_id: str, created: int, prompt_tokens: int | None = None
+) -> dict[str, Any]:
+    """A ``chat.completion`` object answering *body* (``n`` choices, ``usage`` included)."""
+    text, tokens, truncated = completion_plan(body)
+    n = int(body.get("n") or 1)
+    prompt_tokens = estimate_tokens(body) if prompt_tokens is None else prompt_tokens
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": body.get("model"),
+        "system_fingerprint": "fp_llmbatch_sim",
+        "choices": [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": "length" if truncated else "stop",
+            }
+            for i in range(n)
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": tokens * n,
+            "total_tokens": prompt_tokens + tokens * n,
+        },
+    }
+
+
+def anthropic_message(body: Mapping[str, Any], *, message_id: str) -> dict[str, Any]:
+    """A Messages API ``message`` object answering *body*."""
+    text, tokens, truncated = completion_plan(body)
+    return {
+        "id": message_id,
+        "type": "message",
+        "role": "assistant",
+        "model": body.get("model"),
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": "max_tokens" if truncated else "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": estimate_tokens(body), "output_tokens": tokens},
+    }
+
+
+def _vector(text: str, dimensions: int) -> list[float]:
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    raw = [(digest[i % len(digest)] ^ (i * 37 & 0xFF)) / 255.0 - 0.5 for i in range(dimensions)]
+    norm = math.sqrt(sum(x * x for x in raw)) or 1.0
+    return [round(x / norm, 6) for x in raw]
+
+
+def embeddings_response(body: Mapping[str, Any]) -> dict[str, Any]:
+    """An embeddings ``list`` answering *body*; each vector is a function of its input."""
+    inputs = body.get("input")
+    items = [inputs] if isinstance(inputs, str) else list(inputs or [])
+    dimensions = int(body.get("dimensions") or 16)
+    data = [
+        {
+            "object": "embedding",
+            "index": i,
+            "embedding": _vector(item if isinstance(item, str) else json.dumps(item), dimensions),
+        }
+        for i, item in enumerate(items)
+    ]
+    tokens = estimate_tokens(body)
+    return {
+        "object": "list",
+        "data": data,
+        "model": body.get("model"),
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }

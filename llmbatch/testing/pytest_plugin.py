@@ -1,0 +1,1 @@
+"""pytest fixtures shipped with llmbatch (auto-loaded through the ``pytest11`` entry point)."""
