@@ -27,10 +27,34 @@ __all__ = [
 
 #: what the simulator charges (and caps a completion at) when a request sets no max_tokens
 DEFAULT_MAX_TOKENS = 4096
-_WORDS = (
-    "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike "
-    "november oscar papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu"
-).split()
+_WORDS = [
+    "alpha",
+    "bravo",
+    "charlie",
+    "delta",
+    "echo",
+    "foxtrot",
+    "golf",
+    "hotel",
+    "india",
+    "juliet",
+    "kilo",
+    "lima",
+    "mike",
+    "november",
+    "oscar",
+    "papa",
+    "quebec",
+    "romeo",
+    "sierra",
+    "tango",
+    "uniform",
+    "victor",
+    "whiskey",
+    "xray",
+    "yankee",
+    "zulu",
+]
 
 
 def content_tag(text: str) -> str:
@@ -84,7 +108,9 @@ def estimate_tokens(body: Mapping[str, Any]) -> int:
     return max(1, math.ceil(chars / 4) + overhead)
 
 
-def completion_plan(body: Mapping[str, Any], *, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> tuple[str, int, bool]:
+def completion_plan(
+    body: Mapping[str, Any], *, default_max_tokens: int = DEFAULT_MAX_TOKENS
+) -> tuple[str, int, bool]:
     """``(text, completion_tokens, truncated)`` for a chat/messages request body.
 
     The natural length is 16..47 tokens (from the hash); ``max_tokens`` (or

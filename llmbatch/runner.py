@@ -1,0 +1,382 @@
+"""The one place where items are scheduled.
+
+Every parallel thing in llmbatch (parallel batch nodes and flows, ``llmbatch.map``, the
+CLI, the pandas and Ray integrations) runs its items through :func:`run_batch` or
+:func:`stream_batch`:
+
+* a fixed pool of ``max_concurrency`` worker tasks pulls items from a sync or async
+  iterable one at a time, so memory is bounded by the concurrency, never by the input
+  size (no task per item is ever created up front);
+* :func:`run_batch` returns a :class:`~llmbatch.failure.BatchResult` in input order;
+  :func:`stream_batch` yields :class:`Outcome` records as items finish, each with its
+  input index, and keeps nothing once it is handed out;
+* the failure strategy (:mod:`llmbatch.failure`) decides what a failed item does; an
+  abort cancels the items in flight and starts no new one;
+* cancelling the caller (Ctrl-C, ``task.cancel()``) cancels every worker before the
+  cancellation propagates: no task outlives the call.
+
+Code running inside an item can read :func:`current_item` (its index, key and attempt
+number); the attempt number belongs to the item, not to a shared node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sized
+from contextvars import ContextVar
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+from llmbatch.failure import (
+    BatchFailed,
+    BatchResult,
+    FailureCounts,
+    FailureStrategy,
+    ItemError,
+    OnError,
+    failure_strategy,
+    is_fatal,
+)
+
+__all__ = [
+    "DEFAULT_MAX_CONCURRENCY",
+    "BatchStream",
+    "ItemContext",
+    "Outcome",
+    "current_item",
+    "run_batch",
+    "stream_batch",
+]
+
+T = TypeVar("T")
+ItemT = TypeVar("ItemT")
+
+#: generous enough that small PocketFlow batches behave as an unbounded gather would
+DEFAULT_MAX_CONCURRENCY = 64
+
+Items = Iterable[ItemT] | AsyncIterable[ItemT] | None
+
+
+@dataclass(slots=True)
+class ItemContext:
+    """What the runner knows about the item the current task is working on.
+
+    Attributes:
+        index: the item's position in the input.
+        key: the item's key (``key=`` function), or ``None``.
+        attempts: the number of the attempt in progress, counted from 1; retry loops
+            running inside the item update it.
+    """
+
+    index: int = -1
+    key: str | None = None
+    attempts: int = 1
+
+
+_CURRENT: ContextVar[ItemContext | None] = ContextVar("llmbatch_current_item", default=None)
+
+
+def current_item() -> ItemContext | None:
+    """The :class:`ItemContext` of the item being run by this task, if any."""
+    return _CURRENT.get()
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome(Generic[T]):
+    """One finished item of a streamed batch: its input index and its value or error."""
+
+    index: int
+    value: T | ItemError
+
+    @property
+    def ok(self) -> bool:
+        """Whether the item produced a value."""
+        return not isinstance(self.value, ItemError)
+
+
+_END: Any = object()
+
+
+class _Batch(Generic[ItemT, T]):
+    """A worker pool over one input; results land in a list or a queue."""
+
+    def __init__(
+        self,
+        fn: Callable[[ItemT], Awaitable[T]],
+        items: Items[ItemT],
+        *,
+        max_concurrency: int,
+        strategy: FailureStrategy,
+        key: Callable[[ItemT], str] | None,
+        queue: asyncio.Queue[Any] | None,
+    ) -> None:
+        if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int):
+            raise TypeError(f"max_concurrency must be an int, not {max_concurrency!r}")
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, not {max_concurrency!r}")
+        self._fn = fn
+        self._key = key
+        self._strategy = strategy
+        self._queue = queue
+        self._results: list[Any] | None = [] if queue is None else None
+        self._sync: Iterable[ItemT] | None = None
+        self._async: AsyncIterator[ItemT] | None = None
+        self._lock = asyncio.Lock()
+        if items is None:
+            items = ()
+        workers = max_concurrency
+        if isinstance(items, AsyncIterable):
+            self._async = aiter(items)
+        else:
+            if isinstance(items, Sized):
+                workers = max(1, min(workers, len(items)))
+            self._sync = iter(items)
+        self._workers = workers
+        self._next_index = 0
+        self._finished = 0
+        self._failed = 0
+        self._stop = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self.abort: BatchFailed | None = None
+
+    def result(self) -> BatchResult[T]:
+        assert self._results is not None
+        return BatchResult(self._results, self._strategy.on_error)
+
+    async def _pull(self) -> tuple[int, ItemT] | None:
+        if self._sync is not None:
+            try:
+                item = next(self._sync)  # type: ignore[call-overload]
+            except StopIteration:
+                self._stop = True
+                return None
+        else:
+            async with self._lock:
+                if self._stop:
+                    return None
+                try:
+                    item = await anext(self._async)  # type: ignore[arg-type]
+                except StopAsyncIteration:
+                    self._stop = True
+                    return None
+        index = self._next_index
+        self._next_index = index + 1
+        if self._results is not None:
+            self._results.append(_END)
+        return index, item
+
+    async def _worker(self) -> None:
+        ctx = ItemContext()
+        _CURRENT.set(ctx)  # this task's own copy of the context
+        fn, key, results, queue = self._fn, self._key, self._results, self._queue
+        while not self._stop:
+            pulled = await self._pull()
+            if pulled is None:
+                return
+            index, item = pulled
+            ctx.index = index
+            ctx.attempts = 1
+            ctx.key = None
+            try:
+                if key is not None:
+                    ctx.key = key(item)
+                value: Any = await fn(item)
+            except Exception as exc:
+                error = ItemError.from_exception(index, exc, key=ctx.key, attempts=ctx.attempts)
+                self._finished += 1
+                self._failed += 1
+                if results is not None:
+                    results[index] = error
+                elif queue is not None:
+                    await queue.put(Outcome(index, error))
+                reason = "fatal" if is_fatal(exc) else None
+                reason = reason or self._strategy(
+                    error, FailureCounts(self._finished, self._failed)
+                )
+                if reason is not None:
+                    self._abort_batch(error, reason)
+                    return
+            except asyncio.CancelledError:
+                if self.abort is not None and results is not None:
+                    results[index] = ItemError(
+                        index=index,
+                        key=ctx.key,
+                        error_type="CancelledError",
+                        message="cancelled when the batch was aborted",
+                        attempts=ctx.attempts,
+                        cancelled=True,
+                    )
+                raise
+            else:
+                self._finished += 1
+                if results is not None:
+                    results[index] = value
+                elif queue is not None:
+                    await queue.put(Outcome(index, value))
+
+    def _abort_batch(self, error: ItemError, reason: str) -> None:
+        if self.abort is not None:
+            return
+        self._stop = True
+        self.abort = BatchFailed(
+            error, reason=reason, result=None if self._results is None else self.result()
+        )
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
+
+    async def run(self) -> None:
+        """Run every worker to the end; raise the abort or the first unexpected error."""
+        self._tasks = [asyncio.create_task(self._worker()) for _ in range(self._workers)]
+        try:
+            await asyncio.wait(self._tasks, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            # Also reached when the caller is cancelled: no worker may outlive us.
+            self._stop = True
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.abort is not None:
+            raise self.abort from self.abort.error.exception
+        for task in self._tasks:
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]  # e.g. the input iterator failed
+
+
+async def run_batch(
+    fn: Callable[[ItemT], Awaitable[T]],
+    items: Items[ItemT],
+    *,
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    on_error: OnError | str | FailureStrategy = OnError.FAIL_FAST,
+    max_failures: int | None = None,
+    max_failure_rate: float | None = None,
+    key: Callable[[ItemT], str] | None = None,
+) -> BatchResult[T]:
+    """Run ``await fn(item)`` for every item, at most *max_concurrency* at once.
+
+    Args:
+        fn: the coroutine function applied to each item.
+        items: a sync or async iterable (or ``None``, meaning no items); consumed lazily.
+        max_concurrency: how many items may be in flight at once.
+        on_error: ``"fail_fast"``, ``"collect"``, ``"skip"`` or a
+            :class:`~llmbatch.failure.FailureStrategy`.
+        max_failures: abort a collect/skip batch when more items than this failed.
+        max_failure_rate: abort a collect/skip batch when the failed share exceeds this.
+        key: a function giving each item's key, recorded on its :class:`ItemError`.
+
+    Returns:
+        The results in input order, failures in place as :class:`ItemError`.
+
+    Raises:
+        BatchFailed: the strategy aborted the batch (carries the partial results).
+    """
+    strategy = failure_strategy(
+        on_error, max_failures=max_failures, max_failure_rate=max_failure_rate
+    )
+    batch = _Batch(
+        fn, items, max_concurrency=max_concurrency, strategy=strategy, key=key, queue=None
+    )
+    await batch.run()
+    return batch.result()
+
+
+class BatchStream(Generic[T]):
+    """Outcomes of a batch in completion order; returned by :func:`stream_batch`.
+
+    Use it as ``async with stream_batch(...) as outcomes: async for o in outcomes``. The
+    ``async with`` block guarantees that leaving early (``break``, an exception) cancels
+    the items still in flight. Plain ``async for`` works too and cleans up once the
+    stream is exhausted or raises.
+    """
+
+    def __init__(self, batch: _Batch[Any, T], queue: asyncio.Queue[Any]) -> None:
+        self._batch = batch
+        self._queue = queue
+        self._task: asyncio.Task[None] | None = None
+        self._done = False
+
+    async def _supervise(self) -> None:
+        try:
+            await self._batch.run()
+        except asyncio.CancelledError:
+            raise  # the consumer left (aclose); nobody is listening any more
+        except Exception as exc:
+            await self._queue.put(exc)  # re-raised by __anext__ in the consumer's task
+        else:
+            await self._queue.put(_END)
+
+    def _start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._supervise())
+
+    async def __aenter__(self) -> BatchStream[T]:
+        self._start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> BatchStream[T]:
+        return self
+
+    async def __anext__(self) -> Outcome[T]:
+        if self._done:
+            raise StopAsyncIteration
+        self._start()
+        got = await self._queue.get()
+        if isinstance(got, Outcome):
+            return got
+        self._done = True
+        await self.aclose()
+        if got is _END:
+            raise StopAsyncIteration
+        raise got
+
+    async def aclose(self) -> None:
+        """Cancel whatever is still running and wait for it to stop."""
+        self._done = True
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+        if task is not None:
+            try:
+                await task
+            except BaseException:
+                # The outcome was already delivered (or is no longer wanted).
+                pass
+
+
+def stream_batch(
+    fn: Callable[[ItemT], Awaitable[T]],
+    items: Items[ItemT],
+    *,
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    on_error: OnError | str | FailureStrategy = OnError.FAIL_FAST,
+    max_failures: int | None = None,
+    max_failure_rate: float | None = None,
+    key: Callable[[ItemT], str] | None = None,
+) -> BatchStream[T]:
+    """Like :func:`run_batch`, but yield an :class:`Outcome` as each item finishes.
+
+    Nothing is kept after it is yielded, so a stream of millions of items runs in memory
+    bounded by *max_concurrency*. Every finished item is yielded, failed ones as outcomes
+    holding an :class:`ItemError` (under every strategy: the item that triggers a
+    fail-fast abort is yielded too); an abort then raises :class:`BatchFailed` (with
+    ``result=None``) from the iteration. Items cancelled by the abort are not yielded.
+    """
+    strategy = failure_strategy(
+        on_error, max_failures=max_failures, max_failure_rate=max_failure_rate
+    )
+    queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=max(1, max_concurrency))
+    batch = _Batch(
+        fn, items, max_concurrency=max_concurrency, strategy=strategy, key=key, queue=queue
+    )
+    return BatchStream(batch, queue)
