@@ -1,0 +1,754 @@
+"""Client-side rate limits: run at a provider's limit without tripping 429s.
+
+A :class:`RateLimiter` enforces one quota (one provider, model and API key) with
+
+* **token buckets** (RPM, TPM, Anthropic's input/output TPM, optional per-day), built on
+  ``aiolimiter``'s leaky bucket and therefore on ``loop.time()``;
+* a **concurrency gate** (``max_concurrency``), with AIMD when no rate limit is known;
+* one :meth:`RateLimiter.acquire` that takes every dimension at once, first come first
+  served, so a big request is never starved by small ones and no bucket is held while
+  another one refills. A waiter that is cancelled takes nothing;
+* **settling**: a :class:`Permit` is settled with the actual usage; the difference is
+  refunded or charged where the provider's rule allows (``Limits.refund_unused``);
+* **header feedback**: :meth:`RateLimiter.observe` reads ``x-ratelimit-*`` (OpenAI, Go
+  durations) and ``anthropic-ratelimit-*`` (RFC 3339) headers. When the server has
+  less left than we believe (another process spends the same key) the local bucket is
+  drained down to it; ``Limits.auto()`` learns the limits themselves from them;
+* a **cooldown** on a rate-limit 429: every worker sharing the quota pauses until the
+  retry-after, and the bucket that overflowed restarts empty, so traffic resumes at the
+  refill rate instead of in a burst.
+
+A request that can never fit (more tokens than a bucket holds) raises
+:class:`RequestTooLarge` at once instead of waiting forever.
+
+:func:`get_limiter` returns the process-wide limiter of a quota, so every node, client
+and flow in the event loop that talks to the same (provider, endpoint, key, model)
+shares it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextvars
+import hashlib
+import math
+import re
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, ClassVar
+
+import structlog
+from aiolimiter import AsyncLimiter
+
+from llmbatch.errors import LLMBatchError
+
+__all__ = [
+    "LimiterStatistics",
+    "Limits",
+    "Permit",
+    "RateLimitHeaders",
+    "RateLimiter",
+    "RequestTooLarge",
+    "get_limiter",
+    "key_fingerprint",
+    "parse_go_duration",
+    "parse_reset",
+]
+
+logger = structlog.get_logger("llmbatch.limits")
+
+MINUTE = 60.0
+DAY = 86_400.0
+
+
+class RequestTooLarge(LLMBatchError):
+    """A request needs more of a resource than its bucket can ever hold.
+
+    Attributes:
+        dimension: the bucket (``"tpm"``, ``"input_tpm"``...).
+        requested: what the request needs.
+        capacity: the most the bucket can hold.
+    """
+
+    def __init__(self, dimension: str, requested: float, capacity: float) -> None:
+        self.dimension = dimension
+        self.requested = requested
+        self.capacity = capacity
+        super().__init__(
+            f"request needs {requested:,.0f} {dimension} but the limit is {capacity:,.0f}: "
+            "it can never be admitted (shorten the prompt or lower max_tokens)"
+        )
+
+
+# -- configuration ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """The limits of one quota. Every field is optional; ``None`` means "not limited".
+
+    Args:
+        rpm: requests per minute.
+        tpm: tokens per minute (OpenAI: prompt + reserved completion tokens).
+        input_tpm: input tokens per minute (Anthropic ITPM).
+        output_tpm: output tokens per minute (Anthropic OTPM).
+        rpd: requests per day.
+        tpd: tokens per day.
+        max_concurrency: requests in flight at most.
+        initial_fill: share of each bucket available at start (the server's state is
+            unknown until its first headers arrive, which then set the level exactly).
+        refund_unused: give back reserved tokens a response did not use (OpenAI keeps the
+            reservation, so the default is ``False``).
+        learn: learn missing limits from response headers (see :meth:`auto`).
+        aimd: adapt the concurrency cap (additive increase, halve on 429) while no rate
+            limit is known.
+        headroom: fraction of each learned or configured limit to stay under (0.0-0.5).
+    """
+
+    rpm: float | None = None
+    tpm: float | None = None
+    input_tpm: float | None = None
+    output_tpm: float | None = None
+    rpd: float | None = None
+    tpd: float | None = None
+    max_concurrency: int | None = None
+    initial_fill: float = 0.5
+    refund_unused: bool = False
+    learn: bool = False
+    aimd: bool = False
+    headroom: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("rpm", "tpm", "input_tpm", "output_tpm", "rpd", "tpd"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"Limits.{name} must be positive, not {value!r}")
+        if self.max_concurrency is not None and self.max_concurrency < 1:
+            raise ValueError(f"Limits.max_concurrency must be >= 1, not {self.max_concurrency!r}")
+        if not 0.0 <= self.initial_fill <= 1.0:
+            raise ValueError(
+                f"Limits.initial_fill must be within [0, 1], not {self.initial_fill!r}"
+            )
+        if not 0.0 <= self.headroom <= 0.5:
+            raise ValueError(f"Limits.headroom must be within [0, 0.5], not {self.headroom!r}")
+
+    @classmethod
+    def auto(cls, *, max_concurrency: int = 64, **overrides: Any) -> Limits:
+        """Limits learned from the provider's headers, with AIMD until they are known."""
+        return cls(max_concurrency=max_concurrency, learn=True, aimd=True, **overrides)
+
+    def copy(self, **changes: Any) -> Limits:
+        """A copy with *changes* applied."""
+        return replace(self, **changes)
+
+
+# -- header parsing --------------------------------------------------------------------
+
+_GO_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|us|µs|ns|m|s)")
+_GO_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+
+
+def parse_go_duration(text: str) -> float | None:
+    """Seconds in a Go-style duration (``"6m0s"``, ``"120ms"``, ``"1h2m3.5s"``), else ``None``.
+
+    A bare number is read as seconds. Garbage gives ``None``: headers are hints.
+    """
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        pass
+    else:
+        return value if math.isfinite(value) and value >= 0 else None
+    pos, total = 0, 0.0
+    for match in _GO_PART.finditer(text):
+        if match.start() != pos:
+            return None
+        total += float(match.group(1)) * _GO_UNITS[match.group(2)]
+        pos = match.end()
+    return total if pos == len(text) else None
+
+
+def parse_reset(text: str, *, now: datetime | None = None) -> float | None:
+    """Seconds until a reset given as a Go duration (OpenAI) or RFC 3339 time (Anthropic)."""
+    seconds = parse_go_duration(text)
+    if seconds is not None:
+        return seconds
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return max(0.0, (moment - (now or datetime.now(UTC))).total_seconds())
+
+
+def _int(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        number = float(value.strip())
+    except ValueError:
+        return None
+    return int(number) if math.isfinite(number) and number >= 0 else None
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitHeaders:
+    """What one response's rate-limit headers say, per dimension.
+
+    ``limits``, ``remaining`` and ``resets`` map a dimension (``"rpm"``, ``"tpm"``,
+    ``"input_tpm"``, ``"output_tpm"``) to the limit, the units left and the seconds
+    until the bucket is full again.
+    """
+
+    limits: dict[str, int] = field(default_factory=dict)
+    remaining: dict[str, int] = field(default_factory=dict)
+    resets: dict[str, float] = field(default_factory=dict)
+
+    _NAMES: ClassVar[dict[str, str]] = {
+        # OpenAI
+        "x-ratelimit-{}-requests": "rpm",
+        "x-ratelimit-{}-tokens": "tpm",
+        # Anthropic
+        "anthropic-ratelimit-requests-{}": "rpm",
+        "anthropic-ratelimit-input-tokens-{}": "input_tpm",
+        "anthropic-ratelimit-output-tokens-{}": "output_tpm",
+    }
+
+    @classmethod
+    def parse(cls, headers: Mapping[str, str], *, now: datetime | None = None) -> RateLimitHeaders:
+        """Read the headers (case-insensitively); missing or garbled values are skipped."""
+        lower = {k.lower(): v for k, v in headers.items()}
+        limits: dict[str, int] = {}
+        remaining: dict[str, int] = {}
+        resets: dict[str, float] = {}
+        for pattern, dimension in cls._NAMES.items():
+            limit = _int(lower.get(pattern.format("limit")))
+            left = _int(lower.get(pattern.format("remaining")))
+            reset_text = lower.get(pattern.format("reset"))
+            if limit is not None and limit > 0:
+                limits[dimension] = limit
+            if left is not None:
+                remaining[dimension] = left
+            if reset_text is not None:
+                reset = parse_reset(reset_text, now=now)
+                if reset is not None:
+                    resets[dimension] = reset
+        return cls(limits, remaining, resets)
+
+    def __bool__(self) -> bool:
+        return bool(self.limits or self.remaining)
+
+
+# -- buckets ---------------------------------------------------------------------------
+
+
+class _Bucket(AsyncLimiter):
+    """aiolimiter's leaky bucket, plus the level arithmetic a multi-dimension limiter needs.
+
+    The level is the amount *in use*; capacity frees up continuously at ``max_rate`` per
+    ``time_period``. The level may exceed ``max_rate`` (debt from settling or a 429).
+    """
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str, max_rate: float, time_period: float, fill: float) -> None:
+        super().__init__(max_rate, time_period)
+        self.name = name
+        self._leak()
+        self._level = max_rate * (1.0 - fill)
+
+    @property
+    def level(self) -> float:
+        """The amount in use now."""
+        self._leak()
+        return self._level
+
+    @property
+    def rate(self) -> float:
+        """Units freed per second."""
+        return self._rate_per_sec
+
+    @property
+    def available(self) -> float:
+        """The amount that may be taken now."""
+        return self.max_rate - self.level
+
+    def time_until(self, amount: float) -> float:
+        """Seconds until *amount* fits (0 when it fits now)."""
+        missing = self.level + amount - self.max_rate
+        return 0.0 if missing <= 1e-9 else missing / self._rate_per_sec
+
+    def take(self, amount: float) -> None:
+        """Add *amount* to the level (may go into debt)."""
+        self._leak()
+        self._level += amount
+
+    def give_back(self, amount: float) -> None:
+        """Remove *amount* from the level (a refund)."""
+        self._leak()
+        self._level = max(0.0, self._level - amount)
+
+    def set_available(self, amount: float) -> None:
+        """Make exactly *amount* available now."""
+        self._leak()
+        self._level = max(0.0, self.max_rate - amount)
+
+    def resize(self, max_rate: float) -> None:
+        """Change the capacity (and the refill rate with it), keeping what is in use."""
+        self._leak()
+        self.max_rate = max_rate
+        self._rate_per_sec = max_rate / self.time_period
+
+
+_DIMENSIONS: dict[str, tuple[str, float]] = {
+    # dimension -> (what it charges, period)
+    "rpm": ("requests", MINUTE),
+    "tpm": ("tokens", MINUTE),
+    "input_tpm": ("input_tokens", MINUTE),
+    "output_tpm": ("output_tokens", MINUTE),
+    "rpd": ("requests", DAY),
+    "tpd": ("tokens", DAY),
+}
+
+
+# -- permits and statistics -------------------------------------------------------------
+
+
+class Permit:
+    """What one :meth:`RateLimiter.acquire` took; settle it with the actual usage.
+
+    Use it as an async context manager (or call :meth:`release`) to give the
+    concurrency slot back when the request is over.
+    """
+
+    __slots__ = (
+        "_limiter",
+        "_released",
+        "_settled",
+        "adjusted_at",
+        "available_after",
+        "cost",
+    )
+
+    def __init__(
+        self,
+        limiter: RateLimiter,
+        cost: dict[str, float],
+        available_after: dict[str, float],
+        adjusted_at: dict[str, float],
+    ) -> None:
+        self._limiter = limiter
+        self.cost = cost
+        #: what each bucket had left right after this permit was taken
+        self.available_after = available_after
+        #: the limiter's cumulative header corrections at that moment
+        self.adjusted_at = adjusted_at
+        self._released = False
+        self._settled = False
+
+    def __repr__(self) -> str:
+        return f"<Permit {self.cost} released={self._released} settled={self._settled}>"
+
+    def settle(
+        self,
+        *,
+        tokens: int | None = None,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+    ) -> None:
+        """Record the actual usage: charge what was under-reserved, refund (if allowed) the rest."""
+        if self._settled:
+            return
+        self._settled = True
+        actual = {"tokens": tokens, "input_tokens": input_tokens, "output_tokens": output_tokens}
+        self._limiter._settle(self, {k: float(v) for k, v in actual.items() if v is not None})
+
+    def release(self) -> None:
+        """Give the concurrency slot back (idempotent)."""
+        if not self._released:
+            self._released = True
+            self._limiter._release()
+
+    async def __aenter__(self) -> Permit:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+@dataclass(frozen=True, slots=True)
+class LimiterStatistics:
+    """A snapshot of a :class:`RateLimiter`."""
+
+    acquired: int
+    waiting: int
+    in_flight: int
+    concurrency_cap: float | None
+    waited_seconds: float
+    max_wait_seconds: float
+    rate_limited: int
+    cooldown_remaining: float
+    header_corrections: int
+    learned: tuple[str, ...]
+    available: dict[str, float]
+    capacity: dict[str, float]
+
+
+_CURRENT_PERMIT: contextvars.ContextVar[Permit | None] = contextvars.ContextVar(
+    "llmbatch_permit", default=None
+)
+
+
+# -- the limiter ------------------------------------------------------------------------
+
+
+class RateLimiter:
+    """Enforces one quota's :class:`Limits`; see the module docstring.
+
+    Build it inside the event loop that uses it (the buckets follow that loop's clock).
+    ``async with limiter:`` acquires one request and releases it on exit, so a limiter
+    can be passed straight to a parallel node's ``limiter=``.
+
+    Args:
+        limits: the limits to enforce.
+        name: a label for logs and ``repr`` (e.g. ``"openai/gpt-4o-mini"``).
+    """
+
+    def __init__(self, limits: Limits | None = None, *, name: str = "default") -> None:
+        self.limits = limits or Limits()
+        self.name = name
+        self._buckets: dict[str, _Bucket] = {}
+        self._adjusted: collections.defaultdict[str, float] = collections.defaultdict(float)
+        for dimension in _DIMENSIONS:
+            capacity = getattr(self.limits, dimension)
+            if capacity is not None:
+                self._add_bucket(dimension, capacity)
+        self._cap: float | None = (
+            float(self.limits.max_concurrency) if self.limits.max_concurrency else None
+        )
+        if self._cap is not None and self.limits.aimd and not self._buckets:
+            self._cap = min(self._cap, 8.0)  # probe upward from a modest start
+        self._in_flight = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._changed: asyncio.Event | None = None
+        self._paused_until = 0.0
+        self._synced: set[str] = set()
+        self._learned: list[str] = []
+        # statistics
+        self._acquired = 0
+        self._waited = 0.0
+        self._max_wait = 0.0
+        self._rate_limited = 0
+        self._corrections = 0
+
+    def _adjust(self, bucket: _Bucket, delta: float) -> None:
+        """Make *delta* more (or, negative, less) available in *bucket*, and remember it."""
+        before = bucket.available
+        bucket.set_available(min(bucket.max_rate, before + delta))
+        self._adjusted[bucket.name] -= bucket.available - before
+
+    def _add_bucket(self, dimension: str, capacity: float) -> None:
+        _, period = _DIMENSIONS[dimension]
+        effective = capacity * (1.0 - self.limits.headroom)
+        self._buckets[dimension] = _Bucket(dimension, effective, period, self.limits.initial_fill)
+
+    def __repr__(self) -> str:
+        levels = ", ".join(
+            f"{name}={b.available:,.0f}/{b.max_rate:,.0f}" for name, b in self._buckets.items()
+        )
+        cap = "" if self._cap is None else f" cap={self._cap:g}"
+        return (
+            f"<RateLimiter {self.name} {levels or 'unlimited'} in_flight={self._in_flight}"
+            f"{cap} waiters={len(self._waiters)}>"
+        )
+
+    # -- acquiring ---------------------------------------------------------------------
+
+    def _cost(
+        self, requests: float, tokens: float, input_tokens: float, output_tokens: float
+    ) -> dict[str, float]:
+        units = {
+            "requests": requests,
+            "tokens": tokens,
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+        }
+        cost = {dim: units[unit] for dim, (unit, _) in _DIMENSIONS.items() if dim in self._buckets}
+        for dim, amount in cost.items():
+            bucket = self._buckets[dim]
+            if amount > bucket.max_rate:
+                raise RequestTooLarge(dim, amount, bucket.max_rate)
+        return cost
+
+    def _loop_time(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def _delay(self, cost: Mapping[str, float]) -> float:
+        """Seconds until *cost* fits every bucket and the cooldown is over (0: now)."""
+        delay = max(0.0, self._paused_until - self._loop_time())
+        for dim, amount in cost.items():
+            delay = max(delay, self._buckets[dim].time_until(amount))
+        return delay
+
+    def _slot_free(self) -> bool:
+        return self._cap is None or self._in_flight < int(self._cap)
+
+    def _take(self, cost: dict[str, float]) -> Permit:
+        after: dict[str, float] = {}
+        for dim, amount in cost.items():
+            bucket = self._buckets[dim]
+            bucket.take(amount)
+            after[dim] = bucket.available
+        self._in_flight += 1
+        self._acquired += 1
+        return Permit(self, cost, after, {dim: self._adjusted[dim] for dim in cost})
+
+    async def acquire(
+        self,
+        requests: float = 1,
+        tokens: float = 0,
+        *,
+        input_tokens: float = 0,
+        output_tokens: float = 0,
+    ) -> Permit:
+        """Wait until the request fits every limit, take it all at once, return a permit.
+
+        Waiters are served in arrival order.
+
+        Raises:
+            RequestTooLarge: the request exceeds a bucket's capacity.
+        """
+        cost = self._cost(requests, tokens, input_tokens, output_tokens)
+        if not self._waiters and self._slot_free() and self._delay(cost) == 0.0:
+            return self._take(cost)  # fast path: no suspension
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        turn: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(turn)
+        if len(self._waiters) == 1:
+            turn.set_result(None)
+        try:
+            await turn  # wait to be at the head of the line
+            while True:
+                delay = self._delay(cost)
+                if delay == 0.0 and self._slot_free():
+                    break
+                await self._wait_for_change(None if delay == 0.0 else delay)
+        finally:
+            self._waiters.remove(turn)
+            if self._waiters and not self._waiters[0].done():
+                self._waiters[0].set_result(None)  # next in line
+        waited = loop.time() - started
+        self._waited += waited
+        self._max_wait = max(self._max_wait, waited)
+        if waited > 1.0:
+            logger.debug("limits.waited", limiter=self.name, seconds=round(waited, 3))
+        return self._take(cost)
+
+    async def _wait_for_change(self, seconds: float | None) -> None:
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        self._changed.clear()
+        try:
+            await asyncio.wait_for(self._changed.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+
+    def _release(self) -> None:
+        self._in_flight -= 1
+        self._notify()
+
+    def _settle(self, permit: Permit, actual: Mapping[str, float]) -> None:
+        for dim, reserved in permit.cost.items():
+            unit, _ = _DIMENSIONS[dim]
+            if unit not in actual:
+                continue
+            difference = actual[unit] - reserved
+            bucket = self._buckets[dim]
+            if difference > 0:
+                bucket.take(difference)
+            elif difference < 0 and self.limits.refund_unused:
+                bucket.give_back(-difference)
+        if self.limits.aimd and self._cap is not None and not self._buckets:
+            ceiling = float(self.limits.max_concurrency or 64)
+            self._cap = min(ceiling, self._cap + 1.0 / self._cap)
+        self._notify()
+
+    async def __aenter__(self) -> Permit:
+        permit = await self.acquire()
+        _CURRENT_PERMIT.set(permit)
+        return permit
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        permit = _CURRENT_PERMIT.get()
+        if permit is not None:
+            _CURRENT_PERMIT.set(None)
+            permit.release()
+
+    # -- feedback ----------------------------------------------------------------------
+
+    def observe(
+        self, headers: Mapping[str, str] | RateLimitHeaders, permit: Permit | None = None
+    ) -> None:
+        """Correct the buckets from a response's rate-limit headers.
+
+        The first headers for a dimension set its level to the server's (up or down);
+        later ones only drain it, when the server has less left than this limiter
+        believed right after taking *permit* (someone else spends the same quota).
+        With ``Limits.learn`` a limit the server reports is adopted or updated.
+        """
+        info = headers if isinstance(headers, RateLimitHeaders) else RateLimitHeaders.parse(headers)
+        if not info:
+            return
+        for dim, limit in info.limits.items():
+            if not self.limits.learn:
+                continue
+            effective = limit * (1.0 - self.limits.headroom)
+            bucket = self._buckets.get(dim)
+            if bucket is None:
+                self._add_bucket(dim, limit)
+                self._learned.append(dim)
+                logger.info("limits.learned", limiter=self.name, dimension=dim, limit=limit)
+            elif abs(bucket.max_rate - effective) > 0.5:
+                bucket.resize(effective)
+                logger.info("limits.learned", limiter=self.name, dimension=dim, limit=limit)
+        for dim, server_left in info.remaining.items():
+            bucket = self._buckets.get(dim)
+            if bucket is None:
+                continue
+            if permit is not None and dim in permit.available_after:
+                # What the server has left right after admitting this request, against
+                # what we believed right after taking its permit, net of the corrections
+                # applied since (so one deficit is never drained twice).
+                already = self._adjusted[dim] - permit.adjusted_at[dim]
+                delta = server_left - permit.available_after[dim] + already
+            else:
+                delta = server_left - bucket.available
+            if dim not in self._synced:
+                self._synced.add(dim)  # first word from the server: adopt its level
+            elif delta >= -(1.0 + bucket.max_rate * 0.01):
+                continue  # within rounding and refill noise, or the server has more
+            self._adjust(bucket, delta)
+            self._corrections += 1
+            logger.debug(
+                "limits.corrected", limiter=self.name, dimension=dim, delta=round(delta, 1)
+            )
+        self._notify()
+
+    def on_rate_limited(
+        self, retry_after: float | None = None, *, dimension: str | None = None
+    ) -> None:
+        """A rate-limit 429 arrived: pause every waiter, restart the bucket empty.
+
+        Args:
+            retry_after: the server's hint in seconds (``None``: one refill of a unit).
+            dimension: the bucket that overflowed (``"rpm"``, ``"tpm"``...), if known.
+        """
+        self._rate_limited += 1
+        now = self._loop_time()
+        if retry_after is None or retry_after <= 0:
+            retry_after = 1.0
+        self._paused_until = max(self._paused_until, now + retry_after)
+        targets = [dimension] if dimension in self._buckets else list(self._buckets)
+        for dim in targets:
+            # Empty at the end of the pause: resume at the refill rate, not in a burst.
+            bucket = self._buckets[dim]
+            self._adjust(bucket, -(bucket.available + retry_after * bucket.rate))
+        if self.limits.aimd and self._cap is not None:
+            self._cap = max(1.0, self._cap / 2)
+        logger.info(
+            "limits.cooldown",
+            limiter=self.name,
+            seconds=round(retry_after, 3),
+            dimension=dimension,
+        )
+        self._notify()
+
+    # -- introspection -----------------------------------------------------------------
+
+    def statistics(self) -> LimiterStatistics:
+        """A frozen snapshot of counters and levels."""
+        cooldown = 0.0
+        try:
+            cooldown = max(0.0, self._paused_until - self._loop_time())
+        except RuntimeError:
+            pass  # no running loop
+        return LimiterStatistics(
+            acquired=self._acquired,
+            waiting=len(self._waiters),
+            in_flight=self._in_flight,
+            concurrency_cap=self._cap,
+            waited_seconds=self._waited,
+            max_wait_seconds=self._max_wait,
+            rate_limited=self._rate_limited,
+            cooldown_remaining=cooldown,
+            header_corrections=self._corrections,
+            learned=tuple(self._learned),
+            available={d: b.available for d, b in self._buckets.items()},
+            capacity={d: b.max_rate for d, b in self._buckets.items()},
+        )
+
+
+# -- registry ---------------------------------------------------------------------------
+
+
+def key_fingerprint(api_key: str | None) -> str:
+    """A short, irreversible name for an API key (never the key itself)."""
+    if not api_key:
+        return "anonymous"
+    return "key-" + hashlib.sha256(api_key.encode()).hexdigest()[:12]
+
+
+_REGISTRY: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[tuple[str, ...], RateLimiter]
+] = weakref.WeakKeyDictionary()
+
+
+def get_limiter(
+    provider: str,
+    model: str,
+    *,
+    api_key: str | None = None,
+    endpoint: str = "chat",
+    limits: Limits | None = None,
+) -> RateLimiter:
+    """The shared limiter of one quota in the running event loop, created on first use.
+
+    Every caller naming the same (provider, endpoint, key, model) gets the same object.
+    The first caller's *limits* configure it; a later caller passing different limits
+    gets a ``ValueError`` rather than a silently different quota.
+    """
+    loop = asyncio.get_running_loop()
+    per_loop = _REGISTRY.setdefault(loop, {})
+    key = (provider, endpoint, key_fingerprint(api_key), model)
+    limiter = per_loop.get(key)
+    if limiter is None:
+        limiter = RateLimiter(limits, name=f"{provider}/{model}")
+        per_loop[key] = limiter
+    elif limits is not None and limits != limiter.limits:
+        raise ValueError(
+            f"the quota {provider}/{endpoint}/{model} already has limits {limiter.limits!r}"
+        )
+    return limiter

@@ -1,0 +1,394 @@
+"""Tests for llmbatch.limits, on virtual time (FakeClock.patch_loop): no test sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from llmbatch.flow import AsyncParallelBatchNode
+from llmbatch.limits import (
+    Limits,
+    RateLimiter,
+    RateLimitHeaders,
+    RequestTooLarge,
+    get_limiter,
+    key_fingerprint,
+    parse_go_duration,
+    parse_reset,
+)
+from llmbatch.testing.clock import FakeClock
+
+
+@pytest.fixture
+async def clock() -> AsyncIterator[FakeClock]:
+    """The running loop on virtual time starting at 1000 s."""
+    fake = FakeClock(start=1000.0)
+    with fake.patch_loop():
+        yield fake
+
+
+def full(**kwargs: Any) -> Limits:
+    return Limits(initial_fill=1.0, **kwargs)
+
+
+# -- parsing ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("6m0s", 360.0),
+        ("1m30s", 90.0),
+        ("120ms", 0.12),
+        ("0.5s", 0.5),
+        ("1s", 1.0),
+        ("1h2m3.5s", 3723.5),
+        ("7.66s", 7.66),
+        ("250us", 0.00025),
+        ("20", 20.0),
+        ("1.5", 1.5),
+        ("", None),
+        ("soon", None),
+        ("5m junk", None),
+        ("-3", None),
+    ],
+)
+def test_parse_go_duration(text: str, expected: float | None) -> None:
+    """Go-style durations (and bare seconds) parse; garbage gives None."""
+    assert parse_go_duration(text) == (None if expected is None else pytest.approx(expected))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2025-08-21T12:41:00Z", 60.0),
+        ("2025-08-21T12:40:00+00:00", 0.0),
+        ("2025-08-21T12:39:00Z", 0.0),  # in the past: now
+        ("1m0s", 60.0),
+        ("not a time", None),
+    ],
+)
+def test_parse_reset(text: str, expected: float | None) -> None:
+    """Resets are Go durations (OpenAI) or RFC 3339 instants (Anthropic)."""
+    now = datetime(2025, 8, 21, 12, 40, 0, tzinfo=UTC)
+    assert expected == parse_reset(text, now=now)
+
+
+def test_parse_openai_headers() -> None:
+    """OpenAI's x-ratelimit-* headers map to rpm/tpm, case-insensitively."""
+    info = RateLimitHeaders.parse(
+        {
+            "X-RateLimit-Limit-Requests": "60",
+            "x-ratelimit-limit-tokens": "150000",
+            "x-ratelimit-remaining-requests": "59",
+            "x-ratelimit-remaining-tokens": "149984",
+            "x-ratelimit-reset-requests": "1s",
+            "x-ratelimit-reset-tokens": "6m0s",
+        }
+    )
+    assert ({"rpm": 60, "tpm": 150000}, {"rpm": 59, "tpm": 149984}) == (info.limits, info.remaining)
+    assert {"rpm": 1.0, "tpm": 360.0} == info.resets
+
+
+def test_parse_anthropic_headers_and_garbage() -> None:
+    """Anthropic's headers map to rpm/input_tpm/output_tpm; odd values are skipped."""
+    now = datetime(2025, 8, 21, 12, 40, 0, tzinfo=UTC)
+    info = RateLimitHeaders.parse(
+        {
+            "anthropic-ratelimit-requests-limit": "50",
+            "anthropic-ratelimit-requests-remaining": "49",
+            "anthropic-ratelimit-requests-reset": "2025-08-21T12:40:02Z",
+            "anthropic-ratelimit-input-tokens-limit": "40000",
+            "anthropic-ratelimit-input-tokens-remaining": "many",
+            "anthropic-ratelimit-output-tokens-limit": "0",
+        },
+        now=now,
+    )
+    assert {"rpm": 50, "input_tpm": 40000} == info.limits
+    assert {"rpm": 49} == info.remaining
+    assert {"rpm": 2.0} == info.resets
+    assert not RateLimitHeaders.parse({"content-type": "application/json"})
+
+
+# -- configuration ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rpm": 0}, "Limits.rpm must be positive"),
+        ({"tpm": -5}, "Limits.tpm must be positive"),
+        ({"max_concurrency": 0}, "max_concurrency must be >= 1"),
+        ({"initial_fill": 1.5}, "initial_fill must be within"),
+        ({"headroom": 0.9}, "headroom must be within"),
+    ],
+)
+def test_limits_validation(kwargs: dict[str, Any], message: str) -> None:
+    """Nonsensical limits are refused when built."""
+    with pytest.raises(ValueError, match=message):
+        Limits(**kwargs)
+
+
+def test_limits_auto_and_copy() -> None:
+    """auto() learns from headers with AIMD; copy() tweaks without mutating."""
+    auto = Limits.auto(max_concurrency=16)
+    assert (True, True, 16) == (auto.learn, auto.aimd, auto.max_concurrency)
+    tweaked = auto.copy(rpm=100)
+    assert (None, 100) == (auto.rpm, tweaked.rpm)
+
+
+# -- acquiring ----------------------------------------------------------------------------
+
+
+async def test_rpm_admits_a_full_bucket_then_paces(clock: FakeClock) -> None:
+    """At RPM 60 with a full bucket, 60 go at once and the 61st waits one second."""
+    limiter = RateLimiter(full(rpm=60))
+    for _ in range(60):
+        (await limiter.acquire()).release()
+    assert 1000.0 == clock.time()
+    (await limiter.acquire()).release()
+    assert 1001.0 == pytest.approx(clock.time())
+
+
+async def test_initial_fill_limits_the_first_burst(clock: FakeClock) -> None:
+    """With the default half-full start, half the RPM is available at once."""
+    limiter = RateLimiter(Limits(rpm=60))
+    for _ in range(30):
+        (await limiter.acquire()).release()
+    assert 1000.0 == clock.time()
+    (await limiter.acquire()).release()
+    assert 1001.0 == pytest.approx(clock.time())
+
+
+async def test_all_dimensions_are_taken_together(clock: FakeClock) -> None:
+    """A request waits for its tokens without holding a request slot meanwhile."""
+    limiter = RateLimiter(full(rpm=600, tpm=1000))
+    await limiter.acquire(tokens=400)
+    await limiter.acquire(tokens=400)
+    assert {"rpm": 598.0, "tpm": 200.0} == limiter.statistics().available
+    await limiter.acquire(tokens=400)  # needs 200 more tokens: 200 / (1000/60) = 12 s
+    assert 1012.0 == pytest.approx(clock.time())
+
+
+@pytest.mark.parametrize(
+    ("limits", "kwargs", "message"),
+    [
+        (Limits(tpm=1000), {"tokens": 1001}, "request needs 1,001 tpm but the limit is 1,000"),
+        (Limits(input_tpm=50), {"input_tokens": 51}, "needs 51 input_tpm"),
+        (Limits(rpm=10, tpd=100), {"tokens": 200}, "needs 200 tpd but the limit is 100"),
+    ],
+)
+async def test_request_too_large_fails_at_once(
+    clock: FakeClock, limits: Limits, kwargs: dict[str, int], message: str
+) -> None:
+    """A request bigger than a bucket raises RequestTooLarge without waiting."""
+    limiter = RateLimiter(limits)
+    with pytest.raises(RequestTooLarge, match=message):
+        await limiter.acquire(**kwargs)
+    assert 1000.0 == clock.time()
+
+
+async def test_waiters_are_served_in_arrival_order(clock: FakeClock) -> None:
+    """A big request at the head of the line is not overtaken by small ones."""
+    limiter = RateLimiter(full(tpm=600))  # refills 10 tokens/s
+    await limiter.acquire(tokens=600)
+    order: list[str] = []
+
+    async def request(name: str, tokens: int) -> None:
+        await limiter.acquire(tokens=tokens)
+        order.append(name)
+
+    await asyncio.gather(request("big", 300), request("small-1", 10), request("small-2", 10))
+    assert ["big", "small-1", "small-2"] == order
+    assert 1032.0 == pytest.approx(clock.time())  # 300 + 10 + 10 tokens at 10/s
+
+
+async def test_cancelled_waiter_takes_nothing(clock: FakeClock) -> None:
+    """Cancelling a waiting acquire leaks no capacity and lets the next waiter through."""
+    limiter = RateLimiter(full(tpm=600))
+    await limiter.acquire(tokens=600)
+    doomed = asyncio.create_task(limiter.acquire(tokens=500))
+    await asyncio.sleep(1)
+    doomed.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    await limiter.acquire(tokens=20)  # waits only for its own 20 tokens: 2 s
+    assert 1002.0 == pytest.approx(clock.time())
+    assert 1 == limiter.statistics().acquired - 1
+
+
+async def test_concurrency_gate(clock: FakeClock) -> None:
+    """max_concurrency permits are in flight at most; release frees a slot."""
+    limiter = RateLimiter(Limits(max_concurrency=2))
+    first = await limiter.acquire()
+    await limiter.acquire()
+    third = asyncio.create_task(limiter.acquire())
+    await asyncio.sleep(0)
+    assert (False, 2, 1) == (third.done(), limiter.statistics().in_flight, len(limiter._waiters))
+    first.release()
+    first.release()  # idempotent
+    await third
+    assert 2 == limiter.statistics().in_flight
+
+
+@pytest.mark.parametrize(
+    ("refund", "actual", "expected_available"),
+    [
+        (False, 100, 400.0),  # OpenAI keeps the reservation
+        (True, 100, 900.0),  # refunded the 500 unused
+        (False, 800, 200.0),  # under-reserved: the extra 200 is charged
+        (True, 800, 200.0),
+    ],
+)
+async def test_settle(
+    clock: FakeClock, refund: bool, actual: int, expected_available: float
+) -> None:
+    """Settling charges what was under-reserved and refunds only where allowed."""
+    limiter = RateLimiter(full(tpm=1000, refund_unused=refund))
+    permit = await limiter.acquire(tokens=600)
+    permit.settle(tokens=actual)
+    permit.settle(tokens=0)  # settling twice changes nothing
+    assert expected_available == pytest.approx(limiter.statistics().available["tpm"])
+
+
+# -- feedback -----------------------------------------------------------------------------
+
+
+def openai_headers(
+    rpm_left: int, tpm_left: int, rpm: int = 600, tpm: int = 100_000
+) -> dict[str, str]:
+    return {
+        "x-ratelimit-limit-requests": str(rpm),
+        "x-ratelimit-remaining-requests": str(rpm_left),
+        "x-ratelimit-limit-tokens": str(tpm),
+        "x-ratelimit-remaining-tokens": str(tpm_left),
+    }
+
+
+async def test_first_headers_set_the_level_up_or_down(clock: FakeClock) -> None:
+    """The first headers replace the initial guess with the server's level."""
+    limiter = RateLimiter(Limits(rpm=600, tpm=100_000))  # starts half full
+    permit = await limiter.acquire(tokens=1000)
+    limiter.observe(openai_headers(599, 99_000), permit)
+    assert {"rpm": 599.0, "tpm": 99_000.0} == limiter.statistics().available
+
+
+async def test_later_headers_drain_once_per_deficit(clock: FakeClock) -> None:
+    """When another client spent the quota, the deficit is drained once, not per response."""
+    limiter = RateLimiter(full(rpm=600, tpm=100_000))
+    first = await limiter.acquire(tokens=1000)
+    second = await limiter.acquire(tokens=1000)
+    limiter.observe(openai_headers(599, 99_000), first)  # first sync: agrees
+    # Someone else took 10,000 tokens; both responses report it.
+    limiter.observe(openai_headers(598 - 10, 98_000 - 10_000), second)
+    third = await limiter.acquire(tokens=1000)
+    limiter.observe(openai_headers(587, 87_000), third)
+    assert {"rpm": 587.0, "tpm": 87_000.0} == limiter.statistics().available
+    assert 4 == limiter.statistics().header_corrections  # 2 at first sync + 2 drains
+
+
+async def test_headers_with_more_left_are_not_trusted_after_sync(clock: FakeClock) -> None:
+    """After the first sync, a server reporting more than expected does not inflate the bucket."""
+    limiter = RateLimiter(full(tpm=100_000))
+    permit = await limiter.acquire(tokens=50_000)
+    limiter.observe(openai_headers(599, 50_000), permit)
+    permit = await limiter.acquire(tokens=10_000)
+    limiter.observe(openai_headers(599, 60_000), permit)
+    assert 40_000.0 == limiter.statistics().available["tpm"]
+
+
+async def test_auto_learns_limits_from_headers(clock: FakeClock) -> None:
+    """Limits.auto() adopts the limits the server reports and paces at them."""
+    limiter = RateLimiter(Limits.auto())
+    assert {} == limiter.statistics().capacity
+    permit = await limiter.acquire(tokens=100)
+    limiter.observe(openai_headers(59, 9_900, rpm=60, tpm=10_000), permit)
+    stats = limiter.statistics()
+    assert ({"rpm": 60.0, "tpm": 10_000.0}, ("rpm", "tpm")) == (stats.capacity, stats.learned)
+    assert {"rpm": 59.0, "tpm": 9_900.0} == stats.available
+
+
+async def test_without_learn_reported_limits_are_ignored(clock: FakeClock) -> None:
+    """A limiter not told to learn keeps its configured limits."""
+    limiter = RateLimiter(full(rpm=10))
+    limiter.observe(openai_headers(5, 5, rpm=60, tpm=10_000))
+    assert {"rpm": 10.0} == limiter.statistics().capacity
+
+
+async def test_429_pauses_everyone_then_resumes_at_the_refill_rate(clock: FakeClock) -> None:
+    """A 429 pauses every waiter until retry-after; then requests flow at the refill rate
+    (the bucket is empty when the pause ends, so the first unit refills during second 5-6)."""
+    limiter = RateLimiter(full(rpm=60))
+    limiter.on_rate_limited(5.0, dimension="rpm")
+    times: list[float] = []
+
+    async def request() -> None:
+        (await limiter.acquire()).release()
+        times.append(clock.time() - 1000.0)
+
+    await asyncio.gather(*(request() for _ in range(3)))
+    assert [pytest.approx(t) for t in (6.0, 7.0, 8.0)] == times
+    assert 1 == limiter.statistics().rate_limited
+
+
+async def test_aimd_halves_on_429_and_grows_on_success(clock: FakeClock) -> None:
+    """Without known rate limits, the concurrency cap halves on 429 and creeps back up."""
+    limiter = RateLimiter(Limits.auto(max_concurrency=64))
+    assert 8.0 == limiter.statistics().concurrency_cap
+    limiter.on_rate_limited(1.0)
+    assert 4.0 == limiter.statistics().concurrency_cap
+    for _ in range(4):
+        permit = await limiter.acquire()
+        permit.settle(tokens=10)
+        permit.release()
+    assert 5.0 == pytest.approx(limiter.statistics().concurrency_cap, abs=0.1)
+
+
+# -- integration --------------------------------------------------------------------------
+
+
+async def test_limiter_paces_a_parallel_node(clock: FakeClock) -> None:
+    """Passed as a node's limiter, 120 items at RPM 60 (full start) take one minute."""
+
+    class Echo(AsyncParallelBatchNode):
+        async def exec_async(self, item: int) -> int:
+            await asyncio.sleep(0.5)
+            return item
+
+    limiter = RateLimiter(full(rpm=60))
+    assert list(range(120)) == await Echo(limiter=limiter, max_concurrency=32)._exec(range(120))
+    assert 1060.5 == pytest.approx(clock.time())
+    assert 0 == limiter.statistics().in_flight
+
+
+async def test_registry_shares_one_limiter_per_quota(clock: FakeClock) -> None:
+    """Same provider/endpoint/key/model: same limiter; conflicting limits are refused."""
+    a = get_limiter("openai", "gpt-4o-mini", api_key="sk-secret-1", limits=Limits(rpm=10))
+    assert a is get_limiter("openai", "gpt-4o-mini", api_key="sk-secret-1")
+    assert a is not get_limiter("openai", "gpt-4o-mini", api_key="sk-secret-2")
+    assert a is not get_limiter("openai", "gpt-4o", api_key="sk-secret-1")
+    with pytest.raises(ValueError, match="already has limits"):
+        get_limiter("openai", "gpt-4o-mini", api_key="sk-secret-1", limits=Limits(rpm=20))
+    assert "sk-secret" not in repr(a)
+
+
+def test_key_fingerprint_hides_the_key() -> None:
+    """A fingerprint is stable, short and does not contain the key."""
+    assert key_fingerprint("sk-abc") == key_fingerprint("sk-abc")
+    assert "abc" not in key_fingerprint("sk-abc")
+    assert "anonymous" == key_fingerprint(None)
+
+
+async def test_repr_and_statistics(clock: FakeClock) -> None:
+    """repr shows levels and waiters; statistics is a frozen snapshot."""
+    limiter = RateLimiter(full(rpm=60, max_concurrency=4), name="openai/gpt-4o-mini")
+    permit = await limiter.acquire()
+    assert "<RateLimiter openai/gpt-4o-mini rpm=59/60 in_flight=1 cap=4 waiters=0>" == repr(limiter)
+    stats = limiter.statistics()
+    with pytest.raises(AttributeError):
+        stats.acquired = 5  # type: ignore[misc]
+    permit.release()
