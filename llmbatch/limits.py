@@ -39,7 +39,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import structlog
 from aiolimiter import AsyncLimiter
@@ -322,6 +322,12 @@ _DIMENSIONS: dict[str, tuple[str, float]] = {
 # -- permits and statistics -------------------------------------------------------------
 
 
+class _PermitIssuer(Protocol):
+    def _release(self, permit: Permit) -> None: ...
+
+    def _settle(self, permit: Permit, actual: Mapping[str, float]) -> None: ...
+
+
 class Permit:
     """What one :meth:`RateLimiter.acquire` took; settle it with the actual usage.
 
@@ -340,7 +346,7 @@ class Permit:
 
     def __init__(
         self,
-        limiter: RateLimiter,
+        limiter: _PermitIssuer,
         cost: dict[str, float],
         available_after: dict[str, float],
         adjusted_at: dict[str, float],
@@ -375,7 +381,7 @@ class Permit:
         """Give the concurrency slot back (idempotent)."""
         if not self._released:
             self._released = True
-            self._limiter._release()
+            self._limiter._release(self)
 
     async def __aenter__(self) -> Permit:
         return self
@@ -571,7 +577,7 @@ class RateLimiter:
         if self._changed is not None:
             self._changed.set()
 
-    def _release(self) -> None:
+    def _release(self, permit: Permit) -> None:
         self._in_flight -= 1
         self._notify()
 

@@ -1,0 +1,377 @@
+"""One quota shared by many processes and hosts, through Redis.
+
+:class:`RedisRateLimiter` keeps the :class:`~llmbatch.limits.RateLimiter` contract
+(``acquire`` → :class:`~llmbatch.limits.Permit`, ``settle``, ``release``, ``observe``,
+``on_rate_limited``, ``statistics``, ``async with``), with the buckets stored in Redis:
+
+* every bucket operation is one atomic Lua script, and the clock is the Redis server's
+  ``TIME``, never a client's, so hosts with skewed clocks still agree;
+* all dimensions (RPM, TPM, …) are checked and taken together in that script: a request
+  never holds one bucket while waiting for another;
+* the concurrency gate is a sorted set of leases that expire (``lease_seconds``), so a
+  killed worker cannot hold a slot forever;
+* keys are namespaced (``llmbatch:{namespace}:{quota}``) and expire after a day unused.
+
+Waiting is by polling: a refused acquire learns from the script how long until it fits
+and sleeps that long (plus a little jitter so that processes do not stampede). Waiters
+in different processes are therefore served roughly, not strictly, in arrival order.
+
+Requires the ``redis`` extra: ``pip install 'llmbatch[redis]'``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import random
+import uuid
+from collections.abc import Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from llmbatch.limits import (
+    _DIMENSIONS,
+    LimiterStatistics,
+    Limits,
+    Permit,
+    RateLimitHeaders,
+    RequestTooLarge,
+)
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+__all__ = ["RedisRateLimiter"]
+
+logger = structlog.get_logger("llmbatch.limits")
+
+# KEYS[1] = bucket hash, KEYS[2] = lease zset
+# ARGV = n, then per dimension (name, capacity, rate/s, amount, initial_fill),
+#        then max_concurrency (0 = none), lease id, lease seconds, key ttl
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local key = KEYS[1]
+local wait = 0
+local pause = tonumber(redis.call('HGET', key, 'pause_until') or '0')
+if pause > now then wait = pause - now end
+local n = tonumber(ARGV[1])
+local names, levels, amounts, caps = {}, {}, {}, {}
+local i = 2
+for d = 1, n do
+  local name = ARGV[i]
+  local cap, rate = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  local amount, fill = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
+  i = i + 5
+  local level = tonumber(redis.call('HGET', key, name .. ':level'))
+  local ts = tonumber(redis.call('HGET', key, name .. ':ts'))
+  if level == nil or ts == nil then
+    level = cap * (1 - fill)
+    ts = now
+  end
+  level = math.max(0, level - math.max(0, now - ts) * rate)
+  names[d], levels[d], amounts[d], caps[d] = name, level, amount, cap
+  local missing = level + amount - cap
+  if missing > 1e-9 then wait = math.max(wait, missing / rate) end
+end
+local maxc = tonumber(ARGV[i])
+local lease, lease_seconds, ttl = ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+if maxc > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  if wait == 0 and redis.call('ZCARD', KEYS[2]) >= maxc then wait = -1 end
+end
+if wait ~= 0 then return {tostring(wait)} end
+local result = {'0'}
+for d = 1, n do
+  redis.call('HSET', key, names[d] .. ':level', levels[d] + amounts[d], names[d] .. ':ts', now)
+  result[d + 1] = tostring(caps[d] - levels[d] - amounts[d])
+end
+redis.call('EXPIRE', key, ttl)
+if maxc > 0 then
+  redis.call('ZADD', KEYS[2], now + lease_seconds, lease)
+  redis.call('EXPIRE', KEYS[2], ttl)
+end
+return result
+"""
+
+# KEYS[1] = bucket hash
+# ARGV = mode, pause seconds, ttl, n, then per dimension (name, capacity, rate/s, fill, value)
+# mode "add": level += value (negative: refund); "floor": level >= capacity - value
+# (value = what the server says is left); "empty": at least `pause` seconds of debt.
+_ADJUST = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local key = KEYS[1]
+local mode, pause, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+if pause > 0 then
+  local current = tonumber(redis.call('HGET', key, 'pause_until') or '0')
+  redis.call('HSET', key, 'pause_until', math.max(current, now + pause))
+end
+local n = tonumber(ARGV[4])
+local i = 5
+local result = {}
+for d = 1, n do
+  local name = ARGV[i]
+  local cap, rate = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  local fill, value = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
+  i = i + 5
+  local level = tonumber(redis.call('HGET', key, name .. ':level'))
+  local ts = tonumber(redis.call('HGET', key, name .. ':ts'))
+  if level == nil or ts == nil then
+    level = cap * (1 - fill)
+    ts = now
+  end
+  level = math.max(0, level - math.max(0, now - ts) * rate)
+  if mode == 'add' then
+    level = math.max(0, level + value)
+  elseif mode == 'floor' then
+    level = math.max(level, cap - value)
+  elseif mode == 'empty' then
+    level = math.max(level, cap + pause * rate)
+  end
+  redis.call('HSET', key, name .. ':level', level, name .. ':ts', now)
+  result[d] = tostring(cap - level)
+end
+redis.call('EXPIRE', key, ttl)
+return result
+"""
+
+_RELEASE = "return redis.call('ZREM', KEYS[1], ARGV[1])"
+
+
+class RedisRateLimiter:
+    """A rate limiter whose buckets live in Redis (see the module docstring).
+
+    Args:
+        redis: a ``redis.asyncio.Redis`` client (the limiter does not close it).
+        limits: the quota's limits (``learn``/``aimd`` are not supported here).
+        quota: the quota's name in Redis, e.g. ``"openai/chat/key-1a2b…/gpt-4o-mini"``.
+        namespace: a prefix separating applications that share a Redis server.
+        lease_seconds: how long a concurrency slot survives a worker that died.
+        max_poll: the longest single sleep while waiting (seconds).
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        limits: Limits,
+        *,
+        quota: str,
+        namespace: str = "default",
+        lease_seconds: float = 600.0,
+        max_poll: float = 1.0,
+    ) -> None:
+        if limits.learn or limits.aimd:
+            raise ValueError("RedisRateLimiter needs explicit limits (learn/aimd are per process)")
+        self._redis = redis
+        self.limits = limits
+        self.name = quota
+        self._key = f"llmbatch:{namespace}:{quota}"
+        self._leases = f"{self._key}:leases"
+        self._lease_seconds = lease_seconds
+        self._max_poll = max_poll
+        self._ttl = 86_400
+        self._capacity: dict[str, float] = {}
+        for dim in _DIMENSIONS:
+            value = getattr(limits, dim)
+            if value is not None:
+                capacity = value * (1.0 - limits.headroom)
+                self._capacity[dim] = capacity
+        self._rates = {dim: cap / _DIMENSIONS[dim][1] for dim, cap in self._capacity.items()}
+        self._acquire_script = redis.register_script(_ACQUIRE)
+        self._adjust_script = redis.register_script(_ADJUST)
+        self._release_script = redis.register_script(_RELEASE)
+        self._leases_held: dict[int, str] = {}
+        self._current: contextvars.ContextVar[Permit | None] = contextvars.ContextVar(
+            f"llmbatch_redis_permit_{id(self)}", default=None
+        )
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._rng = random.Random()
+        self._acquired = 0
+        self._in_flight = 0
+        self._waiting = 0
+        self._waited = 0.0
+        self._max_wait = 0.0
+        self._rate_limited = 0
+        self._corrections = 0
+        self._available: dict[str, float] = dict(self._capacity)
+
+    def __repr__(self) -> str:
+        dims = ", ".join(f"{d}={c:,.0f}" for d, c in self._capacity.items()) or "unlimited"
+        return f"<RedisRateLimiter {self._key} {dims} in_flight={self._in_flight}>"
+
+    def _dimension_args(self, amounts: Mapping[str, float]) -> list[Any]:
+        args: list[Any] = [len(amounts)]
+        for dim, amount in amounts.items():
+            args += [dim, self._capacity[dim], self._rates[dim], amount, self.limits.initial_fill]
+        return args
+
+    async def try_acquire(
+        self,
+        requests: float = 1,
+        tokens: float = 0,
+        *,
+        input_tokens: float = 0,
+        output_tokens: float = 0,
+    ) -> tuple[float, Permit | None]:
+        """One atomic attempt: ``(0, permit)`` if taken, else ``(seconds to wait, None)``.
+
+        A negative wait means "a concurrency slot is needed": poll again soon.
+        """
+        units = {
+            "requests": requests,
+            "tokens": tokens,
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+        }
+        cost = {dim: units[_DIMENSIONS[dim][0]] for dim in self._capacity}
+        for dim, amount in cost.items():
+            if amount > self._capacity[dim]:
+                raise RequestTooLarge(dim, amount, self._capacity[dim])
+        lease = uuid.uuid4().hex
+        reply = await self._acquire_script(
+            keys=[self._key, self._leases],
+            args=[
+                *self._dimension_args(cost),
+                self.limits.max_concurrency or 0,
+                lease,
+                self._lease_seconds,
+                self._ttl,
+            ],
+        )
+        wait = float(reply[0])
+        if wait != 0:
+            return wait, None
+        after = {dim: float(value) for dim, value in zip(cost, reply[1:], strict=True)}
+        self._available.update(after)
+        permit = Permit(self, cost, after, {})
+        self._leases_held[id(permit)] = lease
+        self._acquired += 1
+        self._in_flight += 1
+        return 0.0, permit
+
+    async def acquire(
+        self,
+        requests: float = 1,
+        tokens: float = 0,
+        *,
+        input_tokens: float = 0,
+        output_tokens: float = 0,
+    ) -> Permit:
+        """Wait until the request fits every shared limit, then take it all at once."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        self._waiting += 1
+        try:
+            while True:
+                wait, permit = await self.try_acquire(
+                    requests, tokens, input_tokens=input_tokens, output_tokens=output_tokens
+                )
+                if permit is not None:
+                    break
+                delay = 0.02 if wait < 0 else min(wait, self._max_poll)
+                await asyncio.sleep(delay * (1.0 + 0.1 * self._rng.random()))
+        finally:
+            self._waiting -= 1
+        waited = loop.time() - started
+        self._waited += waited
+        self._max_wait = max(self._max_wait, waited)
+        return permit
+
+    # Permit calls these two back.
+    def _release(self, permit: Permit) -> None:
+        self._in_flight -= 1
+        lease = self._leases_held.pop(id(permit), None)
+        if lease is not None and self.limits.max_concurrency:
+            self._spawn(self._release_script(keys=[self._leases], args=[lease]))
+
+    def _settle(self, permit: Permit, actual: Mapping[str, float]) -> None:
+        delta: dict[str, float] = {}
+        for dim, reserved in permit.cost.items():
+            unit = _DIMENSIONS[dim][0]
+            if unit in actual:
+                difference = actual[unit] - reserved
+                if difference > 0 or self.limits.refund_unused:
+                    delta[dim] = difference
+        if delta:
+            self._spawn(self._adjust("add", delta))
+
+    def _spawn(self, coro: Any) -> None:
+        """Run a Redis update in the background (sync callers: ``Permit.release``/``settle``)."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def flush(self) -> None:
+        """Wait for background Redis updates (releases, settlements) to complete."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks))
+
+    async def _adjust(
+        self, mode: str, values: Mapping[str, float], pause: float = 0.0
+    ) -> dict[str, float]:
+        args: list[Any] = [mode, pause, self._ttl, len(values)]
+        for dim, value in values.items():
+            args += [dim, self._capacity[dim], self._rates[dim], self.limits.initial_fill, value]
+        reply = await self._adjust_script(keys=[self._key], args=args)
+        after = {dim: float(v) for dim, v in zip(values, reply, strict=True)}
+        self._available.update(after)
+        return after
+
+    async def observe(
+        self, headers: Mapping[str, str] | RateLimitHeaders, permit: Permit | None = None
+    ) -> None:
+        """Drain the shared buckets down to what the server says is left, if less."""
+        info = headers if isinstance(headers, RateLimitHeaders) else RateLimitHeaders.parse(headers)
+        left = {d: float(v) for d, v in info.remaining.items() if d in self._capacity}
+        if left:
+            before = dict(self._available)
+            after = await self._adjust("floor", left)
+            self._corrections += sum(1 for d in after if after[d] < before.get(d, after[d]) - 1)
+
+    async def on_rate_limited(
+        self, retry_after: float | None = None, *, dimension: str | None = None
+    ) -> None:
+        """Pause every process sharing the quota, and restart the bucket(s) empty."""
+        self._rate_limited += 1
+        seconds = retry_after if retry_after and retry_after > 0 else 1.0
+        targets = [dimension] if dimension in self._capacity else list(self._capacity)
+        await self._adjust("empty", dict.fromkeys(targets, 0.0), pause=seconds)
+        logger.info("limits.cooldown", limiter=self.name, seconds=round(seconds, 3), shared=True)
+
+    async def __aenter__(self) -> Permit:
+        permit = await self.acquire()
+        self._current.set(permit)
+        return permit
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        permit = self._current.get()
+        if permit is not None:
+            self._current.set(None)
+            permit.release()
+
+    def statistics(self) -> LimiterStatistics:
+        """A snapshot of this process's counters and the last levels it saw in Redis."""
+        return LimiterStatistics(
+            acquired=self._acquired,
+            waiting=self._waiting,
+            in_flight=self._in_flight,
+            concurrency_cap=float(self.limits.max_concurrency)
+            if self.limits.max_concurrency
+            else None,
+            waited_seconds=self._waited,
+            max_wait_seconds=self._max_wait,
+            rate_limited=self._rate_limited,
+            cooldown_remaining=0.0,
+            header_corrections=self._corrections,
+            learned=(),
+            available=dict(self._available),
+            capacity=dict(self._capacity),
+        )

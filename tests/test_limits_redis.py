@@ -1,0 +1,131 @@
+"""Tests for llmbatch.limits_redis against a real redis-server (started by conftest).
+
+Redis's own clock drives these buckets, so the tests never sleep: they make single atomic
+attempts (``try_acquire``) and check the admission decisions and the wait the script
+computes, with a tolerance for the milliseconds that pass between calls.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from llmbatch.limits import Limits, RequestTooLarge
+from llmbatch.limits_redis import RedisRateLimiter
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+def limiter(redis: Redis, quota: str, **limits: float) -> RedisRateLimiter:
+    return RedisRateLimiter(redis, Limits(initial_fill=1.0, **limits), quota=quota)  # type: ignore[arg-type]
+
+
+def fresh() -> str:
+    return f"test/{uuid.uuid4().hex}"
+
+
+async def test_full_bucket_admits_capacity_then_reports_the_wait(redis: Redis) -> None:
+    """RPM 60: sixty attempts pass, the next is refused with ~1 s to wait."""
+    shared = limiter(redis, fresh(), rpm=60)
+    for _ in range(60):
+        wait, permit = await shared.try_acquire()
+        assert (0.0, True) == (wait, permit is not None)
+    wait, permit = await shared.try_acquire()
+    assert permit is None
+    assert 0.9 < wait <= 1.0
+
+
+async def test_dimensions_are_taken_together_or_not_at_all(redis: Redis) -> None:
+    """A refusal for tokens does not consume a request slot."""
+    shared = limiter(redis, fresh(), rpm=2, tpm=100)
+    assert (await shared.try_acquire(tokens=80))[1] is not None
+    wait, permit = await shared.try_acquire(tokens=30)
+    assert permit is None
+    assert wait > 0
+    assert (await shared.try_acquire(tokens=20))[1] is not None  # the rpm slot was kept
+
+
+async def test_two_limiters_share_one_quota(redis: Redis) -> None:
+    """Two limiters (as two processes would) draw from the same Redis bucket."""
+    quota = fresh()
+    a, b = limiter(redis, quota, rpm=60), limiter(redis, quota, rpm=60)
+    for _ in range(30):
+        assert (await a.try_acquire())[1] is not None
+        assert (await b.try_acquire())[1] is not None
+    assert (await a.try_acquire())[1] is None
+    assert (await b.try_acquire())[1] is None
+
+
+async def test_concurrency_leases(redis: Redis) -> None:
+    """max_concurrency slots are shared leases; releasing one frees a slot."""
+    shared = limiter(redis, fresh(), max_concurrency=2)
+    first = (await shared.try_acquire())[1]
+    assert first is not None
+    assert (await shared.try_acquire())[1] is not None
+    assert (-1.0, None) == await shared.try_acquire()
+    first.release()
+    await shared.flush()
+    assert (await shared.try_acquire())[1] is not None
+
+
+async def test_observe_drains_to_the_server_level(redis: Redis) -> None:
+    """Headers saying fewer remain than Redis believes drain the shared bucket."""
+    shared = limiter(redis, fresh(), rpm=600, tpm=10_000)
+    permit = (await shared.try_acquire(tokens=100))[1]
+    await shared.observe(
+        {"x-ratelimit-remaining-requests": "590", "x-ratelimit-remaining-tokens": "500"}, permit
+    )
+    stats = shared.statistics()
+    assert 500 == pytest.approx(stats.available["tpm"], abs=5)
+    assert 590 == pytest.approx(stats.available["rpm"], abs=1)
+    wait, refused = await shared.try_acquire(tokens=600)
+    assert refused is None
+    assert wait > 0
+
+
+async def test_429_pauses_every_sharer(redis: Redis) -> None:
+    """A 429 seen by one limiter pauses the other for the retry-after."""
+    quota = fresh()
+    a, b = limiter(redis, quota, rpm=600), limiter(redis, quota, rpm=600)
+    await a.on_rate_limited(5.0, dimension="rpm")
+    wait, permit = await b.try_acquire()
+    assert permit is None
+    assert 4.9 < wait <= 5.1 + 0.1  # the pause, then the first unit refills
+
+
+async def test_settle_charges_the_shared_bucket(redis: Redis) -> None:
+    """Settling with more than was reserved charges the difference in Redis."""
+    shared = limiter(redis, fresh(), tpm=1000)
+    permit = (await shared.try_acquire(tokens=500))[1]
+    assert permit is not None
+    permit.settle(tokens=900)
+    await shared.flush()
+    assert (await shared.try_acquire(tokens=200))[1] is None
+    assert (await shared.try_acquire(tokens=90))[1] is not None
+
+
+async def test_request_too_large_and_key_hygiene(redis: Redis) -> None:
+    """Oversized requests fail at once; keys are namespaced and expire."""
+    quota = fresh()
+    shared = RedisRateLimiter(redis, Limits(tpm=100), quota=quota, namespace="ns1")
+    with pytest.raises(RequestTooLarge, match="needs 101 tpm"):
+        await shared.try_acquire(tokens=101)
+    assert (await shared.try_acquire(tokens=10))[1] is not None
+    ttl = await redis.ttl(f"llmbatch:ns1:{quota}")
+    assert 0 < ttl <= 86_400
+
+
+def test_learn_is_refused(redis: Redis) -> None:
+    """Learned limits are per process; a shared limiter needs explicit ones."""
+    with pytest.raises(ValueError, match="needs explicit limits"):
+        RedisRateLimiter(redis, Limits.auto(), quota="x")
