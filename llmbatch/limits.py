@@ -637,6 +637,9 @@ class RateLimiter:
                 self._add_bucket(dim, limit)
                 self._learned.append(dim)
                 logger.info("limits.learned", limiter=self.name, dimension=dim, limit=limit)
+                if self.limits.aimd:
+                    # The buckets pace from now on: the probing cap has done its job.
+                    self._cap = float(self.limits.max_concurrency or 0) or None
             elif abs(bucket.max_rate - effective) > 0.5:
                 bucket.resize(effective)
                 logger.info("limits.learned", limiter=self.name, dimension=dim, limit=limit)

@@ -13,8 +13,10 @@
 * keys are namespaced (``llmbatch:{namespace}:{quota}``) and expire after a day unused.
 
 Waiting is by polling: a refused acquire learns from the script how long until it fits
-and sleeps that long (plus a little jitter so that processes do not stampede). Waiters
-in different processes are therefore served roughly, not strictly, in arrival order.
+and sleeps that long (plus a little jitter so that processes do not stampede). Within a
+process only the first waiter polls (the others queue behind it, in order), so a process
+needs one Redis connection however many items it runs; across processes, waiters are
+served roughly, not strictly, in arrival order.
 
 Requires the ``redis`` extra: ``pip install 'llmbatch[redis]'``.
 """
@@ -188,6 +190,8 @@ class RedisRateLimiter:
             f"llmbatch_redis_permit_{id(self)}", default=None
         )
         self._tasks: set[asyncio.Future[Any]] = set()
+        self._turn = asyncio.Lock()
+        self._io = asyncio.Semaphore(8)  # updates (observe, settle, release) in flight at most
         self._rng = random.Random()
         self._acquired = 0
         self._in_flight = 0
@@ -265,14 +269,17 @@ class RedisRateLimiter:
         started = loop.time()
         self._waiting += 1
         try:
-            while True:
-                wait, permit = await self.try_acquire(
-                    requests, tokens, input_tokens=input_tokens, output_tokens=output_tokens
-                )
-                if permit is not None:
-                    break
-                delay = 0.02 if wait < 0 else min(wait, self._max_poll)
-                await asyncio.sleep(delay * (1.0 + 0.1 * self._rng.random()))
+            # One waiter per process polls Redis at a time (asyncio.Lock is first come,
+            # first served): fair within the process, and one connection is enough.
+            async with self._turn:
+                while True:
+                    wait, permit = await self.try_acquire(
+                        requests, tokens, input_tokens=input_tokens, output_tokens=output_tokens
+                    )
+                    if permit is not None:
+                        break
+                    delay = 0.02 if wait < 0 else min(wait, self._max_poll)
+                    await asyncio.sleep(delay * (1.0 + 0.1 * self._rng.random()))
         finally:
             self._waiting -= 1
         waited = loop.time() - started
@@ -285,7 +292,7 @@ class RedisRateLimiter:
         self._in_flight -= 1
         lease = self._leases_held.pop(id(permit), None)
         if lease is not None and self.limits.max_concurrency:
-            self._spawn(self._release_script(keys=[self._leases], args=[lease]))
+            self._spawn(self._call(self._release_script, [self._leases], [lease]))
 
     def _settle(self, permit: Permit, actual: Mapping[str, float]) -> None:
         delta: dict[str, float] = {}
@@ -298,8 +305,14 @@ class RedisRateLimiter:
         if delta:
             self._spawn(self._adjust("add", delta))
 
+    async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """Run a script, with at most a few updates in flight (a bounded connection pool)."""
+        async with self._io:
+            return await script(keys=keys, args=args)
+
     def _spawn(self, coro: Any) -> None:
         """Run a Redis update in the background (sync callers: ``Permit.release``/``settle``)."""
+
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -315,7 +328,7 @@ class RedisRateLimiter:
         args: list[Any] = [mode, pause, self._ttl, len(values)]
         for dim, value in values.items():
             args += [dim, self._capacity[dim], self._rates[dim], self.limits.initial_fill, value]
-        reply = await self._adjust_script(keys=[self._key], args=args)
+        reply = await self._call(self._adjust_script, [self._key], args)
         after = {dim: float(v) for dim, v in zip(values, reply, strict=True)}
         self._available.update(after)
         return after

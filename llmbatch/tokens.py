@@ -23,6 +23,7 @@ import base64
 import functools
 import gzip
 import hashlib
+import math
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ __all__ = [
     "OFFLINE_ENCODINGS",
     "TokenCounter",
     "TokenizerUnavailable",
+    "admission_estimate",
     "count_messages",
     "count_text",
     "encoding_for_model",
@@ -192,3 +194,18 @@ def count_text(text: str, model: str | None = None) -> int:
 def count_messages(messages: Iterable[Mapping[str, Any]], model: str | None = None) -> int:
     """Prompt tokens of chat *messages* for *model*, overhead included."""
     return TokenCounter.for_model(model).count_messages(messages)
+
+
+def admission_estimate(messages: Iterable[Mapping[str, Any]], model: str | None = None) -> int:
+    """Prompt tokens as a provider's rate limiter may charge them at admission.
+
+    OpenAI documents its admission estimate as "based on the character count of your
+    request", not on the tokenizer, so this is the larger of the tokenizer's count and
+    a characters/4 estimate (plus OpenAI's per-message overhead): the limiter then never
+    admits what the server will refuse. Header feedback corrects any remaining gap.
+    """
+    messages = list(messages)
+    counted = count_messages(messages, model)
+    chars = sum(len(_text_of(m.get("content"))) for m in messages)
+    by_chars = math.ceil(chars / 4) + _TOKENS_PER_MESSAGE * len(messages) + _REPLY_PRIMING
+    return max(counted, by_chars)

@@ -7,6 +7,7 @@ computes, with a tolerance for the milliseconds that pass between calls.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
@@ -129,3 +130,37 @@ def test_learn_is_refused(redis: Redis) -> None:
     """Learned limits are per process; a shared limiter needs explicit ones."""
     with pytest.raises(ValueError, match="needs explicit limits"):
         RedisRateLimiter(redis, Limits.auto(), quota="x")
+
+
+@pytest.mark.slow
+async def test_four_processes_share_one_quota_without_429(redis_url: str) -> None:
+    """Four worker processes, one Redis quota of 1,200 RPM, 1,240 requests in all against
+    one simulator: the server never refuses one (so the shared quota was never exceeded)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from llmbatch.testing import Simulator
+
+    worker = Path(__file__).parent / "helpers" / "redis_worker.py"
+    quota = fresh()
+    async with Simulator(rpm=1200) as sim:
+        processes = [
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                str(worker),
+                sim.base_url,
+                redis_url,
+                quota,
+                "1200",
+                "310",
+                stdout=asyncio.subprocess.PIPE,
+            )
+            for _ in range(4)
+        ]
+        outputs = [await p.communicate() for p in processes]
+        stats = sim.stats()
+    reports = [json.loads(out.decode().strip().splitlines()[-1]) for out, _ in outputs]
+    assert [{"ok": 310, "rate_limited": 0}] * 4 == reports
+    assert {} == dict(stats.rate_limited)
+    assert 1240 == stats.requests

@@ -13,6 +13,7 @@ from llmbatch import tokens
 from llmbatch.tokens import (
     TokenCounter,
     TokenizerUnavailable,
+    admission_estimate,
     count_messages,
     count_text,
     encoding_for_model,
@@ -124,3 +125,15 @@ def test_count_messages_adds_openai_overhead(messages: list[dict[str, Any]], exp
 def test_count_text_treats_special_tokens_as_text() -> None:
     """A document containing '<|endoftext|>' is counted, not rejected."""
     assert count_text("<|endoftext|>", "gpt-4o") > 1
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("hello world", 9),  # the tokenizer's count (9) beats ceil(11/4) + 3 + 3 = 9
+        ("a" * 400, 106),  # 400 'a's are few tokens but 100 by characters: 100 + 3 + 3
+    ],
+)
+def test_admission_estimate_never_undercounts_characters(content: str, expected: int) -> None:
+    """The admission estimate is the larger of the tokenizer count and characters/4."""
+    assert expected == admission_estimate([{"role": "user", "content": content}], "gpt-4o")
