@@ -2,21 +2,174 @@
 
 ::
 
-    LLMBatchError
-    ├── FatalError            stop the whole job whatever the failure policy says
-    └── BatchFailed           a batch was aborted (fail-fast, a failure threshold, a fatal error)
+    LLMBatchError                      root of everything llmbatch raises on purpose
+    ├── TransientError                 retry it (through the limiter again)
+    │   ├── RateLimited                429 rate_limit_exceeded / Anthropic rate_limit_error
+    │   ├── ProviderUnavailable        5xx, 529 overloaded, 408/409
+    │   ├── Timeout                    no answer within the per-attempt timeout
+    │   └── ConnectionFailed           refused, reset, malformed response
+    ├── PermanentError                 this item cannot succeed; the others can
+    │   ├── BadRequest                 400/404/422: the request itself is wrong
+    │   │   ├── ContextLengthExceeded  prompt + max_tokens beyond the model's window
+    │   │   └── ContentFiltered        refused by the provider's content policy
+    │   └── RequestTooLarge            more tokens than a rate-limit bucket can hold
+    ├── FatalError                     no item can succeed: stop the job, keep what finished
+    │   ├── AuthenticationFailed       401/403: missing, wrong or revoked key
+    │   └── QuotaExhausted             insufficient_quota and other billing errors
+    └── BatchFailed                    a batch was aborted (see llmbatch.failure)
 
-Later layers (providers, retry, limits) hang their errors under this root, so that
-``except llmbatch.LLMBatchError`` catches everything the library raises on purpose.
+Every error carries what is known of its context: ``provider``, ``model``,
+``status_code``, ``request_id``, ``retry_after`` (seconds), ``item_key`` and
+``attempt``. None of them ever holds an API key: messages that came from a provider are
+scrubbed of anything that looks like one (:func:`redact`).
 """
 
 from __future__ import annotations
 
-__all__ = ["FatalError", "LLMBatchError"]
+import re
+from typing import Any
+
+__all__ = [
+    "AuthenticationFailed",
+    "BadRequest",
+    "ConnectionFailed",
+    "ContentFiltered",
+    "ContextLengthExceeded",
+    "FatalError",
+    "LLMBatchError",
+    "PermanentError",
+    "ProviderUnavailable",
+    "QuotaExhausted",
+    "RateLimited",
+    "RequestTooLarge",
+    "Timeout",
+    "TransientError",
+    "redact",
+]
+
+# sk-..., sk-proj-..., sk-ant-..., and bearer tokens: keep a 4-character hint only
+_SECRET = re.compile(r"\b(sk-(?:ant-|proj-)?|Bearer\s+)[A-Za-z0-9_\-]{8,}([A-Za-z0-9]{4})\b")
+
+
+def redact(text: str) -> str:
+    """*text* with anything shaped like an API key reduced to ``sk-…abcd``."""
+    return _SECRET.sub(lambda m: f"{m.group(1)}…{m.group(2)}", text)
 
 
 class LLMBatchError(Exception):
-    """The root of every exception llmbatch raises on purpose."""
+    """The root of every exception llmbatch raises on purpose.
+
+    Args:
+        message: what happened (scrubbed of API keys).
+        provider: ``"openai"``, ``"anthropic"``, ``"local"``...
+        model: the model asked for.
+        status_code: the HTTP status, when there was one.
+        request_id: the provider's request id, for support tickets.
+        retry_after: seconds the provider asked us to wait.
+        item_key: the key of the item being processed.
+        attempt: the attempt number (from 1) that failed.
+    """
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        provider: str | None = None,
+        model: str | None = None,
+        status_code: int | None = None,
+        request_id: str | None = None,
+        retry_after: float | None = None,
+        item_key: str | None = None,
+        attempt: int | None = None,
+    ) -> None:
+        self.message = redact(message)
+        self.provider = provider
+        self.model = model
+        self.status_code = status_code
+        self.request_id = request_id
+        self.retry_after = retry_after
+        self.item_key = item_key
+        self.attempt = attempt
+        super().__init__(self.message)
+
+    def context(self) -> dict[str, Any]:
+        """The known context as a dict (for logs and error records)."""
+        fields = ("provider", "model", "status_code", "request_id", "retry_after", "item_key")
+        return {
+            name: getattr(self, name)
+            for name in (*fields, "attempt")
+            if getattr(self, name) is not None
+        }
+
+    def __str__(self) -> str:
+        where = "/".join(p for p in (self.provider, self.model) if p)
+        status = f" (HTTP {self.status_code})" if self.status_code is not None else ""
+        prefix = f"{where}{status}: " if where or status else ""
+        return f"{prefix}{self.message}"
+
+
+class TransientError(LLMBatchError):
+    """A failure that may pass: retry it."""
+
+
+class RateLimited(TransientError):
+    """The provider refused the request for a rate limit (not a quota).
+
+    Attributes:
+        kind: which limit, when the provider says (``"requests"``, ``"tokens"``).
+    """
+
+    def __init__(self, message: str = "", *, kind: str | None = None, **context: Any) -> None:
+        self.kind = kind
+        super().__init__(message, **context)
+
+
+class ProviderUnavailable(TransientError):
+    """The provider failed or is overloaded (5xx, 529, 408, 409)."""
+
+
+class Timeout(TransientError):
+    """No answer within the per-attempt timeout."""
+
+
+class ConnectionFailed(TransientError):
+    """The connection failed: refused, reset, or a response that could not be read."""
+
+
+class PermanentError(LLMBatchError):
+    """This item cannot succeed as it is; other items are not affected."""
+
+
+class BadRequest(PermanentError):
+    """The provider rejected the request itself (400, 404, 422)."""
+
+
+class ContextLengthExceeded(BadRequest):
+    """The prompt plus ``max_tokens`` exceed the model's context window."""
+
+
+class ContentFiltered(BadRequest):
+    """The provider's content policy refused the request."""
+
+
+class RequestTooLarge(PermanentError):
+    """A request needs more of a resource than its rate-limit bucket can ever hold.
+
+    Attributes:
+        dimension: the bucket (``"tpm"``, ``"input_tpm"``...).
+        requested: what the request needs.
+        capacity: the most the bucket can hold.
+    """
+
+    def __init__(self, dimension: str, requested: float, capacity: float, **context: Any) -> None:
+        self.dimension = dimension
+        self.requested = requested
+        self.capacity = capacity
+        super().__init__(
+            f"request needs {requested:,.0f} {dimension} but the limit is {capacity:,.0f}: "
+            "it can never be admitted (shorten the prompt or lower max_tokens)",
+            **context,
+        )
 
 
 class FatalError(LLMBatchError):
@@ -25,3 +178,11 @@ class FatalError(LLMBatchError):
     The runner aborts the batch on a fatal error under every failure policy, keeping
     what already finished.
     """
+
+
+class AuthenticationFailed(FatalError):
+    """The API key is missing, wrong, revoked or lacks permission (401/403)."""
+
+
+class QuotaExhausted(FatalError):
+    """The account has no quota or credit left (``insufficient_quota`` and billing errors)."""

@@ -44,7 +44,7 @@ from typing import Any, ClassVar, Protocol
 import structlog
 from aiolimiter import AsyncLimiter
 
-from llmbatch.errors import LLMBatchError
+from llmbatch.errors import RequestTooLarge
 
 __all__ = [
     "LimiterStatistics",
@@ -63,25 +63,6 @@ logger = structlog.get_logger("llmbatch.limits")
 
 MINUTE = 60.0
 DAY = 86_400.0
-
-
-class RequestTooLarge(LLMBatchError):
-    """A request needs more of a resource than its bucket can ever hold.
-
-    Attributes:
-        dimension: the bucket (``"tpm"``, ``"input_tpm"``...).
-        requested: what the request needs.
-        capacity: the most the bucket can hold.
-    """
-
-    def __init__(self, dimension: str, requested: float, capacity: float) -> None:
-        self.dimension = dimension
-        self.requested = requested
-        self.capacity = capacity
-        super().__init__(
-            f"request needs {requested:,.0f} {dimension} but the limit is {capacity:,.0f}: "
-            "it can never be admitted (shorten the prompt or lower max_tokens)"
-        )
 
 
 # -- configuration ---------------------------------------------------------------------

@@ -33,14 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from llmbatch.limits import (
-    _DIMENSIONS,
-    LimiterStatistics,
-    Limits,
-    Permit,
-    RateLimitHeaders,
-    RequestTooLarge,
-)
+from llmbatch.errors import RequestTooLarge
+from llmbatch.limits import _DIMENSIONS, LimiterStatistics, Limits, Permit, RateLimitHeaders
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

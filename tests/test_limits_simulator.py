@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import openai
 import pytest
@@ -49,7 +50,7 @@ async def drive(
     async with openai.AsyncOpenAI(base_url=sim.base_url, api_key=api_key, max_retries=0) as client:
 
         async def one(i: int) -> None:
-            messages = [{"role": "user", "content": f"document number {i}"}]
+            messages: list[Any] = [{"role": "user", "content": f"document number {i}"}]
             cost = count_messages(messages, MODEL) + max_tokens
             async with semaphore:
                 while True:
@@ -58,7 +59,7 @@ async def drive(
                         raw = await client.chat.completions.with_raw_response.create(
                             model=MODEL,
                             messages=messages,
-                            max_tokens=max_tokens,  # type: ignore[arg-type]
+                            max_tokens=max_tokens,
                         )
                     except openai.RateLimitError as exc:
                         run.rate_limited += 1

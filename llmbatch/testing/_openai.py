@@ -1,0 +1,353 @@
+"""OpenAI's wire conventions: ``/v1/chat/completions`` and ``/v1/embeddings``.
+
+Error bodies are ``{"error": {"message", "type", "param", "code"}}``. Each (key, model)
+pair has up to four buckets: requests and tokens, per minute (``rpm``/``tpm``) and per
+day (``rpd``/``tpd``). A request costs one request and ``estimated prompt tokens +
+(max_completion_tokens or max_tokens or the default) x n`` tokens, charged in full at
+admission and never refunded: that is OpenAI's documented reservation rule.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from llmbatch.testing._buckets import DAY, MINUTE, go_duration
+from llmbatch.testing._content import (
+    DEFAULT_MAX_TOKENS,
+    completion_plan,
+    embeddings_response,
+    estimate_tokens,
+    openai_chat_completion,
+)
+from llmbatch.testing._endpoint import Answer, ApiError, Endpoint, dumps, retry_headers
+from llmbatch.testing._faults import Fault
+from llmbatch.testing._quota import Quota, Rejection
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from llmbatch.testing.simulator import SimulatorConfig
+
+__all__ = ["ORGANIZATION", "ChatCompletions", "Embeddings"]
+
+#: the organization named in rate-limit messages
+ORGANIZATION = "org-llmbatch-sim"
+_LIMITS_URL = "Visit https://platform.openai.com/account/rate-limits to learn more."
+_ROLES = ("system", "assistant", "user", "function", "tool", "developer")
+_UNITS = {
+    ("requests", MINUTE): "requests per min (RPM)",
+    ("tokens", MINUTE): "tokens per min (TPM)",
+}
+_UNITS |= {("requests", DAY): "requests per day (RPD)", ("tokens", DAY): "tokens per day (TPD)"}
+#: the ``created`` stamp of every listed model
+_CREATED = 1_700_000_000
+_SERVER_ERRORS = {
+    500: "The server had an error while processing your request. Sorry about that!",
+    502: "Bad gateway.",
+    503: "The server is overloaded or not ready yet.",
+    529: "The server is overloaded. Please try again later.",
+}
+
+
+def _positive_int(body: dict[str, Any], name: str, maximum: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ApiError(
+            400,
+            f"Invalid type for '{name}': expected an integer, "
+            f"but got {type(value).__name__} instead.",
+            param=name,
+            code="invalid_type",
+        )
+    if value < 1:
+        raise ApiError(
+            400,
+            f"Invalid '{name}': integer below minimum value. "
+            f"Expected a value >= 1, but got {value} instead.",
+            param=name,
+            code="integer_below_min_value",
+        )
+    if maximum is not None and value > maximum:
+        raise ApiError(
+            400,
+            f"Invalid '{name}': integer above maximum value. "
+            f"Expected a value <= {maximum}, but got {value} instead.",
+            param=name,
+            code="integer_above_max_value",
+        )
+    return value
+
+
+class _OpenAI(Endpoint):
+    """The conventions every OpenAI endpoint shares."""
+
+    provider = "openai"
+    request_id_header = "x-request-id"
+
+    @staticmethod
+    def bucket_specs(config: SimulatorConfig) -> list[tuple[str, float, int]]:
+        specs = [
+            ("requests", MINUTE, config.rpm),
+            ("tokens", MINUTE, config.tpm),
+            ("requests", DAY, config.rpd),
+            ("tokens", DAY, config.tpd),
+        ]
+        return [(name, period, limit) for name, period, limit in specs if limit is not None]
+
+    def error_body(self, error: ApiError, request_id: str) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": error.message,
+                "type": error.type,
+                "param": error.param,
+                "code": error.code,
+            }
+        }
+
+    def unauthorized(self, *, missing: bool) -> ApiError:
+        if missing:
+            return ApiError(
+                401,
+                "You didn't provide an API key. You need to provide your API key in an "
+                "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+            )
+        return ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+    def out_of_quota(self) -> ApiError:
+        return ApiError(
+            429,
+            "You exceeded your current quota, please check your plan and billing details. "
+            "For more information on this error, read the docs: "
+            "https://platform.openai.com/docs/guides/error-codes/api-errors.",
+            type="insufficient_quota",
+            code="insufficient_quota",
+            headers={"x-should-retry": "false"},
+        )
+
+    def costs(self, prompt_tokens: int, reserved: int) -> dict[str, int]:
+        return {"requests": 1, "tokens": prompt_tokens + reserved}
+
+    def rate_limited(self, rejection: Rejection, model: str) -> ApiError:
+        unit = _UNITS[rejection.name, rejection.period]
+        if rejection.too_large:
+            return ApiError(
+                429,
+                f"Request too large for {model} in organization {ORGANIZATION} on {unit}: "
+                f"Limit {rejection.limit}, Requested {rejection.requested}. The input or output "
+                f"tokens must be reduced in order to run successfully. {_LIMITS_URL}",
+                type=rejection.name,
+                code="rate_limit_exceeded",
+                headers={"x-should-retry": "false"},
+            )
+        return ApiError(
+            429,
+            f"Rate limit reached for {model} in organization {ORGANIZATION} on {unit}: "
+            f"Limit {rejection.limit}, Used {rejection.used}, Requested {rejection.requested}. "
+            f"Please try again in {go_duration(rejection.retry_after)}. {_LIMITS_URL}",
+            type=rejection.name,
+            code="rate_limit_exceeded",
+            headers=retry_headers(rejection.retry_after),
+        )
+
+    def check_headers(self, request: web.Request) -> None:
+        """OpenAI needs no header beyond the API key."""
+
+    def settle(self, quota: Quota, reserved: int, produced: int) -> None:
+        """OpenAI keeps the reservation: nothing is refunded."""
+
+    def ratelimit_headers(self, quota: Quota, headers: dict[str, str]) -> None:
+        for name in ("requests", "tokens"):
+            bucket = quota.bucket(name)
+            if bucket is not None:
+                headers[f"x-ratelimit-limit-{name}"] = str(bucket.limit)
+                headers[f"x-ratelimit-remaining-{name}"] = str(bucket.remaining)
+                headers[f"x-ratelimit-reset-{name}"] = go_duration(bucket.until_full())
+
+    def fault_error(self, fault: Fault, model: str) -> ApiError:
+        status = fault.status
+        if status == 429:
+            if fault.error_type == "insufficient_quota":
+                return self.out_of_quota()
+            kind = fault.error_type or "requests"
+            seconds = 1.0 if fault.retry_after is None else fault.retry_after
+            return ApiError(
+                429,
+                f"Rate limit reached for {model} in organization {ORGANIZATION} on "
+                f"{_UNITS.get((kind, MINUTE), kind)}. Please try again in "
+                f"{go_duration(seconds)}. {_LIMITS_URL}",
+                type=kind,
+                code="rate_limit_exceeded",
+                headers=retry_headers(seconds),
+            )
+        message = _SERVER_ERRORS.get(status, f"Simulated error {status}.")
+        retry_after = 1.0 if fault.retry_after is None and status == 503 else fault.retry_after
+        return ApiError(
+            status,
+            message,
+            type=fault.error_type or ("server_error" if status >= 500 else "invalid_request_error"),
+            headers=retry_headers(retry_after) if retry_after is not None else None,
+        )
+
+    def model_not_found(self, model: str) -> ApiError:
+        return ApiError(
+            404,
+            f"The model `{model}` does not exist or you do not have access to it.",
+            code="model_not_found",
+        )
+
+    def model_info(self, model: str) -> dict[str, Any]:
+        return {"id": model, "object": "model", "created": _CREATED, "owned_by": "llmbatch-sim"}
+
+    def model_page(self, models: Sequence[str]) -> dict[str, Any]:
+        return {"object": "list", "data": [self.model_info(model) for model in models]}
+
+    def _check_model(self, body: dict[str, Any]) -> str:
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise ApiError(400, "you must provide a model parameter")
+        if self.config.reject_unknown_models and model not in self.config.models:
+            raise self.model_not_found(model)
+        return model
+
+
+class ChatCompletions(_OpenAI):
+    """``POST /v1/chat/completions``, streaming included."""
+
+    path = "/v1/chat/completions"
+
+    def validate(self, body: dict[str, Any]) -> tuple[str, int, int]:
+        model = self._check_model(body)
+        messages = body.get("messages")
+        if messages is None:
+            raise ApiError(
+                400,
+                "Missing required parameter: 'messages'.",
+                param="messages",
+                code="missing_required_parameter",
+            )
+        if not isinstance(messages, list):
+            raise ApiError(
+                400,
+                "Invalid type for 'messages': expected an array.",
+                param="messages",
+                code="invalid_type",
+            )
+        if not messages:
+            raise ApiError(
+                400,
+                "Invalid 'messages': empty array. Expected an array with minimum length 1, "
+                "but got an empty array instead.",
+                param="messages",
+                code="empty_array",
+            )
+        for i, message in enumerate(messages):
+            role = message.get("role") if isinstance(message, dict) else None
+            if role not in _ROLES:
+                supported = ", ".join(f"'{r}'" for r in _ROLES[:-1]) + f", and '{_ROLES[-1]}'"
+                raise ApiError(
+                    400,
+                    f"Invalid value: '{role}'. Supported values are: {supported}.",
+                    param=f"messages[{i}].role",
+                    code="invalid_value",
+                )
+        max_tokens = _positive_int(body, "max_tokens")
+        limit = _positive_int(body, "max_completion_tokens") or max_tokens
+        n = _positive_int(body, "n", maximum=128) or 1
+        prompt_tokens = estimate_tokens(body)
+        window = self.config.context_window
+        if prompt_tokens + (limit or 0) > window:
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {window} tokens. However, you requested "
+                f"{prompt_tokens + (limit or 0)} tokens ({prompt_tokens} in the messages, "
+                f"{limit or 0} in the completion). Please reduce the length of the messages "
+                "or completion.",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        return model, prompt_tokens, (limit or DEFAULT_MAX_TOKENS) * n
+
+    def answer(self, body: dict[str, Any], prompt_tokens: int, token: str) -> Answer:
+        completion_id = f"chatcmpl-{token}"
+        if not body.get("stream"):
+            payload = openai_chat_completion(
+                body,
+                completion_id=completion_id,
+                created=int(time.time()),
+                prompt_tokens=prompt_tokens,
+            )
+            produced = payload["usage"]["completion_tokens"]
+            return Answer([dumps(payload)], produced, streaming=False)
+        return self._stream(body, prompt_tokens, completion_id)
+
+    @staticmethod
+    def _stream(body: dict[str, Any], prompt_tokens: int, completion_id: str) -> Answer:
+        """``chat.completion.chunk`` events: a role chunk, one per word, a finish chunk."""
+        text, tokens, truncated = completion_plan(body)
+        n = int(body.get("n") or 1)
+        options = body.get("stream_options")
+        usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        head: dict[str, Any] = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": body["model"],
+            "system_fingerprint": "fp_llmbatch_sim",
+        }
+        if usage:
+            head["usage"] = None
+
+        def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return b"data: " + dumps({**head, "choices": [choice]}) + b"\n\n"
+
+        words = text.split(" ")
+        events: list[bytes] = []
+        for index in range(n):
+            events.append(chunk(index, {"role": "assistant", "content": "", "refusal": None}))
+            events.extend(
+                chunk(index, {"content": word if i == 0 else " " + word})
+                for i, word in enumerate(words)
+            )
+            events.append(chunk(index, {}, "length" if truncated else "stop"))
+        if usage:
+            totals = {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": tokens * n,
+                "total_tokens": prompt_tokens + tokens * n,
+            }
+            events.append(b"data: " + dumps({**head, "choices": [], "usage": totals}) + b"\n\n")
+        events.append(b"data: [DONE]\n\n")
+        return Answer(events, tokens * n, streaming=True)
+
+
+class Embeddings(_OpenAI):
+    """``POST /v1/embeddings``: costs its input tokens only."""
+
+    path = "/v1/embeddings"
+
+    def validate(self, body: dict[str, Any]) -> tuple[str, int, int]:
+        model = self._check_model(body)
+        inputs = body.get("input")
+        if inputs is None:
+            raise ApiError(
+                400,
+                "Missing required parameter: 'input'.",
+                param="input",
+                code="missing_required_parameter",
+            )
+        if not isinstance(inputs, str | list) or not inputs:
+            raise ApiError(
+                400,
+                "'$.input' is invalid. Please check the API reference: "
+                "https://platform.openai.com/docs/api-reference.",
+                param="input",
+            )
+        return model, estimate_tokens(body), 0
+
+    def answer(self, body: dict[str, Any], prompt_tokens: int, token: str) -> Answer:
+        return Answer([dumps(embeddings_response(body))], 0, streaming=False)

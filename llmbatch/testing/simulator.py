@@ -1,0 +1,610 @@
+"""A provider simulator: a real OpenAI- and Anthropic-compatible HTTP server on 127.0.0.1.
+
+It answers the way the providers do under pressure (see ``shared/PROTOCOLS.md``): 429s
+with the exact bodies and headers once a limit is crossed, tokens charged the way
+OpenAI charges them, 5xx errors, hangs, connection resets and malformed bodies on
+demand, and the Batch APIs. Point the official SDKs, or llmbatch, at it::
+
+    async with Simulator(rpm=60, tpm=10_000) as sim:
+        client = openai.AsyncOpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0)
+        ...
+        assert sim.stats().throttled == 0
+
+Endpoints: ``POST /v1/chat/completions``, ``POST /v1/embeddings``, ``GET /v1/models``
+(OpenAI); ``POST /v1/messages`` (Anthropic); the Batch API routes of
+:mod:`llmbatch.testing._batchsim` unless ``batch=None``; ``GET /stats`` and
+``POST /stats/reset``.
+
+Every online request goes through the same steps, in this order:
+
+1. **authenticate**: ``Authorization: Bearer <key>`` or ``x-api-key``; 401 if missing, or
+   not in ``api_keys`` when that is set. The key is never echoed.
+2. **parse and validate**: 400 in the provider's shape (``context_length_exceeded``
+   against ``context_window``; Anthropic also needs ``anthropic-version``).
+3. **fault plan**: count the request for its key and pick a fault (see :class:`Fault`);
+   a scripted 429 is answered here, without touching the buckets.
+4. **quota**: keys under ``insufficient_quota`` get OpenAI's non-retryable 429.
+5. **rate limits**, per (key, model), on the injected ``clock``: see
+   :mod:`llmbatch.testing._quota` for the admission rule and ``charge_rejected``.
+6. **capacity**: at most ``max_in_flight`` requests are served at once; the rest queue.
+7. **latency**: ``ttft + completion_tokens / tokens_per_second``, scaled by a seeded
+   jitter, slept through the injected ``sleep``.
+8. **answer**, or the chosen fault: an error status, a hang, a reset or a malformed body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import random
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from dataclasses import MISSING, Field, dataclass, field, fields, replace
+from types import MappingProxyType, TracebackType
+from typing import Any, Literal
+
+from aiohttp import web
+
+from llmbatch.testing._anthropic import Messages
+from llmbatch.testing._batchsim import BatchBackend, BatchSimConfig
+from llmbatch.testing._endpoint import Answer, ApiError, Endpoint, dumps
+from llmbatch.testing._faults import Fault, FaultPlan, FaultScript, RequestInfo
+from llmbatch.testing._openai import ChatCompletions, Embeddings
+from llmbatch.testing._quota import ChargeRejected, Quota
+from llmbatch.testing._stats import Recorder, SimulatorStats
+
+__all__ = [
+    "DEFAULT_MODELS",
+    "BatchSimConfig",
+    "Fault",
+    "RequestInfo",
+    "Simulator",
+    "SimulatorConfig",
+    "SimulatorStats",
+]
+
+#: what ``GET /v1/models`` lists unless configured otherwise
+DEFAULT_MODELS = (
+    "gpt-4o-mini",
+    "gpt-4o",
+    "text-embedding-3-small",
+    "claude-haiku-4-5",
+    "claude-sonnet-4-6",
+)
+#: requests may carry Batch API uploads (200 MB OpenAI files, 256 MB Anthropic batches)
+_MAX_BODY = 300 * 1024 * 1024
+_BAD_JSON = (
+    "We could not parse the JSON body of your request. (HINT: This likely means you aren't "
+    "using your HTTP library correctly. The API expects a JSON payload, but what was sent "
+    "was not valid JSON.)"
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SimulatorConfig:
+    """How the simulator behaves. Every field is optional; the defaults make a fast,
+    unlimited, fault-free server.
+
+    Args:
+        host: the interface to listen on.
+        port: the port; 0 picks a free one.
+        api_keys: if set, only these keys are accepted (others get 401 ``invalid_api_key``).
+        models: what ``GET /v1/models`` lists.
+        reject_unknown_models: answer 404 ``model_not_found`` for models not in ``models``.
+        context_window: prompt plus requested output tokens allowed per request.
+        rpm: requests per minute, per (key, model), OpenAI and Anthropic.
+        tpm: OpenAI tokens per minute (prompt estimate + ``max_tokens`` x ``n``).
+        rpd: OpenAI requests per day.
+        tpd: OpenAI tokens per day.
+        itpm: Anthropic input tokens per minute.
+        otpm: Anthropic output tokens per minute.
+        otpm_reservation: ``"max_tokens"`` reserves ``max_tokens`` against OTPM and refunds
+            the unused part; ``"actual"`` charges the output produced, afterwards.
+        charge_rejected: what a request rejected with 429 still costs: ``"request"``
+            (one request, OpenAI's documented rule), ``"full"`` or ``"none"``.
+        insufficient_quota: ``True`` (every key) or the keys that get the
+            non-retryable ``insufficient_quota`` error.
+        ttft: seconds before the first token.
+        tokens_per_second: output speed; ``None`` is instantaneous.
+        jitter: scales each request's latency by a factor in ``[1 - jitter, 1 + jitter]``.
+        max_in_flight: requests served at once; beyond that they queue.
+        errors: ``{status: fraction}`` of requests answered with that error (500, 502,
+            503, 529, ...), in the provider's error shape.
+        hang: fraction of requests held for ``hang_seconds`` before the answer.
+        hang_seconds: how long a hang lasts (make it longer than the client's timeout).
+        reset: fraction of requests whose connection is reset mid-response.
+        malformed: fraction of requests answered 200 with a truncated JSON body.
+        script: scripted faults (``Fault(nth=..., key=...)``) or a callable
+            ``(RequestInfo) -> Fault | None``; consulted before the fractions.
+        seed: seeds the fault draws and the jitter.
+        batch: the Batch API configuration; ``None`` leaves those routes out.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    api_keys: Collection[str] | None = None
+    models: Sequence[str] = DEFAULT_MODELS
+    reject_unknown_models: bool = False
+    context_window: int = 128_000
+    rpm: int | None = None
+    tpm: int | None = None
+    rpd: int | None = None
+    tpd: int | None = None
+    itpm: int | None = None
+    otpm: int | None = None
+    otpm_reservation: Literal["max_tokens", "actual"] = "max_tokens"
+    charge_rejected: ChargeRejected = "request"
+    insufficient_quota: bool | Collection[str] = False
+    ttft: float = 0.0
+    tokens_per_second: float | None = None
+    jitter: float = 0.0
+    max_in_flight: int | None = None
+    errors: Mapping[int, float] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+    hang: float = 0.0
+    hang_seconds: float = 3600.0
+    reset: float = 0.0
+    malformed: float = 0.0
+    script: FaultScript = ()
+    seed: int = 0
+    batch: BatchSimConfig | None = field(default_factory=BatchSimConfig)
+
+    def __post_init__(self) -> None:
+        def check(name: str, ok: bool, expected: str) -> None:
+            if not ok:
+                raise ValueError(f"{name} must be {expected}, not {getattr(self, name)!r}")
+
+        check("port", 0 <= self.port <= 65535, "a port number (0 picks a free one)")
+        for name in ("rpm", "tpm", "rpd", "tpd", "itpm", "otpm", "max_in_flight"):
+            value = getattr(self, name)
+            check(name, value is None or value >= 1, "None or a positive integer")
+        check("context_window", self.context_window >= 1, "a positive integer")
+        check("otpm_reservation", self.otpm_reservation in ("max_tokens", "actual"), "known")
+        check("charge_rejected", self.charge_rejected in ("request", "full", "none"), "known")
+        check("ttft", self.ttft >= 0, ">= 0")
+        check("hang_seconds", self.hang_seconds >= 0, ">= 0")
+        check(
+            "tokens_per_second",
+            self.tokens_per_second is None or self.tokens_per_second > 0,
+            "None or > 0",
+        )
+        check("jitter", 0 <= self.jitter <= 1, "within [0, 1]")
+        errors = dict(self.errors)
+        check("errors", all(400 <= s <= 599 for s in errors), "keyed by error statuses")
+        fractions = [*errors.values(), self.hang, self.reset, self.malformed]
+        check("errors", all(0 <= p <= 1 for p in fractions), "fractions within [0, 1]")
+        check(
+            "errors",
+            sum(fractions) <= 1 + 1e-9,
+            "fractions that, with hang/reset/malformed, sum to <= 1",
+        )
+        # normalize to immutable values, so that the config stays a value
+        object.__setattr__(self, "errors", MappingProxyType(errors))
+        object.__setattr__(self, "models", tuple(self.models))
+        if self.api_keys is not None:
+            object.__setattr__(self, "api_keys", frozenset(self.api_keys))
+        if not isinstance(self.insufficient_quota, bool):
+            object.__setattr__(self, "insufficient_quota", frozenset(self.insufficient_quota))
+        if not callable(self.script):
+            object.__setattr__(self, "script", tuple(self.script))
+
+    def __repr__(self) -> str:
+        """Only the fields that differ from the defaults; API keys are counted, not shown."""
+        parts = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value == _default(f):
+                continue
+            if isinstance(value, frozenset):
+                parts.append(f"{f.name}=<{len(value)} keys>")
+            else:
+                shown = dict(value) if isinstance(value, MappingProxyType) else value
+                parts.append(f"{f.name}={shown!r}")
+        return f"SimulatorConfig({', '.join(parts)})"
+
+    def fault_fractions(self) -> list[tuple[Fault, float]]:
+        """The random faults as ``(fault, fraction)`` pairs."""
+        pairs = [(Fault(status=status), p) for status, p in self.errors.items()]
+        pairs += [(Fault(kind="hang"), self.hang), (Fault(kind="reset"), self.reset)]
+        pairs.append((Fault(kind="malformed"), self.malformed))
+        return pairs
+
+
+def _default(f: Field[Any]) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    assert f.default_factory is not MISSING
+    return f.default_factory()
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise ApiError(400, _BAD_JSON)
+    return body
+
+
+class Simulator:
+    """The simulator server; use it as an async context manager, or ``start``/``aclose``.
+
+    Args:
+        config: a :class:`SimulatorConfig`; keyword ``options`` override its fields
+            (``Simulator(rpm=60)`` is ``Simulator(SimulatorConfig(rpm=60))``).
+        clock: the monotonic clock the rate-limit buckets read (a ``FakeClock`` in tests).
+        sleep: how latency and hangs wait (default ``asyncio.sleep``).
+        batch_clock: the wall clock (UNIX seconds) that moves the Batch APIs' jobs
+            through their statuses; a ``FakeClock(start=1.7e9)`` steps them by hand.
+        options: :class:`SimulatorConfig` fields.
+    """
+
+    def __init__(
+        self,
+        config: SimulatorConfig | None = None,
+        /,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        batch_clock: Callable[[], float] = time.time,
+        **options: Any,
+    ) -> None:
+        config = replace(config, **options) if config is not None else SimulatorConfig(**options)
+        self._config = config
+        self._clock = clock
+        self._sleep = sleep
+        self._faults = FaultPlan(config.script, config.fault_fractions(), seed=config.seed)
+        self._jitter = random.Random(f"jitter-{config.seed}")
+        self._openai = ChatCompletions(config)
+        self._anthropic = Messages(config)
+        self._endpoints: list[Endpoint] = [self._openai, Embeddings(config), self._anthropic]
+        self._quotas: dict[tuple[str, str, str], Quota] = {}
+        self._recorder = Recorder()
+        self._batch = BatchBackend(config.batch, clock=batch_clock) if config.batch else None
+        self._id_prefix = secrets.token_hex(6)
+        self._ids = itertools.count(1)
+        self._semaphore: asyncio.Semaphore | None = None
+        self._runner: web.AppRunner | None = None
+        self._port = 0
+        self._started_at = 0.0
+
+    def __repr__(self) -> str:
+        where = self.url if self._runner is not None else "not started"
+        return f"<Simulator {where} {self._config!r}>"
+
+    @property
+    def config(self) -> SimulatorConfig:
+        """The configuration this simulator runs with."""
+        return self._config
+
+    @property
+    def url(self) -> str:
+        """The server's root URL (``http://127.0.0.1:PORT``): Anthropic's ``base_url``."""
+        if self._runner is None:
+            raise RuntimeError("the simulator is not running: use `async with` or `await start()`")
+        return f"http://{self._config.host}:{self._port}"
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI ``base_url``: :attr:`url` + ``/v1``."""
+        return f"{self.url}/v1"
+
+    def stats(self) -> SimulatorStats:
+        """A snapshot of the counters (see :class:`SimulatorStats`)."""
+        return self._recorder.snapshot(self._batch.stats() if self._batch else {})
+
+    def reset_stats(self) -> None:
+        """Zero the online counters (the batch backend keeps its own)."""
+        self._recorder.reset()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> Simulator:
+        """Bind the port and start serving; returns the simulator itself."""
+        if self._runner is not None:
+            raise RuntimeError("the simulator is already running")
+        app = web.Application(client_max_size=_MAX_BODY)
+        for endpoint in self._endpoints:
+            app.router.add_post(endpoint.path, self._handler(endpoint))
+        app.router.add_get("/v1/models", self._list_models)
+        app.router.add_get("/v1/models/{model}", self._retrieve_model)
+        app.router.add_get("/stats", self._get_stats)
+        app.router.add_post("/stats/reset", self._reset_stats)
+        if self._batch is not None:
+            self._batch.add_routes(app)
+        # handler_cancellation: a client that gives up on a hang frees the handler at once
+        runner = web.AppRunner(
+            app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0
+        )
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self._config.host, self._config.port).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._port = runner.addresses[0][1]
+        self._runner = runner
+        if self._config.max_in_flight is not None:
+            self._semaphore = asyncio.Semaphore(self._config.max_in_flight)
+        self._started_at = self._clock()
+        return self
+
+    async def aclose(self) -> None:
+        """Stop serving and close every connection (idempotent)."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def __aenter__(self) -> Simulator:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- the request pipeline --------------------------------------------------------------
+
+    def _handler(
+        self, endpoint: Endpoint
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await self._serve(request, endpoint)
+
+        return handle
+
+    async def _serve(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+        """Steps 1-8 of the module docstring for one request."""
+        started = time.perf_counter()
+        recorder = self._recorder
+        recorder.requests += 1
+        token = f"{self._id_prefix}{next(self._ids):010x}"
+        request_id = f"req_{token}"
+        headers = {endpoint.request_id_header: request_id}
+        quota: Quota | None = None
+        reserved = produced = 0
+        try:
+            api_key = self._authenticate(request, endpoint)
+            endpoint.check_headers(request)
+            raw = await request.read()
+            body = _json_object(raw)
+            model, prompt_tokens, reserved = endpoint.validate(body)
+            fault = self._pick_fault(endpoint, api_key, model, body)
+            quota = self._admit(endpoint, api_key, model, prompt_tokens, reserved, headers)
+            answer = endpoint.answer(body, prompt_tokens, token)
+            await self._enter()
+            try:
+                if fault is not None:
+                    recorder.faults[fault.label] += 1
+                    if fault.kind != "hang":
+                        return await self._inject(fault, request, endpoint, answer, headers, model)
+                    await self._sleep(self._config.hang_seconds)  # then answer, if still wanted
+                response = await self._send(request, endpoint, answer, headers, started)
+            finally:
+                self._leave()
+            produced = answer.completion_tokens
+            recorder.completion_tokens += produced
+            recorder.responses[200] += 1
+            recorder.answered(hash((endpoint.path, raw)))
+            return response
+        except ApiError as error:
+            self._stamp(endpoint, headers, started)
+            return self._error(endpoint, error, request_id, headers)
+        finally:
+            if quota is not None:
+                endpoint.settle(quota, reserved, produced)
+
+    def _pick_fault(
+        self, endpoint: Endpoint, api_key: str, model: str, body: dict[str, Any]
+    ) -> Fault | None:
+        """Step 3: the fault for this request; a scripted 429 is raised right here."""
+        if not self._faults:
+            return None
+        nth = self._faults.count(api_key)
+        fault = self._faults.choose(
+            RequestInfo(endpoint.provider, endpoint.path, api_key, model, nth, body)
+        )
+        if fault is not None and fault.kind == "error" and fault.status == 429:
+            self._recorder.faults[fault.label] += 1
+            raise endpoint.fault_error(fault, model)
+        return fault
+
+    def _admit(
+        self,
+        endpoint: Endpoint,
+        api_key: str,
+        model: str,
+        prompt_tokens: int,
+        reserved: int,
+        headers: dict[str, str],
+    ) -> Quota | None:
+        """Steps 4-5: quota, then rate limits; returns the charged quota (None if unlimited).
+
+        Raises:
+            ApiError: the provider's 429 (or its out-of-credit error).
+        """
+        if self._out_of_quota(api_key):
+            raise endpoint.out_of_quota()
+        now = self._clock()
+        quota = None
+        if endpoint.limits:
+            quota = self._quota(endpoint, api_key, model, now)
+            costs = endpoint.costs(prompt_tokens, reserved)
+            rejection = quota.admit(costs, now, self._config.charge_rejected)
+            endpoint.ratelimit_headers(quota, headers)
+            if rejection is not None:
+                raise endpoint.rate_limited(rejection, model)
+        recorder = self._recorder
+        recorder.admissions[int(now - self._started_at)] += 1
+        recorder.prompt_tokens += prompt_tokens
+        recorder.completion_tokens_reserved += reserved
+        return quota
+
+    async def _send(
+        self,
+        request: web.Request,
+        endpoint: Endpoint,
+        answer: Answer,
+        headers: dict[str, str],
+        started: float,
+    ) -> web.StreamResponse:
+        """Steps 7-8: wait out the simulated latency and send *answer*."""
+        first, per_token = self._latency()
+        if not answer.streaming:
+            delay = first + per_token * answer.completion_tokens
+            if delay > 0:
+                await self._sleep(delay)
+            self._stamp(endpoint, headers, started)
+            return web.Response(
+                body=answer.chunks[0], headers=headers, content_type="application/json"
+            )
+        if first > 0:
+            await self._sleep(first)
+        self._stamp(endpoint, headers, started)
+        response = web.StreamResponse(headers=headers)
+        response.content_type = "text/event-stream"
+        response.headers["Cache-Control"] = "no-cache"
+        await response.prepare(request)
+        for i, event in enumerate(answer.chunks):
+            if per_token > 0 and i:
+                await self._sleep(per_token)
+            await response.write(event)
+        await response.write_eof()
+        return response
+
+    @staticmethod
+    def _stamp(endpoint: Endpoint, headers: dict[str, str], started: float) -> None:
+        """Add ``openai-processing-ms`` (OpenAI endpoints only)."""
+        if endpoint.provider == "openai":
+            headers["openai-processing-ms"] = str(int((time.perf_counter() - started) * 1000))
+
+    def _authenticate(self, request: web.Request, endpoint: Endpoint) -> str:
+        headers = request.headers
+        key = headers.get("x-api-key", "")
+        if not key:
+            scheme, _, credentials = headers.get("Authorization", "").partition(" ")
+            key = credentials.strip() if scheme.lower() == "bearer" else ""
+        if not key:
+            raise endpoint.unauthorized(missing=True)
+        allowed = self._config.api_keys
+        if allowed is not None and key not in allowed:
+            raise endpoint.unauthorized(missing=False)
+        return key
+
+    def _out_of_quota(self, api_key: str) -> bool:
+        broke = self._config.insufficient_quota
+        return broke if isinstance(broke, bool) else api_key in broke
+
+    def _quota(self, endpoint: Endpoint, api_key: str, model: str, now: float) -> Quota:
+        slot = (endpoint.provider, api_key, model)
+        quota = self._quotas.get(slot)
+        if quota is None:
+            quota = self._quotas[slot] = Quota(endpoint.limits, now)
+        return quota
+
+    async def _enter(self) -> None:
+        """Take a capacity slot, queueing while ``max_in_flight`` are taken."""
+        recorder = self._recorder
+        if self._semaphore is not None:
+            recorder.queued += 1
+            try:
+                await self._semaphore.acquire()
+            finally:
+                recorder.queued -= 1
+        recorder.in_flight += 1
+        if recorder.in_flight > recorder.max_concurrent:
+            recorder.max_concurrent = recorder.in_flight
+
+    def _leave(self) -> None:
+        self._recorder.in_flight -= 1
+        if self._semaphore is not None:
+            self._semaphore.release()
+
+    def _latency(self) -> tuple[float, float]:
+        """``(seconds before the first token, seconds per further token)`` for one request."""
+        config = self._config
+        factor = 1.0
+        if config.jitter:
+            factor += config.jitter * (2 * self._jitter.random() - 1)
+        per_token = factor / config.tokens_per_second if config.tokens_per_second else 0.0
+        return config.ttft * factor, per_token
+
+    async def _inject(
+        self,
+        fault: Fault,
+        request: web.Request,
+        endpoint: Endpoint,
+        answer: Answer,
+        headers: dict[str, str],
+        model: str,
+    ) -> web.StreamResponse:
+        """Answer with an error, a malformed body or a reset instead of *answer*."""
+        if fault.kind == "error":
+            raise endpoint.fault_error(fault, model)
+        payload = b"".join(answer.chunks)
+        if fault.kind == "malformed":
+            self._recorder.responses[200] += 1
+            return web.Response(
+                body=payload[: len(payload) // 2], headers=headers, content_type="application/json"
+            )
+        # reset: promise the whole body, send half of it, then drop the connection
+        response = web.StreamResponse(headers=headers)
+        response.content_type = "text/event-stream" if answer.streaming else "application/json"
+        response.content_length = len(payload)
+        await response.prepare(request)
+        await response.write(payload[: len(payload) // 2])
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+
+    def _error(
+        self, endpoint: Endpoint, error: ApiError, request_id: str, headers: dict[str, str]
+    ) -> web.Response:
+        recorder = self._recorder
+        recorder.responses[error.status] += 1
+        if error.status == 429:
+            recorder.rate_limited[error.label] += 1
+        headers.update(error.headers)
+        return web.Response(
+            status=error.status,
+            body=dumps(endpoint.error_body(error, request_id)),
+            headers=headers,
+            content_type="application/json",
+        )
+
+    # -- models and statistics ---------------------------------------------------------------
+
+    async def _list_models(self, request: web.Request) -> web.Response:
+        return self._models(request, None)
+
+    async def _retrieve_model(self, request: web.Request) -> web.Response:
+        return self._models(request, request.match_info["model"])
+
+    def _models(self, request: web.Request, wanted: str | None) -> web.Response:
+        """``GET /v1/models[/{model}]``, in Anthropic's shape when ``anthropic-version`` is sent."""
+        self._recorder.requests += 1
+        endpoint = self._anthropic if "anthropic-version" in request.headers else self._openai
+        request_id = f"req_{self._id_prefix}{next(self._ids):010x}"
+        headers = {endpoint.request_id_header: request_id}
+        models = self._config.models
+        try:
+            self._authenticate(request, endpoint)
+            if wanted is not None and wanted not in models:
+                raise endpoint.model_not_found(wanted)
+        except ApiError as error:
+            return self._error(endpoint, error, request_id, headers)
+        payload = endpoint.model_page(models) if wanted is None else endpoint.model_info(wanted)
+        self._recorder.responses[200] += 1
+        return web.Response(body=dumps(payload), headers=headers, content_type="application/json")
+
+    async def _get_stats(self, request: web.Request) -> web.Response:
+        return web.Response(body=dumps(self.stats().as_dict()), content_type="application/json")
+
+    async def _reset_stats(self, request: web.Request) -> web.Response:
+        self.reset_stats()
+        return web.Response(status=204)
