@@ -93,9 +93,14 @@ return result
 """
 
 # KEYS[1] = bucket hash
-# ARGV = mode, pause seconds, ttl, n, then per dimension (name, capacity, rate/s, fill, value)
-# mode "add": level += value (negative: refund); "floor": level >= capacity - value
-# (value = what the server says is left); "empty": at least `pause` seconds of debt.
+# ARGV = mode, pause seconds, ttl, n, then per dimension
+#        (name, capacity, rate/s, fill, value, delta)
+# mode "add": level += value (negative: refund);
+# mode "observe": value = what the server says is left, delta = that minus what Redis
+#   had left right after the observed request was admitted. The first observation of a
+#   dimension adopts the server's level (up or down, by delta); later ones only drain:
+#   level >= capacity - value, which applying twice does not drain twice;
+# mode "empty": at least `pause` seconds of debt.
 _ADJUST = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -111,8 +116,8 @@ local result = {}
 for d = 1, n do
   local name = ARGV[i]
   local cap, rate = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  local fill, value = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
-  i = i + 5
+  local fill, value, delta = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
+  i = i + 6
   local level = tonumber(redis.call('HGET', key, name .. ':level'))
   local ts = tonumber(redis.call('HGET', key, name .. ':ts'))
   if level == nil or ts == nil then
@@ -122,8 +127,12 @@ for d = 1, n do
   level = math.max(0, level - math.max(0, now - ts) * rate)
   if mode == 'add' then
     level = math.max(0, level + value)
-  elseif mode == 'floor' then
-    level = math.max(level, cap - value)
+  elseif mode == 'observe' then
+    if redis.call('HSETNX', key, name .. ':synced', 1) == 1 then
+      level = math.max(0, level - delta)
+    else
+      level = math.max(level, cap - value)
+    end
   elseif mode == 'empty' then
     level = math.max(level, cap + pause * rate)
   end
@@ -317,11 +326,23 @@ class RedisRateLimiter:
             await asyncio.gather(*list(self._tasks))
 
     async def _adjust(
-        self, mode: str, values: Mapping[str, float], pause: float = 0.0
+        self,
+        mode: str,
+        values: Mapping[str, float],
+        pause: float = 0.0,
+        deltas: Mapping[str, float] | None = None,
     ) -> dict[str, float]:
         args: list[Any] = [mode, pause, self._ttl, len(values)]
         for dim, value in values.items():
-            args += [dim, self._capacity[dim], self._rates[dim], self.limits.initial_fill, value]
+            delta = (deltas or {}).get(dim, 0.0)
+            args += [
+                dim,
+                self._capacity[dim],
+                self._rates[dim],
+                self.limits.initial_fill,
+                value,
+                delta,
+            ]
         reply = await self._call(self._adjust_script, [self._key], args)
         after = {dim: float(v) for dim, v in zip(values, reply, strict=True)}
         self._available.update(after)
@@ -330,12 +351,21 @@ class RedisRateLimiter:
     async def observe(
         self, headers: Mapping[str, str] | RateLimitHeaders, permit: Permit | None = None
     ) -> None:
-        """Drain the shared buckets down to what the server says is left, if less."""
+        """Correct the shared buckets from a response's headers.
+
+        The first headers seen for a dimension (by any process) set the shared level to
+        the server's, up or down; later ones only drain it to what the server has left.
+        """
         info = headers if isinstance(headers, RateLimitHeaders) else RateLimitHeaders.parse(headers)
         left = {d: float(v) for d, v in info.remaining.items() if d in self._capacity}
         if left:
             before = dict(self._available)
-            after = await self._adjust("floor", left)
+            deltas = {
+                d: v - permit.available_after[d]
+                for d, v in left.items()
+                if permit is not None and d in permit.available_after
+            }
+            after = await self._adjust("observe", left, deltas=deltas)
             self._corrections += sum(1 for d in after if after[d] < before.get(d, after[d]) - 1)
 
     async def on_rate_limited(

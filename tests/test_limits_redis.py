@@ -164,3 +164,17 @@ async def test_four_processes_share_one_quota_without_429(redis_url: str) -> Non
     assert [{"ok": 310, "rate_limited": 0}] * 4 == reports
     assert {} == dict(stats.rate_limited)
     assert 1240 == stats.requests
+
+
+async def test_first_headers_raise_a_half_full_start_later_ones_only_drain(redis: Redis) -> None:
+    """A shared bucket starts half full; the first server headers lift it to the server's
+    level, and later headers reporting more than expected do not inflate it."""
+    shared = RedisRateLimiter(redis, Limits(rpm=600), quota=fresh())
+    permit = (await shared.try_acquire())[1]
+    assert permit is not None
+    assert 299 == pytest.approx(permit.available_after["rpm"], abs=1)
+    await shared.observe({"x-ratelimit-remaining-requests": "599"}, permit)
+    assert 599 == pytest.approx(shared.statistics().available["rpm"], abs=1)
+    permit = (await shared.try_acquire())[1]
+    await shared.observe({"x-ratelimit-remaining-requests": "600"}, permit)
+    assert 598 == pytest.approx(shared.statistics().available["rpm"], abs=1)
