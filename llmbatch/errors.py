@@ -15,6 +15,7 @@
     │   └── RequestTooLarge            more tokens than a rate-limit bucket can hold
     ├── FatalError                     no item can succeed: stop the job, keep what finished
     │   ├── AuthenticationFailed       401/403: missing, wrong or revoked key
+    │   ├── NotFound                   404: no such model or endpoint
     │   └── QuotaExhausted             insufficient_quota and other billing errors
     └── BatchFailed                    a batch was aborted (see llmbatch.failure)
 
@@ -37,6 +38,7 @@ __all__ = [
     "ContextLengthExceeded",
     "FatalError",
     "LLMBatchError",
+    "NotFound",
     "PermanentError",
     "ProviderUnavailable",
     "QuotaExhausted",
@@ -182,6 +184,10 @@ class FatalError(LLMBatchError):
 
 class AuthenticationFailed(FatalError):
     """The API key is missing, wrong, revoked or lacks permission (401/403)."""
+
+
+class NotFound(FatalError):
+    """The model or endpoint does not exist for this key (404): no item can succeed."""
 
 
 class QuotaExhausted(FatalError):

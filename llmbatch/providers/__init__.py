@@ -1,0 +1,1 @@
+"""Provider adapters: each translates one provider's SDK and errors into llmbatch's terms."""
