@@ -6,7 +6,7 @@ Every run gets a fresh simulator process (buckets start full, ~1 s latency, max_
 128) and sends the same one-paragraph requests. Scenarios:
 
 * ``rpm``: RPM 600 binds;
-* ``tpm``: TPM 150,000 binds (no RPM limit; each request reserves ~60 prompt + 128 tokens);
+* ``tpm``: TPM 100,000 binds (no RPM limit; each request reserves ~50 prompt + 128 tokens);
 * ``rpm+500s``: RPM 600 with 10% of requests answered 500.
 
 Contenders: ``llmbatch`` (RateLimiter with the limits given, header feedback, shared 429
@@ -61,7 +61,7 @@ PARAGRAPH = (
 
 SCENARIOS: dict[str, dict[str, Any]] = {
     "rpm": {"rpm": 600},
-    "tpm": {"tpm": 150_000},
+    "tpm": {"tpm": 100_000},
     "rpm+500s": {"rpm": 600, "errors": {500: 0.1}},
 }
 

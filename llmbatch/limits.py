@@ -323,6 +323,9 @@ class Permit:
         "adjusted_at",
         "available_after",
         "cost",
+        "outstanding_before",
+        "taken_at",
+        "units",
     )
 
     def __init__(
@@ -331,6 +334,9 @@ class Permit:
         cost: dict[str, float],
         available_after: dict[str, float],
         adjusted_at: dict[str, float],
+        outstanding_before: dict[str, float] | None = None,
+        taken_at: dict[str, float] | None = None,
+        units: dict[str, float] | None = None,
     ) -> None:
         self._limiter = limiter
         self.cost = cost
@@ -338,6 +344,13 @@ class Permit:
         self.available_after = available_after
         #: the limiter's cumulative header corrections at that moment
         self.adjusted_at = adjusted_at
+        #: what earlier permits, still unreleased, had taken then (they may reach the
+        #: server after this one, so its headers may not count them yet)
+        self.outstanding_before = outstanding_before or {}
+        #: the limiter's cumulative takings, this permit included
+        self.taken_at = taken_at or {}
+        #: what the request asked for, by unit (requests, tokens...), bucket or not
+        self.units = units or {}
         self._released = False
         self._settled = False
 
@@ -357,6 +370,11 @@ class Permit:
         self._settled = True
         actual = {"tokens": tokens, "input_tokens": input_tokens, "output_tokens": output_tokens}
         self._limiter._settle(self, {k: float(v) for k, v in actual.items() if v is not None})
+
+    @property
+    def released(self) -> bool:
+        """Whether :meth:`release` was called."""
+        return self._released
 
     def release(self) -> None:
         """Give the concurrency slot back (idempotent)."""
@@ -419,6 +437,11 @@ class RateLimiter:
         self.name = name
         self._buckets: dict[str, _Bucket] = {}
         self._adjusted: collections.defaultdict[str, float] = collections.defaultdict(float)
+        self._outstanding: collections.defaultdict[str, float] = collections.defaultdict(float)
+        self._taken: collections.defaultdict[str, float] = collections.defaultdict(float)
+        self._outstanding_units: collections.defaultdict[str, float] = collections.defaultdict(
+            float
+        )
         for dimension in _DIMENSIONS:
             capacity = getattr(self.limits, dimension)
             if capacity is not None:
@@ -493,15 +516,23 @@ class RateLimiter:
     def _slot_free(self) -> bool:
         return self._cap is None or self._in_flight < int(self._cap)
 
-    def _take(self, cost: dict[str, float]) -> Permit:
+    def _take(self, cost: dict[str, float], units: dict[str, float]) -> Permit:
         after: dict[str, float] = {}
+        outstanding: dict[str, float] = {}
         for dim, amount in cost.items():
             bucket = self._buckets[dim]
             bucket.take(amount)
             after[dim] = bucket.available
+            outstanding[dim] = self._outstanding[dim]
+            self._outstanding[dim] += amount
+            self._taken[dim] += amount
         self._in_flight += 1
         self._acquired += 1
-        return Permit(self, cost, after, {dim: self._adjusted[dim] for dim in cost})
+        adjusted = {dim: self._adjusted[dim] for dim in cost}
+        taken = {dim: self._taken[dim] for dim in cost}
+        for unit, amount in units.items():
+            self._outstanding_units[unit] += amount
+        return Permit(self, cost, after, adjusted, outstanding, taken, units)
 
     async def acquire(
         self,
@@ -519,8 +550,14 @@ class RateLimiter:
             RequestTooLarge: the request exceeds a bucket's capacity.
         """
         cost = self._cost(requests, tokens, input_tokens, output_tokens)
+        units = {
+            "requests": float(requests),
+            "tokens": float(tokens),
+            "input_tokens": float(input_tokens),
+            "output_tokens": float(output_tokens),
+        }
         if not self._waiters and self._slot_free() and self._delay(cost) == 0.0:
-            return self._take(cost)  # fast path: no suspension
+            return self._take(cost, units)  # fast path: no suspension
         loop = asyncio.get_running_loop()
         started = loop.time()
         turn: asyncio.Future[None] = loop.create_future()
@@ -530,6 +567,8 @@ class RateLimiter:
         try:
             await turn  # wait to be at the head of the line
             while True:
+                # Recomputed each time: limits may have been learned while we waited.
+                cost = self._cost(requests, tokens, input_tokens, output_tokens)
                 delay = self._delay(cost)
                 if delay == 0.0 and self._slot_free():
                     break
@@ -543,7 +582,7 @@ class RateLimiter:
         self._max_wait = max(self._max_wait, waited)
         if waited > 1.0:
             logger.debug("limits.waited", limiter=self.name, seconds=round(waited, 3))
-        return self._take(cost)
+        return self._take(cost, units)
 
     async def _wait_for_change(self, seconds: float | None) -> None:
         if self._changed is None:
@@ -560,6 +599,10 @@ class RateLimiter:
 
     def _release(self, permit: Permit) -> None:
         self._in_flight -= 1
+        for dim, amount in permit.cost.items():
+            self._outstanding[dim] = max(0.0, self._outstanding[dim] - amount)
+        for unit, amount in permit.units.items():
+            self._outstanding_units[unit] = max(0.0, self._outstanding_units[unit] - amount)
         self._notify()
 
     def _settle(self, permit: Permit, actual: Mapping[str, float]) -> None:
@@ -601,10 +644,15 @@ class RateLimiter:
     ) -> None:
         """Correct the buckets from a response's rate-limit headers.
 
-        The first headers for a dimension set its level to the server's (up or down);
-        later ones only drain it, when the server has less left than this limiter
-        believed right after taking *permit* (someone else spends the same quota).
-        With ``Limits.learn`` a limit the server reports is adopted or updated.
+        The server's ``remaining`` right after admitting *permit*'s request is compared
+        with what this limiter had left right after taking *permit*. Less on the server
+        (someone else spends the same quota, or it counts tokens differently) drains the
+        bucket; more (a conservative start, an over-estimated charge) lifts it, but only
+        by what is certain: permits taken earlier and still in flight may not have
+        reached the server yet, so their cost is not counted as free; likewise a drain
+        ignores what permits taken later may already have spent there. Each difference
+        is corrected once, however many responses report it. With ``Limits.learn`` a limit
+        the server reports is adopted or updated.
         """
         info = headers if isinstance(headers, RateLimitHeaders) else RateLimitHeaders.parse(headers)
         if not info:
@@ -631,15 +679,37 @@ class RateLimiter:
             if permit is not None and dim in permit.available_after:
                 # What the server has left right after admitting this request, against
                 # what we believed right after taking its permit, net of the corrections
-                # applied since (so one deficit is never drained twice).
+                # applied since (so one deficit is never corrected twice).
                 already = self._adjusted[dim] - permit.adjusted_at[dim]
                 delta = server_left - permit.available_after[dim] + already
+                if delta > 0:
+                    # Earlier permits still in flight may reach the server after this
+                    # one: its count may not include them yet. Never lift by more than
+                    # what is certain.
+                    delta = max(0.0, delta - permit.outstanding_before.get(dim, 0.0))
+                else:
+                    # Later permits may have reached the server before this one: its
+                    # count may include them already. Drain only what they cannot explain.
+                    since = self._taken[dim] - permit.taken_at.get(dim, self._taken[dim])
+                    delta = min(0.0, delta + since)
             else:
+                # No permit to compare with (or the bucket was learned after it was
+                # taken): compare with now, counting every request in flight as not yet
+                # seen by the server when lifting.
                 delta = server_left - bucket.available
-            if dim not in self._synced:
-                self._synced.add(dim)  # first word from the server: adopt its level
-            elif delta >= -(1.0 + bucket.max_rate * 0.01):
-                continue  # within rounding and refill noise, or the server has more
+                if delta > 0:
+                    unit = _DIMENSIONS[dim][0]
+                    others = self._outstanding_units[unit]
+                    if permit is not None and not permit.released:
+                        others -= permit.units.get(unit, 0.0)  # its own request was counted
+                    delta = max(0.0, delta - others)
+                if dim in self._synced:
+                    delta = min(delta, 0.0)  # without a permit, only ever drain
+            tolerance = 1.0 + bucket.max_rate * 0.01
+            first = dim not in self._synced
+            self._synced.add(dim)
+            if not first and abs(delta) <= tolerance:
+                continue  # rounding and refill noise
             self._adjust(bucket, delta)
             self._corrections += 1
             logger.debug(

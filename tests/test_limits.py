@@ -291,14 +291,33 @@ async def test_later_headers_drain_once_per_deficit(clock: FakeClock) -> None:
     assert 4 == limiter.statistics().header_corrections  # 2 at first sync + 2 drains
 
 
-async def test_headers_with_more_left_are_not_trusted_after_sync(clock: FakeClock) -> None:
-    """After the first sync, a server reporting more than expected does not inflate the bucket."""
+async def test_more_left_on_the_server_lifts_only_what_is_certain(clock: FakeClock) -> None:
+    """A server with more left lifts the bucket, minus what earlier permits still in
+    flight may not have spent there yet."""
     limiter = RateLimiter(full(tpm=100_000))
-    permit = await limiter.acquire(tokens=50_000)
-    limiter.observe(openai_headers(599, 50_000), permit)
-    permit = await limiter.acquire(tokens=10_000)
-    limiter.observe(openai_headers(599, 60_000), permit)
-    assert 40_000.0 == limiter.statistics().available["tpm"]
+    first = await limiter.acquire(tokens=50_000)
+    limiter.observe(openai_headers(599, 50_000), first)  # first sync: agrees
+    second = await limiter.acquire(tokens=10_000)  # the first is still in flight
+    limiter.observe(openai_headers(599, 60_000), second)
+    assert 40_000.0 == limiter.statistics().available["tpm"]  # 50,000 outstanding: no lift
+    first.release()
+    second.release()
+    third = await limiter.acquire(tokens=10_000)
+    limiter.observe(openai_headers(599, 50_000), third)  # we believed 30,000
+    assert 50_000.0 == limiter.statistics().available["tpm"]
+
+
+async def test_first_sync_is_not_fooled_by_reordering(clock: FakeClock) -> None:
+    """Requests reach the server out of order: the first response to come back may be
+    the last one sent. Its headers must not lift the bucket beyond the truth."""
+    limiter = RateLimiter(Limits(rpm=600))  # half full: 300 available; the server has 600
+    permits = [await limiter.acquire() for _ in range(300)]
+    # The server admitted the 300th permit first: 599 left after it.
+    limiter.observe(openai_headers(599, 0), permits[-1])
+    assert limiter.statistics().available["rpm"] <= 300.0  # truth: 600 - 300 sent
+    # The 1st permit's response (admitted 300th: 300 left) is exact and lifts to the truth.
+    limiter.observe(openai_headers(300, 0), permits[0])
+    assert 300.0 == pytest.approx(limiter.statistics().available["rpm"], abs=1)
 
 
 async def test_auto_learns_limits_from_headers(clock: FakeClock) -> None:
