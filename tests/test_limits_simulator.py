@@ -135,3 +135,47 @@ async def test_headers_reveal_another_client_spending_the_key(clock: FakeClock) 
     assert (120, 60) == (runs[0].ok, runs[1].ok)
     assert limiter.statistics().header_corrections > 1
     assert runs[0].rate_limited <= 30  # at most a quarter of its 120 requests
+
+
+async def test_anthropic_input_and_output_token_limits(clock: FakeClock) -> None:
+    """Anthropic's ITPM/OTPM: input estimated, output reserved at max_tokens then settled
+    (the simulator refunds unused output, as the 'max_tokens' reservation rule says);
+    its RFC 3339 headers feed the limiter; no request is refused."""
+    import anthropic
+
+    from llmbatch.tokens import admission_estimate
+
+    async with Simulator(rpm=1000, itpm=3000, otpm=2000, clock=clock.time) as sim:
+        limiter = RateLimiter(Limits(rpm=1000, input_tpm=3000, output_tpm=2000, refund_unused=True))
+        refused = 0
+        async with anthropic.AsyncAnthropic(
+            base_url=sim.url, api_key="sk-ant-x", max_retries=0
+        ) as client:
+
+            async def one(i: int) -> None:
+                nonlocal refused
+                messages: list[Any] = [{"role": "user", "content": f"paragraph {i} " * 10}]
+                while True:
+                    async with await limiter.acquire(
+                        input_tokens=admission_estimate(messages), output_tokens=64
+                    ) as permit:
+                        try:
+                            raw = await client.messages.with_raw_response.create(
+                                model="claude-haiku-4-5", max_tokens=64, messages=messages
+                            )
+                        except anthropic.RateLimitError as exc:
+                            refused += 1
+                            limiter.on_rate_limited(float(exc.response.headers["retry-after"]))
+                            continue
+                    limiter.observe(raw.headers, permit)
+                    usage = (await raw.parse()).usage
+                    permit.settle(
+                        input_tokens=usage.input_tokens, output_tokens=usage.output_tokens
+                    )
+                    return
+
+            await asyncio.gather(*(one(i) for i in range(100)))
+        stats = sim.stats()
+    assert 0 == refused
+    assert {} == dict(stats.rate_limited)
+    assert 100 == stats.responses.get(200)
