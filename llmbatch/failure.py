@@ -162,17 +162,34 @@ class BatchFailed(LLMBatchError):
             were already handed out.
     """
 
-    def __init__(self, error: ItemError, *, reason: str, result: BatchResult[Any] | None) -> None:
+    def __init__(
+        self,
+        error: ItemError,
+        *,
+        reason: str,
+        result: BatchResult[Any] | None,
+        not_started: int | None = None,
+    ) -> None:
         self.error = error
         self.reason = reason
         self.result = result
-        done = (
-            ""
-            if result is None
-            else f" ({result.succeeded} of {len(result)} started items succeeded)"
-        )
-        cause = f"{error.error_type}: {error.message}"
-        super().__init__(f"batch aborted ({reason}) at item {error.index}: {cause}{done}")
+        #: items never started (known when the input has a length)
+        self.not_started = not_started
+        super().__init__(self._describe())
+
+    def _describe(self) -> str:
+        cause = f"{self.error.error_type}: {self.error.message}"
+        counts = []
+        if self.result is not None:
+            counts.append(f"{self.result.succeeded} of {len(self.result)} started items succeeded")
+        if self.not_started is not None:
+            counts.append(f"{self.not_started} not started")
+        tail = f" ({'; '.join(counts)})" if counts else ""
+        return f"batch aborted ({self.reason}) at item {self.error.index}: {cause}{tail}"
+
+    def __str__(self) -> str:
+        # Computed when shown: in-flight items are marked cancelled after the abort.
+        return self._describe()
 
 
 @dataclass(frozen=True, slots=True)

@@ -120,6 +120,7 @@ class _Batch(Generic[ItemT, T]):
         self._strategy = strategy
         self._queue = queue
         self._results: list[Any] | None = [] if queue is None else None
+        self._total: int | None = None
         self._sync: Iterable[ItemT] | None = None
         self._async: AsyncIterator[ItemT] | None = None
         self._lock = asyncio.Lock()
@@ -130,7 +131,8 @@ class _Batch(Generic[ItemT, T]):
             self._async = aiter(items)
         else:
             if isinstance(items, Sized):
-                workers = max(1, min(workers, len(items)))
+                self._total = len(items)
+                workers = max(1, min(workers, self._total))
             self._sync = iter(items)
         self._workers = workers
         self._next_index = 0
@@ -220,7 +222,10 @@ class _Batch(Generic[ItemT, T]):
             return
         self._stop = True
         self.abort = BatchFailed(
-            error, reason=reason, result=None if self._results is None else self.result()
+            error,
+            reason=reason,
+            result=None if self._results is None else self.result(),
+            not_started=None if self._total is None else self._total - self._next_index,
         )
         current = asyncio.current_task()
         for task in self._tasks:

@@ -221,6 +221,10 @@ async def test_fatal_error_aborts_even_under_collect() -> None:
     assert "fatal" == info.value.reason
     assert info.value.result is not None
     assert [0, 1, 2] == info.value.result.ok
+    assert (
+        "batch aborted (fatal) at item 3: FatalError: invalid API key "
+        "(3 of 4 started items succeeded; 6 not started)"
+    ) == str(info.value)
 
 
 async def test_input_iterator_error_propagates_and_stops_workers() -> None:
