@@ -87,7 +87,12 @@ class Limits:
         learn: learn missing limits from response headers (see :meth:`auto`).
         aimd: adapt the concurrency cap (additive increase, halve on 429) while no rate
             limit is known.
-        headroom: fraction of each learned or configured limit to stay under (0.0-0.5).
+        headroom: fraction of each learned or configured limit to stay under (0.0-0.5):
+            lowers the rate itself.
+        reserve: fraction of each bucket kept unspent as a cushion (0.0-0.5): requests
+            reach the server with jittered delays, and a bucket run to exactly zero
+            turns that jitter into 429s. The long-run rate is unchanged; only the first
+            burst is smaller by this much.
     """
 
     rpm: float | None = None
@@ -102,6 +107,7 @@ class Limits:
     learn: bool = False
     aimd: bool = False
     headroom: float = 0.0
+    reserve: float = 0.01
 
     def __post_init__(self) -> None:
         for name in ("rpm", "tpm", "input_tpm", "output_tpm", "rpd", "tpd"):
@@ -116,6 +122,8 @@ class Limits:
             )
         if not 0.0 <= self.headroom <= 0.5:
             raise ValueError(f"Limits.headroom must be within [0, 0.5], not {self.headroom!r}")
+        if not 0.0 <= self.reserve <= 0.5:
+            raise ValueError(f"Limits.reserve must be within [0, 0.5], not {self.reserve!r}")
 
     @classmethod
     def auto(cls, *, max_concurrency: int = 64, **overrides: Any) -> Limits:
@@ -455,6 +463,7 @@ class RateLimiter:
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._changed: asyncio.Event | None = None
         self._paused_until = 0.0
+        self._settle_until = 0.0
         self._synced: set[str] = set()
         self._learned: list[str] = []
         # statistics
@@ -510,7 +519,11 @@ class RateLimiter:
         """Seconds until *cost* fits every bucket and the cooldown is over (0: now)."""
         delay = max(0.0, self._paused_until - self._loop_time())
         for dim, amount in cost.items():
-            delay = max(delay, self._buckets[dim].time_until(amount))
+            bucket = self._buckets[dim]
+            cushion = bucket.max_rate * self.limits.reserve
+            if amount + cushion > bucket.max_rate:
+                cushion = 0.0  # a request this big may use the whole bucket
+            delay = max(delay, bucket.time_until(amount + cushion))
         return delay
 
     def _slot_free(self) -> bool:
@@ -705,6 +718,8 @@ class RateLimiter:
                     delta = max(0.0, delta - others)
                 if dim in self._synced:
                     delta = min(delta, 0.0)  # without a permit, only ever drain
+            if delta > 0 and self._loop_time() < self._settle_until:
+                delta = 0.0  # after a 429, trust the cooldown over older headers
             tolerance = 1.0 + bucket.max_rate * 0.01
             first = dim not in self._synced
             self._synced.add(dim)
@@ -731,6 +746,7 @@ class RateLimiter:
         if retry_after is None or retry_after <= 0:
             retry_after = 1.0
         self._paused_until = max(self._paused_until, now + retry_after)
+        self._settle_until = max(self._settle_until, now + 2 * retry_after + 1.0)
         targets = [dimension] if dimension in self._buckets else list(self._buckets)
         for dim in targets:
             # Empty at the end of the pause: resume at the refill rate, not in a burst.

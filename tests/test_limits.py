@@ -32,7 +32,8 @@ async def clock() -> AsyncIterator[FakeClock]:
 
 
 def full(**kwargs: Any) -> Limits:
-    return Limits(initial_fill=1.0, **kwargs)
+    """A limiter that starts full and keeps no cushion, so counts are exact."""
+    return Limits(initial_fill=1.0, reserve=0.0, **kwargs)
 
 
 # -- parsing ----------------------------------------------------------------------------
@@ -156,12 +157,35 @@ async def test_rpm_admits_a_full_bucket_then_paces(clock: FakeClock) -> None:
 
 async def test_initial_fill_limits_the_first_burst(clock: FakeClock) -> None:
     """With the default half-full start, half the RPM is available at once."""
-    limiter = RateLimiter(Limits(rpm=60))
+    limiter = RateLimiter(Limits(rpm=60, reserve=0.0))
     for _ in range(30):
         (await limiter.acquire()).release()
     assert 1000.0 == clock.time()
     (await limiter.acquire()).release()
     assert 1001.0 == pytest.approx(clock.time())
+
+
+async def test_reserve_keeps_a_cushion_but_not_the_rate(clock: FakeClock) -> None:
+    """reserve=0.05 of RPM 100 keeps 5 unspent: 95 go at once, then one per 0.6 s."""
+    limiter = RateLimiter(Limits(rpm=100, initial_fill=1.0, reserve=0.05))
+    for _ in range(95):
+        (await limiter.acquire()).release()
+    assert 1000.0 == clock.time()
+    for _ in range(10):
+        (await limiter.acquire()).release()
+    assert 1006.0 == pytest.approx(clock.time())  # 10 more at the full refill rate
+
+
+async def test_no_lift_right_after_a_429(clock: FakeClock) -> None:
+    """After a 429, headers saying more is left do not undo the cooldown."""
+    limiter = RateLimiter(full(rpm=600))
+    permit = await limiter.acquire()
+    limiter.observe(openai_headers(599, 0, tpm=1), permit)  # synced
+    limiter.on_rate_limited(1.0, dimension="rpm")
+    level = limiter.statistics().available["rpm"]
+    assert level < 0  # emptied: one second of refill owed
+    limiter.observe(openai_headers(500, 0, tpm=1), permit)
+    assert level == limiter.statistics().available["rpm"]
 
 
 async def test_all_dimensions_are_taken_together(clock: FakeClock) -> None:
