@@ -5,7 +5,24 @@ submodule (``llmbatch.flow``, ``llmbatch.runner``, ``llmbatch.failure``,
 ``llmbatch.testing``, ``llmbatch.compat.pocketflow``).
 """
 
-from llmbatch.errors import FatalError, LLMBatchError
+from llmbatch.client import LLMClient, map
+from llmbatch.errors import (
+    AuthenticationFailed,
+    BadRequest,
+    ConnectionFailed,
+    ContentFiltered,
+    ContextLengthExceeded,
+    FatalError,
+    LLMBatchError,
+    NotFound,
+    PermanentError,
+    ProviderUnavailable,
+    QuotaExhausted,
+    RateLimited,
+    RequestTooLarge,
+    Timeout,
+    TransientError,
+)
 from llmbatch.failure import (
     BatchFailed,
     BatchResult,
@@ -29,6 +46,9 @@ from llmbatch.flow import (
     Flow,
     Node,
 )
+from llmbatch.limits import Limits, RateLimiter, get_limiter
+from llmbatch.models import Request, Response, Usage
+from llmbatch.retry import RetryPolicy
 from llmbatch.runner import BatchStream, Outcome, current_item, run_batch, stream_batch
 
 __version__ = "0.1.0.dev0"
@@ -40,6 +60,8 @@ __all__ = [
     "AsyncNode",
     "AsyncParallelBatchFlow",
     "AsyncParallelBatchNode",
+    "AuthenticationFailed",
+    "BadRequest",
     "BaseNode",
     "BatchFailed",
     "BatchFlow",
@@ -47,18 +69,38 @@ __all__ = [
     "BatchResult",
     "BatchStream",
     "CollectErrors",
+    "ConnectionFailed",
+    "ContentFiltered",
+    "ContextLengthExceeded",
     "FailFast",
     "FailureStrategy",
     "FatalError",
     "Flow",
     "ItemError",
     "LLMBatchError",
+    "LLMClient",
+    "Limits",
     "Node",
+    "NotFound",
     "OnError",
     "Outcome",
+    "PermanentError",
+    "ProviderUnavailable",
+    "QuotaExhausted",
+    "RateLimited",
+    "RateLimiter",
+    "Request",
+    "RequestTooLarge",
+    "Response",
+    "RetryPolicy",
     "Skip",
+    "Timeout",
+    "TransientError",
+    "Usage",
     "__version__",
     "current_item",
+    "get_limiter",
+    "map",
     "run_batch",
     "stream_batch",
 ]

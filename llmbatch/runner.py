@@ -108,7 +108,7 @@ class _Batch(Generic[ItemT, T]):
         *,
         max_concurrency: int,
         strategy: FailureStrategy,
-        key: Callable[[ItemT], str] | None,
+        key: Callable[[ItemT], str | None] | None,
         queue: asyncio.Queue[Any] | None,
     ) -> None:
         if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int):
@@ -258,7 +258,7 @@ async def run_batch(
     on_error: OnError | str | FailureStrategy = OnError.FAIL_FAST,
     max_failures: int | None = None,
     max_failure_rate: float | None = None,
-    key: Callable[[ItemT], str] | None = None,
+    key: Callable[[ItemT], str | None] | None = None,
 ) -> BatchResult[T]:
     """Run ``await fn(item)`` for every item, at most *max_concurrency* at once.
 
@@ -367,7 +367,7 @@ def stream_batch(
     on_error: OnError | str | FailureStrategy = OnError.FAIL_FAST,
     max_failures: int | None = None,
     max_failure_rate: float | None = None,
-    key: Callable[[ItemT], str] | None = None,
+    key: Callable[[ItemT], str | None] | None = None,
 ) -> BatchStream[T]:
     """Like :func:`run_batch`, but yield an :class:`Outcome` as each item finishes.
 

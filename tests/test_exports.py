@@ -9,7 +9,15 @@ import pytest
 import llmbatch
 
 PUBLIC_MODULES = [
+    "llmbatch.client",
     "llmbatch.errors",
+    "llmbatch.limits",
+    "llmbatch.limits_redis",
+    "llmbatch.models",
+    "llmbatch.providers.fake",
+    "llmbatch.providers.openai",
+    "llmbatch.retry",
+    "llmbatch.tokens",
     "llmbatch.failure",
     "llmbatch.flow",
     "llmbatch.runner",

@@ -1,4 +1,5 @@
-"""OpenAI (and any OpenAI-compatible server): error translation at the adapter boundary.
+"""OpenAI (and any OpenAI-compatible server): :class:`OpenAIProvider`, and the error
+translation at the adapter boundary.
 
 :func:`classify_openai_error` maps everything the ``openai`` SDK (built on httpx2) can
 raise into :mod:`llmbatch.errors`, in one place, following the providers' documented
@@ -27,8 +28,10 @@ connection error, unreadable body                  :class:`ConnectionFailed`
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import openai
 
@@ -45,9 +48,21 @@ from llmbatch.errors import (
     RateLimited,
     Timeout,
 )
+from llmbatch.limits import key_fingerprint
+from llmbatch.models import Request, Response, Usage
+from llmbatch.providers.base import Admission
 from llmbatch.retry import parse_retry_after
+from llmbatch.tokens import admission_estimate
 
-__all__ = ["classify_openai_error", "classify_openai_status"]
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "OpenAIProvider",
+    "classify_openai_error",
+    "classify_openai_status",
+]
+
+#: what OpenAI reserves against TPM when a request sets no max_tokens (conservative)
+DEFAULT_MAX_TOKENS = 4096
 
 _QUOTA = "insufficient_quota"
 _BILLING_CODES = frozenset({_QUOTA, "billing_hard_limit_reached", "credit_balance_exhausted"})
@@ -139,3 +154,109 @@ def classify_openai_error(
             f"unreadable response from the server: {exc}", provider=provider, model=model
         )
     raise exc
+
+
+class OpenAIProvider:
+    """Chat completions through the official ``openai`` client (any compatible server).
+
+    The SDK client is built with ``max_retries=0``: llmbatch's retry layer is the only
+    one, so the rate limiter sees every attempt.
+
+    Args:
+        api_key: the key (default: ``OPENAI_API_KEY``); never logged or shown.
+        base_url: another OpenAI-compatible server (vLLM, llama.cpp, Ollama, a simulator).
+        timeout: seconds per HTTP request (the SDK's timeout).
+        client: a ready ``openai.AsyncOpenAI`` to use instead (its retries are yours).
+        name: the provider's name in limits and logs.
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        timeout: float = 600.0,
+        client: openai.AsyncOpenAI | None = None,
+        name: str = "openai",
+    ) -> None:
+        self._client = client or openai.AsyncOpenAI(
+            api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0
+        )
+        self._owns_client = client is None
+        self.name = name
+        self.quota_key = key_fingerprint(self._client.api_key) + "@" + str(self._client.base_url)
+
+    def __repr__(self) -> str:
+        return f"<OpenAIProvider {self.name} {self._client.base_url}>"
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the SDK client if this provider created it."""
+        if self._owns_client:
+            await self._client.close()
+
+    def admission(self, request: Request, model: str) -> Admission:
+        """OpenAI's rule: prompt estimate + max_tokens x n tokens, and one request."""
+        max_tokens = request.max_tokens or DEFAULT_MAX_TOKENS
+        prompt = admission_estimate(request.messages, model)
+        return Admission(requests=1, tokens=prompt + max_tokens * request.n)
+
+    async def complete(self, request: Request) -> Response:
+        """One chat completion; errors come out as :mod:`llmbatch.errors` exceptions."""
+        model = request.model
+        if not model:
+            raise BadRequest("no model given", provider=self.name)
+        params: dict[str, Any] = {"model": model, "messages": list(request.messages)}
+        if request.max_tokens is not None:
+            params["max_tokens"] = request.max_tokens
+        if request.temperature is not None:
+            params["temperature"] = request.temperature
+        if request.n != 1:
+            params["n"] = request.n
+        if request.response_format is not None:
+            params["response_format"] = dict(request.response_format)
+        params.update(request.extra)
+        started = time.monotonic()
+        try:
+            raw = await self._client.chat.completions.with_raw_response.create(**params)
+            completion = raw.parse()
+        except (openai.OpenAIError, json.JSONDecodeError) as exc:
+            raise classify_openai_error(exc, provider=self.name, model=model) from exc
+        latency = time.monotonic() - started
+        choice = completion.choices[0] if completion.choices else None
+        text = (choice.message.content if choice else None) or ""
+        usage = completion.usage
+        cached = 0
+        if usage is not None and usage.prompt_tokens_details is not None:
+            cached = usage.prompt_tokens_details.cached_tokens or 0
+        parsed = None
+        if request.response_format is not None and text:
+            try:
+                parsed = json.loads(text)
+            except ValueError:
+                parsed = None
+        return Response(
+            text=text,
+            model=completion.model or model,
+            usage=Usage(
+                input_tokens=usage.prompt_tokens if usage else 0,
+                output_tokens=usage.completion_tokens if usage else 0,
+                cached_tokens=cached,
+            ),
+            finish_reason=choice.finish_reason if choice else None,
+            request_id=raw.headers.get("x-request-id"),
+            latency=latency,
+            parsed=parsed,
+            key=request.key,
+            headers=dict(raw.headers),
+        )

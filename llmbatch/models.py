@@ -1,0 +1,111 @@
+"""The values that travel through llmbatch: requests, responses, usage. All frozen."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+__all__ = ["Request", "Response", "Usage"]
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Usage:
+    """Tokens one call consumed."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        """Input plus output tokens."""
+        return self.input_tokens + self.output_tokens
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            input_tokens=self.input_tokens + other.input_tokens,
+            output_tokens=self.output_tokens + other.output_tokens,
+            cached_tokens=self.cached_tokens + other.cached_tokens,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Request:
+    """One chat completion to make.
+
+    Args:
+        messages: the chat messages (``{"role": ..., "content": ...}``).
+        model: the model (``None``: the client's default).
+        max_tokens: the output cap (``None``: the client's default).
+        temperature: sampling temperature, if set.
+        n: completions per request.
+        response_format: e.g. ``{"type": "json_object"}``; the text is then parsed.
+        extra: other provider parameters, passed through.
+        key: the item's key (for error records and checkpoints).
+    """
+
+    messages: Sequence[Mapping[str, Any]]
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    n: int = 1
+    response_format: Mapping[str, Any] | None = None
+    extra: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+    key: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.messages:
+            raise ValueError("a request needs at least one message")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, not {self.max_tokens!r}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, not {self.n!r}")
+        object.__setattr__(self, "messages", tuple(dict(m) for m in self.messages))
+
+    @classmethod
+    def from_prompt(cls, prompt: str, *, system: str | None = None, **options: Any) -> Request:
+        """A request with one user message (and an optional system message).
+
+        Raises:
+            ValueError: the prompt is empty or only whitespace.
+        """
+        if not prompt.strip():
+            raise ValueError("the prompt is empty")
+        messages: list[dict[str, str]] = []
+        if system:
+            messages.append({"role": "system", "content": system})
+        messages.append({"role": "user", "content": prompt})
+        return cls(messages=messages, **options)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Response:
+    """What a provider answered.
+
+    Attributes:
+        text: the (first) completion's text.
+        model: the model that answered.
+        usage: the tokens the call consumed.
+        finish_reason: why the output stopped (``"stop"``, ``"length"``...).
+        request_id: the provider's request id.
+        latency: seconds the successful attempt took.
+        attempts: how many attempts the call needed.
+        parsed: the JSON-decoded text when the request asked for JSON.
+        key: the item's key, copied from the request.
+        headers: the response headers (rate-limit feedback), not part of equality.
+    """
+
+    text: str
+    model: str | None = None
+    usage: Usage = field(default_factory=Usage)
+    finish_reason: str | None = None
+    request_id: str | None = None
+    latency: float = 0.0
+    attempts: int = 1
+    parsed: Any = None
+    key: str | None = None
+    headers: Mapping[str, str] = field(default_factory=lambda: _EMPTY, compare=False, repr=False)

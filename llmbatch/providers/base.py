@@ -1,0 +1,50 @@
+"""The provider interface: one async method, ``aclose``, and an async context manager."""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Protocol, Self, runtime_checkable
+
+from llmbatch.models import Request, Response
+
+__all__ = ["Admission", "Provider"]
+
+
+class Admission(dict[str, float]):
+    """What a request costs at admission, by unit: ``requests``, ``tokens``,
+    ``input_tokens``, ``output_tokens`` (the limiter's ``acquire`` keywords)."""
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """Something that answers :class:`Request` objects.
+
+    Attributes:
+        name: ``"openai"``, ``"anthropic"``, ``"local"``, ``"fake"``...
+        quota_key: a fingerprint of the credentials (never the key itself), so that
+            limiters are shared per quota.
+    """
+
+    name: str
+    quota_key: str
+
+    async def complete(self, request: Request) -> Response:
+        """Answer one request; raise :mod:`llmbatch.errors` exceptions only."""
+        ...
+
+    def admission(self, request: Request, model: str) -> Admission:
+        """What *request* costs against the provider's rate limits when it is admitted."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...

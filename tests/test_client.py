@@ -1,0 +1,182 @@
+"""Tests for llmbatch.client: the call path (limits, retries, cooldown) and llmbatch.map."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from tenacity import stop_after_attempt
+
+from llmbatch.client import LLMClient, build_request
+from llmbatch.client import map as llm_map
+from llmbatch.errors import (
+    AuthenticationFailed,
+    ProviderUnavailable,
+    QuotaExhausted,
+    RateLimited,
+)
+from llmbatch.failure import BatchFailed, ItemError
+from llmbatch.limits import Limits, RateLimiter
+from llmbatch.models import Request, Response
+from llmbatch.providers.fake import FakeProvider
+from llmbatch.providers.openai import OpenAIProvider
+from llmbatch.retry import RetryPolicy
+from llmbatch.testing import FakeClock, Simulator
+from llmbatch.testing._content import content_tag
+
+
+@pytest.fixture
+async def clock() -> AsyncIterator[FakeClock]:
+    fake = FakeClock(start=100.0)
+    with fake.patch_loop():
+        yield fake
+
+
+def echo(request: Request) -> str:
+    return f"echo: {request.messages[-1]['content']}"
+
+
+class Script:
+    """A handler that raises the given errors in turn, then echoes."""
+
+    def __init__(self, *errors: Exception) -> None:
+        self.errors = list(errors)
+
+    def __call__(self, request: Request) -> str:
+        if self.errors:
+            raise self.errors.pop(0)
+        return echo(request)
+
+
+@pytest.mark.parametrize(
+    ("template", "item", "expected"),
+    [
+        ("Summarize: {text}", {"text": "tides"}, "Summarize: tides"),
+        ("Translate {item}", "hola", "Translate hola"),
+        (lambda item: f"custom {item}", 7, "custom 7"),
+    ],
+)
+def test_build_request(template: Any, item: Any, expected: str) -> None:
+    """Templates format dict items by field and other items as {item}."""
+    assert expected == build_request(template, item).messages[-1]["content"]
+
+
+@pytest.mark.parametrize(
+    ("template", "item", "error"),
+    [("{text}", {"text": "   "}, ValueError), ("{text}", {"body": "x"}, KeyError)],
+)
+def test_build_request_errors(template: str, item: Any, error: type[Exception]) -> None:
+    """An empty prompt or a missing field is a clear error."""
+    with pytest.raises(error):
+        build_request(template, item)
+
+
+async def test_complete_applies_defaults_and_counts_attempts(clock: FakeClock) -> None:
+    """The client fills in model and max_tokens; transient errors are retried through
+    the limiter (every attempt acquires), and the response says how many it took."""
+    provider = FakeProvider(Script(ProviderUnavailable("502"), ProviderUnavailable("503")))
+    limiter = RateLimiter(Limits(rpm=600))
+    client = LLMClient(provider, model="m-1", max_tokens=32, limiter=limiter, sleep=clock.sleep)
+    response = await client.complete("hello")
+    assert ("echo: hello", 3) == (response.text, response.attempts)
+    assert [("m-1", 32)] * 3 == [(r.model, r.max_tokens) for r in provider.calls]
+    assert 3 == limiter.statistics().acquired
+    assert {"ProviderUnavailable": 2} == client.retry_log.statistics().retries
+
+
+async def test_429_goes_to_the_shared_cooldown_not_a_private_sleep(clock: FakeClock) -> None:
+    """A rate-limit error pauses the quota's limiter; the retry itself does not sleep."""
+    provider = FakeProvider(Script(RateLimited("slow down", kind="requests", retry_after=5.0)))
+    limiter = RateLimiter(Limits(rpm=600))
+    client = LLMClient(provider, model="m", limiter=limiter, sleep=clock.sleep)
+    start = clock.time()
+    await client.complete("x")
+    assert [0.0] == clock.sleeps  # no private wait
+    assert 1 == limiter.statistics().rate_limited
+    assert clock.time() - start >= 5.0  # the second attempt waited for the cooldown
+
+
+async def test_fatal_error_carries_item_key_and_attempt(clock: FakeClock) -> None:
+    """A fatal error is not retried and says which item and attempt it hit."""
+    provider = FakeProvider(Script(AuthenticationFailed("bad key")))
+    client = LLMClient(provider, model="m", sleep=clock.sleep)
+    with pytest.raises(AuthenticationFailed) as info:
+        await client.complete(Request.from_prompt("x", key="doc-9"))
+    assert ("doc-9", 1, 1) == (info.value.item_key, info.value.attempt, len(provider.calls))
+
+
+async def test_client_uses_the_shared_registry_limiter(clock: FakeClock) -> None:
+    """Two clients of one provider key and model share one limiter."""
+    provider = FakeProvider(echo)
+    a = LLMClient(provider, model="m", limits=Limits(rpm=60))
+    b = LLMClient(provider, model="m")
+    assert a.limiter_for("m") is b.limiter_for("m")
+
+
+async def test_map_keeps_order_and_turns_bad_items_into_error_records(clock: FakeClock) -> None:
+    """llmbatch.map: one Response or one ItemError per item, in input order."""
+    items = [{"text": "a"}, {"text": ""}, {"body": "no text"}, {"text": "d"}]
+    result = await llm_map(
+        "Say {text}", items, model="m", provider=FakeProvider(echo), key=lambda i: str(i)
+    )
+    assert isinstance(result.results[0], Response)
+    assert ["echo: Say a", "echo: Say d"] == [r.text for r in result.ok]
+    assert [(1, "ValueError"), (2, "KeyError")] == [(e.index, e.error_type) for e in result.errors]
+
+
+async def test_map_stops_on_quota_exhaustion_keeping_what_finished(clock: FakeClock) -> None:
+    """A fatal error ends the job even under 'collect', with the finished results."""
+    calls = 0
+
+    def handler(request: Request) -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise QuotaExhausted("out of credit")
+        return echo(request)
+
+    with pytest.raises(BatchFailed) as info:
+        await llm_map(
+            "{item}", range(100), model="m", provider=FakeProvider(handler), max_concurrency=1
+        )
+    assert info.value.result is not None
+    assert (2, 97) == (len(info.value.result.ok), info.value.not_started)
+    assert 3 == calls
+
+
+@pytest.mark.slow
+async def test_map_against_the_simulator_with_faults(clock: FakeClock) -> None:
+    """1,000 items, RPM/TPM limits, 10% 500s and 2% hangs, on virtual time: every item
+    ends as one result (or error record) in input order, each answer belongs to its item,
+    no answer is paid twice, and the server saw exactly the attempts we made."""
+    async with Simulator(
+        rpm=600,
+        tpm=150_000,
+        errors={500: 0.1},
+        hang=0.02,
+        hang_seconds=3600,
+        seed=3,
+        clock=clock.time,
+    ) as sim:
+        provider = OpenAIProvider(base_url=sim.base_url, api_key="sk-sim")
+        retry = RetryPolicy(stop=stop_after_attempt(8), attempt_timeout=30)
+        items = [f"document number {i}" for i in range(1000)]
+        result = await llm_map(
+            "{item}",
+            items,
+            model="gpt-4o-mini",
+            provider=provider,
+            max_tokens=64,
+            limits=Limits(rpm=600, tpm=150_000),
+            retry=retry,
+            max_concurrency=128,
+        )
+        stats = sim.stats()
+    assert 1000 == len(result)
+    assert [] == [e for e in result.results if isinstance(e, ItemError)]
+    for text, response in zip(items, result.ok, strict=True):
+        assert response.text.startswith(f"[{content_tag(text)}]")
+    assert 0 == stats.duplicates
+    assert {} == dict(stats.rate_limited)
+    assert stats.requests == sum(r.attempts for r in result.ok)
