@@ -44,7 +44,7 @@ __all__ = ["RedisRateLimiter"]
 logger = structlog.get_logger("llmbatch.limits")
 
 # KEYS[1] = bucket hash, KEYS[2] = lease zset
-# ARGV = n, then per dimension (name, capacity, rate/s, amount, initial_fill),
+# ARGV = n, then per dimension (name, capacity, rate/s, amount, initial_fill, cushion),
 #        then max_concurrency (0 = none), lease id, lease seconds, key ttl
 _ACQUIRE = """
 local t = redis.call('TIME')
@@ -59,8 +59,8 @@ local i = 2
 for d = 1, n do
   local name = ARGV[i]
   local cap, rate = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  local amount, fill = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
-  i = i + 5
+  local amount, fill, cushion = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
+  i = i + 6
   local level = tonumber(redis.call('HGET', key, name .. ':level'))
   local ts = tonumber(redis.call('HGET', key, name .. ':ts'))
   if level == nil or ts == nil then
@@ -69,7 +69,8 @@ for d = 1, n do
   end
   level = math.max(0, level - math.max(0, now - ts) * rate)
   names[d], levels[d], amounts[d], caps[d] = name, level, amount, cap
-  local missing = level + amount - cap
+  if amount + cushion > cap then cushion = 0 end
+  local missing = level + amount + cushion - cap
   if missing > 1e-9 then wait = math.max(wait, missing / rate) end
 end
 local maxc = tonumber(ARGV[i])
@@ -193,6 +194,7 @@ class RedisRateLimiter:
             f"llmbatch_redis_permit_{id(self)}", default=None
         )
         self._tasks: set[asyncio.Future[Any]] = set()
+        self._outstanding: dict[str, float] = {}
         self._turn = asyncio.Lock()
         self._io = asyncio.Semaphore(8)  # updates (observe, settle, release) in flight at most
         self._rng = random.Random()
@@ -212,7 +214,9 @@ class RedisRateLimiter:
     def _dimension_args(self, amounts: Mapping[str, float]) -> list[Any]:
         args: list[Any] = [len(amounts)]
         for dim, amount in amounts.items():
-            args += [dim, self._capacity[dim], self._rates[dim], amount, self.limits.initial_fill]
+            capacity = self._capacity[dim]
+            cushion = capacity * self.limits.reserve
+            args += [dim, capacity, self._rates[dim], amount, self.limits.initial_fill, cushion]
         return args
 
     async def try_acquire(
@@ -253,7 +257,10 @@ class RedisRateLimiter:
             return wait, None
         after = {dim: float(value) for dim, value in zip(cost, reply[1:], strict=True)}
         self._available.update(after)
-        permit = Permit(self, cost, after, {})
+        before = {dim: self._outstanding.get(dim, 0.0) for dim in cost}
+        for dim, amount in cost.items():
+            self._outstanding[dim] = self._outstanding.get(dim, 0.0) + amount
+        permit = Permit(self, cost, after, {}, before)
         self._leases_held[id(permit)] = lease
         self._acquired += 1
         self._in_flight += 1
@@ -282,7 +289,7 @@ class RedisRateLimiter:
                     if permit is not None:
                         break
                     delay = 0.02 if wait < 0 else min(wait, self._max_poll)
-                    await asyncio.sleep(delay * (1.0 + 0.1 * self._rng.random()))
+                    await asyncio.sleep(delay * (1.0 + 0.02 * self._rng.random()))
         finally:
             self._waiting -= 1
         waited = loop.time() - started
@@ -293,6 +300,8 @@ class RedisRateLimiter:
     # Permit calls these two back.
     def _release(self, permit: Permit) -> None:
         self._in_flight -= 1
+        for dim, amount in permit.cost.items():
+            self._outstanding[dim] = max(0.0, self._outstanding.get(dim, 0.0) - amount)
         lease = self._leases_held.pop(id(permit), None)
         if lease is not None and self.limits.max_concurrency:
             self._spawn(self._call(self._release_script, [self._leases], [lease]))
@@ -361,7 +370,13 @@ class RedisRateLimiter:
         if left:
             before = dict(self._available)
             deltas = {
-                d: v - permit.available_after[d]
+                # Lifts exclude what this process's earlier permits, still in flight,
+                # may not have spent at the server yet (other processes' are unknown;
+                # the cushion absorbs them).
+                d: min(
+                    v - permit.available_after[d],
+                    max(0.0, v - permit.available_after[d] - permit.outstanding_before.get(d, 0)),
+                )
                 for d, v in left.items()
                 if permit is not None and d in permit.available_after
             }

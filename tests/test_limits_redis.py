@@ -28,7 +28,7 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
 
 
 def limiter(redis: Redis, quota: str, **limits: float) -> RedisRateLimiter:
-    return RedisRateLimiter(redis, Limits(initial_fill=1.0, **limits), quota=quota)  # type: ignore[arg-type]
+    return RedisRateLimiter(redis, Limits(initial_fill=1.0, reserve=0.0, **limits), quota=quota)  # type: ignore[arg-type]
 
 
 def fresh() -> str:
@@ -178,3 +178,13 @@ async def test_first_headers_raise_a_half_full_start_later_ones_only_drain(redis
     permit = (await shared.try_acquire())[1]
     await shared.observe({"x-ratelimit-remaining-requests": "600"}, permit)
     assert 598 == pytest.approx(shared.statistics().available["rpm"], abs=1)
+
+
+async def test_shared_bucket_keeps_its_cushion(redis: Redis) -> None:
+    """reserve=0.05 keeps 5 of 100 unspent in the shared bucket too."""
+    shared = RedisRateLimiter(redis, Limits(rpm=100, initial_fill=1.0, reserve=0.05), quota=fresh())
+    for _ in range(95):
+        assert (await shared.try_acquire())[1] is not None
+    wait, permit = await shared.try_acquire()
+    assert permit is None
+    assert 0.5 < wait <= 0.6  # one unit at 100/min
