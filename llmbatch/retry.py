@@ -51,6 +51,7 @@ from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
 from llmbatch.errors import RateLimited, Timeout, TransientError
+from llmbatch.runner import current_item
 
 __all__ = [
     "RetryLog",
@@ -167,8 +168,11 @@ class RetryLog:
         wait = retry_state.next_action.sleep if retry_state.next_action else 0.0
         self.retries[name] += 1
         self.waited += wait
+        item = current_item()
         logger.info(
             "retry.scheduled",
+            item_index=item.index if item is not None else None,
+            item_key=item.key if item is not None else None,
             attempt=retry_state.attempt_number,
             error=name,
             wait=round(wait, 3),

@@ -14,6 +14,7 @@ PUBLIC_MODULES = [
     "llmbatch.limits",
     "llmbatch.limits_redis",
     "llmbatch.models",
+    "llmbatch.providers.anthropic",
     "llmbatch.providers.fake",
     "llmbatch.providers.openai",
     "llmbatch.retry",

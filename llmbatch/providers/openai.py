@@ -11,7 +11,8 @@ status / body                                      llmbatch error
 429, ``type`` or ``code`` ``insufficient_quota``   :class:`QuotaExhausted` (never retried)
 429, billing codes under ``insufficient_quota``    :class:`QuotaExhausted`
 429, ``x-should-retry: false`` (request too big)   :class:`BadRequest`
-429 otherwise (incl. Azure ``code: "429"``)        :class:`RateLimited` (``kind`` = type)
+429 otherwise (incl. Azure ``code: "429"``)        :class:`RateLimited` (``kind`` = type;
+                                                   no retry-after: the reset header)
 401, 403                                           :class:`AuthenticationFailed`
 404                                                :class:`NotFound` (model or endpoint)
 400/422 ``context_length_exceeded``                :class:`ContextLengthExceeded`
@@ -41,6 +42,7 @@ from llmbatch.errors import (
     ConnectionFailed,
     ContentFiltered,
     ContextLengthExceeded,
+    FatalError,
     LLMBatchError,
     NotFound,
     ProviderUnavailable,
@@ -48,7 +50,7 @@ from llmbatch.errors import (
     RateLimited,
     Timeout,
 )
-from llmbatch.limits import key_fingerprint
+from llmbatch.limits import key_fingerprint, parse_go_duration
 from llmbatch.models import Request, Response, Usage
 from llmbatch.providers.base import Admission
 from llmbatch.retry import parse_retry_after
@@ -94,12 +96,19 @@ def classify_openai_status(
     """The llmbatch error for an HTTP error response from an OpenAI-compatible server."""
     message, kind, code = _error_fields(body)
     lower = {k.lower(): v for k, v in headers.items()}
+    retry_after = parse_retry_after(lower)
+    if retry_after is None and status == 429:
+        # No explicit hint: the reset header of the bucket that overflowed.
+        reset = lower.get(
+            "x-ratelimit-reset-tokens" if kind == "tokens" else "x-ratelimit-reset-requests"
+        )
+        retry_after = parse_go_duration(reset) if reset else None
     context: dict[str, Any] = {
         "provider": provider,
         "model": model,
         "status_code": status,
         "request_id": lower.get("x-request-id"),
-        "retry_after": parse_retry_after(lower),
+        "retry_after": retry_after,
     }
     message = message or f"HTTP {status}"
     if status == 429:
@@ -185,6 +194,9 @@ class OpenAIProvider:
         self._owns_client = client is None
         self.name = name
         self.quota_key = key_fingerprint(self._client.api_key) + "@" + str(self._client.base_url)
+        key = self._client.api_key or ""
+        #: the last four characters of the key, the only part ever shown
+        self.key_hint = f"…{key[-4:]}" if len(key) >= 8 else "…"
 
     def __repr__(self) -> str:
         return f"<OpenAIProvider {self.name} {self._client.base_url}>"
@@ -231,7 +243,11 @@ class OpenAIProvider:
             raw = await self._client.chat.completions.with_raw_response.create(**params)
             completion = raw.parse()
         except (openai.OpenAIError, json.JSONDecodeError) as exc:
-            raise classify_openai_error(exc, provider=self.name, model=model) from exc
+            error = classify_openai_error(exc, provider=self.name, model=model)
+            if isinstance(error, FatalError):
+                error.message += f" [key {self.key_hint}]"
+                error.args = (error.message,)
+            raise error from exc
         latency = time.monotonic() - started
         choice = completion.choices[0] if completion.choices else None
         text = (choice.message.content if choice else None) or ""

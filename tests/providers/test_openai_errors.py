@@ -300,3 +300,47 @@ async def test_a_bad_request_fails_only_its_item() -> None:
     assert [1] == [e.index for e in result.errors]
     assert "ContextLengthExceeded" == result.errors[0].error_type
     assert 3 == sim.stats().requests
+
+
+async def test_hang_past_the_attempt_timeout_then_success() -> None:
+    """A hung request times out after attempt_timeout (virtual time) and the retry
+    succeeds: the server saw exactly two attempts."""
+    clock = FakeClock()
+    with clock.patch_loop():
+        async with (
+            Simulator(script=[Fault(nth=1, kind="hang")], hang_seconds=3600) as sim,
+            openai.AsyncOpenAI(base_url=sim.base_url, api_key="sk-a", max_retries=0) as client,
+        ):
+            policy = RetryPolicy(attempt_timeout=30)
+            text = await policy.call(lambda: attempt(client, "hello"))
+            assert text.startswith("[")
+            assert 2 == sim.stats().requests
+    assert clock.time() >= 30.0
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"script": [Fault(nth=5, status=429, error_type="insufficient_quota")]},
+        {"api_keys": ["sk-someone-else"]},
+    ],
+)
+async def test_fatal_errors_stop_a_job_after_one_request(options: dict[str, Any]) -> None:
+    """Quota exhaustion and a rejected key each stop the job at the first such answer,
+    never retried, with the work before it kept."""
+    clock = FakeClock()
+    async with (
+        Simulator(**options) as sim,
+        openai.AsyncOpenAI(base_url=sim.base_url, api_key="sk-a", max_retries=0) as client,
+    ):
+
+        async def one(i: int) -> str:
+            return await RetryPolicy().call(lambda: attempt(client, f"doc {i}"), sleep=clock.sleep)
+
+        with pytest.raises(BatchFailed) as info:
+            await run_batch(one, range(1000), max_concurrency=1, on_error="skip")
+        requests = sim.stats().requests
+    assert "fatal" == info.value.reason
+    assert [] == clock.sleeps
+    assert requests == info.value.error.index + 1
+    assert 1000 - requests == info.value.not_started

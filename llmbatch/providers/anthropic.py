@@ -1,0 +1,222 @@
+"""Anthropic's Messages API: :class:`AnthropicProvider` and its error translation.
+
+Needs the ``anthropic`` extra (``pip install 'llmbatch[anthropic]'``).
+
+=========================================================  =============================
+status / error type                                        llmbatch error
+=========================================================  =============================
+429 ``rate_limit_error``                                   :class:`RateLimited`
+529 ``overloaded_error``, 5xx ``api_error``, 408/409        :class:`ProviderUnavailable`
+401 ``authentication_error``, 403 ``permission_error``     :class:`AuthenticationFailed`
+``billing_error``, "credit balance is too low"             :class:`QuotaExhausted`
+404 ``not_found_error``                                    :class:`NotFound`
+400 "prompt is too long"                                   :class:`ContextLengthExceeded`
+400 ``invalid_request_error``, 413 ``request_too_large``   :class:`BadRequest`
+timeout                                                    :class:`Timeout`
+connection error, unreadable body                          :class:`ConnectionFailed`
+=========================================================  =============================
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, Self
+
+try:
+    import anthropic
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "the Anthropic provider needs the 'anthropic' package: pip install 'llmbatch[anthropic]'"
+    ) from exc
+
+from llmbatch.errors import (
+    AuthenticationFailed,
+    BadRequest,
+    ConnectionFailed,
+    ContextLengthExceeded,
+    FatalError,
+    LLMBatchError,
+    NotFound,
+    ProviderUnavailable,
+    QuotaExhausted,
+    RateLimited,
+    Timeout,
+)
+from llmbatch.limits import key_fingerprint
+from llmbatch.models import Request, Response, Usage
+from llmbatch.providers.base import Admission
+from llmbatch.retry import parse_retry_after
+from llmbatch.tokens import admission_estimate
+
+__all__ = ["AnthropicProvider", "classify_anthropic_error", "classify_anthropic_status"]
+
+#: Anthropic requires max_tokens; this is used when a request sets none
+DEFAULT_MAX_TOKENS = 1024
+
+
+def classify_anthropic_status(
+    status: int,
+    body: Any,
+    headers: Mapping[str, str],
+    *,
+    provider: str = "anthropic",
+    model: str | None = None,
+) -> LLMBatchError:
+    """The llmbatch error for an HTTP error response from the Messages API."""
+    error = body.get("error") if isinstance(body, Mapping) else None
+    kind = error.get("type") if isinstance(error, Mapping) else None
+    message = str(error.get("message") or "") if isinstance(error, Mapping) else ""
+    lower = {k.lower(): v for k, v in headers.items()}
+    context: dict[str, Any] = {
+        "provider": provider,
+        "model": model,
+        "status_code": status,
+        "request_id": lower.get("request-id")
+        or (body.get("request_id") if isinstance(body, Mapping) else None),
+        "retry_after": parse_retry_after(lower),
+    }
+    message = message or f"HTTP {status}"
+    if kind == "billing_error" or "credit balance" in message.lower():
+        context["retry_after"] = None
+        return QuotaExhausted(f"{message} (add credit or use another key)", **context)
+    if status == 429 or kind == "rate_limit_error":
+        return RateLimited(message, **context)
+    if status in (401, 403) or kind in ("authentication_error", "permission_error"):
+        return AuthenticationFailed(message, **context)
+    if status == 404 or kind == "not_found_error":
+        return NotFound(message, **context)
+    if status in (408, 409, 529) or status >= 500:
+        return ProviderUnavailable(message, **context)
+    if "prompt is too long" in message.lower():
+        return ContextLengthExceeded(message, **context)
+    return BadRequest(message, **context)
+
+
+def classify_anthropic_error(
+    exc: BaseException, *, provider: str = "anthropic", model: str | None = None
+) -> LLMBatchError:
+    """Translate an exception raised by the ``anthropic`` SDK into :mod:`llmbatch.errors`."""
+    if isinstance(exc, LLMBatchError):
+        return exc
+    if isinstance(exc, anthropic.APITimeoutError):
+        return Timeout("the request timed out", provider=provider, model=model)
+    if isinstance(exc, anthropic.APIConnectionError):
+        return ConnectionFailed(
+            f"connection failed: {exc.__cause__ or exc}", provider=provider, model=model
+        )
+    if isinstance(exc, anthropic.APIStatusError):
+        return classify_anthropic_status(
+            exc.status_code, exc.body, exc.response.headers, provider=provider, model=model
+        )
+    if isinstance(exc, json.JSONDecodeError | anthropic.APIResponseValidationError):
+        return ConnectionFailed(
+            f"unreadable response from the server: {exc}", provider=provider, model=model
+        )
+    raise exc
+
+
+class AnthropicProvider:
+    """Messages through the official ``anthropic`` client (``max_retries=0``).
+
+    A ``system`` message of the request becomes Anthropic's ``system`` parameter.
+
+    Args:
+        api_key: the key (default: ``ANTHROPIC_API_KEY``); never logged or shown.
+        base_url: another Anthropic-compatible server (a simulator).
+        timeout: seconds per HTTP request.
+        reserve_output: reserve ``max_tokens`` against OTPM at admission (Anthropic's
+            earlier documented rule); ``False`` charges the output only when settled.
+        name: the provider's name in limits and logs.
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        timeout: float = 600.0,
+        reserve_output: bool = True,
+        name: str = "anthropic",
+    ) -> None:
+        self._client = anthropic.AsyncAnthropic(
+            api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0
+        )
+        self.name = name
+        self.reserve_output = reserve_output
+        key = self._client.api_key or ""
+        self.quota_key = key_fingerprint(key) + "@" + str(self._client.base_url)
+        self.key_hint = f"…{key[-4:]}" if len(key) >= 8 else "…"
+
+    def __repr__(self) -> str:
+        return f"<AnthropicProvider {self.name} {self._client.base_url}>"
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the SDK client."""
+        await self._client.close()
+
+    def admission(self, request: Request, model: str) -> Admission:
+        """One request, the input estimate, and (if reserved) max_tokens of output."""
+        max_tokens = request.max_tokens or DEFAULT_MAX_TOKENS
+        output = float(max_tokens * request.n) if self.reserve_output else 0.0
+        return Admission(
+            requests=1,
+            input_tokens=admission_estimate(request.messages, model),
+            output_tokens=output,
+        )
+
+    async def complete(self, request: Request) -> Response:
+        """One message; errors come out as :mod:`llmbatch.errors` exceptions."""
+        model = request.model
+        if not model:
+            raise BadRequest("no model given", provider=self.name)
+        system = [str(m["content"]) for m in request.messages if m.get("role") == "system"]
+        messages = [dict(m) for m in request.messages if m.get("role") != "system"]
+        params: dict[str, Any] = {
+            "model": model,
+            "max_tokens": request.max_tokens or DEFAULT_MAX_TOKENS,
+            "messages": messages,
+        }
+        if system:
+            params["system"] = "\n\n".join(system)
+        if request.temperature is not None:
+            params["temperature"] = request.temperature
+        params.update(request.extra)
+        started = time.monotonic()
+        try:
+            raw = await self._client.messages.with_raw_response.create(**params)
+            message = await raw.parse()
+        except (anthropic.AnthropicError, json.JSONDecodeError) as exc:
+            error = classify_anthropic_error(exc, provider=self.name, model=model)
+            if isinstance(error, FatalError):
+                error.message += f" [key {self.key_hint}]"
+                error.args = (error.message,)
+            raise error from exc
+        text = "".join(getattr(block, "text", "") for block in message.content)
+        return Response(
+            text=text,
+            model=message.model or model,
+            usage=Usage(
+                input_tokens=message.usage.input_tokens,
+                output_tokens=message.usage.output_tokens,
+                cached_tokens=message.usage.cache_read_input_tokens or 0,
+            ),
+            finish_reason=message.stop_reason,
+            request_id=raw.headers.get("request-id"),
+            latency=time.monotonic() - started,
+            key=request.key,
+            headers=dict(raw.headers),
+        )
