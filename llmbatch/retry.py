@@ -16,9 +16,10 @@ llmbatch adds only what is specific to LLM providers:
   limits, 5xx/529, timeouts, broken connections) and nothing else: a bad request, a
   revoked key or an exhausted quota is never retried;
 * :class:`wait_retry_after` waits what the provider asked for (``retry-after-ms``,
-  ``retry-after`` seconds or HTTP date, parsed by :func:`parse_retry_after` at the
+  ``retry-after`` seconds or HTTP date, or the rate-limit reset header, parsed at the
   adapter boundary into ``error.retry_after``), capped, and falls back to another wait
-  (exponential backoff with jitter by default) when there is no hint;
+  (exponential backoff with full jitter by default: a random wait between 0 and
+  0.5 s x 2^attempt, at most 30 s) when there is no hint;
 * :class:`RetryLog`, a ``before_sleep`` hook that logs each retry through structlog and
   counts attempts, retries by error class and time spent waiting.
 
@@ -44,7 +45,7 @@ from tenacity import (
     retry_if_exception_type,
     stop_after_attempt,
     stop_after_delay,
-    wait_exponential_jitter,
+    wait_random_exponential,
 )
 from tenacity.retry import retry_base
 from tenacity.stop import stop_base
@@ -123,7 +124,7 @@ class wait_retry_after(wait_base):  # lower case like tenacity's own wait_* clas
         max_wait: float = 120.0,
         ignore_rate_limits: bool = False,
     ) -> None:
-        self.fallback = fallback or wait_exponential_jitter(multiplier=0.5, max=30)
+        self.fallback = fallback or wait_random_exponential(multiplier=0.5, max=30)
         self.max_wait = max_wait
         self.ignore_rate_limits = ignore_rate_limits
 
@@ -191,7 +192,7 @@ class RetryPolicy:
     Args:
         stop: a tenacity stop (default: 6 attempts).
         wait: a tenacity wait (default: the provider's hint, else exponential backoff
-            0.5 s → 30 s with jitter).
+            0.5 s → 30 s with full jitter).
         retry: a tenacity retry predicate (default: transient errors only).
         attempt_timeout: seconds one attempt may take before it counts as a
             :class:`~llmbatch.errors.Timeout` (``None``: no limit of ours).
@@ -212,7 +213,7 @@ class RetryPolicy:
         """For long unattended jobs: up to 20 attempts or an hour, waits up to 5 minutes."""
         return cls(
             stop=stop_after_attempt(20) | stop_after_delay(3600),
-            wait=wait_retry_after(wait_exponential_jitter(multiplier=1, max=300), max_wait=300),
+            wait=wait_retry_after(wait_random_exponential(multiplier=1, max=300), max_wait=300),
         )
 
     def copy(self, **changes: Any) -> RetryPolicy:

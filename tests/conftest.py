@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -10,6 +11,22 @@ from collections.abc import Iterator
 
 import pytest
 import structlog
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip local-model tests when the `local` extra is missing, unless it is required."""
+    from llmbatch.providers.local import local_model_available
+
+    if local_model_available():
+        return
+    if os.environ.get("LLMBATCH_REQUIRE_LOCAL") == "1":
+        raise pytest.UsageError(
+            "LLMBATCH_REQUIRE_LOCAL=1 but the local model is not installed (scripts/install)"
+        )
+    skip = pytest.mark.skip(reason="the `local` extra is not installed")
+    for item in items:
+        if "local_model" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

@@ -103,13 +103,15 @@ def test_wait_retry_after(
     assert expected == wait(make_retry_state(2, exc))
 
 
-def test_default_wait_is_exponential_with_jitter_and_bounded() -> None:
-    """Without a hint the default wait grows from 0.5 s and never exceeds 30 s (+ jitter 1 s)."""
+def test_default_wait_is_exponential_with_full_jitter_and_bounded() -> None:
+    """Without a hint the default wait is random in [0, 0.5 s x 2^n], never above 30 s."""
     wait = RetryPolicy().wait
-    first = [wait(make_retry_state(1, ProviderUnavailable("x"))) for _ in range(50)]
-    late = [wait(make_retry_state(12, ProviderUnavailable("x"))) for _ in range(50)]
-    assert all(0.5 <= w <= 1.5 for w in first)
-    assert all(30.0 <= w <= 31.0 for w in late)
+    first = [wait(make_retry_state(1, ProviderUnavailable("x"))) for _ in range(200)]
+    late = [wait(make_retry_state(12, ProviderUnavailable("x"))) for _ in range(200)]
+    assert all(0.0 <= w <= 1.0 for w in first)
+    assert all(0.0 <= w <= 30.0 for w in late)
+    assert max(late) > 15.0  # the cap is reached, not the small early range
+    assert len(set(first)) > 100  # jittered: no two clients retry in lockstep
 
 
 class Flaky:
