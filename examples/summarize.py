@@ -1,16 +1,20 @@
-"""Summarize a folder of documents with llmbatch's flow layer.
+"""Summarize a folder of documents with llmbatch's flow layer and LLM client.
 
-    python examples/summarize.py [DOCS_DIR] [-o summaries.jsonl]
+    python examples/summarize.py [DOCS_DIR] [-o summaries.jsonl] [--provider auto]
 
 Three nodes: load the ``*.txt`` files, summarize them in parallel (bounded, rate
 limited, retried per item, failures collected rather than fatal), write one JSON line
 per document: ``{"doc", "summary"}`` or ``{"doc", "error"}``. Every document ends as
 exactly one of the two.
 
-With no ``OPENAI_API_KEY`` in the environment the script starts llmbatch's provider
-simulator on 127.0.0.1, with 10% of requests failing with a 503, so the whole pipeline
-(retries included) runs offline. With ``OPENAI_API_KEY`` set it calls OpenAI, or the
-OpenAI-compatible server at ``OPENAI_BASE_URL``.
+Providers (``--provider``):
+
+* ``auto`` (default): OpenAI when ``OPENAI_API_KEY`` is set (or the OpenAI-compatible
+  server at ``OPENAI_BASE_URL``), otherwise the embedded local model;
+* ``local``: SmolLM2-135M-Instruct in this process (the ``local`` extra; no API key);
+* ``openai``: OpenAI;
+* ``simulator``: llmbatch's provider simulator on 127.0.0.1, failing 10% of requests
+  with a 503 so that retries show.
 """
 
 from __future__ import annotations
@@ -24,13 +28,13 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
-import openai
-
-from llmbatch import AsyncFlow, AsyncNode, AsyncParallelBatchNode, ItemError, Node
-from llmbatch.limits import Limits, RateLimiter
+from llmbatch import AsyncFlow, AsyncNode, AsyncParallelBatchNode, ItemError, LLMClient, Node
+from llmbatch.limits import Limits
+from llmbatch.models import Request
+from llmbatch.providers.base import Provider
 
 HERE = Path(__file__).parent
-MODEL = os.environ.get("LLMBATCH_MODEL", "gpt-4o-mini")
+SYSTEM = "Summarize the document in one sentence."
 
 
 class LoadDocs(Node):
@@ -45,9 +49,11 @@ class LoadDocs(Node):
 
 
 class Summarize(AsyncParallelBatchNode):
-    def __init__(self, client: openai.AsyncOpenAI, limiter: RateLimiter) -> None:
-        super().__init__(max_retries=4, wait=0.05, on_error="collect", limiter=limiter)
-        self.client = client
+    """One LLM call per document; the client brings limits and retries."""
+
+    def __init__(self, llm: LLMClient, max_concurrency: int) -> None:
+        super().__init__(on_error="collect", max_concurrency=max_concurrency)
+        self.llm = llm
 
     async def prep_async(self, shared: dict[str, Any]) -> list[tuple[str, str]]:
         return list(shared["docs"])
@@ -56,15 +62,8 @@ class Summarize(AsyncParallelBatchNode):
         name, text = doc
         if not text.strip():
             raise ValueError(f"{name} is empty: nothing to summarize")
-        response = await self.client.chat.completions.create(
-            model=MODEL,
-            max_tokens=64,
-            messages=[
-                {"role": "system", "content": "Summarize the document in one sentence."},
-                {"role": "user", "content": text},
-            ],
-        )
-        return response.choices[0].message.content or ""
+        response = await self.llm.complete(Request.from_prompt(text, system=SYSTEM, key=name))
+        return response.text.strip()
 
     async def post_async(
         self, shared: dict[str, Any], prep_res: list[tuple[str, str]], exec_res: list[Any]
@@ -97,21 +96,35 @@ class WriteJsonl(AsyncNode):
         shared["ok"], shared["failed"] = exec_res
 
 
-async def main(docs_dir: Path, out: Path) -> dict[str, Any]:
+async def open_provider(choice: str, stack: AsyncExitStack) -> tuple[Provider, str, str]:
+    """``(provider, model, where)`` for the --provider choice."""
+    if choice == "auto":
+        choice = "openai" if os.environ.get("OPENAI_API_KEY") else "local"
+    if choice == "openai":
+        from llmbatch.providers.openai import OpenAIProvider
+
+        provider: Provider = OpenAIProvider()
+        return provider, os.environ.get("LLMBATCH_MODEL", "gpt-4o-mini"), "OpenAI"
+    if choice == "local":
+        from llmbatch.providers.local import DEFAULT_MODEL, LocalProvider
+
+        return LocalProvider(), DEFAULT_MODEL, "the embedded local model"
+    from llmbatch.providers.openai import OpenAIProvider
+    from llmbatch.testing import Simulator
+
+    sim = await stack.enter_async_context(Simulator(errors={503: 0.1}, seed=7))
+    provider = OpenAIProvider(base_url=sim.base_url, api_key="sk-offline")
+    return provider, "gpt-4o-mini", f"the offline simulator at {sim.url}"
+
+
+async def main(docs_dir: Path, out: Path, provider_choice: str) -> dict[str, Any]:
     async with AsyncExitStack() as stack:
-        if os.environ.get("OPENAI_API_KEY"):
-            client = openai.AsyncOpenAI(max_retries=0)  # llmbatch's node retries, not the SDK
-            where = client.base_url.host
-        else:
-            from llmbatch.testing import Simulator
+        provider, model, where = await open_provider(provider_choice, stack)
+        concurrency = 1 if provider.name == "local" else 8
+        llm = LLMClient(provider, model=model, max_tokens=64, limits=Limits(rpm=500))
+        await stack.enter_async_context(llm)
 
-            sim = await stack.enter_async_context(Simulator(errors={503: 0.1}, seed=7))
-            client = openai.AsyncOpenAI(base_url=sim.base_url, api_key="sk-offline", max_retries=0)
-            where = f"the offline simulator at {sim.url}"
-        await stack.enter_async_context(client)
-        limiter = RateLimiter(Limits(rpm=500, max_concurrency=8), name=f"openai/{MODEL}")
-
-        load, summarize, write = LoadDocs(), Summarize(client, limiter), WriteJsonl()
+        load, summarize, write = LoadDocs(), Summarize(llm, concurrency), WriteJsonl()
         load >> summarize >> write
         shared: dict[str, Any] = {"docs_dir": docs_dir, "out": out}
         started = time.perf_counter()
@@ -128,5 +141,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("docs_dir", nargs="?", type=Path, default=HERE / "docs")
     parser.add_argument("-o", "--out", type=Path, default=Path("summaries.jsonl"))
+    parser.add_argument(
+        "--provider", choices=["auto", "local", "openai", "simulator"], default="auto"
+    )
     args = parser.parse_args()
-    asyncio.run(main(args.docs_dir, args.out))
+    asyncio.run(main(args.docs_dir, args.out, args.provider))

@@ -8,24 +8,30 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from llmbatch.testing._content import content_tag
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
-def test_summarize_example_offline(tmp_path: Path) -> None:
-    """examples/summarize.py writes one record per document: a summary that belongs to
-    that document, or an error for the empty one."""
-    out = tmp_path / "summaries.jsonl"
+def run_summarize(out: Path, provider: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
-    done = subprocess.run(
-        [sys.executable, str(EXAMPLES / "summarize.py"), "-o", str(out)],
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / "summarize.py"), "-o", str(out), "--provider", provider],
         env=env,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,
         check=True,
     )
+
+
+def test_summarize_example_against_the_simulator(tmp_path: Path) -> None:
+    """examples/summarize.py writes one record per document: a summary that belongs to
+    that document (despite 10% of requests failing), or an error for the empty one."""
+    out = tmp_path / "summaries.jsonl"
+    done = run_summarize(out, "simulator")
     assert "11 summarized, 1 failed" in done.stdout
     records = [json.loads(line) for line in out.read_text().splitlines()]
     docs = sorted(p.name for p in (EXAMPLES / "docs").glob("*.txt"))
@@ -36,3 +42,16 @@ def test_summarize_example_offline(tmp_path: Path) -> None:
             assert "ValueError" == record["error"]["error_type"]
         else:
             assert record["summary"].startswith(f"[{content_tag(text)}]")
+
+
+@pytest.mark.local_model
+def test_summarize_example_with_the_local_model(tmp_path: Path) -> None:
+    """The README's main job: with no API key, the embedded model summarizes every
+    non-empty document."""
+    out = tmp_path / "summaries.jsonl"
+    done = run_summarize(out, "auto")
+    assert "via the embedded local model" in done.stdout
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert 12 == len(records)
+    assert [r["doc"] for r in records if "error" in r] == ["empty.txt"]
+    assert all(r["summary"] for r in records if "summary" in r)
