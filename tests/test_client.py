@@ -159,19 +159,19 @@ async def test_map_against_the_simulator_with_faults(clock: FakeClock) -> None:
         seed=3,
         clock=clock.time,
     ) as sim:
-        provider = OpenAIProvider(base_url=sim.base_url, api_key="sk-sim")
         retry = RetryPolicy(stop=stop_after_attempt(8), attempt_timeout=30)
         items = [f"document number {i}" for i in range(1000)]
-        result = await llm_map(
-            "{item}",
-            items,
-            model="gpt-4o-mini",
-            provider=provider,
-            max_tokens=64,
-            limits=Limits(rpm=600, tpm=150_000),
-            retry=retry,
-            max_concurrency=128,
-        )
+        async with OpenAIProvider(base_url=sim.base_url, api_key="sk-sim") as provider:
+            result = await llm_map(
+                "{item}",
+                items,
+                model="gpt-4o-mini",
+                provider=provider,
+                max_tokens=64,
+                limits=Limits(rpm=600, tpm=150_000),
+                retry=retry,
+                max_concurrency=128,
+            )
         stats = sim.stats()
     assert 1000 == len(result)
     assert [] == [e for e in result.results if isinstance(e, ItemError)]
