@@ -44,6 +44,7 @@ from llmbatch.flow import (
     BatchFlow,
     BatchNode,
     Flow,
+    LLMParallelBatchNode,
     Node,
 )
 from llmbatch.limits import Limits, RateLimiter, get_limiter
@@ -79,6 +80,7 @@ __all__ = [
     "ItemError",
     "LLMBatchError",
     "LLMClient",
+    "LLMParallelBatchNode",
     "Limits",
     "Node",
     "NotFound",

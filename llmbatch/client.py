@@ -18,23 +18,43 @@ from a prompt template and items.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import string
 from collections.abc import AsyncIterable, Callable, Iterable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Self
 
 import structlog
 
-from llmbatch.errors import LLMBatchError, RateLimited
+from llmbatch.config import ModelProfile, load_profiles, profile_for
+from llmbatch.errors import BudgetExhausted, LLMBatchError, RateLimited
 from llmbatch.failure import BatchResult, FailureStrategy, OnError
 from llmbatch.limits import Limits, get_limiter
-from llmbatch.models import Request, Response
+from llmbatch.models import Request, Response, Usage
 from llmbatch.providers.base import Provider
 from llmbatch.retry import RetryLog, RetryPolicy, wait_retry_after
-from llmbatch.runner import DEFAULT_MAX_CONCURRENCY, current_item, run_batch
+from llmbatch.runner import (
+    DEFAULT_MAX_CONCURRENCY,
+    BatchStream,
+    current_item,
+    run_batch,
+    stream_batch,
+)
 
-__all__ = ["LLMClient", "build_request", "map"]
+__all__ = ["ClientStatistics", "LLMClient", "build_request", "imap", "map", "map_sync"]
+
+
+@dataclass(frozen=True, slots=True)
+class ClientStatistics:
+    """What a client has done so far."""
+
+    succeeded: int
+    failed: int
+    attempts: int
+    usage: Usage
+    cost: float | None
+
 
 logger = structlog.get_logger("llmbatch.client")
 
@@ -75,13 +95,18 @@ class LLMClient:
         provider: the :class:`~llmbatch.providers.base.Provider` to call.
         model: the default model for requests that name none.
         max_tokens: the default output cap for requests that set none.
-        limits: the quota's :class:`~llmbatch.limits.Limits`; the limiter is shared by
-            every client of the same provider, key and model in the event loop.
+        limits: the quota's :class:`~llmbatch.limits.Limits` (default: the model's
+            profile, see :mod:`llmbatch.config`); the limiter is shared by every client of
+            the same provider, key and model in the event loop.
         limiter: a limiter to use instead (e.g. a ``RedisRateLimiter``).
         retry: the :class:`~llmbatch.retry.RetryPolicy` (default: 6 attempts).
         on_error: the failure strategy of :meth:`map`.
         max_concurrency: requests in flight at most in :meth:`map`.
         sleep: how retries wait (injectable for tests).
+        profiles: model profiles (default: built-ins overridden by ``llmbatch.toml``).
+        max_cost: a budget in USD; once spent, new calls raise
+            :class:`~llmbatch.errors.BudgetExhausted` (fatal: the batch stops, keeping
+            what finished). Calls in flight when it is reached still complete.
     """
 
     def __init__(
@@ -96,6 +121,8 @@ class LLMClient:
         on_error: OnError | str | FailureStrategy = OnError.FAIL_FAST,
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         sleep: Callable[[float], Any] = asyncio.sleep,
+        profiles: Mapping[str, ModelProfile] | None = None,
+        max_cost: float | None = None,
     ) -> None:
         self.provider = provider
         self.model = model
@@ -116,6 +143,12 @@ class LLMClient:
         self.max_concurrency = max_concurrency
         self._sleep = sleep
         self.retry_log = RetryLog()
+        self._profiles = dict(profiles) if profiles is not None else load_profiles()
+        self.max_cost = max_cost
+        self._succeeded = 0
+        self._failed = 0
+        self._usage = Usage()
+        self._cost: float | None = None
 
     def __repr__(self) -> str:
         return f"<LLMClient {self.provider!r} model={self.model!r}>"
@@ -131,6 +164,10 @@ class LLMClient:
     ) -> None:
         await self.provider.aclose()
 
+    def profile(self, model: str) -> ModelProfile:
+        """The profile (limits, prices) of *model* on this client's provider."""
+        return profile_for(self.provider.name, model, profiles=self._profiles)
+
     def limiter_for(self, model: str) -> Any:
         """The limiter this client uses for *model*."""
         if self._limiter is not None:
@@ -140,6 +177,17 @@ class LLMClient:
             model,
             api_key=self.provider.quota_key,
             limits=self.limits,
+            default_limits=self.profile(model).limits,
+        )
+
+    def statistics(self) -> ClientStatistics:
+        """Calls, attempts, tokens and money so far (cost ``None`` if prices are unknown)."""
+        return ClientStatistics(
+            succeeded=self._succeeded,
+            failed=self._failed,
+            attempts=self.retry_log.attempts,
+            usage=self._usage,
+            cost=self._cost,
         )
 
     async def complete(self, request: Request | str) -> Response:
@@ -152,7 +200,25 @@ class LLMClient:
         if isinstance(request, str):
             request = Request.from_prompt(request)
         request = self._with_defaults(request)
-        return await self._call_with_retry(request)
+        if self.max_cost is not None and (self._cost or 0.0) >= self.max_cost:
+            raise BudgetExhausted(
+                f"the budget of ${self.max_cost:.4f} is spent (${self._cost or 0.0:.4f}): "
+                "raise max_cost to continue",
+                provider=self.provider.name,
+                model=request.model,
+                item_key=request.key,
+            )
+        try:
+            response = await self._call_with_retry(request)
+        except LLMBatchError:
+            self._failed += 1
+            raise
+        cost = self.profile(request.model or "").cost(response.usage)
+        self._succeeded += 1
+        self._usage = self._usage + response.usage
+        if cost is not None:
+            self._cost = (self._cost or 0.0) + cost
+        return replace(response, cost=cost)
 
     def _with_defaults(self, request: Request) -> Request:
         changes: dict[str, Any] = {}
@@ -254,6 +320,7 @@ async def map(  # shadows builtins.map inside this module only: llmbatch.map is 
     on_error: OnError | str | FailureStrategy = OnError.COLLECT,
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
     key: Callable[[Any], str | None] | None = None,
+    max_cost: float | None = None,
 ) -> BatchResult[Response]:
     """Answer one prompt per item, in one call.
 
@@ -272,6 +339,9 @@ async def map(  # shadows builtins.map inside this module only: llmbatch.map is 
             result or an ItemError, in input order).
         max_concurrency: requests in flight at most.
         key: a function naming each item (recorded on its errors).
+        max_cost: a budget in USD: once spent, no new item starts and the batch ends
+            with :class:`~llmbatch.failure.BatchFailed` (reason ``"fatal"``) carrying
+            what finished.
 
     Returns:
         A :class:`~llmbatch.failure.BatchResult` of :class:`Response`, in input order.
@@ -299,3 +369,67 @@ async def map(  # shadows builtins.map inside this module only: llmbatch.map is 
     finally:
         if owned:
             await provider.aclose()
+
+
+def imap(
+    template: str | Callable[[Any], Request | str],
+    items: Iterable[Any] | AsyncIterable[Any],
+    *,
+    model: str,
+    provider: Provider | None = None,
+    system: str | None = None,
+    max_tokens: int | None = None,
+    limits: Limits | None = None,
+    retry: RetryPolicy | None = None,
+    on_error: OnError | str | FailureStrategy = OnError.COLLECT,
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    max_cost: float | None = None,
+) -> BatchStream[Response]:
+    """Like :func:`map`, for inputs that do not fit in memory: outcomes as they finish.
+
+    Use it as ``async with llmbatch.imap(...) as outcomes: async for o in outcomes`` —
+    each :class:`~llmbatch.runner.Outcome` has the item's input ``index`` and its
+    Response or ItemError; nothing is kept once handed out.
+    """
+    owned = provider is None
+    if provider is None:
+        from llmbatch.providers.openai import OpenAIProvider
+
+        provider = OpenAIProvider()
+    client = LLMClient(
+        provider,
+        model=model,
+        max_tokens=max_tokens,
+        limits=limits,
+        retry=retry,
+        max_cost=max_cost,
+    )
+
+    async def one(item: Any) -> Response:
+        return await client.complete(build_request(template, item, system=system))
+
+    stream: BatchStream[Response] = stream_batch(
+        one, items, max_concurrency=max_concurrency, on_error=on_error
+    )
+    if owned:
+        stream.call_on_close(provider.aclose)
+    return stream
+
+
+def map_sync(
+    template: str | Callable[[Any], Request | str],
+    items: Iterable[Any],
+    **options: Any,
+) -> BatchResult[Response]:
+    """:func:`map` for synchronous code, Jupyter included.
+
+    Without a running event loop it uses ``asyncio.run``; inside one (a notebook cell) it
+    runs the batch on a fresh loop in a worker thread and waits for it, so it never
+    nests loops. Takes the same keyword arguments as :func:`map`.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(map(template, items, **options))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, map(template, items, **options)).result()

@@ -16,7 +16,8 @@
     ├── FatalError                     no item can succeed: stop the job, keep what finished
     │   ├── AuthenticationFailed       401/403: missing, wrong or revoked key
     │   ├── NotFound                   404: no such model or endpoint
-    │   └── QuotaExhausted             insufficient_quota and other billing errors
+    │   ├── QuotaExhausted             insufficient_quota and other billing errors
+    │   └── BudgetExhausted            the job's own max_cost was reached
     └── BatchFailed                    a batch was aborted (see llmbatch.failure)
 
 Every error carries what is known of its context: ``provider``, ``model``,
@@ -33,6 +34,7 @@ from typing import Any
 __all__ = [
     "AuthenticationFailed",
     "BadRequest",
+    "BudgetExhausted",
     "ConnectionFailed",
     "ContentFiltered",
     "ContextLengthExceeded",
@@ -192,3 +194,7 @@ class NotFound(FatalError):
 
 class QuotaExhausted(FatalError):
     """The account has no quota or credit left (``insufficient_quota`` and billing errors)."""
+
+
+class BudgetExhausted(FatalError):
+    """The job's ``max_cost`` is spent: no new item starts (those in flight finish)."""

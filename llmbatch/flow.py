@@ -48,6 +48,7 @@ __all__ = [
     "BatchFlow",
     "BatchNode",
     "Flow",
+    "LLMParallelBatchNode",
     "Node",
 ]
 
@@ -425,3 +426,19 @@ class AsyncParallelBatchFlow(_ParallelOptions, AsyncFlow, BatchFlow):
             run_one, prep_res, max_concurrency=self.max_concurrency, on_error=self.failure
         )
         return await self.post_async(shared, prep_res, None)
+
+
+class LLMParallelBatchNode(AsyncParallelBatchNode):
+    """A parallel batch node with an LLM client: ``await self.llm.complete(...)`` in
+    ``exec_async`` inherits the client's rate limits and retries, and the node's
+    ``max_concurrency`` and failure strategy.
+
+    Args:
+        llm: an :class:`~llmbatch.client.LLMClient`.
+        max_retries: node-level attempts per item (default 1: the client retries).
+        options: the other :class:`AsyncParallelBatchNode` arguments.
+    """
+
+    def __init__(self, llm: Any, max_retries: int = 1, **options: Any) -> None:
+        super().__init__(max_retries, **options)
+        self.llm = llm

@@ -809,19 +809,21 @@ def get_limiter(
     api_key: str | None = None,
     endpoint: str = "chat",
     limits: Limits | None = None,
+    default_limits: Limits | None = None,
 ) -> RateLimiter:
     """The shared limiter of one quota in the running event loop, created on first use.
 
     Every caller naming the same (provider, endpoint, key, model) gets the same object.
-    The first caller's *limits* configure it; a later caller passing different limits
-    gets a ``ValueError`` rather than a silently different quota.
+    The first caller's *limits* (else *default_limits*) configure it; a later caller
+    passing different explicit *limits* gets a ``ValueError`` rather than a silently
+    different quota, while *default_limits* never conflict.
     """
     loop = asyncio.get_running_loop()
     per_loop = _REGISTRY.setdefault(loop, {})
     key = (provider, endpoint, key_fingerprint(api_key), model)
     limiter = per_loop.get(key)
     if limiter is None:
-        limiter = RateLimiter(limits, name=f"{provider}/{model}")
+        limiter = RateLimiter(limits or default_limits, name=f"{provider}/{model}")
         per_loop[key] = limiter
     elif limits is not None and limits != limiter.limits:
         raise ValueError(

@@ -46,6 +46,8 @@ logger = structlog.get_logger("llmbatch.limits")
 # KEYS[1] = bucket hash, KEYS[2] = lease zset
 # ARGV = n, then per dimension (name, capacity, rate/s, amount, initial_fill, cushion),
 #        then max_concurrency (0 = none), lease id, lease seconds, key ttl
+# Returns {wait} when refused, else {0, then per dimension: available after, what was
+# outstanding (taken, not yet released) before, cumulative corrections, cumulative taken}.
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -82,8 +84,17 @@ end
 if wait ~= 0 then return {tostring(wait)} end
 local result = {'0'}
 for d = 1, n do
-  redis.call('HSET', key, names[d] .. ':level', levels[d] + amounts[d], names[d] .. ':ts', now)
-  result[d + 1] = tostring(caps[d] - levels[d] - amounts[d])
+  local name = names[d]
+  redis.call('HSET', key, name .. ':level', levels[d] + amounts[d], name .. ':ts', now)
+  local out_before = tonumber(redis.call('HGET', key, name .. ':out') or '0')
+  local adj = tonumber(redis.call('HGET', key, name .. ':adj') or '0')
+  local taken = tonumber(redis.call('HINCRBYFLOAT', key, name .. ':taken', amounts[d]))
+  redis.call('HINCRBYFLOAT', key, name .. ':out', amounts[d])
+  local j = (d - 1) * 4 + 2
+  result[j] = tostring(caps[d] - levels[d] - amounts[d])
+  result[j + 1] = tostring(out_before)
+  result[j + 2] = tostring(adj)
+  result[j + 3] = tostring(taken)
 end
 redis.call('EXPIRE', key, ttl)
 if maxc > 0 then
@@ -94,14 +105,17 @@ return result
 """
 
 # KEYS[1] = bucket hash
-# ARGV = mode, pause seconds, ttl, n, then per dimension
-#        (name, capacity, rate/s, fill, value, delta)
+# ARGV = mode, pause seconds, ttl, n, then per dimension (name, capacity, rate/s, fill,
+#        value, available_after, outstanding_before, adjusted_at, taken_at)
 # mode "add": level += value (negative: refund);
-# mode "observe": value = what the server says is left, delta = that minus what Redis
-#   had left right after the observed request was admitted. The first observation of a
-#   dimension adopts the server's level (up or down, by delta); later ones only drain:
-#   level >= capacity - value, which applying twice does not drain twice;
-# mode "empty": at least `pause` seconds of debt.
+# mode "observe": value = what the server says it has left right after admitting a
+#   request; the other four describe that request's permit. As in RateLimiter.observe:
+#   the difference with what Redis had left right after the permit, net of corrections
+#   since, lifts (minus what was outstanding before it, everywhere) or drains (minus what
+#   was taken after it); the first observation of a dimension always applies, later ones
+#   beyond a tolerance. Lifts wait out the settling time after a 429. Without a permit
+#   (available_after < 0) it only drains: level >= capacity - value;
+# mode "empty": at least `pause` seconds of debt, and lifts suspended for a while.
 _ADJUST = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -110,15 +124,20 @@ local mode, pause, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 if pause > 0 then
   local current = tonumber(redis.call('HGET', key, 'pause_until') or '0')
   redis.call('HSET', key, 'pause_until', math.max(current, now + pause))
+  local settle = tonumber(redis.call('HGET', key, 'settle_until') or '0')
+  redis.call('HSET', key, 'settle_until', math.max(settle, now + 2 * pause + 1))
 end
+local settle_until = tonumber(redis.call('HGET', key, 'settle_until') or '0')
 local n = tonumber(ARGV[4])
 local i = 5
 local result = {}
 for d = 1, n do
   local name = ARGV[i]
-  local cap, rate = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  local fill, value, delta = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
-  i = i + 6
+  local cap, rate, fill = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+  local value, after = tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
+  local out_before = tonumber(ARGV[i + 6])
+  local adj_at, taken_at = tonumber(ARGV[i + 7]), tonumber(ARGV[i + 8])
+  i = i + 9
   local level = tonumber(redis.call('HGET', key, name .. ':level'))
   local ts = tonumber(redis.call('HGET', key, name .. ':ts'))
   if level == nil or ts == nil then
@@ -126,25 +145,49 @@ for d = 1, n do
     ts = now
   end
   level = math.max(0, level - math.max(0, now - ts) * rate)
+  local new_level = level
   if mode == 'add' then
-    level = math.max(0, level + value)
-  elseif mode == 'observe' then
-    if redis.call('HSETNX', key, name .. ':synced', 1) == 1 then
-      level = math.max(0, level - delta)
-    else
-      level = math.max(level, cap - value)
-    end
+    new_level = math.max(0, level + value)
   elseif mode == 'empty' then
-    level = math.max(level, cap + pause * rate)
+    new_level = math.max(level, cap + pause * rate)
+  elseif mode == 'observe' and after < 0 then
+    new_level = math.max(level, cap - value)
+  elseif mode == 'observe' then
+    local adj_now = tonumber(redis.call('HGET', key, name .. ':adj') or '0')
+    local taken_now = tonumber(redis.call('HGET', key, name .. ':taken') or '0')
+    local delta = value - after + (adj_now - adj_at)
+    if delta > 0 then
+      delta = math.max(0, delta - out_before)
+      if now < settle_until then delta = 0 end
+    else
+      delta = math.min(0, delta + (taken_now - taken_at))
+    end
+    local first = redis.call('HSETNX', key, name .. ':synced', 1) == 1
+    if first or math.abs(delta) > 1 + cap * 0.01 then
+      new_level = math.max(0, level - delta)
+    end
   end
-  redis.call('HSET', key, name .. ':level', level, name .. ':ts', now)
-  result[d] = tostring(cap - level)
+  if mode ~= 'add' then
+    redis.call('HINCRBYFLOAT', key, name .. ':adj', new_level - level)
+  end
+  redis.call('HSET', key, name .. ':level', new_level, name .. ':ts', now)
+  result[d] = tostring(cap - new_level)
 end
 redis.call('EXPIRE', key, ttl)
 return result
 """
 
-_RELEASE = "return redis.call('ZREM', KEYS[1], ARGV[1])"
+# KEYS[1] = lease zset, KEYS[2] = bucket hash; ARGV = lease, n, then (name, amount)...
+_RELEASE = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+local n = tonumber(ARGV[2])
+for d = 1, n do
+  local name, amount = ARGV[1 + 2 * d], tonumber(ARGV[2 + 2 * d])
+  local out = tonumber(redis.call('HGET', KEYS[2], name .. ':out') or '0')
+  redis.call('HSET', KEYS[2], name .. ':out', math.max(0, out - amount))
+end
+return 1
+"""
 
 
 class RedisRateLimiter:
@@ -194,8 +237,8 @@ class RedisRateLimiter:
             f"llmbatch_redis_permit_{id(self)}", default=None
         )
         self._tasks: set[asyncio.Future[Any]] = set()
-        self._outstanding: dict[str, float] = {}
         self._turn = asyncio.Lock()
+        self._changed = asyncio.Event()
         self._io = asyncio.Semaphore(8)  # updates (observe, settle, release) in flight at most
         self._rng = random.Random()
         self._acquired = 0
@@ -255,12 +298,15 @@ class RedisRateLimiter:
         wait = float(reply[0])
         if wait != 0:
             return wait, None
-        after = {dim: float(value) for dim, value in zip(cost, reply[1:], strict=True)}
+        after: dict[str, float] = {}
+        outstanding: dict[str, float] = {}
+        adjusted: dict[str, float] = {}
+        taken: dict[str, float] = {}
+        for k, dim in enumerate(cost):
+            values = reply[1 + 4 * k : 5 + 4 * k]
+            after[dim], outstanding[dim], adjusted[dim], taken[dim] = map(float, values)
         self._available.update(after)
-        before = {dim: self._outstanding.get(dim, 0.0) for dim in cost}
-        for dim, amount in cost.items():
-            self._outstanding[dim] = self._outstanding.get(dim, 0.0) + amount
-        permit = Permit(self, cost, after, {}, before)
+        permit = Permit(self, cost, after, adjusted, outstanding, taken)
         self._leases_held[id(permit)] = lease
         self._acquired += 1
         self._in_flight += 1
@@ -289,7 +335,14 @@ class RedisRateLimiter:
                     if permit is not None:
                         break
                     delay = 0.02 if wait < 0 else min(wait, self._max_poll)
-                    await asyncio.sleep(delay * (1.0 + 0.02 * self._rng.random()))
+                    # Sleep until the bucket should fit, or until this process learns
+                    # something that may change that (a header lift, a release).
+                    self._changed.clear()
+                    try:
+                        async with asyncio.timeout(delay * (1.0 + 0.02 * self._rng.random())):
+                            await self._changed.wait()
+                    except TimeoutError:
+                        pass
         finally:
             self._waiting -= 1
         waited = loop.time() - started
@@ -300,11 +353,12 @@ class RedisRateLimiter:
     # Permit calls these two back.
     def _release(self, permit: Permit) -> None:
         self._in_flight -= 1
+        self._changed.set()
+        lease = self._leases_held.pop(id(permit), None) or ""
+        args: list[Any] = [lease, len(permit.cost)]
         for dim, amount in permit.cost.items():
-            self._outstanding[dim] = max(0.0, self._outstanding.get(dim, 0.0) - amount)
-        lease = self._leases_held.pop(id(permit), None)
-        if lease is not None and self.limits.max_concurrency:
-            self._spawn(self._call(self._release_script, [self._leases], [lease]))
+            args += [dim, amount]
+        self._spawn(self._call(self._release_script, [self._leases, self._key], args))
 
     def _settle(self, permit: Permit, actual: Mapping[str, float]) -> None:
         delta: dict[str, float] = {}
@@ -339,19 +393,20 @@ class RedisRateLimiter:
         mode: str,
         values: Mapping[str, float],
         pause: float = 0.0,
-        deltas: Mapping[str, float] | None = None,
+        permit: Permit | None = None,
     ) -> dict[str, float]:
         args: list[Any] = [mode, pause, self._ttl, len(values)]
         for dim, value in values.items():
-            delta = (deltas or {}).get(dim, 0.0)
-            args += [
-                dim,
-                self._capacity[dim],
-                self._rates[dim],
-                self.limits.initial_fill,
-                value,
-                delta,
-            ]
+            args += [dim, self._capacity[dim], self._rates[dim], self.limits.initial_fill, value]
+            if permit is not None and dim in permit.available_after:
+                args += [
+                    permit.available_after[dim],
+                    permit.outstanding_before.get(dim, 0.0),
+                    permit.adjusted_at.get(dim, 0.0),
+                    permit.taken_at.get(dim, 0.0),
+                ]
+            else:
+                args += [-1, 0, 0, 0]
         reply = await self._call(self._adjust_script, [self._key], args)
         after = {dim: float(v) for dim, v in zip(values, reply, strict=True)}
         self._available.update(after)
@@ -360,28 +415,19 @@ class RedisRateLimiter:
     async def observe(
         self, headers: Mapping[str, str] | RateLimitHeaders, permit: Permit | None = None
     ) -> None:
-        """Correct the shared buckets from a response's headers.
-
-        The first headers seen for a dimension (by any process) set the shared level to
-        the server's, up or down; later ones only drain it to what the server has left.
+        """Correct the shared buckets from a response's headers, as
+        :meth:`RateLimiter.observe <llmbatch.limits.RateLimiter.observe>` does, with the
+        bookkeeping (outstanding, taken, corrections) kept in Redis for every process.
         """
         info = headers if isinstance(headers, RateLimitHeaders) else RateLimitHeaders.parse(headers)
         left = {d: float(v) for d, v in info.remaining.items() if d in self._capacity}
         if left:
             before = dict(self._available)
-            deltas = {
-                # Lifts exclude what this process's earlier permits, still in flight,
-                # may not have spent at the server yet (other processes' are unknown;
-                # the cushion absorbs them).
-                d: min(
-                    v - permit.available_after[d],
-                    max(0.0, v - permit.available_after[d] - permit.outstanding_before.get(d, 0)),
-                )
-                for d, v in left.items()
-                if permit is not None and d in permit.available_after
-            }
-            after = await self._adjust("observe", left, deltas=deltas)
-            self._corrections += sum(1 for d in after if after[d] < before.get(d, after[d]) - 1)
+            after = await self._adjust("observe", left, permit=permit)
+            self._corrections += sum(
+                1 for d in after if abs(after[d] - before.get(d, after[d])) > 1
+            )
+            self._changed.set()  # a lift may let the waiting head through now
 
     async def on_rate_limited(
         self, retry_after: float | None = None, *, dimension: str | None = None

@@ -96,6 +96,7 @@ class Response:
         attempts: how many attempts the call needed.
         parsed: the JSON-decoded text when the request asked for JSON.
         key: the item's key, copied from the request.
+        cost: the price of the call in USD, when the model's prices are known.
         headers: the response headers (rate-limit feedback), not part of equality.
     """
 
@@ -108,4 +109,5 @@ class Response:
     attempts: int = 1
     parsed: Any = None
     key: str | None = None
+    cost: float | None = None
     headers: Mapping[str, str] = field(default_factory=lambda: _EMPTY, compare=False, repr=False)

@@ -302,6 +302,11 @@ class BatchStream(Generic[T]):
         self._queue = queue
         self._task: asyncio.Task[None] | None = None
         self._done = False
+        self._on_close: list[Callable[[], Awaitable[None]]] = []
+
+    def call_on_close(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Await *callback* once the stream is closed (e.g. to release a client)."""
+        self._on_close.append(callback)
 
     async def _supervise(self) -> None:
         try:
@@ -357,6 +362,9 @@ class BatchStream(Generic[T]):
             except BaseException:
                 # The outcome was already delivered (or is no longer wanted).
                 pass
+        callbacks, self._on_close = self._on_close, []
+        for callback in callbacks:
+            await callback()
 
 
 def stream_batch(

@@ -180,3 +180,73 @@ async def test_map_against_the_simulator_with_faults(clock: FakeClock) -> None:
     assert 0 == stats.duplicates
     assert {} == dict(stats.rate_limited)
     assert stats.requests == sum(r.attempts for r in result.ok)
+
+
+async def test_usage_cost_and_budget_stop(clock: FakeClock) -> None:
+    """Costs come from the model's prices; once max_cost is spent the batch stops as a
+    fatal error, keeping what finished."""
+    from llmbatch.config import ModelProfile
+
+    profile = ModelProfile(provider="fake", model="m", input_price=1000.0, output_price=1000.0)
+    provider = FakeProvider(lambda request: "x" * 400)  # 100 output tokens
+    client = LLMClient(
+        provider, model="m", profiles={"fake/m": profile}, max_cost=0.5, sleep=clock.sleep
+    )
+    first = await client.complete("hello there")  # 2 + 100 tokens at $1000/M
+    assert 0.102 == pytest.approx(first.cost)
+    with pytest.raises(BatchFailed) as info:
+        await client.map([Request.from_prompt(f"item {i}") for i in range(50)], max_concurrency=1)
+    assert "BudgetExhausted" == info.value.error.error_type
+    assert info.value.result is not None
+    stats = client.statistics()
+    assert 5 == stats.succeeded  # 0.102 x 5 = 0.51: the sixth call never starts
+    assert stats.cost is not None
+    assert stats.cost >= 0.5
+
+
+async def test_imap_streams_outcomes_with_their_index(clock: FakeClock) -> None:
+    """llmbatch.imap yields one outcome per item as it finishes, errors included."""
+    from llmbatch.client import imap
+
+    outcomes = []
+    async with imap("{item}", ["a", " ", "c"], model="m", provider=FakeProvider(echo)) as stream:
+        async for outcome in stream:
+            outcomes.append(outcome)
+    assert [0, 1, 2] == sorted(o.index for o in outcomes)
+    assert [1] == [o.index for o in outcomes if not o.ok]
+
+
+def test_map_sync_outside_and_inside_a_running_loop() -> None:
+    """map_sync works from plain code and from inside a running loop (a notebook)."""
+    import asyncio
+
+    from llmbatch.client import map_sync
+
+    plain = map_sync("{item}", ["x", "y"], model="m", provider=FakeProvider(echo))
+    assert ["echo: x", "echo: y"] == [r.text for r in plain.ok]
+
+    async def notebook_cell() -> list[str]:
+        result = map_sync("{item}", ["z"], model="m", provider=FakeProvider(echo))
+        return [r.text for r in result.ok]
+
+    assert ["echo: z"] == asyncio.run(notebook_cell())
+
+
+async def test_llm_parallel_batch_node_uses_the_client(clock: FakeClock) -> None:
+    """A ready LLM node: exec_async calls self.llm; order and failure policy apply."""
+    from llmbatch.flow import LLMParallelBatchNode
+
+    class Shout(LLMParallelBatchNode):
+        async def prep_async(self, shared: dict[str, Any]) -> list[str]:
+            return list(shared["words"])
+
+        async def exec_async(self, word: str) -> str:
+            return str((await self.llm.complete(word)).text).upper()
+
+        async def post_async(self, shared: dict[str, Any], prep_res: Any, exec_res: Any) -> None:
+            shared["out"] = exec_res
+
+    node = Shout(LLMClient(FakeProvider(echo), model="m"), on_error="collect")
+    shared: dict[str, Any] = {"words": ["a", "b", "c"]}
+    await node.run_async(shared)
+    assert ["ECHO: A", "ECHO: B", "ECHO: C"] == shared["out"]

@@ -417,6 +417,11 @@ async def test_registry_shares_one_limiter_per_quota(clock: FakeClock) -> None:
     assert a is not get_limiter("openai", "gpt-4o", api_key="sk-secret-1")
     with pytest.raises(ValueError, match="already has limits"):
         get_limiter("openai", "gpt-4o-mini", api_key="sk-secret-1", limits=Limits(rpm=20))
+    # defaults (a model profile's) only apply when the limiter is created
+    same = get_limiter(
+        "openai", "gpt-4o-mini", api_key="sk-secret-1", default_limits=Limits(rpm=99)
+    )
+    assert (a, 10) == (same, same.limits.rpm)
     assert "sk-secret" not in repr(a)
 
 

@@ -1,0 +1,173 @@
+"""Provider/model profiles: limits, prices and the batch discount, per model.
+
+A :class:`ModelProfile` says how fast a model may be called (:class:`~llmbatch.limits.Limits`)
+and what it costs (US dollars per million input, cached-input and output tokens). Built-in
+profiles cover common models with conservative first-tier limits; a model without one gets
+``Limits.auto()`` (learned from the provider's headers) and no price.
+
+Override or add profiles in ``llmbatch.toml`` (the working directory's, or the file named
+by ``LLMBATCH_CONFIG``)::
+
+    [models."openai/gpt-4o-mini"]
+    rpm = 5000
+    tpm = 2000000
+    max_concurrency = 128
+    input_price = 0.15      # USD per 1M input tokens
+    output_price = 0.60
+
+API keys are never read from this file: only from the environment or an explicit argument.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from llmbatch.limits import Limits
+from llmbatch.models import Usage
+
+__all__ = ["BUILTIN_PROFILES", "ModelProfile", "load_profiles", "profile_for"]
+
+_LIMIT_FIELDS = {f.name for f in fields(Limits)}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelProfile:
+    """How to call one model, and what it costs.
+
+    Args:
+        provider: ``"openai"``, ``"anthropic"``, ``"local"``...
+        model: the model name.
+        limits: the rate limits to pace at.
+        input_price: USD per million input tokens (``None``: unknown).
+        output_price: USD per million output tokens.
+        cached_input_price: USD per million cached input tokens (default: input price).
+        batch_discount: the Batch API's discount (0.5 = half price).
+    """
+
+    provider: str
+    model: str
+    limits: Limits = field(default_factory=Limits.auto)
+    input_price: float | None = None
+    output_price: float | None = None
+    cached_input_price: float | None = None
+    batch_discount: float = 0.5
+
+    def cost(self, usage: Usage, *, batch: bool = False) -> float | None:
+        """The price of *usage* in USD, or ``None`` when the prices are unknown."""
+        if self.input_price is None or self.output_price is None:
+            return None
+        cached_price = (
+            self.cached_input_price if self.cached_input_price is not None else self.input_price
+        )
+        uncached = max(0, usage.input_tokens - usage.cached_tokens)
+        total = (
+            uncached * self.input_price
+            + usage.cached_tokens * cached_price
+            + usage.output_tokens * self.output_price
+        ) / 1_000_000
+        return total * (1 - self.batch_discount) if batch else total
+
+
+def _profile(provider: str, model: str, prices: tuple[float, float], **limits: Any) -> ModelProfile:
+    return ModelProfile(
+        provider=provider,
+        model=model,
+        limits=Limits(**limits),
+        input_price=prices[0],
+        output_price=prices[1],
+    )
+
+
+#: Conservative defaults (first usage tier; list prices in USD per 1M tokens, late 2026).
+#: Your account's real limits arrive in the response headers and correct these downward.
+BUILTIN_PROFILES: Mapping[str, ModelProfile] = {
+    f"{p.provider}/{p.model}": p
+    for p in (
+        _profile("openai", "gpt-4o-mini", (0.15, 0.60), rpm=500, tpm=200_000),
+        _profile("openai", "gpt-4o", (2.50, 10.00), rpm=500, tpm=30_000),
+        _profile("openai", "gpt-4.1-mini", (0.40, 1.60), rpm=500, tpm=200_000),
+        _profile("openai", "gpt-4.1", (2.00, 8.00), rpm=500, tpm=30_000),
+        _profile(
+            "anthropic",
+            "claude-haiku-4-5",
+            (1.00, 5.00),
+            rpm=50,
+            input_tpm=50_000,
+            output_tpm=10_000,
+        ),
+        _profile(
+            "anthropic",
+            "claude-sonnet-4-5",
+            (3.00, 15.00),
+            rpm=50,
+            input_tpm=30_000,
+            output_tpm=8_000,
+        ),
+        ModelProfile(
+            provider="local",
+            model="SmolLM2-135M-Instruct",
+            limits=Limits(max_concurrency=1),
+            input_price=0.0,
+            output_price=0.0,
+        ),
+    )
+}
+
+
+def _from_table(name: str, table: Mapping[str, Any], base: ModelProfile | None) -> ModelProfile:
+    provider, _, model = name.partition("/")
+    if not model:
+        raise ValueError(f"llmbatch.toml: model names are 'provider/model', not {name!r}")
+    unknown = (
+        set(table)
+        - _LIMIT_FIELDS
+        - {"input_price", "output_price", "cached_input_price", "batch_discount"}
+    )
+    if unknown:
+        raise ValueError(f"llmbatch.toml: unknown settings for {name!r}: {sorted(unknown)}")
+    profile = base or ModelProfile(provider=provider, model=model)
+    limit_changes = {k: v for k, v in table.items() if k in _LIMIT_FIELDS}
+    if limit_changes:
+        start = profile.limits if base is not None else Limits()
+        profile = replace(profile, limits=start.copy(**limit_changes))
+    price_changes: dict[str, Any] = {
+        k: float(v) for k, v in table.items() if k not in _LIMIT_FIELDS
+    }
+    return replace(profile, **price_changes)
+
+
+def load_profiles(path: str | Path | None = None) -> dict[str, ModelProfile]:
+    """The built-in profiles, overridden by the TOML file.
+
+    Args:
+        path: the file (default: ``$LLMBATCH_CONFIG``, else ``./llmbatch.toml`` if present).
+
+    Raises:
+        ValueError: the file has unknown settings, a bad model name, or bad limits.
+    """
+    profiles = dict(BUILTIN_PROFILES)
+    chosen = path or os.environ.get("LLMBATCH_CONFIG")
+    file = Path(chosen) if chosen else Path("llmbatch.toml")
+    if not file.is_file():
+        if chosen:
+            raise ValueError(f"configuration file not found: {file}")
+        return profiles
+    with file.open("rb") as f:
+        data = tomllib.load(f)
+    for name, table in (data.get("models") or {}).items():
+        profiles[name] = _from_table(name, table, profiles.get(name))
+    return profiles
+
+
+def profile_for(
+    provider: str, model: str, *, profiles: Mapping[str, ModelProfile] | None = None
+) -> ModelProfile:
+    """The profile of *provider*/*model*, or an unpriced ``Limits.auto()`` one."""
+    table = load_profiles() if profiles is None else profiles
+    found = table.get(f"{provider}/{model}")
+    return found or ModelProfile(provider=provider, model=model)
