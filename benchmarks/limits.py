@@ -49,7 +49,7 @@ from rich.table import Table
 from llmbatch import run_batch
 from llmbatch.limits import Limits, RateLimiter
 from llmbatch.testing._content import estimate_tokens
-from llmbatch.tokens import admission_estimate
+from llmbatch.tokens import admission_estimate, openai_admission_estimate
 
 MODEL = "gpt-4o-mini"
 MAX_TOKENS = 128
@@ -118,7 +118,7 @@ async def llmbatch_run(root: str, items: range, limits: Limits, limiter: Any = N
 
         async def one(i: int) -> str:
             msgs = messages(i)
-            cost = admission_estimate(msgs, MODEL) + MAX_TOKENS
+            cost = openai_admission_estimate(msgs) + MAX_TOKENS
             for attempt in range(8):
                 permit = await limiter.acquire(tokens=cost)
                 try:

@@ -47,6 +47,7 @@ __all__ = [
     "count_text",
     "encoding_for_model",
     "get_encoding",
+    "openai_admission_estimate",
 ]
 
 logger = structlog.get_logger("llmbatch.tokens")
@@ -209,3 +210,21 @@ def admission_estimate(messages: Iterable[Mapping[str, Any]], model: str | None 
     chars = sum(len(_text_of(m.get("content"))) for m in messages)
     by_chars = math.ceil(chars / 4) + _TOKENS_PER_MESSAGE * len(messages) + _REPLY_PRIMING
     return max(counted, by_chars)
+
+
+#: per-message overhead of a characters-based estimate: the role and the separators
+#: (``<|im_start|>{role}\n{content}<|im_end|>\n``), as OpenAI's cookbook counted it
+_CHARS_MESSAGE_OVERHEAD = 4
+
+
+def openai_admission_estimate(messages: Iterable[Mapping[str, Any]]) -> int:
+    """Prompt tokens as OpenAI's rate limiter charges them at admission.
+
+    OpenAI documents that estimate as "based on the character count of your request",
+    not on the tokenizer: about four characters per token, here plus the per-message
+    overhead. It can differ from the tokenizer's count either way; what matters for
+    pacing is to charge what the server charges. Header feedback corrects the rest.
+    """
+    messages = list(messages)
+    chars = sum(len(_text_of(m.get("content"))) for m in messages)
+    return math.ceil(chars / 4) + _CHARS_MESSAGE_OVERHEAD * len(messages)

@@ -18,6 +18,7 @@ from llmbatch.tokens import (
     count_text,
     encoding_for_model,
     get_encoding,
+    openai_admission_estimate,
 )
 
 
@@ -137,3 +138,21 @@ def test_count_text_treats_special_tokens_as_text() -> None:
 def test_admission_estimate_never_undercounts_characters(content: str, expected: int) -> None:
     """The admission estimate is the larger of the tokenizer count and characters/4."""
     assert expected == admission_estimate([{"role": "user", "content": content}], "gpt-4o")
+
+
+@pytest.mark.parametrize(
+    ("messages", "expected"),
+    [
+        ([{"role": "user", "content": "hello world"}], 3 + 4),  # ceil(11/4) + 4
+        (
+            [{"role": "system", "content": "a" * 40}, {"role": "user", "content": "b" * 41}],
+            10 + 11 + 8,
+        ),
+        ([{"role": "user", "content": [{"type": "text", "text": "abcd"}]}], 1 + 4),
+    ],
+)
+def test_openai_admission_estimate_is_character_based(
+    messages: list[dict[str, Any]], expected: int
+) -> None:
+    """OpenAI's admission charge is estimated from characters (4 per token) per message."""
+    assert expected == openai_admission_estimate(messages)

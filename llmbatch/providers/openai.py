@@ -54,7 +54,7 @@ from llmbatch.limits import key_fingerprint, parse_go_duration
 from llmbatch.models import Request, Response, Usage
 from llmbatch.providers.base import Admission
 from llmbatch.retry import parse_retry_after
-from llmbatch.tokens import admission_estimate
+from llmbatch.tokens import openai_admission_estimate
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
@@ -218,9 +218,13 @@ class OpenAIProvider:
             await self._client.close()
 
     def admission(self, request: Request, model: str) -> Admission:
-        """OpenAI's rule: prompt estimate + max_tokens x n tokens, and one request."""
+        """OpenAI's rule: prompt estimate + max_tokens x n tokens, and one request.
+
+        The prompt estimate is character-based, as OpenAI documents its own
+        (:func:`~llmbatch.tokens.openai_admission_estimate`).
+        """
         max_tokens = request.max_tokens or DEFAULT_MAX_TOKENS
-        prompt = admission_estimate(request.messages, model)
+        prompt = openai_admission_estimate(request.messages)
         return Admission(requests=1, tokens=prompt + max_tokens * request.n)
 
     async def complete(self, request: Request) -> Response:
