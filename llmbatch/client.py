@@ -29,7 +29,7 @@ import structlog
 
 from llmbatch.config import ModelProfile, load_profiles, profile_for
 from llmbatch.errors import BudgetExhausted, LLMBatchError, RateLimited
-from llmbatch.failure import BatchResult, FailureStrategy, OnError
+from llmbatch.failure import BatchResult, FailureStrategy, ItemError, OnError
 from llmbatch.limits import Limits, get_limiter
 from llmbatch.models import Request, Response, Usage
 from llmbatch.providers.base import Provider
@@ -321,6 +321,7 @@ async def map(  # shadows builtins.map inside this module only: llmbatch.map is 
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
     key: Callable[[Any], str | None] | None = None,
     max_cost: float | None = None,
+    on_result: Callable[[int, Response | ItemError], None] | None = None,
 ) -> BatchResult[Response]:
     """Answer one prompt per item, in one call.
 
@@ -342,6 +343,8 @@ async def map(  # shadows builtins.map inside this module only: llmbatch.map is 
         max_cost: a budget in USD: once spent, no new item starts and the batch ends
             with :class:`~llmbatch.failure.BatchFailed` (reason ``"fatal"``) carrying
             what finished.
+        on_result: called with ``(index, Response or ItemError)`` as each item
+            finishes; persist there to keep finished work across a Ctrl-C.
 
     Returns:
         A :class:`~llmbatch.failure.BatchResult` of :class:`Response`, in input order.
@@ -364,7 +367,12 @@ async def map(  # shadows builtins.map inside this module only: llmbatch.map is 
 
     try:
         return await run_batch(
-            one, items, max_concurrency=max_concurrency, on_error=on_error, key=key
+            one,
+            items,
+            max_concurrency=max_concurrency,
+            on_error=on_error,
+            key=key,
+            on_result=on_result,
         )
     finally:
         if owned:

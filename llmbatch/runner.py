@@ -110,6 +110,7 @@ class _Batch(Generic[ItemT, T]):
         strategy: FailureStrategy,
         key: Callable[[ItemT], str | None] | None,
         queue: asyncio.Queue[Any] | None,
+        on_result: Callable[[int, Any], None] | None = None,
     ) -> None:
         if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int):
             raise TypeError(f"max_concurrency must be an int, not {max_concurrency!r}")
@@ -117,6 +118,7 @@ class _Batch(Generic[ItemT, T]):
             raise ValueError(f"max_concurrency must be >= 1, not {max_concurrency!r}")
         self._fn = fn
         self._key = key
+        self._on_result = on_result
         self._strategy = strategy
         self._queue = queue
         self._results: list[Any] | None = [] if queue is None else None
@@ -190,6 +192,8 @@ class _Batch(Generic[ItemT, T]):
                 self._failed += 1
                 if results is not None:
                     results[index] = error
+                if self._on_result is not None:
+                    self._on_result(index, error)
                 elif queue is not None:
                     await queue.put(Outcome(index, error))
                 reason = "fatal" if is_fatal(exc) else None
@@ -214,6 +218,8 @@ class _Batch(Generic[ItemT, T]):
                 self._finished += 1
                 if results is not None:
                     results[index] = value
+                if self._on_result is not None:
+                    self._on_result(index, value)
                 elif queue is not None:
                     await queue.put(Outcome(index, value))
 
@@ -259,6 +265,7 @@ async def run_batch(
     max_failures: int | None = None,
     max_failure_rate: float | None = None,
     key: Callable[[ItemT], str | None] | None = None,
+    on_result: Callable[[int, T | ItemError], None] | None = None,
 ) -> BatchResult[T]:
     """Run ``await fn(item)`` for every item, at most *max_concurrency* at once.
 
@@ -271,6 +278,9 @@ async def run_batch(
         max_failures: abort a collect/skip batch when more items than this failed.
         max_failure_rate: abort a collect/skip batch when the failed share exceeds this.
         key: a function giving each item's key, recorded on its :class:`ItemError`.
+        on_result: called with ``(index, value or ItemError)`` as each item finishes:
+            a place to persist results, so that work done before a Ctrl-C or a crash
+            is kept (the returned result is lost when the call is cancelled).
 
     Returns:
         The results in input order, failures in place as :class:`ItemError`.
@@ -282,7 +292,13 @@ async def run_batch(
         on_error, max_failures=max_failures, max_failure_rate=max_failure_rate
     )
     batch = _Batch(
-        fn, items, max_concurrency=max_concurrency, strategy=strategy, key=key, queue=None
+        fn,
+        items,
+        max_concurrency=max_concurrency,
+        strategy=strategy,
+        key=key,
+        queue=None,
+        on_result=on_result,
     )
     await batch.run()
     return batch.result()

@@ -250,3 +250,37 @@ async def test_llm_parallel_batch_node_uses_the_client(clock: FakeClock) -> None
     shared: dict[str, Any] = {"words": ["a", "b", "c"]}
     await node.run_async(shared)
     assert ["ECHO: A", "ECHO: B", "ECHO: C"] == shared["out"]
+
+
+async def test_cancelling_map_keeps_what_on_result_saw_and_leaves_no_task() -> None:
+    """Ctrl-C (a cancelled task): items that finished were handed to on_result; nothing
+    keeps running afterwards."""
+    import asyncio
+
+    saved: dict[int, Any] = {}
+    gate = asyncio.Event()
+    stuck = asyncio.Event()
+
+    async def handler(request: Request) -> str:
+        if request.messages[-1]["content"] == "item 3":
+            stuck.set()
+            await gate.wait()  # stuck until cancelled
+        return echo(request)
+
+    task = asyncio.create_task(
+        llm_map(
+            "item {item}",
+            range(10),
+            model="m",
+            provider=FakeProvider(handler),
+            max_concurrency=1,
+            on_result=saved.__setitem__,
+        )
+    )
+    await stuck.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert [0, 1, 2] == sorted(saved)
+    assert all(isinstance(saved[i], Response) for i in saved)
+    assert {asyncio.current_task()} == asyncio.all_tasks()

@@ -341,3 +341,17 @@ async def test_stream_break_cancels_and_pulls_only_what_it_needs() -> None:
                 break
     assert pulled <= 10 + 4 + 4 + 1  # consumed + in flight + queued + one being pulled
     assert {asyncio.current_task()} == asyncio.all_tasks()
+
+
+async def test_on_result_sees_every_item_as_it_finishes() -> None:
+    """on_result receives (index, value or ItemError) for every finished item."""
+    seen: list[tuple[int, object]] = []
+    result = await run_batch(
+        Probe(),
+        range(6),
+        max_concurrency=2,
+        on_error="collect",
+        on_result=lambda i, v: seen.append((i, v)),
+    )
+    assert sorted(i for i, _ in seen) == list(range(6))
+    assert dict(seen) == dict(enumerate(result.results))
