@@ -15,11 +15,15 @@ by ``LLMBATCH_CONFIG``)::
     input_price = 0.15      # USD per 1M input tokens
     output_price = 0.60
 
+The environment variable ``LLMBATCH_PROFILES`` overrides both, with the same settings
+as JSON: ``LLMBATCH_PROFILES='{"openai/gpt-4o-mini": {"rpm": 5000}}'``.
+
 API keys are never read from this file: only from the environment or an explicit argument.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -142,7 +146,7 @@ def _from_table(name: str, table: Mapping[str, Any], base: ModelProfile | None) 
 
 
 def load_profiles(path: str | Path | None = None) -> dict[str, ModelProfile]:
-    """The built-in profiles, overridden by the TOML file.
+    """The built-in profiles, overridden by the TOML file, then by ``LLMBATCH_PROFILES``.
 
     Args:
         path: the file (default: ``$LLMBATCH_CONFIG``, else ``./llmbatch.toml`` if present).
@@ -153,14 +157,23 @@ def load_profiles(path: str | Path | None = None) -> dict[str, ModelProfile]:
     profiles = dict(BUILTIN_PROFILES)
     chosen = path or os.environ.get("LLMBATCH_CONFIG")
     file = Path(chosen) if chosen else Path("llmbatch.toml")
-    if not file.is_file():
-        if chosen:
-            raise ValueError(f"configuration file not found: {file}")
-        return profiles
-    with file.open("rb") as f:
-        data = tomllib.load(f)
-    for name, table in (data.get("models") or {}).items():
-        profiles[name] = _from_table(name, table, profiles.get(name))
+    if file.is_file():
+        with file.open("rb") as f:
+            data = tomllib.load(f)
+        for name, table in (data.get("models") or {}).items():
+            profiles[name] = _from_table(name, table, profiles.get(name))
+    elif chosen:
+        raise ValueError(f"configuration file not found: {file}")
+    overrides = os.environ.get("LLMBATCH_PROFILES")
+    if overrides:
+        try:
+            tables = json.loads(overrides)
+        except ValueError as exc:
+            raise ValueError(f"LLMBATCH_PROFILES is not valid JSON: {exc}") from None
+        if not isinstance(tables, dict):
+            raise ValueError("LLMBATCH_PROFILES must be a JSON object of model settings")
+        for name, table in tables.items():
+            profiles[name] = _from_table(name, table, profiles.get(name))
     return profiles
 
 

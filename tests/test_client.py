@@ -180,6 +180,9 @@ async def test_map_against_the_simulator_with_faults(clock: FakeClock) -> None:
     assert 0 == stats.duplicates
     assert {} == dict(stats.rate_limited)
     assert stats.requests == sum(r.attempts for r in result.ok)
+    # priced by the built-in gpt-4o-mini profile: $0.15 / $0.60 per million tokens
+    expected = sum(r.usage.input_tokens * 0.15 + r.usage.output_tokens * 0.60 for r in result.ok)
+    assert expected / 1e6 == pytest.approx(sum(r.cost or 0.0 for r in result.ok))
 
 
 async def test_usage_cost_and_budget_stop(clock: FakeClock) -> None:

@@ -85,3 +85,15 @@ def test_config_file_from_the_environment(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("LLMBATCH_CONFIG", str(tmp_path / "missing.toml"))
     with pytest.raises(ValueError, match="configuration file not found"):
         load_profiles()
+
+
+def test_environment_json_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LLMBATCH_PROFILES (JSON) overrides the file and the built-ins; bad JSON is an error."""
+    config = tmp_path / "llmbatch.toml"
+    config.write_text('[models."openai/gpt-4o"]\nrpm = 7\n')
+    monkeypatch.setenv("LLMBATCH_PROFILES", '{"openai/gpt-4o": {"rpm": 9, "output_price": 1}}')
+    profile = load_profiles(config)["openai/gpt-4o"]
+    assert (9, 1.0, 2.5) == (profile.limits.rpm, profile.output_price, profile.input_price)
+    monkeypatch.setenv("LLMBATCH_PROFILES", "{rpm: 9")
+    with pytest.raises(ValueError, match="LLMBATCH_PROFILES is not valid JSON"):
+        load_profiles(config)
