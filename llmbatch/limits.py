@@ -720,11 +720,13 @@ class RateLimiter:
                     delta = min(delta, 0.0)  # without a permit, only ever drain
             if delta > 0 and self._loop_time() < self._settle_until:
                 delta = 0.0  # after a 429, trust the cooldown over older headers
-            tolerance = 1.0 + bucket.max_rate * 0.01
+            # Lifts are already bounded by what is certain: any whole unit counts. Drains
+            # allow for rounding and refill noise.
+            tolerance = 0.5 if delta > 0 else 1.0 + bucket.max_rate * 0.01
             first = dim not in self._synced
             self._synced.add(dim)
             if not first and abs(delta) <= tolerance:
-                continue  # rounding and refill noise
+                continue
             self._adjust(bucket, delta)
             self._corrections += 1
             logger.debug(

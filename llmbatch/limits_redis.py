@@ -163,7 +163,9 @@ for d = 1, n do
       delta = math.min(0, delta + (taken_now - taken_at))
     end
     local first = redis.call('HSETNX', key, name .. ':synced', 1) == 1
-    if first or math.abs(delta) > 1 + cap * 0.01 then
+    local tolerance = 1 + cap * 0.01
+    if delta > 0 then tolerance = 0.5 end
+    if first or math.abs(delta) > tolerance then
       new_level = math.max(0, level - delta)
     end
   end
