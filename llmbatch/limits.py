@@ -57,6 +57,7 @@ __all__ = [
     "key_fingerprint",
     "parse_go_duration",
     "parse_reset",
+    "send_lag",
 ]
 
 logger = structlog.get_logger("llmbatch.limits")
@@ -328,6 +329,7 @@ class Permit:
         "_limiter",
         "_released",
         "_settled",
+        "acquired_at",
         "adjusted_at",
         "available_after",
         "cost",
@@ -345,6 +347,7 @@ class Permit:
         outstanding_before: dict[str, float] | None = None,
         taken_at: dict[str, float] | None = None,
         units: dict[str, float] | None = None,
+        acquired_at: float | None = None,
     ) -> None:
         self._limiter = limiter
         self.cost = cost
@@ -359,6 +362,8 @@ class Permit:
         self.taken_at = taken_at or {}
         #: what the request asked for, by unit (requests, tokens...), bucket or not
         self.units = units or {}
+        #: the event loop's time when the permit was taken
+        self.acquired_at = acquired_at
         self._released = False
         self._settled = False
 
@@ -418,6 +423,25 @@ class LimiterStatistics:
     learned: tuple[str, ...]
     available: dict[str, float]
     capacity: dict[str, float]
+
+
+def send_lag(permit: Permit, headers: Mapping[str, str], now: float) -> float:
+    """Seconds between taking *permit* and the server admitting its request (an upper
+    bound): the time to the response minus the server's own processing time
+    (``openai-processing-ms``), or the whole time to the response when unknown."""
+    if permit.acquired_at is None:
+        return 0.0
+    elapsed = max(0.0, now - permit.acquired_at)
+    processing = None
+    for name, value in headers.items():
+        if name.lower() == "openai-processing-ms":
+            try:
+                processing = float(value) / 1000
+            except ValueError:
+                processing = None
+    if processing is None or not math.isfinite(processing) or processing < 0:
+        return elapsed
+    return max(0.0, elapsed - processing)
 
 
 _CURRENT_PERMIT: contextvars.ContextVar[Permit | None] = contextvars.ContextVar(
@@ -545,7 +569,7 @@ class RateLimiter:
         taken = {dim: self._taken[dim] for dim in cost}
         for unit, amount in units.items():
             self._outstanding_units[unit] += amount
-        return Permit(self, cost, after, adjusted, outstanding, taken, units)
+        return Permit(self, cost, after, adjusted, outstanding, taken, units, self._loop_time())
 
     async def acquire(
         self,
@@ -667,7 +691,11 @@ class RateLimiter:
         is corrected once, however many responses report it. With ``Limits.learn`` a limit
         the server reports is adopted or updated.
         """
-        info = headers if isinstance(headers, RateLimitHeaders) else RateLimitHeaders.parse(headers)
+        headers_map: Mapping[str, str] = {}
+        if isinstance(headers, RateLimitHeaders):
+            info = headers
+        else:
+            info, headers_map = RateLimitHeaders.parse(headers), headers
         if not info:
             return
         for dim, limit in info.limits.items():
@@ -697,9 +725,13 @@ class RateLimiter:
                 delta = server_left - permit.available_after[dim] + already
                 if delta > 0:
                     # Earlier permits still in flight may reach the server after this
-                    # one: its count may not include them yet. Never lift by more than
-                    # what is certain.
-                    delta = max(0.0, delta - permit.outstanding_before.get(dim, 0.0))
+                    # one: its count may not include them yet. And the server refilled
+                    # between our acquire and its admission, as our bucket did since:
+                    # that refill must not count twice. Never lift by more than what is
+                    # certain.
+                    refill = bucket.rate * send_lag(permit, headers_map, self._loop_time())
+                    uncertain = permit.outstanding_before.get(dim, 0.0) + refill
+                    delta = max(0.0, delta - uncertain)
                 else:
                     # Later permits may have reached the server before this one: its
                     # count may include them already. Drain only what they cannot explain.

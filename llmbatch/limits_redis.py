@@ -34,7 +34,14 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from llmbatch.errors import RequestTooLarge
-from llmbatch.limits import _DIMENSIONS, LimiterStatistics, Limits, Permit, RateLimitHeaders
+from llmbatch.limits import (
+    _DIMENSIONS,
+    LimiterStatistics,
+    Limits,
+    Permit,
+    RateLimitHeaders,
+    send_lag,
+)
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -308,7 +315,8 @@ class RedisRateLimiter:
             values = reply[1 + 4 * k : 5 + 4 * k]
             after[dim], outstanding[dim], adjusted[dim], taken[dim] = map(float, values)
         self._available.update(after)
-        permit = Permit(self, cost, after, adjusted, outstanding, taken)
+        loop_time = asyncio.get_running_loop().time()
+        permit = Permit(self, cost, after, adjusted, outstanding, taken, None, loop_time)
         self._leases_held[id(permit)] = lease
         self._acquired += 1
         self._in_flight += 1
@@ -396,6 +404,7 @@ class RedisRateLimiter:
         values: Mapping[str, float],
         pause: float = 0.0,
         permit: Permit | None = None,
+        lag: float = 0.0,
     ) -> dict[str, float]:
         args: list[Any] = [mode, pause, self._ttl, len(values)]
         for dim, value in values.items():
@@ -403,7 +412,8 @@ class RedisRateLimiter:
             if permit is not None and dim in permit.available_after:
                 args += [
                     permit.available_after[dim],
-                    permit.outstanding_before.get(dim, 0.0),
+                    # what may not have reached the server yet, and its refill meanwhile
+                    permit.outstanding_before.get(dim, 0.0) + self._rates[dim] * lag,
                     permit.adjusted_at.get(dim, 0.0),
                     permit.taken_at.get(dim, 0.0),
                 ]
@@ -425,7 +435,10 @@ class RedisRateLimiter:
         left = {d: float(v) for d, v in info.remaining.items() if d in self._capacity}
         if left:
             before = dict(self._available)
-            after = await self._adjust("observe", left, permit=permit)
+            lag = 0.0
+            if permit is not None and not isinstance(headers, RateLimitHeaders):
+                lag = send_lag(permit, headers, asyncio.get_running_loop().time())
+            after = await self._adjust("observe", left, permit=permit, lag=lag)
             self._corrections += sum(
                 1 for d in after if abs(after[d] - before.get(d, after[d])) > 1
             )

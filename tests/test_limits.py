@@ -12,6 +12,7 @@ import pytest
 from llmbatch.flow import AsyncParallelBatchNode
 from llmbatch.limits import (
     Limits,
+    Permit,
     RateLimiter,
     RateLimitHeaders,
     RequestTooLarge,
@@ -19,6 +20,7 @@ from llmbatch.limits import (
     key_fingerprint,
     parse_go_duration,
     parse_reset,
+    send_lag,
 )
 from llmbatch.testing.clock import FakeClock
 
@@ -441,3 +443,41 @@ async def test_repr_and_statistics(clock: FakeClock) -> None:
     with pytest.raises(AttributeError):
         stats.acquired = 5  # type: ignore[misc]
     permit.release()
+
+
+@pytest.mark.parametrize(
+    ("processing_ms", "expected"),
+    [
+        ("1000", 510.0),  # admitted as soon as acquired: no refill to discount
+        ("900", 509.0),  # admitted 0.1 s after acquire: 1 unit of server refill discounted
+        (None, 500.0),  # unknown processing time: the whole second counts as send lag
+    ],
+)
+async def test_lift_excludes_refill_during_the_send_lag(
+    clock: FakeClock, processing_ms: str | None, expected: float
+) -> None:
+    """The server refilled between our acquire and its admission, as our bucket did since:
+    a lift never counts that refill twice."""
+    limiter = RateLimiter(Limits(rpm=600, reserve=0.0))  # half full: 300
+    permit = await limiter.acquire()  # 299 left after it
+    await asyncio.sleep(1.0)  # the response arrives a second later; we refilled 10 (309)
+    headers = openai_headers(500, 0, tpm=1)  # the server had 201 more than we believed
+    if processing_ms is not None:
+        headers["openai-processing-ms"] = processing_ms
+    limiter.observe(headers, permit)
+    assert expected == pytest.approx(limiter.statistics().available["rpm"], abs=0.01)
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"openai-processing-ms": "900"}, 0.1),
+        ({"OpenAI-Processing-Ms": "1500"}, 0.0),  # never negative
+        ({"openai-processing-ms": "soon"}, 1.0),
+        ({}, 1.0),
+    ],
+)
+def test_send_lag(headers: dict[str, str], expected: float) -> None:
+    """The send lag is the time to the response minus the server's processing time."""
+    permit = Permit(RateLimiter.__new__(RateLimiter), {}, {}, {}, acquired_at=100.0)
+    assert expected == pytest.approx(send_lag(permit, headers, now=101.0))

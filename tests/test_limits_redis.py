@@ -181,7 +181,7 @@ async def test_first_headers_raise_a_half_full_start_later_ones_by_what_is_certa
     assert second is not None
     await shared.observe({"x-ratelimit-remaining-requests": "600"}, second)
     # 600 left after the second means the first had not reached the server: 599 is true
-    assert 599 == pytest.approx(shared.statistics().available["rpm"], abs=0.1)
+    assert 599 == pytest.approx(shared.statistics().available["rpm"], abs=0.5)
 
 
 async def test_shared_bucket_keeps_its_cushion(redis: Redis) -> None:

@@ -360,7 +360,7 @@ class Simulator:
 
     async def _serve(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         """Steps 1-8 of the module docstring for one request."""
-        started = time.perf_counter()
+        started = self._clock()
         recorder = self._recorder
         recorder.requests += 1
         token = f"{self._id_prefix}{next(self._ids):010x}"
@@ -477,11 +477,10 @@ class Simulator:
         await response.write_eof()
         return response
 
-    @staticmethod
-    def _stamp(endpoint: Endpoint, headers: dict[str, str], started: float) -> None:
-        """Add ``openai-processing-ms`` (OpenAI endpoints only)."""
+    def _stamp(self, endpoint: Endpoint, headers: dict[str, str], started: float) -> None:
+        """Add ``openai-processing-ms`` (OpenAI endpoints only), on the simulator's clock."""
         if endpoint.provider == "openai":
-            headers["openai-processing-ms"] = str(int((time.perf_counter() - started) * 1000))
+            headers["openai-processing-ms"] = str(int((self._clock() - started) * 1000))
 
     def _authenticate(self, request: web.Request, endpoint: Endpoint) -> str:
         headers = request.headers
