@@ -22,8 +22,7 @@ import concurrent.futures
 import string
 from collections.abc import AsyncIterable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import structlog
 
@@ -32,7 +31,7 @@ from llmbatch.errors import BudgetExhausted, LLMBatchError, RateLimited
 from llmbatch.failure import BatchResult, FailureStrategy, ItemError, OnError
 from llmbatch.limits import Limits, get_limiter
 from llmbatch.models import Request, Response, Usage
-from llmbatch.providers.base import Provider
+from llmbatch.providers.base import AsyncClosing, Provider
 from llmbatch.retry import RetryLog, RetryPolicy, wait_retry_after
 from llmbatch.runner import (
     DEFAULT_MAX_CONCURRENCY,
@@ -88,7 +87,7 @@ def build_request(
     return Request.from_prompt(prompt, system=system, **options)
 
 
-class LLMClient:
+class LLMClient(AsyncClosing):
     """Calls a provider within its limits, with retries and a failure policy.
 
     Args:
@@ -153,15 +152,8 @@ class LLMClient:
     def __repr__(self) -> str:
         return f"<LLMClient {self.provider!r} model={self.model!r}>"
 
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def aclose(self) -> None:
+        """Close the provider."""
         await self.provider.aclose()
 
     def profile(self, model: str) -> ModelProfile:

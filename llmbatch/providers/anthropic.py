@@ -22,8 +22,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 try:
     import anthropic
@@ -47,7 +46,7 @@ from llmbatch.errors import (
 )
 from llmbatch.limits import key_fingerprint
 from llmbatch.models import Request, Response, Usage
-from llmbatch.providers.base import Admission
+from llmbatch.providers.base import Admission, AsyncClosing
 from llmbatch.retry import parse_retry_after
 from llmbatch.tokens import admission_estimate
 
@@ -118,7 +117,7 @@ def classify_anthropic_error(
     raise exc
 
 
-class AnthropicProvider:
+class AnthropicProvider(AsyncClosing):
     """Messages through the official ``anthropic`` client (``max_retries=0``).
 
     A ``system`` message of the request becomes Anthropic's ``system`` parameter.
@@ -152,17 +151,6 @@ class AnthropicProvider:
 
     def __repr__(self) -> str:
         return f"<AnthropicProvider {self.name} {self._client.base_url}>"
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Close the SDK client."""

@@ -7,12 +7,31 @@ from typing import Protocol, Self, runtime_checkable
 
 from llmbatch.models import Request, Response
 
-__all__ = ["Admission", "Provider"]
+__all__ = ["Admission", "AsyncClosing", "Provider"]
 
 
 class Admission(dict[str, float]):
     """What a request costs at admission, by unit: ``requests``, ``tokens``,
     ``input_tokens``, ``output_tokens`` (the limiter's ``acquire`` keywords)."""
+
+
+class AsyncClosing:
+    """``async with obj:`` for anything with an async ``aclose()``: returns the object,
+    and closes it on the way out (providers and clients inherit this)."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Release what the object holds."""
 
 
 @runtime_checkable

@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable
-from types import TracebackType
-from typing import Self
 
 from llmbatch.models import Request, Response, Usage
-from llmbatch.providers.base import Admission
+from llmbatch.providers.base import Admission, AsyncClosing
 
 __all__ = ["FakeProvider"]
 
 Handler = Callable[[Request], "str | Response | Awaitable[str | Response]"]
 
 
-class FakeProvider:
+class FakeProvider(AsyncClosing):
     """A provider answering with ``handler(request)``; counts its calls in ``calls``."""
 
     def __init__(self, handler: Handler, *, name: str = "fake") -> None:
@@ -37,17 +35,6 @@ class FakeProvider:
 
     def __repr__(self) -> str:
         return f"<FakeProvider {self.name} calls={len(self.calls)}>"
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Nothing to release."""

@@ -17,12 +17,11 @@ import asyncio
 import importlib.util
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from llmbatch.errors import BadRequest, ContextLengthExceeded, LLMBatchError
 from llmbatch.models import Request, Response, Usage
-from llmbatch.providers.base import Admission
+from llmbatch.providers.base import Admission, AsyncClosing
 
 __all__ = ["DEFAULT_MODEL", "LocalProvider", "default_model_path", "local_model_available"]
 
@@ -59,7 +58,7 @@ def local_model_available() -> bool:
     return True
 
 
-class LocalProvider:
+class LocalProvider(AsyncClosing):
     """Chat completions from a GGUF model in this process (default: SmolLM2-135M).
 
     Args:
@@ -89,17 +88,6 @@ class LocalProvider:
     def __repr__(self) -> str:
         state = "loaded" if self._llama is not None else "not loaded"
         return f"<LocalProvider {self.model_path.name} {state}>"
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Free the model."""

@@ -31,8 +31,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import openai
 
@@ -52,7 +51,7 @@ from llmbatch.errors import (
 )
 from llmbatch.limits import key_fingerprint, parse_go_duration
 from llmbatch.models import Request, Response, Usage
-from llmbatch.providers.base import Admission
+from llmbatch.providers.base import Admission, AsyncClosing
 from llmbatch.retry import parse_retry_after
 from llmbatch.tokens import openai_admission_estimate
 
@@ -165,7 +164,7 @@ def classify_openai_error(
     raise exc
 
 
-class OpenAIProvider:
+class OpenAIProvider(AsyncClosing):
     """Chat completions through the official ``openai`` client (any compatible server).
 
     The SDK client is built with ``max_retries=0``: llmbatch's retry layer is the only
@@ -200,17 +199,6 @@ class OpenAIProvider:
 
     def __repr__(self) -> str:
         return f"<OpenAIProvider {self.name} {self._client.base_url}>"
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Close the SDK client if this provider created it."""
