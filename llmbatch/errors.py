@@ -21,9 +21,10 @@
     └── BatchFailed                    a batch was aborted (see llmbatch.failure)
 
 Every error carries what is known of its context: ``provider``, ``model``,
-``status_code``, ``request_id``, ``retry_after`` (seconds), ``item_key`` and
-``attempt``. None of them ever holds an API key: messages that came from a provider are
-scrubbed of anything that looks like one (:func:`redact`).
+``status_code``, ``request_id``, ``retry_after`` (seconds), ``item_key``, ``attempt``
+and ``key_hint`` (the key's last four characters, :func:`key_hint`). None of them ever
+holds an API key: messages that came from a provider are scrubbed of anything that looks
+like one (:func:`redact`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ __all__ = [
     "RequestTooLarge",
     "Timeout",
     "TransientError",
+    "key_hint",
     "redact",
 ]
 
@@ -58,6 +60,12 @@ _SECRET = re.compile(r"\b(sk-(?:ant-|proj-)?|Bearer\s+)[A-Za-z0-9_\-]{8,}([A-Za-
 def redact(text: str) -> str:
     """*text* with anything shaped like an API key reduced to ``sk-…abcd``."""
     return _SECRET.sub(lambda m: f"{m.group(1)}…{m.group(2)}", text)
+
+
+def key_hint(api_key: str | None) -> str:
+    """The only part of a key ever shown: ``…`` and its last four characters."""
+    key = api_key or ""
+    return f"…{key[-4:]}" if len(key) >= 8 else "…"
 
 
 class LLMBatchError(Exception):
@@ -72,6 +80,7 @@ class LLMBatchError(Exception):
         retry_after: seconds the provider asked us to wait.
         item_key: the key of the item being processed.
         attempt: the attempt number (from 1) that failed.
+        key_hint: which API key, as :func:`key_hint` shows it.
     """
 
     def __init__(
@@ -85,6 +94,7 @@ class LLMBatchError(Exception):
         retry_after: float | None = None,
         item_key: str | None = None,
         attempt: int | None = None,
+        key_hint: str | None = None,
     ) -> None:
         self.message = redact(message)
         self.provider = provider
@@ -94,22 +104,29 @@ class LLMBatchError(Exception):
         self.retry_after = retry_after
         self.item_key = item_key
         self.attempt = attempt
+        self.key_hint = key_hint
         super().__init__(self.message)
 
     def context(self) -> dict[str, Any]:
         """The known context as a dict (for logs and error records)."""
-        fields = ("provider", "model", "status_code", "request_id", "retry_after", "item_key")
-        return {
-            name: getattr(self, name)
-            for name in (*fields, "attempt")
-            if getattr(self, name) is not None
-        }
+        fields = (
+            "provider",
+            "model",
+            "status_code",
+            "request_id",
+            "retry_after",
+            "item_key",
+            "attempt",
+            "key_hint",
+        )
+        return {name: getattr(self, name) for name in fields if getattr(self, name) is not None}
 
     def __str__(self) -> str:
         where = "/".join(p for p in (self.provider, self.model) if p)
         status = f" (HTTP {self.status_code})" if self.status_code is not None else ""
         prefix = f"{where}{status}: " if where or status else ""
-        return f"{prefix}{self.message}"
+        key = f" [key {self.key_hint}]" if self.key_hint else ""
+        return f"{prefix}{self.message}{key}"
 
 
 class TransientError(LLMBatchError):

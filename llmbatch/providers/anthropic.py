@@ -36,13 +36,13 @@ from llmbatch.errors import (
     BadRequest,
     ConnectionFailed,
     ContextLengthExceeded,
-    FatalError,
     LLMBatchError,
     NotFound,
     ProviderUnavailable,
     QuotaExhausted,
     RateLimited,
     Timeout,
+    key_hint,
 )
 from llmbatch.limits import key_fingerprint
 from llmbatch.models import Request, Response, Usage
@@ -147,7 +147,7 @@ class AnthropicProvider(AsyncClosing):
         self.reserve_output = reserve_output
         key = self._client.api_key or ""
         self.quota_key = key_fingerprint(key) + "@" + str(self._client.base_url)
-        self.key_hint = f"…{key[-4:]}" if len(key) >= 8 else "…"
+        self.key_hint = key_hint(key)
 
     def __repr__(self) -> str:
         return f"<AnthropicProvider {self.name} {self._client.base_url}>"
@@ -189,9 +189,7 @@ class AnthropicProvider(AsyncClosing):
             message = await raw.parse()
         except (anthropic.AnthropicError, json.JSONDecodeError) as exc:
             error = classify_anthropic_error(exc, provider=self.name, model=model)
-            if isinstance(error, FatalError):
-                error.message += f" [key {self.key_hint}]"
-                error.args = (error.message,)
+            error.key_hint = self.key_hint
             raise error from exc
         text = "".join(getattr(block, "text", "") for block in message.content)
         return Response(

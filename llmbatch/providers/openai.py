@@ -41,13 +41,13 @@ from llmbatch.errors import (
     ConnectionFailed,
     ContentFiltered,
     ContextLengthExceeded,
-    FatalError,
     LLMBatchError,
     NotFound,
     ProviderUnavailable,
     QuotaExhausted,
     RateLimited,
     Timeout,
+    key_hint,
 )
 from llmbatch.limits import key_fingerprint, parse_go_duration
 from llmbatch.models import Request, Response, Usage
@@ -195,7 +195,7 @@ class OpenAIProvider(AsyncClosing):
         self.quota_key = key_fingerprint(self._client.api_key) + "@" + str(self._client.base_url)
         key = self._client.api_key or ""
         #: the last four characters of the key, the only part ever shown
-        self.key_hint = f"…{key[-4:]}" if len(key) >= 8 else "…"
+        self.key_hint = key_hint(key)
 
     def __repr__(self) -> str:
         return f"<OpenAIProvider {self.name} {self._client.base_url}>"
@@ -236,9 +236,7 @@ class OpenAIProvider(AsyncClosing):
             completion = raw.parse()
         except (openai.OpenAIError, json.JSONDecodeError) as exc:
             error = classify_openai_error(exc, provider=self.name, model=model)
-            if isinstance(error, FatalError):
-                error.message += f" [key {self.key_hint}]"
-                error.args = (error.message,)
+            error.key_hint = self.key_hint
             raise error from exc
         latency = time.monotonic() - started
         choice = completion.choices[0] if completion.choices else None
