@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import string
-from collections.abc import AsyncIterable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -299,6 +299,44 @@ def _request_key(request: Request) -> str | None:
     return request.key
 
 
+def _item_answerer(
+    template: str | Callable[[Any], Request | str],
+    *,
+    provider: Provider | None,
+    model: str,
+    system: str | None,
+    max_tokens: int | None,
+    limits: Limits | None,
+    retry: RetryPolicy | None,
+    max_cost: float | None,
+    key: Callable[[Any], str | None] | None,
+) -> tuple[Provider, bool, Callable[[Any], Awaitable[Response]]]:
+    """What :func:`map` and :func:`imap` share: the provider (OpenAI from the environment
+    when none is given; ``owned`` says the caller must close it) and the per-item call."""
+    owned = provider is None
+    if provider is None:
+        from llmbatch.providers.openai import OpenAIProvider
+
+        provider = OpenAIProvider()
+    client = LLMClient(
+        provider,
+        model=model,
+        max_tokens=max_tokens,
+        limits=limits,
+        retry=retry,
+        max_cost=max_cost,
+    )
+
+    async def one(item: Any) -> Response:
+        request = build_request(template, item, system=system)
+        item_key = key(item) if key is not None else None
+        if item_key is not None and request.key is None:
+            request = replace(request, key=item_key)
+        return await client.complete(request)
+
+    return provider, owned, one
+
+
 async def map(  # shadows builtins.map inside this module only: llmbatch.map is the API
     template: str | Callable[[Any], Request | str],
     items: Iterable[Any] | AsyncIterable[Any],
@@ -343,20 +381,17 @@ async def map(  # shadows builtins.map inside this module only: llmbatch.map is 
         A prompt that cannot be built (empty document, missing field) is that item's
         error, not the batch's.
     """
-    owned = provider is None
-    if provider is None:
-        from llmbatch.providers.openai import OpenAIProvider
-
-        provider = OpenAIProvider()
-    client = LLMClient(provider, model=model, max_tokens=max_tokens, limits=limits, retry=retry)
-
-    async def one(item: Any) -> Response:
-        request = build_request(template, item, system=system)
-        item_key = key(item) if key is not None else None
-        if item_key is not None and request.key is None:
-            request = replace(request, key=item_key)
-        return await client.complete(request)
-
+    provider, owned, one = _item_answerer(
+        template,
+        provider=provider,
+        model=model,
+        system=system,
+        max_tokens=max_tokens,
+        limits=limits,
+        retry=retry,
+        max_cost=max_cost,
+        key=key,
+    )
     try:
         return await run_batch(
             one,
@@ -383,6 +418,7 @@ def imap(
     retry: RetryPolicy | None = None,
     on_error: OnError | str | FailureStrategy = OnError.COLLECT,
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    key: Callable[[Any], str | None] | None = None,
     max_cost: float | None = None,
 ) -> BatchStream[Response]:
     """Like :func:`map`, for inputs that do not fit in memory: outcomes as they finish.
@@ -391,25 +427,19 @@ def imap(
     each :class:`~llmbatch.runner.Outcome` has the item's input ``index`` and its
     Response or ItemError; nothing is kept once handed out.
     """
-    owned = provider is None
-    if provider is None:
-        from llmbatch.providers.openai import OpenAIProvider
-
-        provider = OpenAIProvider()
-    client = LLMClient(
-        provider,
+    provider, owned, one = _item_answerer(
+        template,
+        provider=provider,
         model=model,
+        system=system,
         max_tokens=max_tokens,
         limits=limits,
         retry=retry,
         max_cost=max_cost,
+        key=key,
     )
-
-    async def one(item: Any) -> Response:
-        return await client.complete(build_request(template, item, system=system))
-
     stream: BatchStream[Response] = stream_batch(
-        one, items, max_concurrency=max_concurrency, on_error=on_error
+        one, items, max_concurrency=max_concurrency, on_error=on_error, key=key
     )
     if owned:
         stream.call_on_close(provider.aclose)

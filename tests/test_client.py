@@ -287,3 +287,22 @@ async def test_cancelling_map_keeps_what_on_result_saw_and_leaves_no_task() -> N
     assert [0, 1, 2] == sorted(saved)
     assert all(isinstance(saved[i], Response) for i in saved)
     assert {asyncio.current_task()} == asyncio.all_tasks()
+
+
+async def test_map_honours_max_cost(clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """llmbatch.map passes max_cost on: the batch stops once the budget is spent."""
+    monkeypatch.setenv(
+        "LLMBATCH_PROFILES", '{"fake/m": {"input_price": 1000, "output_price": 1000}}'
+    )
+    provider = FakeProvider(lambda request: "x" * 400)  # ~0.101 USD per call at these prices
+    with pytest.raises(BatchFailed) as info:
+        await llm_map(
+            "item {item}",
+            range(50),
+            model="m",
+            provider=provider,
+            max_cost=0.3,
+            max_concurrency=1,
+        )
+    assert "BudgetExhausted" == info.value.error.error_type
+    assert 3 == len(provider.calls)  # 0.101 x 3 >= 0.3: the fourth never starts
