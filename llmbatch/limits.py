@@ -195,12 +195,14 @@ class RateLimitHeaders:
 
     ``limits``, ``remaining`` and ``resets`` map a dimension (``"rpm"``, ``"tpm"``,
     ``"input_tpm"``, ``"output_tpm"``) to the limit, the units left and the seconds
-    until the bucket is full again.
+    until the bucket is full again; ``processing`` is the server's own handling time in
+    seconds (``openai-processing-ms``), when it says.
     """
 
     limits: dict[str, int] = field(default_factory=dict)
     remaining: dict[str, int] = field(default_factory=dict)
     resets: dict[str, float] = field(default_factory=dict)
+    processing: float | None = None
 
     _NAMES: ClassVar[dict[str, str]] = {
         # OpenAI
@@ -231,7 +233,8 @@ class RateLimitHeaders:
                 reset = parse_reset(reset_text, now=now)
                 if reset is not None:
                     resets[dimension] = reset
-        return cls(limits, remaining, resets)
+        ms = _int(lower.get("openai-processing-ms"))
+        return cls(limits, remaining, resets, None if ms is None else ms / 1000)
 
     def __bool__(self) -> bool:
         return bool(self.limits or self.remaining)
@@ -425,23 +428,14 @@ class LimiterStatistics:
     capacity: dict[str, float]
 
 
-def send_lag(permit: Permit, headers: Mapping[str, str], now: float) -> float:
+def send_lag(permit: Permit, processing: float | None, now: float) -> float:
     """Seconds between taking *permit* and the server admitting its request (an upper
-    bound): the time to the response minus the server's own processing time
-    (``openai-processing-ms``), or the whole time to the response when unknown."""
+    bound): the time to the response minus the server's own *processing* time
+    (``RateLimitHeaders.processing``), or the whole time to the response when unknown."""
     if permit.acquired_at is None:
         return 0.0
     elapsed = max(0.0, now - permit.acquired_at)
-    processing = None
-    for name, value in headers.items():
-        if name.lower() == "openai-processing-ms":
-            try:
-                processing = float(value) / 1000
-            except ValueError:
-                processing = None
-    if processing is None or not math.isfinite(processing) or processing < 0:
-        return elapsed
-    return max(0.0, elapsed - processing)
+    return elapsed if processing is None else max(0.0, elapsed - processing)
 
 
 _CURRENT_PERMIT: contextvars.ContextVar[Permit | None] = contextvars.ContextVar(
@@ -691,11 +685,7 @@ class RateLimiter:
         is corrected once, however many responses report it. With ``Limits.learn`` a limit
         the server reports is adopted or updated.
         """
-        headers_map: Mapping[str, str] = {}
-        if isinstance(headers, RateLimitHeaders):
-            info = headers
-        else:
-            info, headers_map = RateLimitHeaders.parse(headers), headers
+        info = headers if isinstance(headers, RateLimitHeaders) else RateLimitHeaders.parse(headers)
         if not info:
             return
         for dim, limit in info.limits.items():
@@ -729,7 +719,7 @@ class RateLimiter:
                     # between our acquire and its admission, as our bucket did since:
                     # that refill must not count twice. Never lift by more than what is
                     # certain.
-                    refill = bucket.rate * send_lag(permit, headers_map, self._loop_time())
+                    refill = bucket.rate * send_lag(permit, info.processing, self._loop_time())
                     uncertain = permit.outstanding_before.get(dim, 0.0) + refill
                     delta = max(0.0, delta - uncertain)
                 else:

@@ -436,8 +436,8 @@ class RedisRateLimiter:
         if left:
             before = dict(self._available)
             lag = 0.0
-            if permit is not None and not isinstance(headers, RateLimitHeaders):
-                lag = send_lag(permit, headers, asyncio.get_running_loop().time())
+            if permit is not None:
+                lag = send_lag(permit, info.processing, asyncio.get_running_loop().time())
             after = await self._adjust("observe", left, permit=permit, lag=lag)
             self._corrections += sum(
                 1 for d in after if abs(after[d] - before.get(d, after[d])) > 1

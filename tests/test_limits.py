@@ -480,4 +480,5 @@ async def test_lift_excludes_refill_during_the_send_lag(
 def test_send_lag(headers: dict[str, str], expected: float) -> None:
     """The send lag is the time to the response minus the server's processing time."""
     permit = Permit(RateLimiter.__new__(RateLimiter), {}, {}, {}, acquired_at=100.0)
-    assert expected == pytest.approx(send_lag(permit, headers, now=101.0))
+    processing = RateLimitHeaders.parse(headers).processing
+    assert expected == pytest.approx(send_lag(permit, processing, now=101.0))
