@@ -268,13 +268,11 @@ class LLMClient(AsyncClosing):
             observed = limiter.observe(response.headers, permit)
             if asyncio.iscoroutine(observed):
                 await observed
-        usage = response.usage
+        actual = self.provider.settlement(request, response)
         permit.settle(
-            tokens=usage.input_tokens + (request.max_tokens or 0) * request.n
-            if request.max_tokens
-            else None,
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
+            tokens=actual.get("tokens"),
+            input_tokens=actual.get("input_tokens"),
+            output_tokens=actual.get("output_tokens"),
         )
         return response
 

@@ -376,9 +376,9 @@ class Permit:
     def settle(
         self,
         *,
-        tokens: int | None = None,
-        input_tokens: int | None = None,
-        output_tokens: int | None = None,
+        tokens: float | None = None,
+        input_tokens: float | None = None,
+        output_tokens: float | None = None,
     ) -> None:
         """Record the actual usage: charge what was under-reserved, refund (if allowed) the rest."""
         if self._settled:

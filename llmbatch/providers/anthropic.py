@@ -166,6 +166,12 @@ class AnthropicProvider(AsyncClosing):
             output_tokens=output,
         )
 
+    def settlement(self, request: Request, response: Response) -> Admission:
+        """Anthropic counts actual input and output tokens."""
+        return Admission(
+            input_tokens=response.usage.input_tokens, output_tokens=response.usage.output_tokens
+        )
+
     async def complete(self, request: Request) -> Response:
         """One message; errors come out as :mod:`llmbatch.errors` exceptions."""
         model = request.model

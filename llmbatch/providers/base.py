@@ -55,6 +55,11 @@ class Provider(Protocol):
         """What *request* costs against the provider's rate limits when it is admitted."""
         ...
 
+    def settlement(self, request: Request, response: Response) -> Admission:
+        """What the call finally cost against the limits, by the provider's own rule
+        (units left out are not settled)."""
+        ...
+
     async def aclose(self) -> None:
         """Release connections."""
         ...

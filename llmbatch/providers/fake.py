@@ -44,6 +44,10 @@ class FakeProvider(AsyncClosing):
         chars = sum(len(str(m.get("content", ""))) for m in request.messages)
         return Admission(requests=1, tokens=chars // 4 + (request.max_tokens or 0))
 
+    def settlement(self, request: Request, response: Response) -> Admission:
+        """Nothing to settle: the admission cost is final."""
+        return Admission()
+
     async def complete(self, request: Request) -> Response:
         """Call the handler (awaiting it if needed) and wrap text into a Response."""
         self.calls.append(request)

@@ -112,6 +112,10 @@ class LocalProvider(AsyncClosing):
             verbose=False,
         )
 
+    def settlement(self, request: Request, response: Response) -> Admission:
+        """Nothing to settle: the admission cost is final."""
+        return Admission()
+
     async def complete(self, request: Request) -> Response:
         """One chat completion, run on a worker thread, one at a time."""
         params: dict[str, Any] = {

@@ -215,6 +215,12 @@ class OpenAIProvider(AsyncClosing):
         prompt = openai_admission_estimate(request.messages)
         return Admission(requests=1, tokens=prompt + max_tokens * request.n)
 
+    def settlement(self, request: Request, response: Response) -> Admission:
+        """OpenAI keeps the output reservation: the final charge is the prompt as
+        counted plus max_tokens x n, whatever the answer's length."""
+        max_tokens = request.max_tokens or DEFAULT_MAX_TOKENS
+        return Admission(tokens=response.usage.input_tokens + max_tokens * request.n)
+
     async def complete(self, request: Request) -> Response:
         """One chat completion; errors come out as :mod:`llmbatch.errors` exceptions."""
         model = request.model
