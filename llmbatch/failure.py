@@ -24,7 +24,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from llmbatch.errors import FatalError, LLMBatchError
 
@@ -201,63 +201,43 @@ class FailureCounts:
 
 
 class FailureStrategy:
-    """Base of the failure strategies: decides whether a failure aborts the batch."""
+    """Base of the failure strategies: decides whether a failure aborts the batch.
+
+    Strategies are small frozen values (equal when their settings are equal).
+    """
 
     __slots__ = ()
-    on_error: OnError
+    on_error: ClassVar[OnError]
 
     def __call__(self, error: ItemError, counts: FailureCounts) -> str | None:
         """Return the abort reason, or ``None`` to keep going."""
         raise NotImplementedError
 
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields())
-        return f"{type(self).__name__}({fields})"
 
-    def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and all(
-            getattr(self, name) == getattr(other, name) for name in self._fields()
-        )
-
-    def __hash__(self) -> int:
-        return hash((type(self), *(getattr(self, name) for name in self._fields())))
-
-    def _fields(self) -> tuple[str, ...]:
-        return ()
-
-
+@dataclass(frozen=True, slots=True)
 class FailFast(FailureStrategy):
     """Abort the batch at the first failure."""
 
-    __slots__ = ()
-    on_error = OnError.FAIL_FAST
+    on_error: ClassVar[OnError] = OnError.FAIL_FAST
 
     def __call__(self, error: ItemError, counts: FailureCounts) -> str | None:
         return "fail_fast"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class _Tolerant(FailureStrategy):
-    __slots__ = ("max_failure_rate", "max_failures", "min_items_for_rate")
+    max_failures: int | None = None
+    max_failure_rate: float | None = None
+    min_items_for_rate: int = 20
 
-    def __init__(
-        self,
-        *,
-        max_failures: int | None = None,
-        max_failure_rate: float | None = None,
-        min_items_for_rate: int = 20,
-    ) -> None:
-        if max_failures is not None and max_failures < 0:
-            raise ValueError(f"max_failures must be >= 0, not {max_failures!r}")
-        if max_failure_rate is not None and not 0.0 <= max_failure_rate <= 1.0:
-            raise ValueError(f"max_failure_rate must be within [0, 1], not {max_failure_rate!r}")
-        if min_items_for_rate < 1:
-            raise ValueError(f"min_items_for_rate must be >= 1, not {min_items_for_rate!r}")
-        self.max_failures = max_failures
-        self.max_failure_rate = max_failure_rate
-        self.min_items_for_rate = min_items_for_rate
-
-    def _fields(self) -> tuple[str, ...]:
-        return ("max_failures", "max_failure_rate", "min_items_for_rate")
+    def __post_init__(self) -> None:
+        if self.max_failures is not None and self.max_failures < 0:
+            raise ValueError(f"max_failures must be >= 0, not {self.max_failures!r}")
+        rate = self.max_failure_rate
+        if rate is not None and not 0.0 <= rate <= 1.0:
+            raise ValueError(f"max_failure_rate must be within [0, 1], not {rate!r}")
+        if self.min_items_for_rate < 1:
+            raise ValueError(f"min_items_for_rate must be >= 1, not {self.min_items_for_rate!r}")
 
     def __call__(self, error: ItemError, counts: FailureCounts) -> str | None:
         if self.max_failures is not None and counts.failed > self.max_failures:
@@ -275,14 +255,14 @@ class CollectErrors(_Tolerant):
     """Run every item; failures stay in place as ItemError records."""
 
     __slots__ = ()
-    on_error = OnError.COLLECT
+    on_error: ClassVar[OnError] = OnError.COLLECT
 
 
 class Skip(_Tolerant):
     """Run every item; hand on the successes only and report the skipped ones."""
 
     __slots__ = ()
-    on_error = OnError.SKIP
+    on_error: ClassVar[OnError] = OnError.SKIP
 
 
 def failure_strategy(

@@ -12,6 +12,7 @@ from llmbatch.failure import (
     CollectErrors,
     FailFast,
     FailureCounts,
+    FailureStrategy,
     ItemError,
     OnError,
     Skip,
@@ -97,7 +98,8 @@ def test_strategy_repr_and_hash() -> None:
     )
     assert "FailFast()" == repr(FailFast())
     assert len({Skip(), Skip(), CollectErrors()}) == 2
-    assert Skip() != CollectErrors()
+    skip: FailureStrategy = Skip()
+    assert skip != CollectErrors()  # same settings, different strategies
 
 
 def test_item_error_from_exception_and_to_dict() -> None:
