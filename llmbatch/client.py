@@ -143,6 +143,7 @@ class LLMClient(AsyncClosing):
         self._sleep = sleep
         self.retry_log = RetryLog()
         self._profiles = dict(profiles) if profiles is not None else load_profiles()
+        self._limiters: dict[str, tuple[asyncio.AbstractEventLoop, Any]] = {}
         self.max_cost = max_cost
         self._succeeded = 0
         self._failed = 0
@@ -164,13 +165,19 @@ class LLMClient(AsyncClosing):
         """The limiter this client uses for *model*."""
         if self._limiter is not None:
             return self._limiter
-        return get_limiter(
-            self.provider.name,
-            model,
-            api_key=self.provider.quota_key,
-            limits=self.limits,
-            default_limits=self.profile(model).limits,
-        )
+        # Looked up once per model and event loop, not on every attempt.
+        loop = asyncio.get_running_loop()
+        found = self._limiters.get(model)
+        if found is None or found[0] is not loop:
+            limiter = get_limiter(
+                self.provider.name,
+                model,
+                api_key=self.provider.quota_key,
+                limits=self.limits,
+                default_limits=self.profile(model).limits,
+            )
+            found = self._limiters[model] = (loop, limiter)
+        return found[1]
 
     def statistics(self) -> ClientStatistics:
         """Calls, attempts, tokens and money so far (cost ``None`` if prices are unknown)."""
