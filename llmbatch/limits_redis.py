@@ -50,15 +50,28 @@ __all__ = ["RedisRateLimiter"]
 
 logger = structlog.get_logger("llmbatch.limits")
 
+# Shared by the scripts: the server's clock, and a bucket's level now (leaked since its
+# last update; a bucket seen for the first time starts at the configured fill).
+_PRELUDE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local key = KEYS[1]
+local function level_now(hash, name, cap, rate, fill, at)
+  local level = tonumber(redis.call('HGET', hash, name .. ':level'))
+  local ts = tonumber(redis.call('HGET', hash, name .. ':ts'))
+  if level == nil or ts == nil then
+    return cap * (1 - fill)
+  end
+  return math.max(0, level - math.max(0, at - ts) * rate)
+end
+"""
+
 # KEYS[1] = bucket hash, KEYS[2] = lease zset
 # ARGV = n, then per dimension (name, capacity, rate/s, amount, initial_fill, cushion),
 #        then max_concurrency (0 = none), lease id, lease seconds, key ttl
 # Returns {wait} when refused, else {0, then per dimension: available after, what was
 # outstanding (taken, not yet released) before, cumulative corrections, cumulative taken}.
-_ACQUIRE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local key = KEYS[1]
+_ACQUIRE = _PRELUDE + """
 local wait = 0
 local pause = tonumber(redis.call('HGET', key, 'pause_until') or '0')
 if pause > now then wait = pause - now end
@@ -70,13 +83,7 @@ for d = 1, n do
   local cap, rate = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   local amount, fill, cushion = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
   i = i + 6
-  local level = tonumber(redis.call('HGET', key, name .. ':level'))
-  local ts = tonumber(redis.call('HGET', key, name .. ':ts'))
-  if level == nil or ts == nil then
-    level = cap * (1 - fill)
-    ts = now
-  end
-  level = math.max(0, level - math.max(0, now - ts) * rate)
+  local level = level_now(key, name, cap, rate, fill, now)
   names[d], levels[d], amounts[d], caps[d] = name, level, amount, cap
   if amount + cushion > cap then cushion = 0 end
   local missing = level + amount + cushion - cap
@@ -123,10 +130,7 @@ return result
 #   beyond a tolerance. Lifts wait out the settling time after a 429. Without a permit
 #   (available_after < 0) it only drains: level >= capacity - value;
 # mode "empty": at least `pause` seconds of debt, and lifts suspended for a while.
-_ADJUST = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local key = KEYS[1]
+_ADJUST = _PRELUDE + """
 local mode, pause, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 if pause > 0 then
   local current = tonumber(redis.call('HGET', key, 'pause_until') or '0')
@@ -145,13 +149,7 @@ for d = 1, n do
   local out_before = tonumber(ARGV[i + 6])
   local adj_at, taken_at = tonumber(ARGV[i + 7]), tonumber(ARGV[i + 8])
   i = i + 9
-  local level = tonumber(redis.call('HGET', key, name .. ':level'))
-  local ts = tonumber(redis.call('HGET', key, name .. ':ts'))
-  if level == nil or ts == nil then
-    level = cap * (1 - fill)
-    ts = now
-  end
-  level = math.max(0, level - math.max(0, now - ts) * rate)
+  local level = level_now(key, name, cap, rate, fill, now)
   local new_level = level
   if mode == 'add' then
     new_level = math.max(0, level + value)
