@@ -71,7 +71,9 @@ end
 #        then max_concurrency (0 = none), lease id, lease seconds, key ttl
 # Returns {wait} when refused, else {0, then per dimension: available after, what was
 # outstanding (taken, not yet released) before, cumulative corrections, cumulative taken}.
-_ACQUIRE = _PRELUDE + """
+_ACQUIRE = (
+    _PRELUDE
+    + """
 local wait = 0
 local pause = tonumber(redis.call('HGET', key, 'pause_until') or '0')
 if pause > now then wait = pause - now end
@@ -117,6 +119,7 @@ if maxc > 0 then
 end
 return result
 """
+)
 
 # KEYS[1] = bucket hash
 # ARGV = mode, pause seconds, ttl, n, then per dimension (name, capacity, rate/s, fill,
@@ -130,7 +133,9 @@ return result
 #   beyond a tolerance. Lifts wait out the settling time after a 429. Without a permit
 #   (available_after < 0) it only drains: level >= capacity - value;
 # mode "empty": at least `pause` seconds of debt, and lifts suspended for a while.
-_ADJUST = _PRELUDE + """
+_ADJUST = (
+    _PRELUDE
+    + """
 local mode, pause, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 if pause > 0 then
   local current = tonumber(redis.call('HGET', key, 'pause_until') or '0')
@@ -183,6 +188,7 @@ end
 redis.call('EXPIRE', key, ttl)
 return result
 """
+)
 
 # KEYS[1] = lease zset, KEYS[2] = bucket hash; ARGV = lease, n, then (name, amount)...
 _RELEASE = """

@@ -36,9 +36,6 @@ class FakeProvider(AsyncClosing):
     def __repr__(self) -> str:
         return f"<FakeProvider {self.name} calls={len(self.calls)}>"
 
-    async def aclose(self) -> None:
-        """Nothing to release."""
-
     def admission(self, request: Request, model: str) -> Admission:
         """One request and a rough token count (characters / 4 + max_tokens)."""
         chars = sum(len(str(m.get("content", ""))) for m in request.messages)
