@@ -84,13 +84,19 @@ class LocalProvider(AsyncClosing):
         self.quota_key = f"local:{self.model_path.name}"
         self._llama: Any = None
         self._lock = asyncio.Lock()
+        self._busy: asyncio.Future[Any] | None = None
 
     def __repr__(self) -> str:
         state = "loaded" if self._llama is not None else "not loaded"
         return f"<LocalProvider {self.model_path.name} {state}>"
 
     async def aclose(self) -> None:
-        """Free the model."""
+        """Free the model (after the call in progress, if a cancelled one still runs)."""
+        busy = self._busy
+        if busy is not None and not busy.done():
+            # A cancelled call's thread cannot be stopped: let it finish, or freeing the
+            # model under it would crash the process.
+            await asyncio.wait([busy])
         llama, self._llama = self._llama, None
         if llama is not None:
             await asyncio.to_thread(llama.close)
@@ -126,11 +132,18 @@ class LocalProvider(AsyncClosing):
         if request.response_format is not None:
             params["response_format"] = dict(request.response_format)
         async with self._lock:
+            if self._busy is not None and not self._busy.done():
+                await asyncio.wait([self._busy])  # a cancelled caller's call still runs
             if self._llama is None:
                 self._llama = await asyncio.to_thread(self._load)
             started = time.monotonic()
+            self._busy = asyncio.ensure_future(
+                asyncio.to_thread(self._llama.create_chat_completion, **params)
+            )
+            self._busy.add_done_callback(_retrieve)
             try:
-                out = await asyncio.to_thread(self._llama.create_chat_completion, **params)
+                # shielded: cancelling the caller must not orphan the thread unnoticed
+                out = await asyncio.shield(self._busy)
             except ValueError as exc:
                 if "context" in str(exc).lower():
                     raise ContextLengthExceeded(
@@ -150,3 +163,9 @@ class LocalProvider(AsyncClosing):
             latency=time.monotonic() - started,
             key=request.key,
         )
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a call's outcome as seen (its caller may have been cancelled)."""
+    if not future.cancelled():
+        future.exception()

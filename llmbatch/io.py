@@ -1,0 +1,262 @@
+"""Reading a job's input: JSONL, CSV, Parquet, a folder of text files, or stdin.
+
+Every input item becomes one :class:`Record`, read lazily in input order. A record
+that cannot be read (a malformed JSON line, a missing or duplicate id, an undecodable
+file) is still a record, with ``error`` saying why and where, so that it ends as one
+error line in the output instead of sinking the run or vanishing.
+
+Keys name items across runs (the checkpoint store is keyed by them):
+
+* ``id_field="id"``: the record's own field (duplicates are errors);
+* a folder: the file's path relative to the folder;
+* otherwise a hash of the record's content, so reordering the input keeps the keys;
+  identical records are told apart by their occurrence (``…~2``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+__all__ = ["FORMATS", "Record", "count_records", "detect_format", "read_records"]
+
+#: the input formats ``read_records`` understands
+FORMATS = ("jsonl", "csv", "parquet", "folder")
+_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv"}
+_SUFFIXES |= {".parquet": "parquet", ".pq": "parquet"}
+#: the files a folder input reads (other files are ignored)
+TEXT_SUFFIXES = frozenset({".txt", ".md", ".rst", ".text"})
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One input item.
+
+    Attributes:
+        index: its position in the input, from 0.
+        source: where it came from, for messages: ``"docs.jsonl:3"`` (line 3),
+            ``"table.csv:5"`` (line 5, the header being line 1), ``"docs/a.txt"``.
+        key: its stable name (see the module docstring).
+        fields: its fields (a folder's file: ``text``, ``name``, ``path``).
+        error: why it could not be read, or ``None``.
+    """
+
+    index: int
+    source: str
+    key: str
+    fields: Mapping[str, Any]
+    error: str | None = None
+
+
+def detect_format(path: str | Path) -> str:
+    """The format of *path* from its suffix (a directory is ``"folder"``; ``-`` is JSONL).
+
+    Raises:
+        ValueError: the suffix is not one llmbatch reads.
+    """
+    if str(path) == "-":
+        return "jsonl"
+    p = Path(path)
+    if p.is_dir():
+        return "folder"
+    found = _SUFFIXES.get(p.suffix.lower())
+    if found is None:
+        raise ValueError(
+            f"cannot tell the format of {p.name!r} from its suffix: "
+            "use .jsonl, .csv, .parquet or a folder of text files, or pass --format"
+        )
+    return found
+
+
+def read_records(
+    path: str | Path,
+    *,
+    format: str | None = None,
+    id_field: str | None = None,
+    limit: int | None = None,
+    stdin: TextIO | None = None,
+) -> Iterator[Record]:
+    """The records of *path* in input order (``-``: JSON lines from standard input).
+
+    Args:
+        path: a file, a folder, or ``-``.
+        format: one of :data:`FORMATS` (default: from the suffix).
+        id_field: the field holding each record's key (default: a content hash).
+        limit: read at most this many records.
+        stdin: the stream ``-`` reads (default ``sys.stdin``).
+
+    Raises:
+        FileNotFoundError: *path* does not exist.
+        ValueError: the format is unknown, or the file as a whole is unreadable (a CSV
+            without a header, a Parquet file that is not one).
+    """
+    fmt = format or detect_format(path)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown input format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if str(path) != "-" and not Path(path).exists():
+        raise FileNotFoundError(f"input not found: {path}")
+    rows = _ROW_READERS[fmt](path, stdin or sys.stdin)
+    keys = _Keys(id_field, by_path=fmt == "folder")
+    for index, (source, fields, error) in enumerate(rows):
+        if limit is not None and index >= limit:
+            return
+        if error is None:
+            key, error = keys.key(source, fields)
+        else:
+            key = keys.error_key(source)
+        yield Record(index=index, source=source, key=key, fields=fields, error=error)
+
+
+def count_records(path: str | Path, *, format: str | None = None) -> int | None:
+    """How many records *path* holds (``None`` for stdin), without keeping them."""
+    if str(path) == "-":
+        return None
+    fmt = format or detect_format(path)
+    return sum(1 for _ in _ROW_READERS[fmt](path, sys.stdin))
+
+
+# -- row readers: (source, fields, error) in input order --------------------------------
+
+_Row = tuple[str, Mapping[str, Any], str | None]
+_EMPTY: Mapping[str, Any] = {}
+
+
+def _jsonl_rows(path: str | Path, stdin: TextIO) -> Iterator[_Row]:
+    name = "stdin" if str(path) == "-" else Path(path).name
+    with _open_text(path, stdin) as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue  # blank lines (a trailing newline, spacing) are not items
+            source = f"{name}:{lineno}"
+            try:
+                value = json.loads(line)
+            except ValueError as exc:
+                yield source, _EMPTY, f"line {lineno}: not valid JSON ({exc})"
+                continue
+            if isinstance(value, str):
+                value = {"text": value}
+            if not isinstance(value, dict):
+                kind = type(value).__name__
+                yield source, _EMPTY, f"line {lineno}: expected a JSON object, got {kind}"
+                continue
+            yield source, value, None
+
+
+def _csv_rows(path: str | Path, stdin: TextIO) -> Iterator[_Row]:
+    name = Path(path).name
+    with _open_text(path, stdin) as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames:
+            return  # an empty file: no items
+        for row in reader:
+            lineno = reader.line_num
+            source = f"{name}:{lineno}"
+            if None in row:
+                yield source, _EMPTY, f"line {lineno}: more values than the header has columns"
+                continue
+            missing = [k for k, v in row.items() if v is None]
+            if missing:
+                yield source, _EMPTY, f"line {lineno}: no value for {', '.join(missing)}"
+                continue
+            yield source, row, None
+
+
+def _parquet_rows(path: str | Path, stdin: TextIO) -> Iterator[_Row]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError("reading Parquet needs pyarrow: pip install 'llmbatch[parquet]'") from None
+    name = Path(path).name
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for a bad file
+        raise ValueError(f"{name} is not a readable Parquet file: {exc}") from None
+    row_number = 0
+    for batch in table.iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            row_number += 1
+            yield f"{name}:row {row_number}", row, None
+
+
+def _folder_rows(path: str | Path, stdin: TextIO) -> Iterator[_Row]:
+    root = Path(path)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+    for file in files:
+        relative = file.relative_to(root).as_posix()
+        source = f"{root.name}/{relative}"
+        fields = {"name": file.stem, "path": relative}
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            yield source, fields, f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+            continue
+        except OSError as exc:
+            yield source, fields, f"{source}: cannot be read ({exc.strerror})"
+            continue
+        yield source, {**fields, "text": text}, None
+
+
+_ROW_READERS = {
+    "jsonl": _jsonl_rows,
+    "csv": _csv_rows,
+    "parquet": _parquet_rows,
+    "folder": _folder_rows,
+}
+
+
+def _open_text(path: str | Path, stdin: TextIO) -> contextlib.AbstractContextManager[TextIO]:
+    """The file at *path* as text (UTF-8), or *stdin* for ``-`` (left open)."""
+    if str(path) == "-":
+        return contextlib.nullcontext(stdin)
+    return open(path, encoding="utf-8", newline="")
+
+
+# -- keys ------------------------------------------------------------------------------
+
+
+class _Keys:
+    """Hands out each record's key; remembers them to catch duplicates."""
+
+    def __init__(self, id_field: str | None, *, by_path: bool) -> None:
+        self.id_field = id_field
+        self.by_path = by_path
+        self._seen: dict[str, str] = {}  # key -> source of its first record
+
+    def key(self, source: str, fields: Mapping[str, Any]) -> tuple[str, str | None]:
+        """``(key, error)`` for a readable record."""
+        if self.id_field is not None:
+            value = fields.get(self.id_field)
+            if value is None or (isinstance(value, str) and not value.strip()):
+                return self.error_key(source), f"{source}: no {self.id_field!r} field to key it by"
+            key = str(value)
+            first = self._seen.get(key)
+            if first is not None:
+                return self.error_key(source), f"{source}: duplicate id {key!r} (first at {first})"
+            self._seen[key] = source
+            return key, None
+        if self.by_path:
+            key = str(fields["path"])
+            self._seen[key] = source
+            return key, None
+        digest = hashlib.sha256(
+            json.dumps(fields, sort_keys=True, default=str).encode()
+        ).hexdigest()[:20]
+        key, n = digest, 1
+        while key in self._seen:
+            n += 1
+            key = f"{digest}~{n}"
+        self._seen[key] = source
+        return key, None
+
+    def error_key(self, source: str) -> str:
+        """A key for an unreadable record: where it is (it has no content to hash)."""
+        key = f"unreadable@{source}"
+        self._seen[key] = source
+        return key

@@ -1,0 +1,529 @@
+"""A resumable job: input file → one request per record → checkpoint store → output file.
+
+This is what ``llmbatch run`` does, usable from Python too::
+
+    spec = JobSpec(input="docs.jsonl", output="out.jsonl", template="Summarize: {text}",
+                   model="gpt-4o-mini")
+    async with LLMClient(OpenAIProvider(), model=spec.model) as client:
+        report = await run_job(spec, client)
+    counts = write_output(spec)
+
+The path of one record: :func:`~llmbatch.io.read_records` reads it (an unreadable one
+is recorded as ``invalid``); :func:`prepare` builds its request and fingerprint (a
+missing template field or an empty document is ``invalid`` too, with the record's
+line); the store is asked first (answered by the same request already: not sent
+again); otherwise the client answers it under the limits, retries and failure policy,
+and the store records it the moment it finishes.
+
+:func:`write_output` then writes one JSON line per input record, in input order, from
+the store: ``ok`` with the answer, ``error`` with the reason, or ``pending`` when the
+run stopped before reaching it. It writes a temporary file and renames it, so a crash
+never leaves a torn or duplicated line; rerunning regenerates it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import IO, Any, TextIO
+
+import structlog
+
+from llmbatch.client import LLMClient, build_request
+from llmbatch.failure import BatchFailed, ItemError, OnError, failure_strategy
+from llmbatch.io import Record, read_records
+from llmbatch.models import Request, Response
+from llmbatch.runner import stream_batch
+from llmbatch.store import Store, StoredItem, error_record
+
+__all__ = [
+    "DEFAULT_TEMPLATE",
+    "JobProgress",
+    "JobReport",
+    "JobSpec",
+    "OutputCounts",
+    "prepare",
+    "run_job",
+    "write_output",
+]
+
+logger = structlog.get_logger("llmbatch.job")
+
+#: the prompt when none is given: summarize the record's ``text`` field
+DEFAULT_TEMPLATE = "Summarize the following document in one or two sentences.\n\n{text}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobSpec:
+    """What a job does. Two runs with the same spec are the same job (see
+    :meth:`fingerprint`), so the second resumes the first.
+
+    Args:
+        input: a JSONL/CSV/Parquet file, a folder of text files, or ``-`` (stdin).
+        output: the JSONL file to write.
+        template: a ``str.format`` template over each record's fields.
+        model: the model.
+        provider: the provider's name and address (part of the fingerprint).
+        system: a system prompt.
+        max_tokens: the output cap of every request.
+        temperature: the sampling temperature.
+        json_mode: ask for a JSON object and keep it parsed in the output.
+        format: the input format (default: from the suffix).
+        id_field: the field that keys each record (default: a content hash).
+        limit: process only the first *limit* records.
+        on_error: ``"fail_fast"``, ``"collect"`` or ``"skip"`` (failed items left out of
+            the output file; still in the store and the errors file).
+        max_cost: the job's budget in USD, runs before this one included.
+        retry_failed: send items that failed in an earlier run again.
+        store: the checkpoint file (default: ``OUTPUT.llmbatch.sqlite``).
+        errors: also write the error records to this JSONL file.
+        max_concurrency: requests in flight at most.
+    """
+
+    input: str | Path
+    output: str | Path
+    template: str = DEFAULT_TEMPLATE
+    model: str
+    provider: str = "openai"
+    system: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    json_mode: bool = False
+    format: str | None = None
+    id_field: str | None = None
+    limit: int | None = None
+    on_error: OnError | str = OnError.COLLECT
+    max_cost: float | None = None
+    retry_failed: bool = False
+    store: str | Path | None = None
+    errors: str | Path | None = None
+    max_concurrency: int = 32
+
+    @property
+    def store_path(self) -> Path:
+        """Where the checkpoint lives."""
+        if self.store is not None:
+            return Path(self.store)
+        out = Path(self.output)
+        return out.with_name(out.name + ".llmbatch.sqlite")
+
+    def description(self) -> dict[str, Any]:
+        """What makes the job's requests (and what ``llmbatch status`` shows)."""
+        return {
+            "provider": self.provider,
+            "model": self.model,
+            "template": self.template,
+            "system": self.system,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "json": self.json_mode,
+        }
+
+    def fingerprint(self) -> str:
+        """A hash of :meth:`description`: a changed prompt, model or parameter is
+        another job, whose results must not be mixed with this one's."""
+        return _sha256(self.description())
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "on_error", OnError(str(self.on_error).replace("-", "_")))
+
+    def records(self, stdin: TextIO | None = None) -> Iterator[Record]:
+        """The job's input records (``-`` reads *stdin*, default ``sys.stdin``)."""
+        return read_records(
+            self.input, format=self.format, id_field=self.id_field, limit=self.limit, stdin=stdin
+        )
+
+
+def _sha256(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A record made ready to send: its request and fingerprint, or why it cannot be."""
+
+    record: Record
+    request: Request | None
+    fingerprint: str | None
+    error: str | None
+
+
+def prepare(spec: JobSpec, record: Record) -> Prepared:
+    """The request for *record*, or the reason there is none (with the record's place)."""
+    if record.error is not None:
+        return Prepared(record, None, None, record.error)
+    options: dict[str, Any] = {"model": spec.model, "key": record.key}
+    if spec.max_tokens is not None:
+        options["max_tokens"] = spec.max_tokens
+    if spec.temperature is not None:
+        options["temperature"] = spec.temperature
+    if spec.json_mode:
+        options["response_format"] = {"type": "json_object"}
+    try:
+        request = build_request(spec.template, record.fields, system=spec.system, **options)
+    except KeyError as exc:
+        fields = ", ".join(sorted(map(str, record.fields))) or "none"
+        message = (
+            f"{record.source}: the prompt template needs the field {exc}, which this "
+            f"record does not have (it has: {fields})"
+        )
+        return Prepared(record, None, None, message)
+    except (ValueError, IndexError) as exc:
+        return Prepared(record, None, None, f"{record.source}: {exc}")
+    fingerprint = _sha256(
+        {
+            "job": spec.fingerprint(),
+            "messages": request.messages,
+            "max_tokens": request.max_tokens,
+        }
+    )
+    return Prepared(record, request, fingerprint, None)
+
+
+@dataclass(slots=True)
+class JobProgress:
+    """Live counters of a running job (what the progress display reads).
+
+    Attributes:
+        total: records in the input (``None`` when unknown, e.g. stdin).
+        reused: records already answered in an earlier run (not sent).
+        done: answered in this run.
+        failed: failed in this run.
+        invalid: records that could not become requests.
+        sent: items handed to the client in this run.
+        started: when the run started (``time.monotonic()``).
+    """
+
+    total: int | None = None
+    reused: int = 0
+    done: int = 0
+    failed: int = 0
+    invalid: int = 0
+    sent: int = 0
+    tokens: int = 0
+    started: float = field(default_factory=time.monotonic)
+    _recent: deque[tuple[float, int]] = field(default_factory=deque)
+
+    @property
+    def finished(self) -> int:
+        """Records accounted for so far, however they ended."""
+        return self.reused + self.done + self.failed + self.invalid
+
+    @property
+    def in_flight(self) -> int:
+        """Items sent and not finished yet."""
+        return self.sent - self.done - self.failed
+
+    def completed(self, tokens: int, now: float | None = None) -> None:
+        """Count one answered or failed call that used *tokens*."""
+        now = time.monotonic() if now is None else now
+        self.tokens += tokens
+        self._recent.append((now, tokens))
+        while self._recent and self._recent[0][0] < now - 60.0:
+            self._recent.popleft()
+
+    def rates(self, now: float | None = None) -> tuple[float, float]:
+        """Calls and tokens per minute over the last minute (or since the start)."""
+        now = time.monotonic() if now is None else now
+        while self._recent and self._recent[0][0] < now - 60.0:
+            self._recent.popleft()
+        span = min(60.0, max(now - self.started, 1e-9))
+        calls = len(self._recent)
+        tokens = sum(t for _, t in self._recent)
+        return calls * 60.0 / span, tokens * 60.0 / span
+
+    def eta(self, now: float | None = None) -> float | None:
+        """Seconds until every record is accounted for at the recent rate, if known."""
+        if self.total is None:
+            return None
+        per_minute, _ = self.rates(now)
+        remaining = max(0, self.total - self.finished)
+        if remaining == 0:
+            return 0.0
+        return remaining * 60.0 / per_minute if per_minute > 0 else None
+
+
+@dataclass(frozen=True, slots=True)
+class JobReport:
+    """How a run ended.
+
+    Attributes:
+        progress: the final counters.
+        aborted: why the run stopped early (a fatal error, the budget, fail-fast),
+            or ``None`` if it went through every record.
+    """
+
+    progress: JobProgress
+    aborted: str | None = None
+
+
+async def run_job(
+    spec: JobSpec,
+    client: LLMClient,
+    *,
+    store: Store | None = None,
+    progress: JobProgress | None = None,
+    fresh: bool = False,
+    records: Iterable[Record] | None = None,
+) -> JobReport:
+    """Answer every record of *spec* not answered yet, recording each in the store.
+
+    Args:
+        spec: the job.
+        client: the client to call (its limits and retry policy apply).
+        store: the checkpoint (default: opened at ``spec.store_path`` and closed after).
+        progress: counters to update as the run goes (for a display).
+        fresh: discard what the store holds for this output first.
+        records: the input records (default: read from ``spec.input``); pass them when
+            the input cannot be read twice (stdin), and pass the same to
+            :func:`write_output`.
+
+    Returns:
+        A :class:`JobReport`; item failures are in the store, not raised.
+
+    Raises:
+        JobMismatch: the store holds another job's results (and *fresh* is false).
+        asyncio.CancelledError: the run was interrupted; everything finished is stored.
+    """
+    progress = progress if progress is not None else JobProgress()
+    with contextlib.ExitStack() as stack:
+        if store is None:
+            store = stack.enter_context(Store(spec.store_path))
+        store.begin(spec.fingerprint(), spec.description(), fresh=fresh)
+        spent = store.summary().cost or 0.0
+        if spec.max_cost is not None:
+            client.max_cost = spec.max_cost - spent
+        logger.info(
+            "job.start",
+            input=str(spec.input),
+            store=str(store.path),
+            already_done=store.summary().done,
+            provider=spec.provider,
+            model=spec.model,
+        )
+        in_flight: dict[int, Prepared] = {}
+
+        def to_send() -> Iterator[Prepared]:
+            for chunk in _chunks(iter(records) if records is not None else spec.records(), 256):
+                stored = store.get_many(r.key for r in chunk)
+                for record in chunk:
+                    ready = prepare(spec, record)
+                    if ready.error is not None:
+                        store.save_error(
+                            record.key,
+                            index=record.index,
+                            source=record.source,
+                            fingerprint=None,
+                            error=ready.error,
+                            invalid=True,
+                        )
+                        progress.invalid += 1
+                        logger.warning("job.invalid_input", source=record.source, error=ready.error)
+                        continue
+                    if _reusable(stored.get(record.key), ready, retry_failed=spec.retry_failed):
+                        progress.reused += 1
+                        continue
+                    in_flight[progress.sent] = ready
+                    progress.sent += 1
+                    yield ready
+
+        async def answer(ready: Prepared) -> Response:
+            assert ready.request is not None
+            return await client.complete(ready.request)
+
+        aborted: str | None = None
+        stream = stream_batch(
+            answer,
+            to_send(),
+            max_concurrency=spec.max_concurrency,
+            on_error=failure_strategy(spec.on_error),
+            key=_prepared_key,
+        )
+        try:
+            async with stream:
+                async for outcome in stream:
+                    ready = in_flight.pop(outcome.index)
+                    _record(store, progress, ready, outcome.value)
+        except BatchFailed as exc:
+            aborted = f"{exc.reason}: {exc.error.error_type}: {exc.error.message}"
+            logger.error("job.aborted", reason=exc.reason, error=exc.error.message)
+        return JobReport(progress=progress, aborted=aborted)
+
+
+def _prepared_key(ready: Prepared) -> str:
+    return ready.record.key
+
+
+def _reusable(stored: StoredItem | None, ready: Prepared, *, retry_failed: bool) -> bool:
+    """Whether *stored* already answers *ready* (so it is not sent again)."""
+    if stored is None or stored.status == "invalid":
+        return False
+    if stored.fingerprint != ready.fingerprint:
+        logger.warning(
+            "job.item_changed",
+            key=ready.record.key,
+            source=ready.record.source,
+            detail="the record changed since it was answered: answering it again",
+        )
+        return False
+    return stored.status == "done" or not retry_failed
+
+
+def _record(
+    store: Store, progress: JobProgress, ready: Prepared, value: Response | ItemError
+) -> None:
+    record = ready.record
+    assert ready.fingerprint is not None
+    if isinstance(value, ItemError):
+        if value.cancelled:
+            return  # cut short by an abort: still pending, sent again next run
+        store.save_error(
+            record.key,
+            index=record.index,
+            source=record.source,
+            fingerprint=ready.fingerprint,
+            error=replace(value, message=f"{record.source}: {value.message}"),
+        )
+        progress.failed += 1
+        progress.completed(0)
+        return
+    store.save_response(
+        record.key,
+        index=record.index,
+        source=record.source,
+        fingerprint=ready.fingerprint,
+        response=value,
+    )
+    progress.done += 1
+    progress.completed(value.usage.total_tokens)
+
+
+def _chunks(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
+    chunk: list[Record] = []
+    for record in records:
+        chunk.append(record)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+# -- the output file -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OutputCounts:
+    """What :func:`write_output` wrote, by status."""
+
+    ok: int = 0
+    failed: int = 0
+    pending: int = 0
+    skipped: int = 0
+
+    @property
+    def total(self) -> int:
+        """Input records covered."""
+        return self.ok + self.failed + self.pending + self.skipped
+
+
+def write_output(
+    spec: JobSpec, *, store: Store | None = None, records: Iterable[Record] | None = None
+) -> OutputCounts:
+    """Write the output file (and the errors file) from the store, in input order.
+
+    One line per input record: ``{"key", "source", "status": "ok", "answer", ...}``,
+    ``{"status": "error", "error": {"type", "message", "attempts"}}``, or ``{"status":
+    "pending"}`` for a record the run did not finish. Under ``on_error="skip"`` failed
+    records are left out of the output (the errors file has them). Each file is written
+    to ``NAME.partial`` and renamed over ``NAME``, so it is always whole.
+
+    Args:
+        spec: the job.
+        store: the checkpoint (default: opened at ``spec.store_path``).
+        records: the input records (default: read from ``spec.input`` again).
+    """
+    skip = spec.on_error == OnError.SKIP
+    ok = failed = pending = skipped = 0
+    with contextlib.ExitStack() as stack:
+        if store is None:
+            store = stack.enter_context(Store(spec.store_path))
+        out = stack.enter_context(_AtomicFile(Path(spec.output)))
+        errors = stack.enter_context(_AtomicFile(Path(spec.errors))) if spec.errors else None
+        records = iter(records) if records is not None else spec.records()
+        for chunk in _chunks(records, 500):
+            stored = store.get_many(r.key for r in chunk)
+            for record in chunk:
+                line = _output_line(spec, record, stored.get(record.key))
+                status = line["status"]
+                if status == "ok":
+                    ok += 1
+                elif status == "pending":
+                    pending += 1
+                else:
+                    if errors is not None:
+                        errors.write(json.dumps(line, ensure_ascii=False) + "\n")
+                    if skip:
+                        skipped += 1
+                        continue
+                    failed += 1
+                out.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
+    return OutputCounts(ok=ok, failed=failed, pending=pending, skipped=skipped)
+
+
+def _output_line(spec: JobSpec, record: Record, stored: StoredItem | None) -> dict[str, Any]:
+    line: dict[str, Any] = {"key": record.key, "source": record.source}
+    ready = prepare(spec, record)
+    if ready.error is not None:
+        line["status"] = "error"
+        line["error"] = error_record(ready.error)
+        return line
+    if stored is None or stored.fingerprint != ready.fingerprint or stored.status == "invalid":
+        line["status"] = "pending"
+        return line
+    if stored.status == "failed":
+        line["status"] = "error"
+        line["error"] = stored.error
+        return line
+    response = dict(stored.response or {})
+    line["status"] = "ok"
+    parsed = response.pop("parsed", None)
+    text = response.pop("text", "")
+    line["answer"] = parsed if spec.json_mode and parsed is not None else text
+    response.pop("request_id", None)
+    response.pop("latency", None)
+    line.update(response)
+    return line
+
+
+class _AtomicFile:
+    """A text file written as ``PATH.partial`` and renamed over *path* when closed
+    without error (after an fsync): readers see the old file or the whole new one."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.partial = path.with_name(path.name + ".partial")
+        self._file: IO[str] | None = None
+
+    def __enter__(self) -> IO[str]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.partial.open("w", encoding="utf-8")
+        return self._file
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        assert self._file is not None
+        if exc_type is not None:
+            self._file.close()
+            self.partial.unlink(missing_ok=True)
+            return
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.partial, self.path)

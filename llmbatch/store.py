@@ -1,0 +1,348 @@
+"""The checkpoint store: one SQLite file holding every finished item of a job.
+
+A job (``llmbatch run``, or any caller) records each item as it finishes, keyed by the
+item's stable key, with the fingerprint of the request that produced it. Rerunning the
+job reads the store first: items already answered by the same request are not sent
+again, so a crash, a Ctrl-C or a fatal error never makes anyone pay twice.
+
+The file uses SQLite's write-ahead log in autocommit mode: every ``save_*`` is its own
+transaction, durable against a killed process the moment it returns (``synchronous=
+NORMAL``: only a power cut may lose the last few). Readers (``llmbatch status``) never
+block the writer.
+
+Nothing secret is stored: requests are kept only as fingerprints (a SHA-256 of the
+model, messages and parameters), and error messages pass through
+:func:`~llmbatch.errors.redact`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from llmbatch.errors import LLMBatchError, redact
+from llmbatch.failure import ItemError
+from llmbatch.models import Response
+
+__all__ = ["JobMismatch", "Store", "StoreSummary", "StoredItem", "response_record"]
+
+SCHEMA_VERSION = "1"
+#: the statuses an item may have in the store
+STATUSES = ("done", "failed", "invalid")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS items (
+    key           TEXT PRIMARY KEY,
+    idx           INTEGER NOT NULL,
+    source        TEXT NOT NULL,
+    fingerprint   TEXT,
+    status        TEXT NOT NULL CHECK (status IN ('done', 'failed', 'invalid')),
+    response      TEXT,
+    error         TEXT,
+    input_tokens  INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0,
+    cost          REAL,
+    updated       REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS items_by_status ON items (status, idx);
+"""
+
+
+class JobMismatch(LLMBatchError):
+    """The store holds the results of a different job (another prompt, model or
+    parameters): mixing them would silently corrupt the output."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredItem:
+    """One item as the store recorded it.
+
+    Attributes:
+        key: the item's key.
+        index: its position in the input of the run that recorded it.
+        source: where it came from (``"docs.jsonl:3"``).
+        fingerprint: the request's fingerprint (``None`` for unreadable input).
+        status: ``"done"``, ``"failed"`` (the provider or the retry policy gave up) or
+            ``"invalid"`` (the input could not become a request).
+        response: the answer (:func:`response_record`), when done.
+        error: ``{"type", "message", "attempts"}``, when not done.
+        updated: when it was recorded (Unix time).
+    """
+
+    key: str
+    index: int
+    source: str
+    fingerprint: str | None
+    status: str
+    response: dict[str, Any] | None
+    error: dict[str, Any] | None
+    updated: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSummary:
+    """Counts and totals over a store."""
+
+    done: int
+    failed: int
+    invalid: int
+    input_tokens: int
+    output_tokens: int
+    cost: float | None
+
+    @property
+    def total(self) -> int:
+        """Items recorded, whatever their status."""
+        return self.done + self.failed + self.invalid
+
+
+def response_record(response: Response) -> dict[str, Any]:
+    """What the store and the output keep of a :class:`Response` (never its headers)."""
+    return {
+        "text": response.text,
+        "parsed": response.parsed,
+        "model": response.model,
+        "finish_reason": response.finish_reason,
+        "request_id": response.request_id,
+        "usage": {
+            "input_tokens": response.usage.input_tokens,
+            "output_tokens": response.usage.output_tokens,
+            "cached_tokens": response.usage.cached_tokens,
+        },
+        "cost": response.cost,
+        "attempts": response.attempts,
+        "latency": round(response.latency, 4),
+    }
+
+
+def error_record(error: ItemError | str, *, attempts: int = 0) -> dict[str, Any]:
+    """What the store and the output keep of an error (its message redacted)."""
+    if isinstance(error, str):
+        return {"type": "InvalidInput", "message": redact(error), "attempts": attempts}
+    return {
+        "type": error.error_type,
+        "message": redact(error.message),
+        "attempts": error.attempts,
+    }
+
+
+class Store:
+    """A job's checkpoint in the SQLite file at *path* (created if missing).
+
+    Use it as a context manager, or call :meth:`close`. One process writes; any number
+    may read.
+    """
+
+    def __init__(self, path: str | Path, *, timeout: float = 30.0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        version = self._meta("schema")
+        if version is None:
+            self._set_meta("schema", SCHEMA_VERSION)
+        elif version != SCHEMA_VERSION:
+            raise JobMismatch(
+                f"{self.path} was written by another version of llmbatch "
+                f"(schema {version}, this one reads {SCHEMA_VERSION})"
+            )
+
+    def __repr__(self) -> str:
+        return f"<Store {str(self.path)!r}>"
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the database (everything saved is already committed)."""
+        self._db.close()
+
+    # -- the job -----------------------------------------------------------------------
+
+    def job(self) -> dict[str, Any] | None:
+        """The description of the job the store belongs to, or ``None`` if new."""
+        raw = self._meta("job")
+        return json.loads(raw) if raw is not None else None
+
+    def fingerprint(self) -> str | None:
+        """The fingerprint of the job the store belongs to, or ``None`` if new."""
+        return self._meta("fingerprint")
+
+    def begin(
+        self, fingerprint: str, description: Mapping[str, Any], *, fresh: bool = False
+    ) -> None:
+        """Claim the store for the job with *fingerprint* (the prompt, model and
+        parameters that make its requests).
+
+        Args:
+            fingerprint: the job's fingerprint.
+            description: what to show about the job (``llmbatch status``).
+            fresh: discard whatever the store holds first.
+
+        Raises:
+            JobMismatch: the store holds another job's results and *fresh* is false.
+        """
+        if fresh:
+            self._db.execute("DELETE FROM items")
+            self._db.execute("DELETE FROM meta WHERE name IN ('job', 'fingerprint')")
+        previous = self._meta("fingerprint")
+        if previous is not None and previous != fingerprint:
+            old = self.job() or {}
+            changed = sorted(k for k in description if old.get(k) != description[k])
+            raise JobMismatch(
+                f"{self.path} holds the results of a different job "
+                f"(changed: {', '.join(changed) or 'request parameters'}); rerun with "
+                "--fresh to discard them, or choose another store with --store"
+            )
+        self._set_meta("fingerprint", fingerprint)
+        self._set_meta("job", json.dumps(dict(description), sort_keys=True, default=str))
+
+    # -- items -------------------------------------------------------------------------
+
+    def save_response(
+        self, key: str, *, index: int, source: str, fingerprint: str, response: Response
+    ) -> None:
+        """Record *key* as answered (committed when this returns)."""
+        record = response_record(response)
+        self._save(
+            key,
+            index=index,
+            source=source,
+            fingerprint=fingerprint,
+            status="done",
+            response=json.dumps(record, default=str),
+            error=None,
+            input_tokens=response.usage.input_tokens,
+            output_tokens=response.usage.output_tokens,
+            cost=response.cost,
+        )
+
+    def save_error(
+        self,
+        key: str,
+        *,
+        index: int,
+        source: str,
+        fingerprint: str | None,
+        error: ItemError | str,
+        invalid: bool = False,
+    ) -> None:
+        """Record *key* as failed (or as ``invalid`` input, never sent)."""
+        self._save(
+            key,
+            index=index,
+            source=source,
+            fingerprint=fingerprint,
+            status="invalid" if invalid else "failed",
+            response=None,
+            error=json.dumps(error_record(error)),
+            input_tokens=0,
+            output_tokens=0,
+            cost=None,
+        )
+
+    def _save(self, key: str, **values: Any) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO items (key, idx, source, fingerprint, status, response, "
+            "error, input_tokens, output_tokens, cost, updated) VALUES (:key, :index, "
+            ":source, :fingerprint, :status, :response, :error, :input_tokens, "
+            ":output_tokens, :cost, :updated)",
+            {"key": key, "updated": time.time(), **values},
+        )
+
+    def get(self, key: str) -> StoredItem | None:
+        """The item recorded under *key*, if any."""
+        row = self._db.execute("SELECT * FROM items WHERE key = ?", (key,)).fetchone()
+        return _item(row) if row is not None else None
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, StoredItem]:
+        """The items recorded under *keys* (missing keys are left out)."""
+        found: dict[str, StoredItem] = {}
+        chunk: list[str] = []
+        for key in keys:
+            chunk.append(key)
+            if len(chunk) == 500:
+                found.update(self._get_chunk(chunk))
+                chunk = []
+        if chunk:
+            found.update(self._get_chunk(chunk))
+        return found
+
+    def _get_chunk(self, keys: list[str]) -> dict[str, StoredItem]:
+        marks = ",".join("?" * len(keys))
+        rows = self._db.execute(f"SELECT * FROM items WHERE key IN ({marks})", keys)
+        return {row["key"]: _item(row) for row in rows}
+
+    def items(self, *statuses: str) -> Iterator[StoredItem]:
+        """The recorded items (of the given statuses, default all) in input order."""
+        for status in statuses:
+            if status not in STATUSES:
+                raise ValueError(f"unknown status {status!r}: use {', '.join(STATUSES)}")
+        wanted = statuses or STATUSES
+        marks = ",".join("?" * len(wanted))
+        rows = self._db.execute(
+            f"SELECT * FROM items WHERE status IN ({marks}) ORDER BY idx, key", wanted
+        )
+        for row in rows:
+            yield _item(row)
+
+    def summary(self) -> StoreSummary:
+        """How many items are done, failed and invalid; tokens and money spent."""
+        counts = dict.fromkeys(STATUSES, 0)
+        for status, n in self._db.execute("SELECT status, COUNT(*) FROM items GROUP BY status"):
+            counts[status] = n
+        tokens_in, tokens_out, cost, priced = self._db.execute(
+            "SELECT COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0), "
+            "SUM(cost), COUNT(cost) FROM items"
+        ).fetchone()
+        return StoreSummary(
+            done=counts["done"],
+            failed=counts["failed"],
+            invalid=counts["invalid"],
+            input_tokens=tokens_in,
+            output_tokens=tokens_out,
+            cost=cost if priced else None,
+        )
+
+    # -- meta --------------------------------------------------------------------------
+
+    def _meta(self, name: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def _set_meta(self, name: str, value: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, value))
+
+
+def _item(row: sqlite3.Row) -> StoredItem:
+    return StoredItem(
+        key=row["key"],
+        index=row["idx"],
+        source=row["source"],
+        fingerprint=row["fingerprint"],
+        status=row["status"],
+        response=json.loads(row["response"]) if row["response"] else None,
+        error=json.loads(row["error"]) if row["error"] else None,
+        updated=row["updated"],
+    )
