@@ -394,7 +394,9 @@ def run(**options: Any) -> None:
 
 
 def _check_input(spec: JobSpec) -> None:
-    if spec.input != "-" and not Path(spec.input).exists():
+    if spec.input == "-":
+        return  # stdin is read once, by the run
+    if not Path(spec.input).exists():
         raise click.BadParameter(f"{spec.input} does not exist", param_hint="INPUT")
     try:
         next(spec.records(), None)

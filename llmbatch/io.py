@@ -19,8 +19,9 @@ import contextlib
 import csv
 import hashlib
 import json
+import re
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -97,18 +98,19 @@ def read_records(
         ValueError: the format is unknown, or the file as a whole is unreadable (a CSV
             without a header, a Parquet file that is not one).
     """
-    fmt = format or detect_format(path)
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown input format {fmt!r}: use one of {', '.join(FORMATS)}")
-    if str(path) != "-" and not Path(path).exists():
-        raise FileNotFoundError(f"input not found: {path}")
-    rows = _ROW_READERS[fmt](path, stdin or sys.stdin)
-    keys = _Keys(id_field, by_path=fmt == "folder")
+    rows = _rows(path, format, stdin or sys.stdin)  # raises here, not when iterated
+    by_path = (format or detect_format(path)) == "folder"
+    return _records(rows, _Keys(id_field, by_path=by_path), limit)
+
+
+def _records(rows: Iterator[_Row], keys: _Keys, limit: int | None) -> Iterator[Record]:
     for index, (source, fields, error) in enumerate(rows):
         if limit is not None and index >= limit:
             return
         if error is None:
             key, error = keys.key(source, fields)
+        elif keys.by_path:
+            key = str(fields["path"])  # fixing the file's encoding keeps its key
         else:
             key = keys.error_key(source)
         yield Record(index=index, source=source, key=key, fields=fields, error=error)
@@ -118,23 +120,43 @@ def count_records(path: str | Path, *, format: str | None = None) -> int | None:
     """How many records *path* holds (``None`` for stdin), without keeping them."""
     if str(path) == "-":
         return None
+    return sum(1 for _ in _rows(path, format, sys.stdin))
+
+
+def _rows(path: str | Path, format: str | None, stdin: TextIO) -> Iterator[_Row]:
+    if str(path) != "-" and not Path(path).exists():
+        raise FileNotFoundError(f"input not found: {path}")
     fmt = format or detect_format(path)
-    return sum(1 for _ in _ROW_READERS[fmt](path, sys.stdin))
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown input format {fmt!r}: use one of {', '.join(FORMATS)}")
+    return _ROW_READERS[fmt](path, stdin)
 
 
 # -- row readers: (source, fields, error) in input order --------------------------------
 
 _Row = tuple[str, Mapping[str, Any], str | None]
 _EMPTY: Mapping[str, Any] = {}
+_BAD_BYTE = re.compile("[\udc80-\udcff]")
 
 
 def _jsonl_rows(path: str | Path, stdin: TextIO) -> Iterator[_Row]:
     name = "stdin" if str(path) == "-" else Path(path).name
-    with _open_text(path, stdin) as f:
-        for lineno, line in enumerate(f, start=1):
+    with _open_lines(path, stdin) as lines:
+        for lineno, raw in enumerate(lines, start=1):
+            source = f"{name}:{lineno}"
+            try:
+                line = raw if isinstance(raw, str) else raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield (
+                    source,
+                    _EMPTY,
+                    f"line {lineno}: not UTF-8 text ({exc.reason} at byte {exc.start})",
+                )
+                continue
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark
             if not line.strip():
                 continue  # blank lines (a trailing newline, spacing) are not items
-            source = f"{name}:{lineno}"
             try:
                 value = json.loads(line)
             except ValueError as exc:
@@ -165,6 +187,9 @@ def _csv_rows(path: str | Path, stdin: TextIO) -> Iterator[_Row]:
             if missing:
                 yield source, _EMPTY, f"line {lineno}: no value for {', '.join(missing)}"
                 continue
+            if any(_BAD_BYTE.search(v) for v in row.values()):
+                yield source, _EMPTY, f"line {lineno}: not UTF-8 text"
+                continue
             yield source, row, None
 
 
@@ -187,10 +212,11 @@ def _parquet_rows(path: str | Path, stdin: TextIO) -> Iterator[_Row]:
 
 def _folder_rows(path: str | Path, stdin: TextIO) -> Iterator[_Row]:
     root = Path(path)
+    label = root.resolve().name
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
     for file in files:
         relative = file.relative_to(root).as_posix()
-        source = f"{root.name}/{relative}"
+        source = f"{label}/{relative}"
         fields = {"name": file.stem, "path": relative}
         try:
             text = file.read_text(encoding="utf-8")
@@ -212,10 +238,22 @@ _ROW_READERS = {
 
 
 def _open_text(path: str | Path, stdin: TextIO) -> contextlib.AbstractContextManager[TextIO]:
-    """The file at *path* as text (UTF-8), or *stdin* for ``-`` (left open)."""
+    """The file at *path* as UTF-8 text (a byte-order mark dropped), or *stdin* for
+    ``-`` (left open)."""
     if str(path) == "-":
         return contextlib.nullcontext(stdin)
-    return open(path, encoding="utf-8", newline="")
+    # undecodable bytes become lone surrogates, so that one bad row is one bad record
+    return open(path, encoding="utf-8-sig", errors="surrogateescape", newline="")
+
+
+def _open_lines(
+    path: str | Path, stdin: TextIO
+) -> contextlib.AbstractContextManager[Iterable[str | bytes]]:
+    """The lines of *path* as bytes (each decoded by the caller, so one bad line is one
+    bad record), or of *stdin* for ``-``."""
+    if str(path) == "-":
+        return contextlib.nullcontext(stdin)
+    return open(path, "rb")
 
 
 # -- keys ------------------------------------------------------------------------------

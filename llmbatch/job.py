@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -37,7 +38,7 @@ from typing import IO, Any, TextIO
 import structlog
 
 from llmbatch.client import LLMClient, build_request
-from llmbatch.failure import BatchFailed, ItemError, OnError, failure_strategy
+from llmbatch.failure import BatchFailed, ItemError, OnError, failure_strategy, is_fatal
 from llmbatch.io import Record, read_records
 from llmbatch.models import Request, Response
 from llmbatch.runner import stream_batch
@@ -299,7 +300,8 @@ async def run_job(
         store.begin(spec.fingerprint(), spec.description(), fresh=fresh)
         spent = store.summary().cost or 0.0
         if spec.max_cost is not None:
-            client.max_cost = spec.max_cost - spent
+            left = spec.max_cost - spent
+            client.max_cost = left if left > 1e-9 else 0.0  # float sums: a nano-dollar slack
         logger.info(
             "job.start",
             input=str(spec.input),
@@ -309,6 +311,7 @@ async def run_job(
             model=spec.model,
         )
         in_flight: dict[int, Prepared] = {}
+        stopped: list[str] = []  # why the input stopped being read early
 
         def to_send() -> Iterator[Prepared]:
             for chunk in _chunks(iter(records) if records is not None else spec.records(), 256):
@@ -326,6 +329,9 @@ async def run_job(
                         )
                         progress.invalid += 1
                         logger.warning("job.invalid_input", source=record.source, error=ready.error)
+                        if spec.on_error == OnError.FAIL_FAST:
+                            stopped.append(f"fail_fast: InvalidInput: {ready.error}")
+                            return  # no new item starts; those in flight finish
                         continue
                     if _reusable(stored.get(record.key), ready, retry_failed=spec.retry_failed):
                         progress.reused += 1
@@ -351,9 +357,12 @@ async def run_job(
                 async for outcome in stream:
                     ready = in_flight.pop(outcome.index)
                     _record(store, progress, ready, outcome.value)
+                    _kill_point("item", progress.done + progress.failed)
         except BatchFailed as exc:
             aborted = f"{exc.reason}: {exc.error.error_type}: {exc.error.message}"
-            logger.error("job.aborted", reason=exc.reason, error=exc.error.message)
+        aborted = aborted or (stopped[0] if stopped else None)
+        if aborted is not None:
+            logger.error("job.aborted", reason=aborted)
         return JobReport(progress=progress, aborted=aborted)
 
 
@@ -382,8 +391,10 @@ def _record(
     record = ready.record
     assert ready.fingerprint is not None
     if isinstance(value, ItemError):
-        if value.cancelled:
-            return  # cut short by an abort: still pending, sent again next run
+        if value.cancelled or (value.exception is not None and is_fatal(value.exception)):
+            # Cut short by an abort, or stopped by a fatal error that is the job's (a
+            # refused key, no quota, the budget), not the item's: still pending.
+            return
         store.save_error(
             record.key,
             index=record.index,
@@ -458,6 +469,7 @@ def write_output(
         out = stack.enter_context(_AtomicFile(Path(spec.output)))
         errors = stack.enter_context(_AtomicFile(Path(spec.errors))) if spec.errors else None
         records = iter(records) if records is not None else spec.records()
+        _kill_point("output", 0)
         for chunk in _chunks(records, 500):
             stored = store.get_many(r.key for r in chunk)
             for record in chunk:
@@ -475,6 +487,8 @@ def write_output(
                         continue
                     failed += 1
                 out.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
+                _kill_point("output", ok + failed + pending)
+        _kill_point("rename", 0)
     return OutputCounts(ok=ok, failed=failed, pending=pending, skipped=skipped)
 
 
@@ -501,6 +515,15 @@ def _output_line(spec: JobSpec, record: Record, stored: StoredItem | None) -> di
     response.pop("latency", None)
     line.update(response)
     return line
+
+
+def _kill_point(name: str, count: int) -> None:
+    """Fault injection for the crash tests: with ``LLMBATCH_TEST_KILL_AT=item:5`` the
+    process SIGKILLs itself once 5 items are recorded (``output:N``: after N output
+    lines; ``rename:0``: just before the output file replaces the old one)."""
+    target = os.environ.get("LLMBATCH_TEST_KILL_AT")
+    if target is not None and target == f"{name}:{count}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _AtomicFile:

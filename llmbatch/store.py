@@ -147,18 +147,22 @@ class Store:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        version = self._meta("schema")
-        if version is None:
-            self._set_meta("schema", SCHEMA_VERSION)
-        elif version != SCHEMA_VERSION:
-            raise JobMismatch(
-                f"{self.path} was written by another version of llmbatch "
-                f"(schema {version}, this one reads {SCHEMA_VERSION})"
-            )
+        try:
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            version = self._meta("schema")
+            if version is None:
+                self._set_meta("schema", SCHEMA_VERSION)
+            elif version != SCHEMA_VERSION:
+                raise JobMismatch(
+                    f"{self.path} was written by another version of llmbatch "
+                    f"(schema {version}, this one reads {SCHEMA_VERSION})"
+                )
+        except BaseException:
+            self._db.close()
+            raise
 
     def __repr__(self) -> str:
         return f"<Store {str(self.path)!r}>"
@@ -209,7 +213,8 @@ class Store:
         previous = self._meta("fingerprint")
         if previous is not None and previous != fingerprint:
             old = self.job() or {}
-            changed = sorted(k for k in description if old.get(k) != description[k])
+            new = json.loads(json.dumps(dict(description), default=str))
+            changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
             raise JobMismatch(
                 f"{self.path} holds the results of a different job "
                 f"(changed: {', '.join(changed) or 'request parameters'}); rerun with "

@@ -114,7 +114,8 @@ def completion_plan(
     """``(text, completion_tokens, truncated)`` for a chat/messages request body.
 
     The natural length is 16..47 tokens (from the hash); ``max_tokens`` (or
-    ``max_completion_tokens``) truncates it, and ``truncated`` says so.
+    ``max_completion_tokens``) truncates it, and ``truncated`` says so. With
+    ``response_format`` JSON mode the text is ``{"tag": ..., "words": [...]}``.
     """
     prompt = last_user_text(body.get("messages") or ())
     tag = content_tag(prompt)
@@ -123,7 +124,15 @@ def completion_plan(
     n = max(1, min(natural, int(limit)))
     seed = int(tag, 16)
     words = [f"[{tag}]"] + [_WORDS[(seed >> (i % 24) ^ i) % len(_WORDS)] for i in range(1, n)]
-    return " ".join(words), n, n < natural
+    text = " ".join(words)
+    response_format = body.get("response_format")
+    if isinstance(response_format, Mapping) and response_format.get("type") in (
+        "json_object",
+        "json_schema",
+    ):
+        # JSON mode: a JSON object carrying the same tag and words
+        text = json.dumps({"tag": tag, "words": words[1:]})
+    return text, n, n < natural
 
 
 def openai_chat_completion(

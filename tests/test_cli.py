@@ -1,0 +1,718 @@
+"""``llmbatch`` as a user runs it: a subprocess, talking to the simulator over real HTTP.
+
+The simulator runs in the test's event loop while the CLI runs in a child process, so
+every request crosses a real socket through the real ``openai`` client. Crash tests
+SIGKILL the child at chosen points (``LLMBATCH_TEST_KILL_AT``) and at random moments,
+rerun the same command, and check that every input record ends in the output exactly
+once and that nothing finished was paid for twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import sqlite3
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llmbatch.testing import Simulator
+from llmbatch.testing._content import content_tag
+from llmbatch.testing.pytest_plugin import SimulatorFactory
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+CANARY = "sk-proj-CANARYcanary0123456789abcdefghijklmnopqrstu9876"
+TEMPLATE = "Summarize: {text}"
+
+
+@dataclass
+class Done:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    env.pop("LLMBATCH_TEST_KILL_AT", None)
+    env["OPENAI_API_KEY"] = CANARY
+    env["COLUMNS"] = "200"
+    env.update(extra)
+    return env
+
+
+async def llmbatch(
+    *args: str | Path,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    stdin: str | None = None,
+    timeout: float = 120,
+) -> Done:
+    """Run ``python -m llmbatch ARGS`` to completion."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "llmbatch",
+        *map(str, args),
+        cwd=cwd,
+        env=env or cli_env(),
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(
+        proc.communicate(stdin.encode() if stdin is not None else None), timeout
+    )
+    assert proc.returncode is not None
+    return Done(proc.returncode, out.decode(), err.decode())
+
+
+def run_args(sim: Simulator, source: Path | str, out: Path, *extra: str) -> list[str | Path]:
+    return [
+        "run",
+        source,
+        "-o",
+        out,
+        "--provider",
+        sim.base_url,
+        "--prompt",
+        TEMPLATE,
+        "--rpm",
+        "100000",
+        "--tpm",
+        "100000000",
+        *extra,
+    ]
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def write_jsonl(path: Path, records: Sequence[object]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def docs(n: int) -> list[dict[str, str]]:
+    return [
+        {"id": f"doc-{i:03d}", "text": f"document number {i} about topic {i % 7}"} for i in range(n)
+    ]
+
+
+def assert_answers(records: list[dict[str, Any]], inputs: list[dict[str, str]]) -> None:
+    """Each output line answers its own input (the simulator tags answers by prompt)."""
+    assert [r["status"] for r in records] == ["ok"] * len(inputs)
+    for record, item in zip(records, inputs, strict=True):
+        tag = content_tag(TEMPLATE.format(**item))
+        assert record["answer"].startswith(f"[{tag}]"), (record, item)
+
+
+# -- input formats ---------------------------------------------------------------------
+
+
+async def test_jsonl_input_gives_one_answer_per_record_in_order(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """A JSONL file: every record answered, in input order, with usage and cost; exit 0."""
+    inputs = docs(20)
+    out = tmp_path / "out.jsonl"
+    done = await llmbatch(
+        *run_args(simulator, write_jsonl(tmp_path / "in.jsonl", inputs), out), cwd=tmp_path
+    )
+    assert 0 == done.code, done.stderr
+    records = read_jsonl(out)
+    assert_answers(records, inputs)
+    assert [f"in.jsonl:{i}" for i in range(1, 21)] == [r["source"] for r in records]
+    assert all(r["usage"]["input_tokens"] > 0 and r["cost"] > 0 for r in records)
+    assert 20 == simulator.stats().ok
+
+
+async def test_csv_input(simulator: Simulator, tmp_path: Path) -> None:
+    """A CSV file with a header: the columns are the template's fields."""
+    inputs = docs(5)
+    lines = ["id,text"] + [f"{d['id']},{d['text']}" for d in inputs]
+    (tmp_path / "in.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    done = await llmbatch(
+        *run_args(simulator, tmp_path / "in.csv", out, "--id-field", "id"), cwd=tmp_path
+    )
+    assert 0 == done.code, done.stderr
+    records = read_jsonl(out)
+    assert_answers(records, inputs)
+    assert [d["id"] for d in inputs] == [r["key"] for r in records]
+    assert "in.csv:2" == records[0]["source"]
+
+
+async def test_parquet_input(simulator: Simulator, tmp_path: Path) -> None:
+    """A Parquet file (the ``parquet`` extra)."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    inputs = docs(6)
+    pq.write_table(pa.Table.from_pylist(inputs), tmp_path / "in.parquet")
+    out = tmp_path / "out.jsonl"
+    done = await llmbatch(*run_args(simulator, tmp_path / "in.parquet", out), cwd=tmp_path)
+    assert 0 == done.code, done.stderr
+    assert_answers(read_jsonl(out), inputs)
+
+
+async def test_folder_input(simulator: Simulator, tmp_path: Path) -> None:
+    """A folder of text files: one document each, keyed by file name, in name order."""
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    inputs = docs(4)
+    for d in inputs:
+        (folder / f"{d['id']}.txt").write_text(d["text"])
+    out = tmp_path / "out.jsonl"
+    done = await llmbatch(*run_args(simulator, folder, out), cwd=tmp_path)
+    assert 0 == done.code, done.stderr
+    records = read_jsonl(out)
+    assert_answers(records, inputs)
+    assert [f"{d['id']}.txt" for d in inputs] == [r["key"] for r in records]
+
+
+async def test_stdin_input(simulator: Simulator, tmp_path: Path) -> None:
+    """``-`` reads JSON lines from standard input."""
+    inputs = docs(3)
+    out = tmp_path / "out.jsonl"
+    stdin = "".join(json.dumps(d) + "\n" for d in inputs)
+    done = await llmbatch(*run_args(simulator, "-", out), cwd=tmp_path, stdin=stdin)
+    assert 0 == done.code, done.stderr
+    records = read_jsonl(out)
+    assert_answers(records, inputs)
+    assert "stdin:1" == records[0]["source"]
+
+
+async def test_json_mode_keeps_the_answer_parsed(simulator: Simulator, tmp_path: Path) -> None:
+    """``--json`` asks for a JSON object, and the output line holds it as JSON."""
+    inputs = docs(2)
+    out = tmp_path / "out.jsonl"
+    done = await llmbatch(
+        *run_args(simulator, write_jsonl(tmp_path / "in.jsonl", inputs), out, "--json"),
+        cwd=tmp_path,
+    )
+    assert 0 == done.code, done.stderr
+    answers = [r["answer"] for r in read_jsonl(out)]
+    assert [content_tag(TEMPLATE.format(**d)) for d in inputs] == [a["tag"] for a in answers]
+
+
+# -- bad input -------------------------------------------------------------------------
+
+
+async def test_bad_records_fail_alone_with_their_line_number(
+    simulator_factory: SimulatorFactory, tmp_path: Path
+) -> None:
+    """A malformed line, a missing template field, an empty document and one over the
+    context window each become an error line naming where they are; the others are
+    answered; the exit code is 1."""
+    sim = await simulator_factory(context_window=400)
+    lines = [
+        json.dumps({"text": "first fine document"}),
+        '{"text": "broken',
+        json.dumps({"body": "no text field here"}),
+        json.dumps({"text": "   "}),
+        json.dumps({"text": "word " * 3000}),
+        json.dumps({"text": "last fine document"}),
+    ]
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    errors = tmp_path / "errors.jsonl"
+    done = await llmbatch(*run_args(sim, source, out, "--errors", errors), cwd=tmp_path)
+    assert 1 == done.code, done.stderr
+    records = read_jsonl(out)
+    assert ["ok", "error", "error", "error", "error", "ok"] == [r["status"] for r in records]
+    assert [f"in.jsonl:{i}" for i in range(1, 7)] == [r["source"] for r in records]
+    messages = {r["source"]: r["error"]["message"] for r in records if r["status"] == "error"}
+    assert "line 2: not valid JSON" in messages["in.jsonl:2"]
+    assert "in.jsonl:3" in messages["in.jsonl:3"] and "'text'" in messages["in.jsonl:3"]
+    assert "empty" in messages["in.jsonl:4"]
+    assert "ContextLengthExceeded" == records[4]["error"]["type"]
+    assert "in.jsonl:5" in messages["in.jsonl:5"]
+    assert [r for r in records if r["status"] == "error"] == read_jsonl(errors)
+    assert 2 == sim.stats().ok  # the unusable records were never sent
+
+
+async def test_skip_leaves_failed_records_out_of_the_output(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """``--on-error skip``: the output holds only answers; the errors file has the rest."""
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"text": "fine"}\nnot json\n')
+    out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
+    done = await llmbatch(
+        *run_args(simulator, source, out, "--on-error", "skip", "--errors", errors), cwd=tmp_path
+    )
+    assert 1 == done.code
+    assert ["ok"] == [r["status"] for r in read_jsonl(out)]
+    assert ["in.jsonl:2"] == [r["source"] for r in read_jsonl(errors)]
+
+
+async def test_unknown_input_format_is_a_usage_error(tmp_path: Path) -> None:
+    """An input whose format cannot be told exits 2 with a message, calling nothing."""
+    (tmp_path / "in.xml").write_text("<a/>")
+    done = await llmbatch(
+        "run", "in.xml", "-o", "out.jsonl", "--provider", "http://127.0.0.1:9/v1", cwd=tmp_path
+    )
+    assert 2 == done.code
+    assert "cannot tell the format" in done.stderr
+
+
+# -- exit codes, fatal errors, budget, fail-fast -------------------------------------
+
+
+async def test_a_rejected_key_aborts_the_run_with_exit_2(
+    simulator_factory: SimulatorFactory, tmp_path: Path
+) -> None:
+    """A fatal error (the key is refused) stops the run; nothing is lost: every record
+    is in the output as pending, and the key never appears anywhere."""
+    sim = await simulator_factory(api_keys=["sk-the-right-key-000000000000"])
+    source = write_jsonl(tmp_path / "in.jsonl", docs(10))
+    out = tmp_path / "out.jsonl"
+    log = tmp_path / "log.jsonl"
+    done = await llmbatch(*run_args(sim, source, out, "--log-json", log), cwd=tmp_path)
+    assert 2 == done.code, done.stderr
+    assert "AuthenticationFailed" in done.stderr
+    statuses = [r["status"] for r in read_jsonl(out)]
+    assert 10 == len(statuses)
+    assert {"pending", "error"} >= set(statuses)
+    assert_no_canary(tmp_path, done)
+
+
+async def test_fail_fast_aborts_at_the_first_failure(simulator: Simulator, tmp_path: Path) -> None:
+    """``--on-error fail-fast``: the first failed record aborts the run (exit 2)."""
+    source = tmp_path / "in.jsonl"
+    source.write_text("not json\n" + "".join(json.dumps(d) + "\n" for d in docs(3)))
+    out = tmp_path / "out.jsonl"
+    done = await llmbatch(
+        *run_args(simulator, source, out, "--on-error", "fail-fast", "--concurrency", "1"),
+        cwd=tmp_path,
+    )
+    assert 2 == done.code
+    assert "aborted" in done.stderr
+    assert "error" == read_jsonl(out)[0]["status"]
+
+
+async def test_the_budget_stops_the_job_and_counts_earlier_runs(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """``--max-cost`` is the job's budget: once spent (earlier runs included), no new
+    record starts; the run exits 2 and the unstarted records stay pending."""
+    source = write_jsonl(tmp_path / "in.jsonl", docs(30))
+    out = tmp_path / "out.jsonl"
+    first = await llmbatch(*run_args(simulator, source, out, "--limit", "10"), cwd=tmp_path)
+    assert 0 == first.code
+    spent = sum(r["cost"] for r in read_jsonl(out))
+    second = await llmbatch(
+        *run_args(simulator, source, out, "--max-cost", f"{spent:.10f}", "--concurrency", "1"),
+        cwd=tmp_path,
+    )
+    assert 2 == second.code, second.stderr
+    assert "BudgetExhausted" in second.stderr
+    assert 10 == simulator.stats().ok  # the budget was already spent: nothing sent
+    assert 20 == sum(r["status"] == "pending" for r in read_jsonl(out))
+
+
+# -- resume, fingerprints, retry-failed ------------------------------------------------
+
+
+async def test_rerun_sends_only_what_is_missing(simulator: Simulator, tmp_path: Path) -> None:
+    """The same command after a partial run sends only the records not answered yet, and
+    a third run sends nothing."""
+    inputs = docs(25)
+    source = write_jsonl(tmp_path / "in.jsonl", inputs)
+    out = tmp_path / "out.jsonl"
+    first = await llmbatch(*run_args(simulator, source, out, "--limit", "10"), cwd=tmp_path)
+    assert 0 == first.code
+    assert 10 == len(read_jsonl(out))
+    second = await llmbatch(*run_args(simulator, source, out), cwd=tmp_path)
+    assert 0 == second.code, second.stderr
+    assert "10 from earlier runs" in second.stderr
+    assert 25 == simulator.stats().ok
+    third = await llmbatch(*run_args(simulator, source, out), cwd=tmp_path)
+    assert 0 == third.code
+    assert 25 == simulator.stats().ok
+    assert_answers(read_jsonl(out), inputs)
+    assert 0 == simulator.stats().duplicates
+
+
+async def test_a_changed_prompt_is_refused_until_fresh(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """Another prompt against the same checkpoint is refused (exit 2, nothing sent);
+    ``--fresh`` starts over."""
+    source = write_jsonl(tmp_path / "in.jsonl", docs(3))
+    out = tmp_path / "out.jsonl"
+    assert 0 == (await llmbatch(*run_args(simulator, source, out), cwd=tmp_path)).code
+    changed = [*run_args(simulator, source, out)]
+    changed[changed.index(TEMPLATE)] = "Translate: {text}"
+    refused = await llmbatch(*changed, cwd=tmp_path)
+    assert 2 == refused.code
+    assert "different job" in refused.stderr and "template" in refused.stderr
+    assert 3 == simulator.stats().ok
+    fresh = await llmbatch(*changed, "--fresh", cwd=tmp_path)
+    assert 0 == fresh.code, fresh.stderr
+    assert 6 == simulator.stats().ok
+
+
+async def test_a_changed_record_is_answered_again(simulator: Simulator, tmp_path: Path) -> None:
+    """A record whose content changed under the same id is sent again, not served stale."""
+    inputs = docs(3)
+    source = write_jsonl(tmp_path / "in.jsonl", inputs)
+    out = tmp_path / "out.jsonl"
+    args = run_args(simulator, source, out, "--id-field", "id")
+    assert 0 == (await llmbatch(*args, cwd=tmp_path)).code
+    inputs[1] = {"id": inputs[1]["id"], "text": "a rewritten document"}
+    write_jsonl(source, inputs)
+    again = await llmbatch(*args, cwd=tmp_path)
+    assert 0 == again.code
+    assert 4 == simulator.stats().ok
+    assert_answers(read_jsonl(out), inputs)
+
+
+async def test_failed_records_are_retried_only_when_asked(
+    simulator_factory: SimulatorFactory, tmp_path: Path
+) -> None:
+    """A record that failed stays failed on rerun; ``--retry-failed`` sends it again."""
+    sim = await simulator_factory(context_window=100)
+    source = write_jsonl(tmp_path / "in.jsonl", [{"text": "short"}, {"text": "long " * 500}])
+    out = tmp_path / "out.jsonl"
+    args = run_args(sim, source, out, "--max-tokens", "20")
+    assert 1 == (await llmbatch(*args, cwd=tmp_path)).code
+    assert ["ok", "error"] == [r["status"] for r in read_jsonl(out)]
+    assert 2 == sim.stats().requests
+    assert 1 == (await llmbatch(*args, cwd=tmp_path)).code
+    assert 2 == sim.stats().requests
+    retried = await llmbatch(*args, "--retry-failed", cwd=tmp_path)
+    assert 1 == retried.code
+    assert 3 == sim.stats().requests
+
+
+# -- crashes and interruptions ---------------------------------------------------------
+
+
+def stored_count(store: Path) -> int:
+    if not store.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=1) as db:
+            return int(db.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
+
+
+async def kill_when_stored(proc: asyncio.subprocess.Process, store: Path, count: int) -> None:
+    while proc.returncode is None and stored_count(store) < count:
+        await asyncio.sleep(0.005)
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGKILL)
+    await proc.wait()
+
+
+KILL_POINTS = [
+    "item:1",  # right after the first record is stored
+    "item:23",  # mid-run, with requests in flight
+    "item:40",  # the last record stored, before the output is written
+    "output:0",  # the output file opened, nothing written
+    "output:17",  # in the middle of writing the output
+    "rename:0",  # the output written, not yet renamed into place
+]
+
+
+@pytest.mark.parametrize("point", [*KILL_POINTS, "random:1", "random:2", "random:3"])
+async def test_kill_minus_9_then_rerun_loses_nothing_and_pays_once(
+    simulator_factory: SimulatorFactory, tmp_path: Path, point: str
+) -> None:
+    """SIGKILL at a point of the run, then the same command: the output has every
+    record exactly once, and only requests in flight at the kill were answered twice."""
+    sim = await simulator_factory(ttft=0.01, jitter=0.01, seed=3)
+    inputs = docs(40)
+    source = write_jsonl(tmp_path / "in.jsonl", inputs)
+    out = tmp_path / "out.jsonl"
+    out.write_text("a previous output\n")
+    args = [*run_args(sim, source, out, "--concurrency", "4", "--id-field", "id")]
+    if point.startswith("random"):
+        rng = random.Random(point)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "llmbatch",
+            *map(str, args),
+            cwd=tmp_path,
+            env=cli_env(),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        await asyncio.wait_for(
+            kill_when_stored(proc, tmp_path / "out.jsonl.llmbatch.sqlite", rng.randint(1, 39)), 60
+        )
+        assert -signal.SIGKILL == proc.returncode
+    else:
+        killed = await llmbatch(*args, cwd=tmp_path, env=cli_env(LLMBATCH_TEST_KILL_AT=point))
+        assert -signal.SIGKILL == killed.code, killed.stderr
+    # The output is the old file or a whole new one, never a torn one.
+    old = out.read_text()
+    assert old == "a previous output\n" or len(read_jsonl(out)) == 40
+    rerun = await llmbatch(*args, cwd=tmp_path)
+    assert 0 == rerun.code, rerun.stderr
+    records = read_jsonl(out)
+    assert [d["id"] for d in inputs] == [r["key"] for r in records]
+    assert_answers(records, inputs)
+    stats = sim.stats()
+    assert stats.duplicates <= 4  # at most the requests in flight at the kill
+    if point.startswith(("output", "rename", "item:40")):
+        assert 0 == stats.duplicates  # everything was stored before the kill
+    assert not (tmp_path / "out.jsonl.partial").exists()
+
+
+async def test_ctrl_c_stops_at_once_keeps_what_finished_and_exits_130(
+    simulator_factory: SimulatorFactory, tmp_path: Path
+) -> None:
+    """SIGINT while requests hang: the run stops without waiting for them, writes the
+    output (finished records answered, the rest pending) and exits 130; the same
+    command then finishes the job."""
+    sim = await simulator_factory(script=[])
+    inputs = docs(12)
+    source = write_jsonl(tmp_path / "in.jsonl", inputs)
+    out = tmp_path / "out.jsonl"
+    args = run_args(sim, source, out, "--concurrency", "2", "--id-field", "id")
+    # First, 4 records answered quickly; then every request hangs for an hour.
+    first = await llmbatch(*args, "--limit", "4", cwd=tmp_path)
+    assert 0 == first.code
+    hanging = await simulator_factory(hang=1.0, hang_seconds=3600)
+    hang_args = run_args(hanging, source, out, "--concurrency", "2", "--id-field", "id")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "llmbatch",
+        *map(str, hang_args),
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    while hanging.stats().in_flight < 2:  # both workers are stuck in a request
+        await asyncio.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = await asyncio.wait_for(proc.communicate(), 5)
+    assert 130 == proc.returncode, err.decode()
+    assert "interrupted" in err.decode()
+    records = read_jsonl(out)
+    assert ["ok"] * 4 + ["pending"] * 8 == [r["status"] for r in records]
+    done = await llmbatch(*args, cwd=tmp_path)
+    assert 0 == done.code
+    assert_answers(read_jsonl(out), inputs)
+
+
+# -- secrets ---------------------------------------------------------------------------
+
+
+def assert_no_canary(folder: Path, *runs: Done) -> None:
+    for run in runs:
+        assert CANARY not in run.stdout + run.stderr
+    for path in folder.rglob("*"):
+        if path.is_file():
+            assert CANARY.encode() not in path.read_bytes(), path
+
+
+async def test_the_api_key_never_reaches_logs_store_or_output(
+    simulator_factory: SimulatorFactory, tmp_path: Path
+) -> None:
+    """With the key accepted and with errors on the way (503s retried, a bad record),
+    the key appears in no log line, JSON log, checkpoint, output or errors file."""
+    sim = await simulator_factory(api_keys=[CANARY], errors={503: 0.3}, seed=5)
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(d) + "\n" for d in docs(15)) + "oops\n")
+    out = tmp_path / "out.jsonl"
+    run = await llmbatch(
+        *run_args(
+            sim,
+            source,
+            out,
+            "--log-json",
+            tmp_path / "log.jsonl",
+            "--errors",
+            tmp_path / "e.jsonl",
+            "-v",
+        ),
+        cwd=tmp_path,
+    )
+    assert 1 == run.code, run.stderr
+    assert 15 == sum(r["status"] == "ok" for r in read_jsonl(out))
+    status = await llmbatch("status", out, "--errors", cwd=tmp_path)
+    assert_no_canary(tmp_path, run, status)
+
+
+# -- observability ---------------------------------------------------------------------
+
+
+async def test_progress_lines_and_json_log_when_not_a_terminal(
+    simulator_factory: SimulatorFactory, tmp_path: Path
+) -> None:
+    """Without a terminal the run logs progress lines; ``--log-json`` gets the same
+    events as JSON objects; the summary table ends stderr."""
+    sim = await simulator_factory(ttft=0.05)
+    source = write_jsonl(tmp_path / "in.jsonl", docs(30))
+    out, log = tmp_path / "out.jsonl", tmp_path / "log.jsonl"
+    run = await llmbatch(
+        *run_args(
+            sim, source, out, "--concurrency", "2", "--progress-interval", "0.2", "--log-json", log
+        ),
+        cwd=tmp_path,
+    )
+    assert 0 == run.code
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    names = [e["event"] for e in events]
+    assert "run.config" in names and "job.start" in names
+    progress = [e for e in events if e["event"] == "run.progress"]
+    assert progress, names
+    assert {"finished", "total", "rpm", "tpm", "rate_limited", "cost", "eta_seconds"} <= set(
+        progress[-1]
+    )
+    assert 30 == progress[-1]["total"]
+    assert "run.progress" in run.stderr
+    assert "llmbatch run" in run.stderr and "checkpoint" in run.stderr
+
+
+# -- estimate, status, limits, serve-sim -----------------------------------------------
+
+
+async def test_estimate_counts_tokens_cost_and_time_without_calling(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """``estimate`` counts records, tokens, cost both ways and time at the limits, and
+    knows what an earlier run already answered; it sends nothing."""
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(d) + "\n" for d in docs(12)) + "bad\n")
+    args = [
+        "estimate",
+        source,
+        "--model",
+        "gpt-4o-mini",
+        "--provider",
+        "openai",
+        "--rpm",
+        "6",
+        "--prompt",
+        TEMPLATE,
+        "--as-json",
+    ]
+    done = await llmbatch(*args, "--max-tokens", "100", cwd=tmp_path)
+    assert 0 == done.code, done.stderr
+    estimate = json.loads(done.stdout)
+    assert 13 == estimate["records"] and 1 == estimate["invalid"] and 12 == estimate["to_send"]
+    assert 1200 == estimate["max_output_tokens"]
+    assert estimate["input_tokens"] > 12 * 5
+    assert estimate["cost_batch"] == pytest.approx(estimate["cost_online"] / 2)
+    assert "rpm" == estimate["binding_limit"] and 2.0 == estimate["minutes_at_limits"]
+    assert "o200k_base" == estimate["encoding"]
+    out = tmp_path / "out.jsonl"
+    ran = await llmbatch(
+        *run_args(simulator, source, out, "--limit", "5", "--max-tokens", "100"), cwd=tmp_path
+    )
+    assert 0 == ran.code
+    later = await llmbatch(*args, "--max-tokens", "100", "-o", out, cwd=tmp_path)
+    assert 5 == json.loads(later.stdout)["already_done"]
+    assert 5 == simulator.stats().ok
+
+
+async def test_dry_run_shows_the_first_request_and_sends_nothing(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """``run --dry-run`` prints the estimate and the first rendered prompt."""
+    source = write_jsonl(tmp_path / "in.jsonl", docs(3))
+    done = await llmbatch(
+        *run_args(simulator, source, tmp_path / "out.jsonl", "--dry-run"), cwd=tmp_path
+    )
+    assert 0 == done.code, done.stderr
+    assert "user: Summarize: document number 0 about topic 0" in done.stdout
+    assert 0 == simulator.stats().requests
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+async def test_status_reports_the_checkpoint(simulator: Simulator, tmp_path: Path) -> None:
+    """``status`` reads a run's checkpoint: counts, tokens, cost, and its errors."""
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(d) + "\n" for d in docs(4)) + "{broken\n")
+    out = tmp_path / "out.jsonl"
+    assert 1 == (await llmbatch(*run_args(simulator, source, out), cwd=tmp_path)).code
+    done = await llmbatch("status", out, "--errors", "--as-json", cwd=tmp_path)
+    assert 0 == done.code, done.stderr
+    report = json.loads(done.stdout)
+    assert (4, 0, 1) == (report["done"], report["failed"], report["invalid"])
+    assert "gpt-4o-mini" == report["job"]["model"]
+    assert ["in.jsonl:5"] == [e["source"] for e in report["errors"]]
+    table = await llmbatch("status", out, cwd=tmp_path)
+    assert "done" in table.stdout and "4" in table.stdout
+
+
+async def test_limits_prints_what_the_headers_say(
+    simulator_factory: SimulatorFactory, tmp_path: Path
+) -> None:
+    """``limits`` makes one call and reports the provider's limits from its headers."""
+    sim = await simulator_factory(rpm=321, tpm=45_000)
+    done = await llmbatch("limits", "--provider", sim.base_url, "--as-json", cwd=tmp_path)
+    assert 0 == done.code, done.stderr
+    report = json.loads(done.stdout)
+    assert {"rpm": 321, "tpm": 45_000} == report["limits"]
+    assert 320 == report["remaining"]["rpm"]
+    assert 1 == sim.stats().requests
+
+
+async def test_serve_sim_is_a_subcommand(tmp_path: Path) -> None:
+    """``llmbatch serve-sim`` starts the simulator and prints its base URL first."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "llmbatch",
+        "serve-sim",
+        "--port",
+        "0",
+        "--rpm",
+        "60",
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 30)
+    proc.send_signal(signal.SIGINT)
+    await asyncio.wait_for(proc.wait(), 30)
+    assert line.decode().startswith("http://127.0.0.1:") and line.decode().strip().endswith("/v1")
+
+
+# -- the embedded default --------------------------------------------------------------
+
+
+@pytest.mark.local_model
+async def test_readme_main_job_on_the_embedded_model(tmp_path: Path) -> None:
+    """The README's first command, on a few documents: with no API key the local model
+    answers, and the run says so in one line."""
+    env = cli_env()
+    env.pop("OPENAI_API_KEY")
+    out = tmp_path / "summaries.jsonl"
+    done = await llmbatch(
+        "run",
+        EXAMPLES / "docs",
+        "-o",
+        out,
+        "--limit",
+        "3",
+        "--max-tokens",
+        "48",
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
+    )
+    assert 0 == done.code, done.stderr
+    assert 1 == done.stderr.count("using the embedded local model")
+    records = read_jsonl(out)
+    assert ["argparse.txt", "ast.txt", "calendar.txt"] == [r["key"] for r in records]
+    assert all(r["status"] == "ok" and r["answer"].strip() for r in records)
