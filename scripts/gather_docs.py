@@ -16,11 +16,42 @@ import inspect
 import sys
 from pathlib import Path
 
-MODULES = (
-    "argparse ast calendar collections copy csv difflib gettext heapq itertools json lzma "
-    "mimetypes operator optparse pickle pprint random re sched shelve smtplib socketserver "
-    "sqlite3 statistics string subprocess tempfile timeit tokenize trace typing unittest uuid"
-).split()
+MODULES = [
+    "argparse",
+    "ast",
+    "calendar",
+    "collections",
+    "copy",
+    "csv",
+    "difflib",
+    "gettext",
+    "heapq",
+    "itertools",
+    "json",
+    "lzma",
+    "mimetypes",
+    "operator",
+    "optparse",
+    "pickle",
+    "pprint",
+    "random",
+    "re",
+    "sched",
+    "shelve",
+    "smtplib",
+    "socketserver",
+    "sqlite3",
+    "statistics",
+    "string",
+    "subprocess",
+    "tempfile",
+    "timeit",
+    "tokenize",
+    "trace",
+    "typing",
+    "unittest",
+    "uuid",
+]
 MAX_CHARS = 1500
 DOCS = Path(__file__).resolve().parent.parent / "examples" / "docs"
 

@@ -53,7 +53,7 @@ async def llmbatch(
     cwd: Path,
     env: dict[str, str] | None = None,
     stdin: str | None = None,
-    timeout: float = 120,
+    seconds: float = 120,
 ) -> Done:
     """Run ``python -m llmbatch ARGS`` to completion."""
     proc = await asyncio.create_subprocess_exec(
@@ -68,13 +68,13 @@ async def llmbatch(
         stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(
-        proc.communicate(stdin.encode() if stdin is not None else None), timeout
+        proc.communicate(stdin.encode() if stdin is not None else None), seconds
     )
     assert proc.returncode is not None
     return Done(proc.returncode, out.decode(), err.decode())
 
 
-def run_args(sim: Simulator, source: Path | str, out: Path, *extra: str) -> list[str | Path]:
+def run_args(sim: Simulator, source: Path | str, out: Path, *extra: str | Path) -> list[str | Path]:
     return [
         "run",
         source,
@@ -232,7 +232,8 @@ async def test_bad_records_fail_alone_with_their_line_number(
     assert [f"in.jsonl:{i}" for i in range(1, 7)] == [r["source"] for r in records]
     messages = {r["source"]: r["error"]["message"] for r in records if r["status"] == "error"}
     assert "line 2: not valid JSON" in messages["in.jsonl:2"]
-    assert "in.jsonl:3" in messages["in.jsonl:3"] and "'text'" in messages["in.jsonl:3"]
+    assert "in.jsonl:3" in messages["in.jsonl:3"]
+    assert "'text'" in messages["in.jsonl:3"]
     assert "empty" in messages["in.jsonl:4"]
     assert "ContextLengthExceeded" == records[4]["error"]["type"]
     assert "in.jsonl:5" in messages["in.jsonl:5"]
@@ -355,7 +356,8 @@ async def test_a_changed_prompt_is_refused_until_fresh(
     changed[changed.index(TEMPLATE)] = "Translate: {text}"
     refused = await llmbatch(*changed, cwd=tmp_path)
     assert 2 == refused.code
-    assert "different job" in refused.stderr and "template" in refused.stderr
+    assert "different job" in refused.stderr
+    assert "template" in refused.stderr
     assert 3 == simulator.stats().ok
     fresh = await llmbatch(*changed, "--fresh", cwd=tmp_path)
     assert 0 == fresh.code, fresh.stderr
@@ -409,7 +411,7 @@ def stored_count(store: Path) -> int:
 
 
 async def kill_when_stored(proc: asyncio.subprocess.Process, store: Path, count: int) -> None:
-    while proc.returncode is None and stored_count(store) < count:
+    while proc.returncode is None and stored_count(store) < count:  # noqa: ASYNC110 - another process's state: nothing to wait on
         await asyncio.sleep(0.005)
     if proc.returncode is None:
         proc.send_signal(signal.SIGKILL)
@@ -498,7 +500,7 @@ async def test_ctrl_c_stops_at_once_keeps_what_finished_and_exits_130(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    while hanging.stats().in_flight < 2:  # both workers are stuck in a request
+    while hanging.stats().in_flight < 2:  # noqa: ASYNC110 - the child's requests: no event
         await asyncio.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     _, err = await asyncio.wait_for(proc.communicate(), 5)
@@ -570,7 +572,8 @@ async def test_progress_lines_and_json_log_when_not_a_terminal(
     assert 0 == run.code
     events = [json.loads(line) for line in log.read_text().splitlines()]
     names = [e["event"] for e in events]
-    assert "run.config" in names and "job.start" in names
+    assert "run.config" in names
+    assert "job.start" in names
     progress = [e for e in events if e["event"] == "run.progress"]
     assert progress, names
     assert {"finished", "total", "rpm", "tpm", "rate_limited", "cost", "eta_seconds"} <= set(
@@ -578,7 +581,8 @@ async def test_progress_lines_and_json_log_when_not_a_terminal(
     )
     assert 30 == progress[-1]["total"]
     assert "run.progress" in run.stderr
-    assert "llmbatch run" in run.stderr and "checkpoint" in run.stderr
+    assert "llmbatch run" in run.stderr
+    assert "checkpoint" in run.stderr
 
 
 # -- estimate, status, limits, serve-sim -----------------------------------------------
@@ -591,7 +595,7 @@ async def test_estimate_counts_tokens_cost_and_time_without_calling(
     knows what an earlier run already answered; it sends nothing."""
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps(d) + "\n" for d in docs(12)) + "bad\n")
-    args = [
+    args: list[str | Path] = [
         "estimate",
         source,
         "--model",
@@ -607,11 +611,14 @@ async def test_estimate_counts_tokens_cost_and_time_without_calling(
     done = await llmbatch(*args, "--max-tokens", "100", cwd=tmp_path)
     assert 0 == done.code, done.stderr
     estimate = json.loads(done.stdout)
-    assert 13 == estimate["records"] and 1 == estimate["invalid"] and 12 == estimate["to_send"]
+    assert 13 == estimate["records"]
+    assert 1 == estimate["invalid"]
+    assert 12 == estimate["to_send"]
     assert 1200 == estimate["max_output_tokens"]
     assert estimate["input_tokens"] > 12 * 5
     assert estimate["cost_batch"] == pytest.approx(estimate["cost_online"] / 2)
-    assert "rpm" == estimate["binding_limit"] and 2.0 == estimate["minutes_at_limits"]
+    assert "rpm" == estimate["binding_limit"]
+    assert 2.0 == estimate["minutes_at_limits"]
     assert "o200k_base" == estimate["encoding"]
     out = tmp_path / "out.jsonl"
     ran = await llmbatch(
@@ -650,7 +657,8 @@ async def test_status_reports_the_checkpoint(simulator: Simulator, tmp_path: Pat
     assert "gpt-4o-mini" == report["job"]["model"]
     assert ["in.jsonl:5"] == [e["source"] for e in report["errors"]]
     table = await llmbatch("status", out, cwd=tmp_path)
-    assert "done" in table.stdout and "4" in table.stdout
+    assert "done" in table.stdout
+    assert "4" in table.stdout
 
 
 async def test_limits_prints_what_the_headers_say(
@@ -685,7 +693,8 @@ async def test_serve_sim_is_a_subcommand(tmp_path: Path) -> None:
     line = await asyncio.wait_for(proc.stdout.readline(), 30)
     proc.send_signal(signal.SIGINT)
     await asyncio.wait_for(proc.wait(), 30)
-    assert line.decode().startswith("http://127.0.0.1:") and line.decode().strip().endswith("/v1")
+    assert line.decode().startswith("http://127.0.0.1:")
+    assert line.decode().strip().endswith("/v1")
 
 
 # -- the embedded default --------------------------------------------------------------
@@ -709,7 +718,7 @@ async def test_readme_main_job_on_the_embedded_model(tmp_path: Path) -> None:
         "48",
         cwd=tmp_path,
         env=env,
-        timeout=600,
+        seconds=600,
     )
     assert 0 == done.code, done.stderr
     assert 1 == done.stderr.count("using the embedded local model")

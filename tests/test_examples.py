@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +16,18 @@ from llmbatch.testing._content import content_tag
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
-def run_summarize(out: Path, provider: str) -> subprocess.CompletedProcess[str]:
+def run_summarize(out: Path, provider: str, docs: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
     return subprocess.run(
-        [sys.executable, str(EXAMPLES / "summarize.py"), "-o", str(out), "--provider", provider],
+        [
+            sys.executable,
+            str(EXAMPLES / "summarize.py"),
+            str(docs),
+            "-o",
+            str(out),
+            "--provider",
+            provider,
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -27,17 +36,26 @@ def run_summarize(out: Path, provider: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def docs_with_an_empty_one(folder: Path, n: int) -> Path:
+    """The first *n* example documents, plus an empty one."""
+    folder.mkdir()
+    for doc in sorted((EXAMPLES / "docs").glob("*.txt"))[:n]:
+        shutil.copy(doc, folder / doc.name)
+    (folder / "empty.txt").write_text("")
+    return folder
+
+
 def test_summarize_example_against_the_simulator(tmp_path: Path) -> None:
     """examples/summarize.py writes one record per document: a summary that belongs to
     that document (despite 10% of requests failing), or an error for the empty one."""
     out = tmp_path / "summaries.jsonl"
-    done = run_summarize(out, "simulator")
-    assert "11 summarized, 1 failed" in done.stdout
+    docs = docs_with_an_empty_one(tmp_path / "docs", 34)
+    done = run_summarize(out, "simulator", docs)
+    assert "34 summarized, 1 failed" in done.stdout
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    docs = sorted(p.name for p in (EXAMPLES / "docs").glob("*.txt"))
-    assert docs == [r["doc"] for r in records]
+    assert sorted(p.name for p in docs.glob("*.txt")) == [r["doc"] for r in records]
     for record in records:
-        text = (EXAMPLES / "docs" / record["doc"]).read_text()
+        text = (docs / record["doc"]).read_text()
         if record["doc"] == "empty.txt":
             assert "ValueError" == record["error"]["error_type"]
         else:
@@ -46,12 +64,12 @@ def test_summarize_example_against_the_simulator(tmp_path: Path) -> None:
 
 @pytest.mark.local_model
 def test_summarize_example_with_the_local_model(tmp_path: Path) -> None:
-    """The README's main job: with no API key, the embedded model summarizes every
-    non-empty document."""
+    """The flow example with no API key: the embedded model summarizes every non-empty
+    document, and the empty one is an error record."""
     out = tmp_path / "summaries.jsonl"
-    done = run_summarize(out, "auto")
+    done = run_summarize(out, "auto", docs_with_an_empty_one(tmp_path / "docs", 2))
     assert "via the embedded local model" in done.stdout
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert 12 == len(records)
+    assert 3 == len(records)
     assert [r["doc"] for r in records if "error" in r] == ["empty.txt"]
     assert all(r["summary"] for r in records if "summary" in r)
