@@ -34,7 +34,7 @@ import structlog
 from rich.console import Console
 from rich.table import Table
 
-from llmbatch.config import load_profiles, profile_for
+from llmbatch.config import config_file, load_profiles, profile_for
 from llmbatch.errors import LLMBatchError, redact
 from llmbatch.io import FORMATS, count_records
 from llmbatch.job import DEFAULT_TEMPLATE, JobProgress, JobSpec, prepare, run_job, write_output
@@ -421,8 +421,11 @@ async def _run(
         return EXIT_ABORTED
     provider = choice.open()
     client = LLMClient(provider, model=spec.model, max_tokens=spec.max_tokens, limits=limits)
+    config = config_file()
     logger.info(
         "run.config",
+        profile=f"{choice.name}/{spec.model}",
+        config=str(config) if config is not None else "built-in profiles",
         provider=choice.name,
         base_url=choice.base_url,
         model=spec.model,
@@ -506,17 +509,25 @@ def _count(spec: JobSpec) -> int | None:
 def _progress_display(
     console: Console, progress: JobProgress, client: Any, model: str, interval: float
 ) -> Iterator[None]:
-    """A live display on a terminal; a log line every *interval* seconds otherwise."""
+    """A live display on a terminal; a log line every *interval* seconds otherwise.
+    Either way the numbers are read on the event loop (the client and its limiter
+    belong to it), by a task that lives as long as the ``with`` block."""
     if console.is_terminal:
         from rich.live import Live
 
-        with Live(
-            console=console,
-            refresh_per_second=4,
-            transient=True,
-            get_renderable=lambda: _live_view(progress, client, model),
-        ):
-            yield
+        live = Live(console=console, auto_refresh=False, transient=True)
+
+        async def redraw() -> None:
+            while True:
+                live.update(_live_view(progress, client, model), refresh=True)
+                await asyncio.sleep(0.25)
+
+        with live:
+            task = asyncio.ensure_future(redraw())
+            try:
+                yield
+            finally:
+                task.cancel()
         return
     task = asyncio.ensure_future(_log_progress(progress, client, model, interval))
     try:
@@ -561,8 +572,8 @@ def _live_view(progress: JobProgress, client: Any, model: str) -> Table:
         f"ETA {eta}",
     )
     table.add_row(
-        f"{s['rpm']:.0f}/{s['rpm_limit'] or '-'} req/min",
-        f"{s['tpm']}/{s['tpm_limit'] or '-'} tok/min",
+        f"{s['rpm']:.0f}/{_limit(s['rpm_limit'])} req/min",
+        f"{s['tpm']}/{_limit(s['tpm_limit'])} tok/min",
         f"{s['rate_limited']} 429s",
         f"spent {_money(s['cost'])}",
         "",
@@ -575,6 +586,10 @@ async def _log_progress(progress: JobProgress, client: Any, model: str, interval
     while True:
         await asyncio.sleep(interval)
         logger.info("run.progress", **_snapshot(progress, client, model))
+
+
+def _limit(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def _seconds(value: float | None) -> str:

@@ -6,7 +6,7 @@ profiles cover common models with conservative first-tier limits; a model withou
 ``Limits.auto()`` (learned from the provider's headers) and no price.
 
 Override or add profiles in ``llmbatch.toml`` (the working directory's, or the file named
-by ``LLMBATCH_CONFIG``)::
+by ``LLMBATCH_CONFIG``; or a ``[tool.llmbatch.models."..."]`` table in ``pyproject.toml``)::
 
     [models."openai/gpt-4o-mini"]
     rpm = 5000
@@ -34,7 +34,7 @@ from typing import Any
 from llmbatch.limits import Limits
 from llmbatch.models import Usage
 
-__all__ = ["BUILTIN_PROFILES", "ModelProfile", "load_profiles", "profile_for"]
+__all__ = ["BUILTIN_PROFILES", "ModelProfile", "config_file", "load_profiles", "profile_for"]
 
 _LIMIT_FIELDS = {f.name for f in fields(Limits)}
 
@@ -145,25 +145,46 @@ def _from_table(name: str, table: Mapping[str, Any], base: ModelProfile | None) 
     return replace(profile, **price_changes)
 
 
+def config_file(path: str | Path | None = None) -> Path | None:
+    """The configuration file in force: *path*, else ``$LLMBATCH_CONFIG``, else
+    ``./llmbatch.toml``, else ``./pyproject.toml`` if it has a ``[tool.llmbatch]`` table.
+
+    Raises:
+        ValueError: a file named explicitly does not exist.
+    """
+    chosen = path or os.environ.get("LLMBATCH_CONFIG")
+    if chosen:
+        if not Path(chosen).is_file():
+            raise ValueError(f"configuration file not found: {chosen}")
+        return Path(chosen)
+    if Path("llmbatch.toml").is_file():
+        return Path("llmbatch.toml")
+    pyproject = Path("pyproject.toml")
+    if pyproject.is_file():
+        with pyproject.open("rb") as f:
+            if "llmbatch" in tomllib.load(f).get("tool", {}):
+                return pyproject
+    return None
+
+
 def load_profiles(path: str | Path | None = None) -> dict[str, ModelProfile]:
     """The built-in profiles, overridden by the TOML file, then by ``LLMBATCH_PROFILES``.
 
     Args:
-        path: the file (default: ``$LLMBATCH_CONFIG``, else ``./llmbatch.toml`` if present).
+        path: the file (default: see :func:`config_file`).
 
     Raises:
         ValueError: the file has unknown settings, a bad model name, or bad limits.
     """
     profiles = dict(BUILTIN_PROFILES)
-    chosen = path or os.environ.get("LLMBATCH_CONFIG")
-    file = Path(chosen) if chosen else Path("llmbatch.toml")
-    if file.is_file():
-        with file.open("rb") as f:
+    found = config_file(path)
+    if found is not None:
+        with found.open("rb") as f:
             data = tomllib.load(f)
+        if found.name == "pyproject.toml":
+            data = data.get("tool", {}).get("llmbatch", {})
         for name, table in (data.get("models") or {}).items():
             profiles[name] = _from_table(name, table, profiles.get(name))
-    elif chosen:
-        raise ValueError(f"configuration file not found: {file}")
     overrides = os.environ.get("LLMBATCH_PROFILES")
     if overrides:
         try:

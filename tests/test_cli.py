@@ -725,3 +725,23 @@ async def test_readme_main_job_on_the_embedded_model(tmp_path: Path) -> None:
     records = read_jsonl(out)
     assert ["argparse.txt", "ast.txt", "calendar.txt"] == [r["key"] for r in records]
     assert all(r["status"] == "ok" and r["answer"].strip() for r in records)
+
+
+async def test_live_display_on_a_terminal(
+    simulator_factory: SimulatorFactory, tmp_path: Path
+) -> None:
+    """On a terminal (rich's ``TTY_COMPATIBLE=1``) the run draws a live view of records,
+    rates against the limits, 429s and spend, read on the event loop without errors."""
+    sim = await simulator_factory(ttft=0.1)
+    source = write_jsonl(tmp_path / "in.jsonl", docs(16))
+    out = tmp_path / "out.jsonl"
+    run = await llmbatch(
+        *run_args(sim, source, out, "--concurrency", "2"),
+        cwd=tmp_path,
+        env=cli_env(TTY_COMPATIBLE="1"),
+    )
+    assert 0 == run.code, run.stderr
+    assert "Traceback" not in run.stderr
+    assert "records" in run.stderr
+    assert "/100000 req/min" in run.stderr
+    assert "429s" in run.stderr

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from llmbatch.config import BUILTIN_PROFILES, ModelProfile, load_profiles, profile_for
+from llmbatch.config import (
+    BUILTIN_PROFILES,
+    ModelProfile,
+    config_file,
+    load_profiles,
+    profile_for,
+)
 from llmbatch.limits import Limits
 from llmbatch.models import Usage
 
@@ -97,3 +103,27 @@ def test_environment_json_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("LLMBATCH_PROFILES", "{rpm: 9")
     with pytest.raises(ValueError, match="LLMBATCH_PROFILES is not valid JSON"):
         load_profiles(config)
+
+
+def test_pyproject_tool_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without llmbatch.toml, ``[tool.llmbatch.models]`` in pyproject.toml is read."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LLMBATCH_CONFIG", raising=False)
+    (tmp_path / "pyproject.toml").write_text(
+        '[project]\nname = "x"\n[tool.llmbatch.models."openai/gpt-4o-mini"]\nrpm = 7\n'
+    )
+    assert tmp_path / "pyproject.toml" == config_file().absolute()
+    assert 7 == load_profiles()["openai/gpt-4o-mini"].limits.rpm
+    (tmp_path / "llmbatch.toml").write_text('[models."openai/gpt-4o-mini"]\nrpm = 9\n')
+    assert 9 == load_profiles()["openai/gpt-4o-mini"].limits.rpm
+
+
+def test_pyproject_without_a_tool_table_is_not_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pyproject.toml with no ``[tool.llmbatch]`` leaves the built-ins alone."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LLMBATCH_CONFIG", raising=False)
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\n')
+    assert config_file() is None
+    assert 500 == load_profiles()["openai/gpt-4o-mini"].limits.rpm
