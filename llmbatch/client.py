@@ -20,19 +20,37 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import string
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
 
+from llmbatch.batchapi import Journal, batch_backend, run_batch_api
 from llmbatch.config import ModelProfile, load_profiles, profile_for
 from llmbatch.errors import BudgetExhausted, LLMBatchError, RateLimited
-from llmbatch.failure import BatchResult, FailureStrategy, ItemError, OnError
+from llmbatch.failure import (
+    BatchFailed,
+    BatchResult,
+    FailFast,
+    FailureStrategy,
+    ItemError,
+    OnError,
+    Skip,
+    failure_strategy,
+)
 from llmbatch.limits import Limits, get_limiter
 from llmbatch.models import Request, Response, Usage
 from llmbatch.providers.base import AsyncClosing, Provider
 from llmbatch.retry import RetryLog, RetryPolicy, wait_retry_after
+from llmbatch.routing import choose_route
 from llmbatch.runner import (
     DEFAULT_MAX_CONCURRENCY,
     BatchStream,
@@ -40,6 +58,7 @@ from llmbatch.runner import (
     run_batch,
     stream_batch,
 )
+from llmbatch.tokens import openai_admission_estimate
 
 __all__ = ["ClientStatistics", "LLMClient", "build_request", "imap", "map", "map_sync"]
 
@@ -149,6 +168,8 @@ class LLMClient(AsyncClosing):
         self._failed = 0
         self._usage = Usage()
         self._cost: float | None = None
+        #: seconds before the first status check of a Batch API batch (then backing off)
+        self.batch_poll_interval = 15.0
 
     def __repr__(self) -> str:
         return f"<LLMClient {self.provider!r} model={self.model!r}>"
@@ -212,12 +233,7 @@ class LLMClient(AsyncClosing):
         except LLMBatchError:
             self._failed += 1
             raise
-        cost = self.profile(request.model or "").cost(response.usage)
-        self._succeeded += 1
-        self._usage = self._usage + response.usage
-        if cost is not None:
-            self._cost = (self._cost or 0.0) + cost
-        return replace(response, cost=cost)
+        return self.account(request, response)
 
     def _with_defaults(self, request: Request) -> Request:
         changes: dict[str, Any] = {}
@@ -289,19 +305,152 @@ class LLMClient(AsyncClosing):
         *,
         on_error: OnError | str | FailureStrategy | None = None,
         max_concurrency: int | None = None,
+        mode: str = "online",
+        deadline: float | None = None,
+        prefer: str | None = None,
+        journal: Journal | None = None,
     ) -> BatchResult[Response]:
-        """Answer many requests, in input order, under the failure policy."""
+        """Answer many requests, in input order, under the failure policy.
+
+        Args:
+            requests: the requests (their ``key`` names them in errors and batches).
+            on_error: the failure strategy (default: the client's).
+            max_concurrency: requests in flight at most (online).
+            mode: ``"online"``, ``"batch"`` (the provider's Batch API: half price,
+                answers within 24 h) or ``"auto"`` (see :mod:`llmbatch.routing`).
+            deadline: seconds within which the answers are needed (for ``"auto"``).
+            prefer: ``"cost"`` or ``"speed"`` (for ``"auto"``).
+            journal: where batch ids are recorded so that a rerun resumes polling
+                (a :class:`~llmbatch.store.Store`); batch mode only.
+        """
+        strategy = on_error or self.on_error
+        if mode != "online":
+            listed = [r async for r in _aiter(requests)]
+            model = next((r.model for r in listed if r.model), None) or self.model or ""
+            route = choose_route(
+                mode,
+                provider=self.provider,
+                profile=self.profile(model),
+                items=len(listed),
+                usage=_estimated_usage(listed, self.max_tokens),
+                deadline=deadline,
+                prefer=prefer,
+            )
+            if route.mode == "batch":
+                return await self._map_batch(listed, strategy, journal)
+            requests = listed
         return await run_batch(
             self.complete,
             requests,
             max_concurrency=max_concurrency or self.max_concurrency,
-            on_error=on_error or self.on_error,
+            on_error=strategy,
             key=_request_key,
         )
+
+    async def _map_batch(
+        self,
+        requests: list[Request],
+        on_error: OnError | str | FailureStrategy,
+        journal: Journal | None,
+    ) -> BatchResult[Response]:
+        """:meth:`map` through the provider's Batch API, with the same result objects."""
+        backend = batch_backend(self.provider)
+        if backend is None:
+            raise ValueError(f"the {self.provider.name} provider has no Batch API")
+        keyed: list[tuple[str, Request]] = []
+        for index, request in enumerate(requests):
+            request = self._with_defaults(request)
+            keyed.append((request.key or f"item-{index}", request))
+        outcomes = await run_batch_api(
+            backend,
+            keyed,
+            journal=journal,
+            poll_interval=self.batch_poll_interval,
+            sleep=self._sleep,
+        )
+        return self.batch_result(keyed, outcomes, on_error)
+
+    def batch_result(
+        self,
+        keyed: Sequence[tuple[str, Request]],
+        outcomes: Mapping[str, Response | LLMBatchError],
+        on_error: OnError | str | FailureStrategy,
+    ) -> BatchResult[Response]:
+        """Batch API outcomes as a :class:`BatchResult` in input order, priced at the
+        batch discount, under the failure strategy (fail-fast raises
+        :class:`~llmbatch.failure.BatchFailed` carrying everything)."""
+        results: list[Response | ItemError] = []
+        for index, (key, request) in enumerate(keyed):
+            outcome = outcomes[key]
+            if isinstance(outcome, Response):
+                results.append(self.account(request, outcome, batch=True))
+            else:
+                self._failed += 1
+                outcome.item_key = outcome.item_key or request.key
+                results.append(ItemError.from_exception(index, outcome, key=request.key))
+        strategy = failure_strategy(on_error)
+        skip = isinstance(strategy, Skip)
+        result = BatchResult(results, on_error=OnError.SKIP if skip else OnError.COLLECT)
+        first = next((r for r in results if isinstance(r, ItemError)), None)
+        if first is not None and isinstance(strategy, FailFast):
+            raise BatchFailed(first, reason="fail_fast", result=result)
+        return result
+
+    def account(self, request: Request, response: Response, *, batch: bool = False) -> Response:
+        """Count *response* in the statistics and price it (at the batch discount if
+        it came through a Batch API)."""
+        cost = self.profile(request.model or "").cost(response.usage, batch=batch)
+        self._succeeded += 1
+        self._usage = self._usage + response.usage
+        if cost is not None:
+            self._cost = (self._cost or 0.0) + cost
+        return replace(response, cost=cost, key=response.key or request.key)
 
 
 def _request_key(request: Request) -> str | None:
     return request.key
+
+
+async def _aiter(items: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item
+
+
+def _estimated_usage(requests: Sequence[Request], default_max_tokens: int | None) -> Usage:
+    """The job's tokens for a cost comparison: prompts by characters, output at the cap."""
+    prompt = output = 0
+    for request in requests:
+        prompt += openai_admission_estimate(request.messages)
+        output += (request.max_tokens or default_max_tokens or 0) * request.n
+    return Usage(input_tokens=prompt, output_tokens=output)
+
+
+@dataclass(slots=True)
+class _Answerer:
+    """What :func:`map` and :func:`imap` share: the provider (``owned``: this call made it
+    and must close it), the client, and how an item becomes a request and an answer."""
+
+    provider: Provider
+    owned: bool
+    client: LLMClient
+    template: str | Callable[[Any], Request | str]
+    system: str | None
+    key: Callable[[Any], str | None] | None
+
+    def request(self, item: Any) -> Request:
+        """The request for *item* (raises KeyError/ValueError for a bad item)."""
+        request = build_request(self.template, item, system=self.system)
+        item_key = self.key(item) if self.key is not None else None
+        if item_key is not None and request.key is None:
+            request = replace(request, key=item_key)
+        return request
+
+    async def __call__(self, item: Any) -> Response:
+        return await self.client.complete(self.request(item))
 
 
 def _item_answerer(
@@ -315,9 +464,8 @@ def _item_answerer(
     retry: RetryPolicy | None,
     max_cost: float | None,
     key: Callable[[Any], str | None] | None,
-) -> tuple[Provider, bool, Callable[[Any], Awaitable[Response]]]:
-    """What :func:`map` and :func:`imap` share: the provider (OpenAI from the environment
-    when none is given; ``owned`` says the caller must close it) and the per-item call."""
+) -> _Answerer:
+    """The :class:`_Answerer` (OpenAI from the environment when no provider is given)."""
     owned = provider is None
     if provider is None:
         from llmbatch.providers.openai import OpenAIProvider
@@ -331,15 +479,7 @@ def _item_answerer(
         retry=retry,
         max_cost=max_cost,
     )
-
-    async def one(item: Any) -> Response:
-        request = build_request(template, item, system=system)
-        item_key = key(item) if key is not None else None
-        if item_key is not None and request.key is None:
-            request = replace(request, key=item_key)
-        return await client.complete(request)
-
-    return provider, owned, one
+    return _Answerer(provider, owned, client, template, system, key)
 
 
 async def map(  # shadows builtins.map inside this module only: llmbatch.map is the API
@@ -357,6 +497,10 @@ async def map(  # shadows builtins.map inside this module only: llmbatch.map is 
     key: Callable[[Any], str | None] | None = None,
     max_cost: float | None = None,
     on_result: Callable[[int, Response | ItemError], None] | None = None,
+    mode: str = "online",
+    deadline: float | None = None,
+    prefer: str | None = None,
+    journal: Journal | None = None,
 ) -> BatchResult[Response]:
     """Answer one prompt per item, in one call.
 
@@ -379,14 +523,21 @@ async def map(  # shadows builtins.map inside this module only: llmbatch.map is 
             with :class:`~llmbatch.failure.BatchFailed` (reason ``"fatal"``) carrying
             what finished.
         on_result: called with ``(index, Response or ItemError)`` as each item
-            finishes; persist there to keep finished work across a Ctrl-C.
+            finishes; persist there to keep finished work across a Ctrl-C (online).
+        mode: ``"online"``, ``"batch"`` (the provider's Batch API: half price, answers
+            within 24 h, the same result objects) or ``"auto"`` (see
+            :mod:`llmbatch.routing`; the choice and the saving are logged).
+        deadline: seconds within which the answers are needed (for ``"auto"``).
+        prefer: ``"cost"`` or ``"speed"`` (for ``"auto"``).
+        journal: records batch ids so that a rerun after a crash resumes polling
+            instead of paying again (a :class:`~llmbatch.store.Store`).
 
     Returns:
         A :class:`~llmbatch.failure.BatchResult` of :class:`Response`, in input order.
         A prompt that cannot be built (empty document, missing field) is that item's
         error, not the batch's.
     """
-    provider, owned, one = _item_answerer(
+    answerer = _item_answerer(
         template,
         provider=provider,
         model=model,
@@ -398,8 +549,20 @@ async def map(  # shadows builtins.map inside this module only: llmbatch.map is 
         key=key,
     )
     try:
+        if mode != "online":
+            return await _map_routed(
+                answerer.client,
+                answerer.request,
+                items,
+                on_error=on_error,
+                mode=mode,
+                deadline=deadline,
+                prefer=prefer,
+                journal=journal,
+                max_concurrency=max_concurrency,
+            )
         return await run_batch(
-            one,
+            answerer,
             items,
             max_concurrency=max_concurrency,
             on_error=on_error,
@@ -407,8 +570,59 @@ async def map(  # shadows builtins.map inside this module only: llmbatch.map is 
             on_result=on_result,
         )
     finally:
-        if owned:
-            await provider.aclose()
+        if answerer.owned:
+            await answerer.provider.aclose()
+
+
+async def _map_routed(
+    client: LLMClient,
+    item_request: Callable[[Any], Request],
+    items: Iterable[Any] | AsyncIterable[Any],
+    *,
+    on_error: OnError | str | FailureStrategy,
+    mode: str,
+    deadline: float | None,
+    prefer: str | None,
+    journal: Journal | None,
+    max_concurrency: int,
+) -> BatchResult[Response]:
+    """:func:`map` with ``mode="batch"`` or ``"auto"``: every prompt is built first (a
+    bad item is its own error), the valid requests go where the route says, and the
+    results come back in input order under the failure strategy."""
+    results: list[Response | ItemError | None] = []
+    requests: list[Request] = []
+    positions: list[int] = []
+    async for item in _aiter(items):
+        index = len(results)
+        try:
+            request = item_request(item)
+        except (KeyError, ValueError) as exc:
+            results.append(ItemError.from_exception(index, exc))
+            continue
+        results.append(None)
+        requests.append(request)
+        positions.append(index)
+    answered = await client.map(
+        requests,
+        on_error=OnError.COLLECT,
+        mode=mode,
+        deadline=deadline,
+        prefer=prefer,
+        journal=journal,
+        max_concurrency=max_concurrency,
+    )
+    for position, outcome in zip(positions, answered.results, strict=True):
+        if isinstance(outcome, ItemError):
+            outcome = replace(outcome, index=position)
+        results[position] = outcome
+    final = [r for r in results if r is not None]
+    strategy = failure_strategy(on_error)
+    skip = isinstance(strategy, Skip)
+    result = BatchResult(final, on_error=OnError.SKIP if skip else OnError.COLLECT)
+    first = next((r for r in final if isinstance(r, ItemError)), None)
+    if first is not None and isinstance(strategy, FailFast):
+        raise BatchFailed(first, reason="fail_fast", result=result)
+    return result
 
 
 def imap(
@@ -432,7 +646,7 @@ def imap(
     each :class:`~llmbatch.runner.Outcome` has the item's input ``index`` and its
     Response or ItemError; nothing is kept once handed out.
     """
-    provider, owned, one = _item_answerer(
+    answerer = _item_answerer(
         template,
         provider=provider,
         model=model,
@@ -444,10 +658,10 @@ def imap(
         key=key,
     )
     stream: BatchStream[Response] = stream_batch(
-        one, items, max_concurrency=max_concurrency, on_error=on_error, key=key
+        answerer, items, max_concurrency=max_concurrency, on_error=on_error, key=key
     )
-    if owned:
-        stream.call_on_close(provider.aclose)
+    if answerer.owned:
+        stream.call_on_close(answerer.provider.aclose)
     return stream
 
 

@@ -51,6 +51,7 @@ class ModelProfile:
         output_price: USD per million output tokens.
         cached_input_price: USD per million cached input tokens (default: input price).
         batch_discount: the Batch API's discount (0.5 = half price).
+        batch_min_items: the smallest job ``mode="auto"`` sends through the Batch API.
     """
 
     provider: str
@@ -60,6 +61,7 @@ class ModelProfile:
     output_price: float | None = None
     cached_input_price: float | None = None
     batch_discount: float = 0.5
+    batch_min_items: int = 100
 
     def cost(self, usage: Usage, *, batch: bool = False) -> float | None:
         """The price of *usage* in USD, or ``None`` when the prices are unknown."""
@@ -131,6 +133,7 @@ def _from_table(name: str, table: Mapping[str, Any], base: ModelProfile | None) 
         set(table)
         - _LIMIT_FIELDS
         - {"input_price", "output_price", "cached_input_price", "batch_discount"}
+        - {"batch_min_items"}
     )
     if unknown:
         raise ValueError(f"llmbatch.toml: unknown settings for {name!r}: {sorted(unknown)}")
@@ -140,7 +143,9 @@ def _from_table(name: str, table: Mapping[str, Any], base: ModelProfile | None) 
         start = profile.limits if base is not None else Limits()
         profile = replace(profile, limits=start.copy(**limit_changes))
     price_changes: dict[str, Any] = {
-        k: float(v) for k, v in table.items() if k not in _LIMIT_FIELDS
+        k: int(v) if k == "batch_min_items" else float(v)
+        for k, v in table.items()
+        if k not in _LIMIT_FIELDS
     }
     return replace(profile, **price_changes)
 

@@ -7,7 +7,8 @@
     │   ├── RateLimited                429 rate_limit_exceeded / Anthropic rate_limit_error
     │   ├── ProviderUnavailable        5xx, 529 overloaded, 408/409
     │   ├── Timeout                    no answer within the per-attempt timeout
-    │   └── ConnectionFailed           refused, reset, malformed response
+    │   ├── ConnectionFailed           refused, reset, malformed response
+    │   └── BatchExpired               a Batch API request expired or was cancelled unrun
     ├── PermanentError                 this item cannot succeed; the others can
     │   ├── BadRequest                 400/404/422: the request itself is wrong
     │   │   ├── ContextLengthExceeded  prompt + max_tokens beyond the model's window
@@ -35,6 +36,7 @@ from typing import Any
 __all__ = [
     "AuthenticationFailed",
     "BadRequest",
+    "BatchExpired",
     "BudgetExhausted",
     "ConnectionFailed",
     "ContentFiltered",
@@ -155,6 +157,11 @@ class Timeout(TransientError):
 
 class ConnectionFailed(TransientError):
     """The connection failed: refused, reset, or a response that could not be read."""
+
+
+class BatchExpired(TransientError):
+    """A Batch API request did not run: its batch expired (24 h window) or was cancelled.
+    Nothing was charged for it; it can be submitted again, or sent online."""
 
 
 class PermanentError(LLMBatchError):

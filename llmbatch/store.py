@@ -30,7 +30,14 @@ from llmbatch.errors import LLMBatchError, redact
 from llmbatch.failure import ItemError
 from llmbatch.models import Response
 
-__all__ = ["JobMismatch", "Store", "StoreSummary", "StoredItem", "response_record"]
+__all__ = [
+    "JobMismatch",
+    "Store",
+    "StoreSummary",
+    "StoredBatch",
+    "StoredItem",
+    "response_record",
+]
 
 SCHEMA_VERSION = "1"
 #: the statuses an item may have in the store
@@ -55,6 +62,15 @@ CREATE TABLE IF NOT EXISTS items (
     updated       REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS items_by_status ON items (status, idx);
+CREATE TABLE IF NOT EXISTS batches (
+    id       TEXT PRIMARY KEY,
+    provider TEXT NOT NULL,
+    status   TEXT NOT NULL CHECK (status IN ('submitted', 'collected', 'failed', 'cancelled')),
+    items    TEXT NOT NULL,
+    attempt  INTEGER NOT NULL DEFAULT 1,
+    created  REAL NOT NULL,
+    updated  REAL NOT NULL
+);
 """
 
 
@@ -87,6 +103,27 @@ class StoredItem:
     response: dict[str, Any] | None
     error: dict[str, Any] | None
     updated: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBatch:
+    """A Batch API batch the job submitted.
+
+    Attributes:
+        id: the provider's batch id.
+        provider: the provider's name.
+        status: ``"submitted"`` (results not collected yet), ``"collected"``,
+            ``"failed"`` (rejected as a whole) or ``"cancelled"``.
+        items: ``{custom_id: item key}`` of the requests it holds.
+        attempt: 1 for a first submission, more for resubmissions.
+    """
+
+    id: str
+    provider: str
+    status: str
+    items: dict[str, str]
+    attempt: int
+    created: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +246,7 @@ class Store:
         """
         if fresh:
             self._db.execute("DELETE FROM items")
+            self._db.execute("DELETE FROM batches")
             self._db.execute("DELETE FROM meta WHERE name IN ('job', 'fingerprint')")
         previous = self._meta("fingerprint")
         if previous is not None and previous != fingerprint:
@@ -329,6 +367,52 @@ class Store:
             output_tokens=tokens_out,
             cost=cost if priced else None,
         )
+
+    # -- Batch API batches (the journal that makes a crash resume polling) ---------------
+
+    def save_batch(
+        self, batch_id: str, *, provider: str, items: Mapping[str, str], attempt: int = 1
+    ) -> None:
+        """Record a submitted batch and the items it holds (committed when this returns)."""
+        now = time.time()
+        self._db.execute(
+            "INSERT OR REPLACE INTO batches (id, provider, status, items, attempt, created, "
+            "updated) VALUES (?, ?, 'submitted', ?, ?, ?, ?)",
+            (batch_id, provider, json.dumps(dict(items)), attempt, now, now),
+        )
+
+    def set_batch_status(self, batch_id: str, status: str) -> None:
+        """Mark a batch ``collected``, ``failed`` or ``cancelled``."""
+        self._db.execute(
+            "UPDATE batches SET status = ?, updated = ? WHERE id = ?",
+            (status, time.time(), batch_id),
+        )
+
+    def batches(self, *statuses: str, provider: str | None = None) -> list[StoredBatch]:
+        """The recorded batches (of the given statuses and provider), oldest first."""
+        query = "SELECT * FROM batches"
+        where: list[str] = []
+        args: list[Any] = []
+        if statuses:
+            where.append(f"status IN ({','.join('?' * len(statuses))})")
+            args += statuses
+        if provider is not None:
+            where.append("provider = ?")
+            args.append(provider)
+        if where:
+            query += " WHERE " + " AND ".join(where)
+        rows = self._db.execute(query + " ORDER BY created, id", args)
+        return [
+            StoredBatch(
+                id=row["id"],
+                provider=row["provider"],
+                status=row["status"],
+                items=json.loads(row["items"]),
+                attempt=row["attempt"],
+                created=row["created"],
+            )
+            for row in rows
+        ]
 
     # -- meta --------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 try:
     import anthropic
@@ -50,7 +50,15 @@ from llmbatch.providers.base import Admission, AsyncClosing
 from llmbatch.retry import parse_retry_after
 from llmbatch.tokens import admission_estimate
 
-__all__ = ["AnthropicProvider", "classify_anthropic_error", "classify_anthropic_status"]
+if TYPE_CHECKING:
+    from llmbatch.batchapi import AnthropicBatchBackend
+
+__all__ = [
+    "AnthropicProvider",
+    "classify_anthropic_error",
+    "classify_anthropic_status",
+    "message_response",
+]
 
 #: Anthropic requires max_tokens; this is used when a request sets none
 DEFAULT_MAX_TOKENS = 1024
@@ -172,8 +180,8 @@ class AnthropicProvider(AsyncClosing):
             input_tokens=response.usage.input_tokens, output_tokens=response.usage.output_tokens
         )
 
-    async def complete(self, request: Request) -> Response:
-        """One message; errors come out as :mod:`llmbatch.errors` exceptions."""
+    def message_params(self, request: Request) -> dict[str, Any]:
+        """The Messages API body for *request* (online and in message batches)."""
         model = request.model
         if not model:
             raise BadRequest("no model given", provider=self.name)
@@ -189,26 +197,55 @@ class AnthropicProvider(AsyncClosing):
         if request.temperature is not None:
             params["temperature"] = request.temperature
         params.update(request.extra)
+        return params
+
+    async def complete(self, request: Request) -> Response:
+        """One message; errors come out as :mod:`llmbatch.errors` exceptions."""
+        params = self.message_params(request)
         started = time.monotonic()
         try:
             raw = await self._client.messages.with_raw_response.create(**params)
             message = await raw.parse()
         except (anthropic.AnthropicError, json.JSONDecodeError) as exc:
-            error = classify_anthropic_error(exc, provider=self.name, model=model)
+            error = classify_anthropic_error(exc, provider=self.name, model=request.model)
             error.key_hint = self.key_hint
             raise error from exc
-        text = "".join(getattr(block, "text", "") for block in message.content)
-        return Response(
-            text=text,
-            model=message.model or model,
-            usage=Usage(
-                input_tokens=message.usage.input_tokens,
-                output_tokens=message.usage.output_tokens,
-                cached_tokens=message.usage.cache_read_input_tokens or 0,
-            ),
-            finish_reason=message.stop_reason,
+        return message_response(
+            message,
+            request,
             request_id=raw.headers.get("request-id"),
             latency=time.monotonic() - started,
-            key=request.key,
             headers=dict(raw.headers),
         )
+
+    def batch(self) -> AnthropicBatchBackend:
+        """This provider's Message Batches API (half price, its own quota)."""
+        from llmbatch.batchapi import AnthropicBatchBackend
+
+        return AnthropicBatchBackend(self, self._client)
+
+
+def message_response(
+    message: anthropic.types.Message,
+    request: Request,
+    *,
+    request_id: str | None,
+    latency: float = 0.0,
+    headers: Mapping[str, str] | None = None,
+) -> Response:
+    """The :class:`Response` for a Messages API ``message`` (online or batch result)."""
+    text = "".join(getattr(block, "text", "") for block in message.content)
+    return Response(
+        text=text,
+        model=message.model or request.model,
+        usage=Usage(
+            input_tokens=message.usage.input_tokens,
+            output_tokens=message.usage.output_tokens,
+            cached_tokens=message.usage.cache_read_input_tokens or 0,
+        ),
+        finish_reason=message.stop_reason,
+        request_id=request_id,
+        latency=latency,
+        key=request.key,
+        headers=dict(headers or {}),
+    )

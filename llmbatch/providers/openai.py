@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import openai
 
@@ -55,9 +55,13 @@ from llmbatch.providers.base import Admission, AsyncClosing
 from llmbatch.retry import parse_retry_after
 from llmbatch.tokens import openai_admission_estimate
 
+if TYPE_CHECKING:
+    from llmbatch.batchapi import OpenAIBatchBackend
+
 __all__ = [
     "DEFAULT_MAX_TOKENS",
     "OpenAIProvider",
+    "chat_response",
     "classify_openai_error",
     "classify_openai_status",
 ]
@@ -221,8 +225,8 @@ class OpenAIProvider(AsyncClosing):
         max_tokens = request.max_tokens or DEFAULT_MAX_TOKENS
         return Admission(tokens=response.usage.input_tokens + max_tokens * request.n)
 
-    async def complete(self, request: Request) -> Response:
-        """One chat completion; errors come out as :mod:`llmbatch.errors` exceptions."""
+    def chat_params(self, request: Request) -> dict[str, Any]:
+        """The ``/v1/chat/completions`` body for *request* (online and in batch files)."""
         model = request.model
         if not model:
             raise BadRequest("no model given", provider=self.name)
@@ -236,39 +240,67 @@ class OpenAIProvider(AsyncClosing):
         if request.response_format is not None:
             params["response_format"] = dict(request.response_format)
         params.update(request.extra)
+        return params
+
+    async def complete(self, request: Request) -> Response:
+        """One chat completion; errors come out as :mod:`llmbatch.errors` exceptions."""
+        params = self.chat_params(request)
         started = time.monotonic()
         try:
             raw = await self._client.chat.completions.with_raw_response.create(**params)
             completion = raw.parse()
         except (openai.OpenAIError, json.JSONDecodeError) as exc:
-            error = classify_openai_error(exc, provider=self.name, model=model)
+            error = classify_openai_error(exc, provider=self.name, model=request.model)
             error.key_hint = self.key_hint
             raise error from exc
-        latency = time.monotonic() - started
-        choice = completion.choices[0] if completion.choices else None
-        text = (choice.message.content if choice else None) or ""
-        usage = completion.usage
-        cached = 0
-        if usage is not None and usage.prompt_tokens_details is not None:
-            cached = usage.prompt_tokens_details.cached_tokens or 0
-        parsed = None
-        if request.response_format is not None and text:
-            try:
-                parsed = json.loads(text)
-            except ValueError:
-                parsed = None
-        return Response(
-            text=text,
-            model=completion.model or model,
-            usage=Usage(
-                input_tokens=usage.prompt_tokens if usage else 0,
-                output_tokens=usage.completion_tokens if usage else 0,
-                cached_tokens=cached,
-            ),
-            finish_reason=choice.finish_reason if choice else None,
+        return chat_response(
+            completion,
+            request,
             request_id=raw.headers.get("x-request-id"),
-            latency=latency,
-            parsed=parsed,
-            key=request.key,
+            latency=time.monotonic() - started,
             headers=dict(raw.headers),
         )
+
+    def batch(self) -> OpenAIBatchBackend:
+        """This provider's Batch API (half price, its own quota)."""
+        from llmbatch.batchapi import OpenAIBatchBackend
+
+        return OpenAIBatchBackend(self, self._client)
+
+
+def chat_response(
+    completion: openai.types.chat.ChatCompletion,
+    request: Request,
+    *,
+    request_id: str | None,
+    latency: float = 0.0,
+    headers: Mapping[str, str] | None = None,
+) -> Response:
+    """The :class:`Response` for a ``chat.completion`` (online, or a batch output line)."""
+    choice = completion.choices[0] if completion.choices else None
+    text = (choice.message.content if choice else None) or ""
+    usage = completion.usage
+    cached = 0
+    if usage is not None and usage.prompt_tokens_details is not None:
+        cached = usage.prompt_tokens_details.cached_tokens or 0
+    parsed = None
+    if request.response_format is not None and text:
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            parsed = None
+    return Response(
+        text=text,
+        model=completion.model or request.model,
+        usage=Usage(
+            input_tokens=usage.prompt_tokens if usage else 0,
+            output_tokens=usage.completion_tokens if usage else 0,
+            cached_tokens=cached,
+        ),
+        finish_reason=choice.finish_reason if choice else None,
+        request_id=request_id,
+        latency=latency,
+        parsed=parsed,
+        key=request.key,
+        headers=dict(headers or {}),
+    )

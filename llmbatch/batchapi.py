@@ -1,0 +1,633 @@
+"""The providers' Batch APIs: half the price, the same results, resumable after a crash.
+
+:func:`run_batch_api` takes ``(key, Request)`` pairs and returns, per key, the same
+:class:`~llmbatch.models.Response` or :mod:`llmbatch.errors` exception the online path
+would have produced. The lifecycle, shared by both providers::
+
+    requests ──► custom ids (stable per item) ──► split under the provider's limits
+      ──► submit ──► journal (batch id + its items, committed before any waiting)
+      ──► poll with backoff ──► download ──► join on custom_id ──► outcomes
+            │                                       │
+            └─ rejected as a whole: the reasons     └─ expired / cancelled / 5xx items:
+               (enqueued-token limit: wait, retry)     resubmitted in a new batch
+
+A process killed while batches run loses nothing: rerun with the same journal (the
+job's :class:`~llmbatch.store.Store`) and it resumes **polling** the recorded batches;
+it never submits (pays for) their requests again. Ctrl-C leaves batches running on the
+provider's side; :func:`cancel_batches` stops them.
+
+Backends: :class:`OpenAIBatchBackend` (``/v1/files`` + ``/v1/batches``; one model per
+file, ≤ 50,000 requests and ≤ 200 MB) and :class:`AnthropicBatchBackend` (Message
+Batches; ≤ 100,000 requests or 256 MB), built by ``provider.batch()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import structlog
+
+from llmbatch.errors import (
+    BadRequest,
+    BatchExpired,
+    FatalError,
+    LLMBatchError,
+    TransientError,
+)
+from llmbatch.models import Request, Response
+from llmbatch.store import StoredBatch
+
+if TYPE_CHECKING:
+    import anthropic
+    import openai
+
+    from llmbatch.providers.anthropic import AnthropicProvider
+    from llmbatch.providers.openai import OpenAIProvider
+
+__all__ = [
+    "AnthropicBatchBackend",
+    "BatchBackend",
+    "BatchLimits",
+    "BatchStatus",
+    "Journal",
+    "MemoryJournal",
+    "OpenAIBatchBackend",
+    "batch_backend",
+    "cancel_batches",
+    "custom_id_for",
+    "run_batch_api",
+]
+
+logger = structlog.get_logger("llmbatch.batchapi")
+
+Outcome = Response | LLMBatchError
+
+_CUSTOM_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def custom_id_for(key: str) -> str:
+    """The ``custom_id`` of the item *key*: the key itself when both providers accept it
+    (1-64 of ``[A-Za-z0-9_-]``), else a hash of it; the same key always gives the same
+    id, so a resubmission or a resumed run recognises its items."""
+    if _CUSTOM_ID.match(key):
+        return key
+    return "h-" + hashlib.sha256(key.encode()).hexdigest()[:40]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLimits:
+    """What one batch may hold."""
+
+    max_requests: int
+    max_bytes: int
+    one_model: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BatchStatus:
+    """Where a batch stands.
+
+    Attributes:
+        id: the batch id.
+        state: ``"running"``, ``"ended"`` (results can be read) or ``"failed"``
+            (rejected as a whole; ``errors`` says why).
+        provider_status: the provider's own word (``validating``, ``in_progress``...).
+        counts: request counts as the provider reports them.
+        errors: why a failed batch was rejected.
+        retryable: a failed batch may succeed later (the enqueued-token limit).
+    """
+
+    id: str
+    state: str
+    provider_status: str
+    counts: Mapping[str, int] = field(default_factory=dict)
+    errors: tuple[str, ...] = ()
+    retryable: bool = False
+
+
+@runtime_checkable
+class BatchBackend(Protocol):
+    """A provider's Batch API."""
+
+    name: str
+    limits: BatchLimits
+
+    def line(self, custom_id: str, request: Request) -> dict[str, Any]:
+        """The batch line (or entry) for *request*."""
+        ...
+
+    async def submit(self, lines: Sequence[Mapping[str, Any]], *, model: str | None) -> str:
+        """Create a batch of *lines*; its id. Raises :mod:`llmbatch.errors` exceptions."""
+        ...
+
+    async def status(self, batch_id: str) -> BatchStatus:
+        """Where the batch stands."""
+        ...
+
+    def results(self, batch_id: str) -> AsyncIterator[tuple[str, Any]]:
+        """``(custom_id, raw result)`` for every request of an ended batch, any order."""
+        ...
+
+    def outcome(self, raw: Any, request: Request) -> Outcome:
+        """The Response or error a raw result stands for."""
+        ...
+
+    async def cancel(self, batch_id: str) -> None:
+        """Ask the provider to stop the batch."""
+        ...
+
+
+def batch_backend(provider: Any) -> BatchBackend | None:
+    """The Batch API of *provider*, or ``None`` if it has none."""
+    make = getattr(provider, "batch", None)
+    return make() if callable(make) else None
+
+
+class Journal(Protocol):
+    """Where submitted batches are recorded (a :class:`~llmbatch.store.Store`)."""
+
+    def save_batch(
+        self, batch_id: str, *, provider: str, items: Mapping[str, str], attempt: int = 1
+    ) -> None: ...
+
+    def set_batch_status(self, batch_id: str, status: str) -> None: ...
+
+    def batches(self, *statuses: str, provider: str | None = None) -> list[StoredBatch]: ...
+
+
+class MemoryJournal:
+    """A journal in memory: for callers without a store (a crash forgets the batches)."""
+
+    def __init__(self) -> None:
+        self._batches: dict[str, StoredBatch] = {}
+
+    def save_batch(
+        self, batch_id: str, *, provider: str, items: Mapping[str, str], attempt: int = 1
+    ) -> None:
+        """Record a submitted batch."""
+        self._batches[batch_id] = StoredBatch(
+            batch_id, provider, "submitted", dict(items), attempt, 0.0
+        )
+
+    def set_batch_status(self, batch_id: str, status: str) -> None:
+        """Change a batch's status."""
+        old = self._batches[batch_id]
+        self._batches[batch_id] = StoredBatch(
+            old.id, old.provider, status, old.items, old.attempt, old.created
+        )
+
+    def batches(self, *statuses: str, provider: str | None = None) -> list[StoredBatch]:
+        """The recorded batches."""
+        return [
+            b
+            for b in self._batches.values()
+            if (not statuses or b.status in statuses) and provider in (None, b.provider)
+        ]
+
+
+# -- the lifecycle ---------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Item:
+    key: str
+    request: Request
+    attempts: int = 0
+
+
+async def run_batch_api(
+    backend: BatchBackend,
+    requests: Sequence[tuple[str, Request]],
+    *,
+    journal: Journal | None = None,
+    on_result: Callable[[str, Outcome], None] | None = None,
+    poll_interval: float = 15.0,
+    max_poll_interval: float = 300.0,
+    resubmits: int = 2,
+    sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+) -> dict[str, Outcome]:
+    """Answer *requests* through *backend*'s Batch API.
+
+    Args:
+        backend: the provider's batch backend (``provider.batch()``).
+        requests: ``(key, Request)`` pairs; keys must be unique.
+        journal: records every submitted batch before waiting on it; batches it holds
+            for these keys are resumed (polled), not submitted again.
+        on_result: called with ``(key, Response or error)`` as each item ends.
+        poll_interval: seconds before the first status check; it grows by half each
+            time nothing ends, up to *max_poll_interval*.
+        resubmits: how many times an item that did not run (its batch expired or was
+            cancelled, a 5xx, a batch rejected for the enqueued-token limit) is
+            submitted again before its error is final.
+        sleep: how waiting is done (injectable for tests).
+
+    Returns:
+        ``{key: Response or LLMBatchError}`` for every key.
+
+    Raises:
+        ValueError: duplicate keys.
+        LLMBatchError: a fatal error (authentication, quota) while submitting or polling.
+    """
+    journal = journal if journal is not None else MemoryJournal()
+    items: dict[str, _Item] = {}
+    for key, request in requests:
+        cid = custom_id_for(key)
+        if cid in items:
+            raise ValueError(f"duplicate item key {key!r}: batch items need unique keys")
+        items[cid] = _Item(key, request)
+    outcomes: dict[str, Outcome] = {}
+
+    def finish(cid: str, outcome: Outcome) -> None:
+        item = items[cid]
+        outcomes[item.key] = outcome
+        if on_result is not None:
+            on_result(item.key, outcome)
+
+    active: dict[str, set[str]] = {}  # batch id -> custom ids not finished yet
+    for stored in journal.batches("submitted", provider=backend.name):
+        mine = {cid for cid in stored.items if cid in items}
+        if not mine:
+            continue
+        active[stored.id] = mine
+        for cid in mine:
+            items[cid].attempts = stored.attempt
+        logger.info("batch.resumed", batch_id=stored.id, requests=len(mine))
+    held = set().union(*active.values()) if active else set()
+    todo = [cid for cid in items if cid not in held]
+    interval = poll_interval
+
+    while todo or active:
+        if todo:
+            retry_later = await _submit(backend, journal, items, todo, active, finish)
+            todo = []
+            if retry_later and not active:
+                await sleep(max(interval, poll_interval))
+                todo = retry_later
+                continue
+            todo = retry_later
+        if not active:
+            continue
+        await sleep(interval)
+        ended_any = False
+        for batch_id in list(active):
+            try:
+                status = await backend.status(batch_id)
+            except TransientError as exc:  # the batch runs on; ask again next time
+                logger.warning("batch.poll_failed", batch_id=batch_id, error=str(exc))
+                continue
+            if status.state == "running":
+                logger.debug(
+                    "batch.progress",
+                    batch_id=batch_id,
+                    status=status.provider_status,
+                    **{k: v for k, v in status.counts.items() if isinstance(v, int)},
+                )
+                continue
+            ended_any = True
+            cids = active.pop(batch_id)
+            if status.state == "failed":
+                journal.set_batch_status(batch_id, "failed")
+                logger.warning("batch.failed", batch_id=batch_id, errors=list(status.errors))
+                error = BadRequest(
+                    "the batch was rejected: " + "; ".join(status.errors or ("no reason given",)),
+                    provider=backend.name,
+                )
+                for cid in sorted(cids):
+                    if status.retryable and items[cid].attempts <= resubmits:
+                        todo.append(cid)
+                    else:
+                        finish(cid, error)
+                continue
+            todo += await _collect(backend, batch_id, cids, items, finish, resubmits)
+            journal.set_batch_status(batch_id, "collected")
+        interval = poll_interval if ended_any else min(interval * 1.5, max_poll_interval)
+    return outcomes
+
+
+async def _submit(
+    backend: BatchBackend,
+    journal: Journal,
+    items: dict[str, _Item],
+    cids: list[str],
+    active: dict[str, set[str]],
+    finish: Callable[[str, Outcome], None],
+) -> list[str]:
+    """Submit *cids* in as many batches as the limits need; the ids to try again later."""
+    later: list[str] = []
+    for model, chunk in _chunks(backend, items, cids):
+        lines = [backend.line(cid, items[cid].request) for cid in chunk]
+        attempt = max(items[cid].attempts for cid in chunk) + 1
+        try:
+            batch_id = await backend.submit(lines, model=model)
+        except TransientError as exc:
+            logger.warning("batch.submit_deferred", requests=len(chunk), error=str(exc))
+            for cid in chunk:
+                items[cid].attempts += 1
+            later += chunk
+            continue
+        except LLMBatchError as exc:
+            if isinstance(exc, FatalError):
+                raise
+            for cid in chunk:
+                finish(cid, exc)
+            continue
+        for cid in chunk:
+            items[cid].attempts = attempt
+        journal.save_batch(
+            batch_id,
+            provider=backend.name,
+            items={cid: items[cid].key for cid in chunk},
+            attempt=attempt,
+        )
+        active[batch_id] = set(chunk)
+        logger.info(
+            "batch.submitted", batch_id=batch_id, requests=len(chunk), model=model, attempt=attempt
+        )
+    return later
+
+
+def _chunks(
+    backend: BatchBackend, items: dict[str, _Item], cids: list[str]
+) -> list[tuple[str | None, list[str]]]:
+    """Split *cids* by model (when the provider wants one per batch), count and bytes."""
+    limits = backend.limits
+    groups: dict[str | None, list[str]] = {}
+    for cid in cids:
+        model = items[cid].request.model if limits.one_model else None
+        groups.setdefault(model, []).append(cid)
+    chunks: list[tuple[str | None, list[str]]] = []
+    for model, group in groups.items():
+        chunk: list[str] = []
+        size = 0
+        for cid in group:
+            line_size = len(json.dumps(backend.line(cid, items[cid].request)).encode()) + 1
+            if line_size > limits.max_bytes:
+                raise BadRequest(f"item {items[cid].key!r} alone exceeds the batch size limit")
+            if chunk and (len(chunk) >= limits.max_requests or size + line_size > limits.max_bytes):
+                chunks.append((model, chunk))
+                chunk, size = [], 0
+            chunk.append(cid)
+            size += line_size
+        if chunk:
+            chunks.append((model, chunk))
+    return chunks
+
+
+async def _collect(
+    backend: BatchBackend,
+    batch_id: str,
+    cids: set[str],
+    items: dict[str, _Item],
+    finish: Callable[[str, Outcome], None],
+    resubmits: int,
+) -> list[str]:
+    """Join an ended batch's results to its items; the ids to submit again."""
+    again: list[str] = []
+    seen: set[str] = set()
+    async for cid, raw in backend.results(batch_id):
+        if cid not in cids or cid in seen:
+            continue
+        seen.add(cid)
+        outcome = backend.outcome(raw, items[cid].request)
+        if isinstance(outcome, TransientError) and items[cid].attempts <= resubmits:
+            again.append(cid)
+        else:
+            finish(cid, outcome)
+    for cid in sorted(cids - seen):  # never silently dropped
+        if items[cid].attempts <= resubmits:
+            again.append(cid)
+        else:
+            finish(cid, BatchExpired("missing from the batch's results", provider=backend.name))
+    logger.info(
+        "batch.collected",
+        batch_id=batch_id,
+        finished=len(seen) - len([c for c in again if c in seen]),
+        resubmitting=len(again),
+    )
+    return again
+
+
+async def cancel_batches(backend: BatchBackend, journal: Journal) -> list[str]:
+    """Cancel every batch the journal holds as submitted; the ids cancelled."""
+    cancelled = []
+    for stored in journal.batches("submitted", provider=backend.name):
+        await backend.cancel(stored.id)
+        journal.set_batch_status(stored.id, "cancelled")
+        cancelled.append(stored.id)
+        logger.info("batch.cancelled", batch_id=stored.id)
+    return cancelled
+
+
+# -- OpenAI ----------------------------------------------------------------------------
+
+
+class OpenAIBatchBackend:
+    """OpenAI's Batch API: a JSONL file uploaded to ``/v1/files``, a ``/v1/batches`` job."""
+
+    limits = BatchLimits(max_requests=50_000, max_bytes=200 * 1024 * 1024, one_model=True)
+
+    def __init__(
+        self,
+        provider: OpenAIProvider,
+        client: openai.AsyncOpenAI,
+        *,
+        limits: BatchLimits | None = None,
+    ) -> None:
+        self.provider = provider
+        self.name = provider.name
+        self._client = client
+        if limits is not None:
+            self.limits = limits
+
+    def line(self, custom_id: str, request: Request) -> dict[str, Any]:
+        """``{"custom_id", "method", "url", "body"}``."""
+        return {
+            "custom_id": custom_id,
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": self.provider.chat_params(request),
+        }
+
+    async def submit(self, lines: Sequence[Mapping[str, Any]], *, model: str | None) -> str:
+        """Upload the lines and create the batch."""
+        import openai
+
+        from llmbatch.providers.openai import classify_openai_error
+
+        content = "".join(json.dumps(line) + "\n" for line in lines).encode()
+        try:
+            uploaded = await self._client.files.create(
+                file=("llmbatch.jsonl", content), purpose="batch"
+            )
+            batch = await self._client.batches.create(
+                input_file_id=uploaded.id,
+                endpoint="/v1/chat/completions",
+                completion_window="24h",
+                metadata={"created_by": "llmbatch"},
+            )
+        except openai.OpenAIError as exc:
+            raise classify_openai_error(exc, provider=self.name, model=model) from exc
+        return batch.id
+
+    async def status(self, batch_id: str) -> BatchStatus:
+        """The batch's status; ``failed`` with its validation errors."""
+        batch = await self._call(self._client.batches.retrieve(batch_id))
+        counts = batch.request_counts
+        count_map = (
+            {"total": counts.total, "completed": counts.completed, "failed": counts.failed}
+            if counts is not None
+            else {}
+        )
+        if batch.status == "failed":
+            errors = [
+                f"{e.code}: {e.message}" + (f" (line {e.line})" if e.line else "")
+                for e in (batch.errors.data or [] if batch.errors else [])
+            ]
+            retryable = any(
+                e.code == "token_limit_exceeded"
+                for e in (batch.errors.data or [] if batch.errors else [])
+            )
+            return BatchStatus(
+                batch_id, "failed", batch.status, count_map, tuple(errors), retryable
+            )
+        state = "ended" if batch.status in ("completed", "expired", "cancelled") else "running"
+        return BatchStatus(batch_id, state, batch.status, count_map)
+
+    async def results(self, batch_id: str) -> AsyncIterator[tuple[str, Any]]:
+        """The output file's lines, then the error file's."""
+        batch = await self._call(self._client.batches.retrieve(batch_id))
+        for file_id in (batch.output_file_id, batch.error_file_id):
+            if not file_id:
+                continue
+            content = await self._call(self._client.files.content(file_id))
+            for text in content.text.splitlines():
+                if text.strip():
+                    line = json.loads(text)
+                    yield str(line.get("custom_id")), line
+
+    def outcome(self, raw: Any, request: Request) -> Outcome:
+        """A chat.completion (200), the classified error of another status, or
+        :class:`BatchExpired` for ``batch_expired`` / ``batch_cancelled``."""
+        import openai
+
+        from llmbatch.providers.openai import chat_response, classify_openai_status
+
+        response = raw.get("response")
+        error = raw.get("error")
+        if not response:
+            code = (error or {}).get("code")
+            message = (error or {}).get("message") or "no response"
+            if code in ("batch_expired", "batch_cancelled"):
+                return BatchExpired(message, provider=self.name, model=request.model)
+            return BadRequest(f"{code}: {message}", provider=self.name, model=request.model)
+        status = int(response.get("status_code") or 0)
+        body = response.get("body") or {}
+        if status != 200:
+            return classify_openai_status(status, body, {}, provider=self.name, model=request.model)
+        completion = openai.types.chat.ChatCompletion.model_validate(body)
+        return chat_response(completion, request, request_id=response.get("request_id"))
+
+    async def cancel(self, batch_id: str) -> None:
+        """Cancel the batch (already-finished requests stay billed and delivered)."""
+        await self._call(self._client.batches.cancel(batch_id))
+
+    async def _call(self, awaitable: Awaitable[Any]) -> Any:
+        import openai
+
+        from llmbatch.providers.openai import classify_openai_error
+
+        try:
+            return await awaitable
+        except openai.OpenAIError as exc:
+            raise classify_openai_error(exc, provider=self.name) from exc
+
+
+# -- Anthropic -------------------------------------------------------------------------
+
+
+class AnthropicBatchBackend:
+    """Anthropic's Message Batches: the requests in one call, results as JSON lines."""
+
+    limits = BatchLimits(max_requests=100_000, max_bytes=256 * 1024 * 1024, one_model=False)
+
+    def __init__(
+        self,
+        provider: AnthropicProvider,
+        client: anthropic.AsyncAnthropic,
+        *,
+        limits: BatchLimits | None = None,
+    ) -> None:
+        self.provider = provider
+        self.name = provider.name
+        self._client = client
+        if limits is not None:
+            self.limits = limits
+
+    def line(self, custom_id: str, request: Request) -> dict[str, Any]:
+        """``{"custom_id", "params"}``."""
+        return {"custom_id": custom_id, "params": self.provider.message_params(request)}
+
+    async def submit(self, lines: Sequence[Mapping[str, Any]], *, model: str | None) -> str:
+        """Create the message batch."""
+        batch = await self._call(self._client.messages.batches.create(requests=list(lines)))  # type: ignore[arg-type]
+        return str(batch.id)
+
+    async def status(self, batch_id: str) -> BatchStatus:
+        """``ended`` once Anthropic says so (counts stay 0 until then, as documented)."""
+        batch = await self._call(self._client.messages.batches.retrieve(batch_id))
+        counts = batch.request_counts
+        count_map = {
+            "processing": counts.processing,
+            "succeeded": counts.succeeded,
+            "errored": counts.errored,
+            "canceled": counts.canceled,
+            "expired": counts.expired,
+        }
+        state = "ended" if batch.processing_status == "ended" else "running"
+        return BatchStatus(batch_id, state, batch.processing_status, count_map)
+
+    async def results(self, batch_id: str) -> AsyncIterator[tuple[str, Any]]:
+        """The results file's entries."""
+        stream = await self._call(self._client.messages.batches.results(batch_id))
+        async for entry in stream:
+            yield entry.custom_id, entry.result
+
+    def outcome(self, raw: Any, request: Request) -> Outcome:
+        """The message, the classified error, or :class:`BatchExpired` for
+        ``canceled`` / ``expired`` entries."""
+        from llmbatch.providers.anthropic import classify_anthropic_status, message_response
+
+        kind = getattr(raw, "type", None)
+        if kind == "succeeded":
+            return message_response(raw.message, request, request_id=None)
+        if kind in ("canceled", "expired"):
+            return BatchExpired(
+                f"the request was {kind} before it ran", provider=self.name, model=request.model
+            )
+        error: Any = getattr(raw, "error", None)
+        body: dict[str, Any] = error.model_dump() if hasattr(error, "model_dump") else {}
+        inner = body.get("error") or {}
+        status = {"overloaded_error": 529, "api_error": 500, "rate_limit_error": 429}.get(
+            str(inner.get("type")), 400
+        )
+        return classify_anthropic_status(status, body, {}, provider=self.name, model=request.model)
+
+    async def cancel(self, batch_id: str) -> None:
+        """Cancel the batch."""
+        await self._call(self._client.messages.batches.cancel(batch_id))
+
+    async def _call(self, awaitable: Awaitable[Any]) -> Any:
+        import anthropic
+
+        from llmbatch.providers.anthropic import classify_anthropic_error
+
+        try:
+            return await awaitable
+        except anthropic.AnthropicError as exc:
+            raise classify_anthropic_error(exc, provider=self.name) from exc
