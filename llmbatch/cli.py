@@ -41,7 +41,7 @@ from llmbatch.job import DEFAULT_TEMPLATE, JobProgress, JobSpec, prepare, run_jo
 from llmbatch.limits import Limits, RateLimitHeaders
 from llmbatch.models import Request, Usage
 from llmbatch.providers.base import Provider
-from llmbatch.store import JobMismatch, Store
+from llmbatch.store import JobMismatch, Store, StoredBatch
 
 __all__ = ["cli", "main"]
 
@@ -317,6 +317,30 @@ def _template(template: str | None, prompt_file: IO[str] | None) -> str:
     "--max-cost", type=click.FloatRange(min=0.0), help="Stop once the job has spent this many USD."
 )
 @click.option(
+    "--mode",
+    type=click.Choice(["online", "batch", "auto"]),
+    default="online",
+    show_default=True,
+    help="online, the provider's Batch API (half price, within 24 h), or auto.",
+)
+@click.option(
+    "--prefer",
+    type=click.Choice(["cost", "speed"]),
+    help="For --mode auto: take the Batch API for cost, or stay online for speed.",
+)
+@click.option(
+    "--deadline",
+    type=click.FloatRange(min=0.0),
+    help="For --mode auto: hours within which the answers are needed.",
+)
+@click.option(
+    "--poll-interval",
+    type=click.FloatRange(min=0.01),
+    default=15.0,
+    show_default=True,
+    help="Seconds before a batch's first status check (then backing off).",
+)
+@click.option(
     "--retry-failed", is_flag=True, help="Send records that failed in an earlier run again."
 )
 @click.option("--fresh", is_flag=True, help="Discard the checkpoint and start over.")
@@ -379,6 +403,10 @@ def run(**options: Any) -> None:
         retry_failed=options["retry_failed"],
         store=options["store"],
         errors=options["errors_path"],
+        mode=options["mode"],
+        prefer=options["prefer"],
+        deadline=options["deadline"] * 3600 if options["deadline"] is not None else None,
+        poll_interval=options["poll_interval"],
     )
     _check_input(spec)
     limits = _limits_for(choice, options["rpm"], options["tpm"], options["concurrency"])
@@ -473,6 +501,7 @@ async def _run(
             counts = write_output(spec, store=store, records=records)
         finally:
             summary = store.summary()
+            in_flight = store.batches("submitted")
             store.close()
     _print_summary(
         console,
@@ -484,6 +513,7 @@ async def _run(
         time.monotonic() - started,
         aborted,
         stopped_by,
+        in_flight,
     )
     if stopped_by:
         return EXIT_INTERRUPTED[stopped_by[0]]
@@ -614,6 +644,7 @@ def _print_summary(
     seconds: float,
     aborted: str | None,
     stopped_by: list[signal.Signals],
+    in_flight: list[StoredBatch],
 ) -> None:
     table = Table(title="llmbatch run", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -643,6 +674,12 @@ def _print_summary(
         )
     elif counts.pending and not aborted:
         console.print(f"{counts.pending} records pending: rerun to continue")
+    if in_flight:
+        console.print(
+            f"{len(in_flight)} batches keep running at the provider: rerun the same command "
+            "to collect them (nothing is submitted twice), or stop them with "
+            f"`llmbatch batch cancel {spec.output}`"
+        )
 
 
 # -- estimate --------------------------------------------------------------------------
@@ -819,6 +856,7 @@ def status(target: Path, show_errors: bool, as_json: bool) -> None:
     with Store(path) as store:
         job = store.job() or {}
         summary = store.summary()
+        batches = store.batches()
         errors = (
             [
                 {"key": i.key, "source": i.source, "status": i.status, **(i.error or {})}
@@ -836,6 +874,10 @@ def status(target: Path, show_errors: bool, as_json: bool) -> None:
         "input_tokens": summary.input_tokens,
         "output_tokens": summary.output_tokens,
         "cost": summary.cost,
+        "batches": {
+            status: sum(b.status == status for b in batches)
+            for status in ("submitted", "collected", "failed", "cancelled")
+        },
     }
     if as_json:
         click.echo(json.dumps({**report, "errors": errors} if show_errors else report))
@@ -850,6 +892,8 @@ def status(target: Path, show_errors: bool, as_json: bool) -> None:
     table.add_row("unusable input", str(summary.invalid))
     table.add_row("tokens", f"{summary.input_tokens} in, {summary.output_tokens} out")
     table.add_row("cost", _money(summary.cost))
+    in_flight = report["batches"]["submitted"]  # type: ignore[index]
+    table.add_row("batches", f"{len(batches)} ({in_flight} in flight)")
     console.print(table)
     for error in errors:
         console.print(
@@ -918,6 +962,56 @@ async def _probe(choice: ProviderChoice) -> Mapping[str, str]:
     finally:
         await provider.aclose()
     return response.headers
+
+
+@cli.group()
+def batch() -> None:
+    """The Batch API batches a run submitted."""
+
+
+@batch.command("list")
+@click.argument("target", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def batch_list(target: Path) -> None:
+    """List the batches in a run's checkpoint (TARGET: the output file or checkpoint)."""
+    with Store(_store_path(target)) as store:
+        batches = store.batches()
+    table = Table(title="batches", title_justify="left")
+    for column in ("id", "provider", "status", "requests", "attempt"):
+        table.add_column(column)
+    for b in batches:
+        table.add_row(b.id, b.provider, b.status, str(len(b.items)), str(b.attempt))
+    Console().print(table)
+
+
+@batch.command("cancel")
+@click.argument("target", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--provider", help="openai, anthropic, or an OpenAI-compatible base URL.")
+def batch_cancel(target: Path, provider: str | None) -> None:
+    """Cancel the batches a run left in flight (finished requests stay billed)."""
+    from llmbatch.batchapi import batch_backend, cancel_batches
+
+    configure_logging(verbose=0, quiet=False, log_json=None)
+    choice = choose_provider(provider, None)
+
+    async def cancel() -> list[str]:
+        opened = choice.open()
+        try:
+            backend = batch_backend(opened)
+            if backend is None:
+                raise click.UsageError(f"the {choice.name} provider has no Batch API")
+            with Store(_store_path(target)) as store:
+                return await cancel_batches(backend, store)
+        finally:
+            await opened.aclose()
+
+    cancelled = asyncio.run(cancel())
+    click.echo(f"cancelled {len(cancelled)} batches" + "".join(f"\n  {b}" for b in cancelled))
+
+
+def _store_path(target: Path) -> Path:
+    if target.name.endswith(".sqlite"):
+        return target
+    return target.with_name(target.name + ".llmbatch.sqlite")
 
 
 def _add_serve_sim() -> None:

@@ -60,7 +60,15 @@ from llmbatch.runner import (
 )
 from llmbatch.tokens import openai_admission_estimate
 
-__all__ = ["ClientStatistics", "LLMClient", "build_request", "imap", "map", "map_sync"]
+__all__ = [
+    "ClientStatistics",
+    "LLMClient",
+    "build_request",
+    "estimated_usage",
+    "imap",
+    "map",
+    "map_sync",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,7 +340,7 @@ class LLMClient(AsyncClosing):
                 provider=self.provider,
                 profile=self.profile(model),
                 items=len(listed),
-                usage=_estimated_usage(listed, self.max_tokens),
+                usage=estimated_usage(listed, self.max_tokens),
                 deadline=deadline,
                 prefer=prefer,
             )
@@ -420,7 +428,7 @@ async def _aiter(items: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any
             yield item
 
 
-def _estimated_usage(requests: Sequence[Request], default_max_tokens: int | None) -> Usage:
+def estimated_usage(requests: Sequence[Request], default_max_tokens: int | None) -> Usage:
     """The job's tokens for a cost comparison: prompts by characters, output at the cap."""
     prompt = output = 0
     for request in requests:

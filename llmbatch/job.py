@@ -37,10 +37,13 @@ from typing import IO, Any, TextIO
 
 import structlog
 
-from llmbatch.client import LLMClient, build_request
+from llmbatch.batchapi import batch_backend, run_batch_api
+from llmbatch.client import LLMClient, build_request, estimated_usage
+from llmbatch.errors import FatalError, LLMBatchError
 from llmbatch.failure import BatchFailed, ItemError, OnError, failure_strategy, is_fatal
 from llmbatch.io import Record, read_records
 from llmbatch.models import Request, Response
+from llmbatch.routing import choose_route
 from llmbatch.runner import stream_batch
 from llmbatch.store import Store, StoredItem, error_record
 
@@ -86,6 +89,13 @@ class JobSpec:
         store: the checkpoint file (default: ``OUTPUT.llmbatch.sqlite``).
         errors: also write the error records to this JSONL file.
         max_concurrency: requests in flight at most.
+        mode: ``"online"``, ``"batch"`` (the provider's Batch API, half price) or
+            ``"auto"`` (see :mod:`llmbatch.routing`). Not part of the fingerprint: both
+            give the same answers. Batches in flight from an earlier run are always
+            collected, whatever the mode, so nothing is paid twice.
+        deadline: seconds within which the answers are needed (for ``"auto"``).
+        prefer: ``"cost"`` or ``"speed"`` (for ``"auto"``).
+        poll_interval: seconds before a batch's first status check (then backing off).
     """
 
     input: str | Path
@@ -106,6 +116,10 @@ class JobSpec:
     store: str | Path | None = None
     errors: str | Path | None = None
     max_concurrency: int = 32
+    mode: str = "online"
+    deadline: float | None = None
+    prefer: str | None = None
+    poll_interval: float = 15.0
 
     @property
     def store_path(self) -> Path:
@@ -345,9 +359,21 @@ async def run_job(
             return await client.complete(ready.request)
 
         aborted: str | None = None
+        feed: Iterable[Prepared] = to_send()
+        in_batches = {key for b in store.batches("submitted") for key in b.items.values()}
+        if spec.mode != "online" or in_batches:
+            pending = list(feed)
+            if stopped:  # fail-fast on a bad record: submit nothing
+                logger.error("job.aborted", reason=stopped[0])
+                return JobReport(progress=progress, aborted=stopped[0])
+            if _batch_route(spec, client, pending, in_batches):
+                aborted = await _answer_in_batches(spec, client, store, progress, pending)
+                aborted = aborted or (stopped[0] if stopped else None)
+                return JobReport(progress=progress, aborted=aborted)
+            feed = pending
         stream = stream_batch(
             answer,
-            to_send(),
+            feed,
             max_concurrency=spec.max_concurrency,
             on_error=failure_strategy(spec.on_error),
             key=_prepared_key,
@@ -364,6 +390,74 @@ async def run_job(
         if aborted is not None:
             logger.error("job.aborted", reason=aborted)
         return JobReport(progress=progress, aborted=aborted)
+
+
+def _batch_route(
+    spec: JobSpec, client: LLMClient, pending: list[Prepared], in_batches: set[str]
+) -> bool:
+    """Whether *pending* goes through the Batch API (see :mod:`llmbatch.routing`)."""
+    if in_batches and any(p.record.key in in_batches for p in pending):
+        logger.info(
+            "job.resume_batches",
+            detail="batches submitted by an earlier run are in flight: collecting them",
+        )
+        return True
+    requests = [p.request for p in pending if p.request is not None]
+    route = choose_route(
+        spec.mode,
+        provider=client.provider,
+        profile=client.profile(spec.model),
+        items=len(requests),
+        usage=estimated_usage(requests, spec.max_tokens),
+        deadline=spec.deadline,
+        prefer=spec.prefer,
+    )
+    return route.mode == "batch"
+
+
+async def _answer_in_batches(
+    spec: JobSpec, client: LLMClient, store: Store, progress: JobProgress, pending: list[Prepared]
+) -> str | None:
+    """Answer *pending* through the Batch API, recording each item as its batch ends;
+    why the job stopped early, if it did."""
+    backend = batch_backend(client.provider)
+    if backend is None:
+        raise ValueError(f"the {client.provider.name} provider has no Batch API")
+    requests = [p.request for p in pending if p.request is not None]
+    if client.max_cost is not None:
+        bound = client.profile(spec.model).cost(
+            estimated_usage(requests, spec.max_tokens), batch=True
+        )
+        if bound is not None and bound > client.max_cost:
+            return (
+                f"budget: the batch may cost up to ${bound:.4f} (max_tokens x requests), "
+                f"more than the ${client.max_cost:.4f} left of --max-cost"
+            )
+    by_key = {p.record.key: p for p in pending}
+
+    def on_result(key: str, outcome: Response | LLMBatchError) -> None:
+        ready = by_key[key]
+        assert ready.request is not None
+        value: Response | ItemError
+        if isinstance(outcome, Response):
+            value = client.account(ready.request, outcome, batch=True)
+        else:
+            value = ItemError.from_exception(ready.record.index, outcome, key=key)
+        _record(store, progress, ready, value)
+        _kill_point("item", progress.done + progress.failed)
+
+    try:
+        await run_batch_api(
+            backend,
+            [(p.record.key, p.request) for p in pending if p.request is not None],
+            journal=store,
+            on_result=on_result,
+            poll_interval=spec.poll_interval,
+            max_poll_interval=max(spec.poll_interval, 300.0),
+        )
+    except FatalError as exc:
+        return f"fatal: {type(exc).__name__}: {exc}"
+    return None
 
 
 def _prepared_key(ready: Prepared) -> str:

@@ -745,3 +745,135 @@ async def test_live_display_on_a_terminal(
     assert "records" in run.stderr
     assert "/100000 req/min" in run.stderr
     assert "429s" in run.stderr
+
+
+# -- the Batch API ---------------------------------------------------------------------
+
+
+def fast_batches(**options: Any) -> Any:
+    from llmbatch.testing.simulator import BatchSimConfig
+
+    settings: dict[str, Any] = {
+        "validating_seconds": 0.05,
+        "seconds_per_request": 0.001,
+        "finalizing_seconds": 0.05,
+    }
+    return BatchSimConfig(**{**settings, **options})
+
+
+async def test_batch_mode_gives_the_same_output_at_half_the_price(
+    simulator_factory: SimulatorFactory, tmp_path: Path
+) -> None:
+    """``--mode batch`` answers through the Batch API: the same output lines, the cost
+    at the batch discount, failed requests as error lines; nothing goes online."""
+    sim = await simulator_factory(batch=fast_batches(fail_custom_ids=frozenset({"doc-003"})))
+    inputs = docs(30)
+    source = write_jsonl(tmp_path / "in.jsonl", inputs)
+    online_out, batch_out = tmp_path / "online.jsonl", tmp_path / "batch.jsonl"
+    common = ("--id-field", "id", "--max-tokens", "40")
+    assert 1 != (await llmbatch(*run_args(sim, source, online_out, *common), cwd=tmp_path)).code
+    online_ok = sim.stats().ok
+    run = await llmbatch(
+        *run_args(sim, source, batch_out, *common, "--mode", "batch", "--poll-interval", "0.05"),
+        cwd=tmp_path,
+    )
+    assert 1 == run.code, run.stderr
+    assert online_ok == sim.stats().ok  # nothing went online
+    online, batched = read_jsonl(online_out), read_jsonl(batch_out)
+    assert [r["key"] for r in online] == [r["key"] for r in batched]
+    for a, b in zip(online, batched, strict=True):
+        if b["key"] == "doc-003":
+            assert "error" == b["status"]
+            continue
+        assert a["answer"] == b["answer"]
+        assert b["cost"] == pytest.approx(a["cost"] / 2)
+    status = json.loads((await llmbatch("status", batch_out, "--as-json", cwd=tmp_path)).stdout)
+    assert 0 == status["batches"]["submitted"]
+    assert status["batches"]["collected"] >= 1
+
+
+async def test_auto_mode_chooses_and_says_why(
+    simulator_factory: SimulatorFactory, tmp_path: Path
+) -> None:
+    """``--mode auto --prefer cost`` takes the Batch API for a big enough job, and
+    stays online for a small one; the choice is logged with the saving."""
+    sim = await simulator_factory(batch=fast_batches())
+    source = write_jsonl(tmp_path / "in.jsonl", docs(120))
+    auto = ("--mode", "auto", "--prefer", "cost", "--poll-interval", "0.05", "--max-tokens", "20")
+    big = await llmbatch(*run_args(sim, source, tmp_path / "big.jsonl", *auto), cwd=tmp_path)
+    assert 0 == big.code, big.stderr
+    assert "routing.choice" in big.stderr and "mode=batch" in big.stderr
+    assert 0 == sim.stats().ok
+    small = await llmbatch(
+        *run_args(sim, source, tmp_path / "small.jsonl", *auto, "--limit", "10"), cwd=tmp_path
+    )
+    assert 0 == small.code
+    assert "mode=online" in small.stderr
+    assert 10 == sim.stats().ok
+
+
+async def test_kill_after_batch_submission_resumes_polling(
+    simulator_factory: SimulatorFactory, tmp_path: Path
+) -> None:
+    """SIGKILL once the batches are submitted; the same command resumes polling them:
+    the simulator shows only the original batches, and every record is answered."""
+    sim = await simulator_factory(batch=fast_batches(validating_seconds=1.5))
+    inputs = docs(40)
+    source = write_jsonl(tmp_path / "in.jsonl", inputs)
+    out = tmp_path / "out.jsonl"
+    args = run_args(
+        sim, source, out, "--id-field", "id", "--mode", "batch", "--poll-interval", "0.1"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "llmbatch",
+        *map(str, args),
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    while sim.stats().batch["openai_batches_created"] < 1:  # noqa: ASYNC110 - the child's requests
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)  # the journal is committed before any polling
+    proc.send_signal(signal.SIGKILL)
+    await proc.wait()
+    rerun = await llmbatch(*args, cwd=tmp_path)
+    assert 0 == rerun.code, rerun.stderr
+    assert "batch.resumed" in rerun.stderr
+    assert 1 == sim.stats().batch["openai_batches_created"]
+    assert 40 == sim.stats().batch["batch_requests_completed"]
+    assert_answers(read_jsonl(out), inputs)
+
+
+async def test_ctrl_c_leaves_batches_running_and_says_how_to_resume_or_cancel(
+    simulator_factory: SimulatorFactory, tmp_path: Path
+) -> None:
+    """Ctrl-C during a batch run exits 130 and leaves the batch at the provider;
+    ``llmbatch batch cancel`` stops it."""
+    sim = await simulator_factory(batch=fast_batches(validating_seconds=30))
+    source = write_jsonl(tmp_path / "in.jsonl", docs(5))
+    out = tmp_path / "out.jsonl"
+    args = run_args(sim, source, out, "--mode", "batch", "--poll-interval", "0.1")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "llmbatch",
+        *map(str, args),
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    while sim.stats().batch["openai_batches_created"] < 1:  # noqa: ASYNC110 - the child's requests
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = await asyncio.wait_for(proc.communicate(), 10)
+    assert 130 == proc.returncode
+    assert "batches keep running at the provider" in err.decode()
+    cancel = await llmbatch("batch", "cancel", out, "--provider", sim.base_url, cwd=tmp_path)
+    assert 0 == cancel.code, cancel.stderr
+    assert "cancelled 1 batches" in cancel.stdout
+    assert 1 == sim.stats().batch["batches_cancel_requested"]

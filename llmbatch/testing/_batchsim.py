@@ -218,7 +218,9 @@ class _Schedule:
         now = min(now, self.cutoff)
         if now < self.start_at:
             return 0
-        if self.per_request <= 0:
+        if self.per_request <= 0 or now >= self.processed_at:
+            # (compared, not divided: with wall-clock times near 1.7e9 a division loses
+            # the last item to rounding)
             return self.size
         return min(self.size, int((now - self.start_at) / self.per_request + _EPSILON))
 
