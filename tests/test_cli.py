@@ -802,7 +802,8 @@ async def test_auto_mode_chooses_and_says_why(
     auto = ("--mode", "auto", "--prefer", "cost", "--poll-interval", "0.05", "--max-tokens", "20")
     big = await llmbatch(*run_args(sim, source, tmp_path / "big.jsonl", *auto), cwd=tmp_path)
     assert 0 == big.code, big.stderr
-    assert "routing.choice" in big.stderr and "mode=batch" in big.stderr
+    assert "routing.choice" in big.stderr
+    assert "mode=batch" in big.stderr
     assert 0 == sim.stats().ok
     small = await llmbatch(
         *run_args(sim, source, tmp_path / "small.jsonl", *auto, "--limit", "10"), cwd=tmp_path
