@@ -112,7 +112,9 @@ def test_pyproject_tool_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     (tmp_path / "pyproject.toml").write_text(
         '[project]\nname = "x"\n[tool.llmbatch.models."openai/gpt-4o-mini"]\nrpm = 7\n'
     )
-    assert tmp_path / "pyproject.toml" == config_file().absolute()
+    found = config_file()
+    assert found is not None
+    assert tmp_path / "pyproject.toml" == found.absolute()
     assert 7 == load_profiles()["openai/gpt-4o-mini"].limits.rpm
     (tmp_path / "llmbatch.toml").write_text('[models."openai/gpt-4o-mini"]\nrpm = 9\n')
     assert 9 == load_profiles()["openai/gpt-4o-mini"].limits.rpm
