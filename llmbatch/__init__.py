@@ -9,6 +9,7 @@ from llmbatch.client import LLMClient, map
 from llmbatch.errors import (
     AuthenticationFailed,
     BadRequest,
+    BatchExpired,
     ConnectionFailed,
     ContentFiltered,
     ContextLengthExceeded,
@@ -48,7 +49,7 @@ from llmbatch.flow import (
     Node,
 )
 from llmbatch.limits import Limits, RateLimiter, get_limiter
-from llmbatch.models import Request, Response, Usage
+from llmbatch.models import Embedding, EmbeddingRequest, Request, Response, Usage
 from llmbatch.retry import RetryPolicy
 from llmbatch.runner import BatchStream, Outcome, current_item, run_batch, stream_batch
 
@@ -64,6 +65,7 @@ __all__ = [
     "AuthenticationFailed",
     "BadRequest",
     "BaseNode",
+    "BatchExpired",
     "BatchFailed",
     "BatchFlow",
     "BatchNode",
@@ -73,6 +75,8 @@ __all__ = [
     "ConnectionFailed",
     "ContentFiltered",
     "ContextLengthExceeded",
+    "Embedding",
+    "EmbeddingRequest",
     "FailFast",
     "FailureStrategy",
     "FatalError",

@@ -40,7 +40,7 @@ from llmbatch.errors import (
     LLMBatchError,
     TransientError,
 )
-from llmbatch.models import Request, Response
+from llmbatch.models import Embedding, EmbeddingRequest, Request, Response
 from llmbatch.store import StoredBatch
 
 if TYPE_CHECKING:
@@ -66,7 +66,8 @@ __all__ = [
 
 logger = structlog.get_logger("llmbatch.batchapi")
 
-Outcome = Response | LLMBatchError
+AnyRequest = Request | EmbeddingRequest
+Outcome = Response | Embedding | LLMBatchError
 
 _CUSTOM_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -118,7 +119,7 @@ class BatchBackend(Protocol):
     name: str
     limits: BatchLimits
 
-    def line(self, custom_id: str, request: Request) -> dict[str, Any]:
+    def line(self, custom_id: str, request: AnyRequest) -> dict[str, Any]:
         """The batch line (or entry) for *request*."""
         ...
 
@@ -134,7 +135,7 @@ class BatchBackend(Protocol):
         """``(custom_id, raw result)`` for every request of an ended batch, any order."""
         ...
 
-    def outcome(self, raw: Any, request: Request) -> Outcome:
+    def outcome(self, raw: Any, request: AnyRequest) -> Outcome:
         """The Response or error a raw result stands for."""
         ...
 
@@ -197,13 +198,13 @@ class MemoryJournal:
 @dataclass(slots=True)
 class _Item:
     key: str
-    request: Request
+    request: AnyRequest
     attempts: int = 0
 
 
 async def run_batch_api(
     backend: BatchBackend,
-    requests: Sequence[tuple[str, Request]],
+    requests: Sequence[tuple[str, AnyRequest]],
     *,
     journal: Journal | None = None,
     on_result: Callable[[str, Outcome], None] | None = None,
@@ -357,12 +358,14 @@ def _chunks(
 ) -> list[tuple[str | None, list[str]]]:
     """Split *cids* by model (when the provider wants one per batch), count and bytes."""
     limits = backend.limits
-    groups: dict[str | None, list[str]] = {}
+    grouped: dict[tuple[str | None, str], list[str]] = {}
     for cid in cids:
-        model = items[cid].request.model if limits.one_model else None
-        groups.setdefault(model, []).append(cid)
+        request = items[cid].request
+        model = request.model if limits.one_model else None
+        kind = type(request).__name__  # one endpoint per batch: chat or embeddings
+        grouped.setdefault((model, kind), []).append(cid)
     chunks: list[tuple[str | None, list[str]]] = []
-    for model, group in groups.items():
+    for (model, _), group in grouped.items():
         chunk: list[str] = []
         size = 0
         for cid in group:
@@ -445,8 +448,15 @@ class OpenAIBatchBackend:
         if limits is not None:
             self.limits = limits
 
-    def line(self, custom_id: str, request: Request) -> dict[str, Any]:
-        """``{"custom_id", "method", "url", "body"}``."""
+    def line(self, custom_id: str, request: AnyRequest) -> dict[str, Any]:
+        """``{"custom_id", "method", "url", "body"}`` (chat completions or embeddings)."""
+        if isinstance(request, EmbeddingRequest):
+            return {
+                "custom_id": custom_id,
+                "method": "POST",
+                "url": "/v1/embeddings",
+                "body": self.provider.embedding_params(request),
+            }
         return {
             "custom_id": custom_id,
             "method": "POST",
@@ -467,7 +477,7 @@ class OpenAIBatchBackend:
             )
             batch = await self._client.batches.create(
                 input_file_id=uploaded.id,
-                endpoint="/v1/chat/completions",
+                endpoint=lines[0]["url"] if lines else "/v1/chat/completions",
                 completion_window="24h",
                 metadata={"created_by": "llmbatch"},
             )
@@ -511,12 +521,16 @@ class OpenAIBatchBackend:
                     line = json.loads(text)
                     yield str(line.get("custom_id")), line
 
-    def outcome(self, raw: Any, request: Request) -> Outcome:
+    def outcome(self, raw: Any, request: AnyRequest) -> Outcome:
         """A chat.completion (200), the classified error of another status, or
         :class:`BatchExpired` for ``batch_expired`` / ``batch_cancelled``."""
         import openai
 
-        from llmbatch.providers.openai import chat_response, classify_openai_status
+        from llmbatch.providers.openai import (
+            chat_response,
+            classify_openai_status,
+            embedding_response,
+        )
 
         response = raw.get("response")
         error = raw.get("error")
@@ -530,6 +544,9 @@ class OpenAIBatchBackend:
         body = response.get("body") or {}
         if status != 200:
             return classify_openai_status(status, body, {}, provider=self.name, model=request.model)
+        if isinstance(request, EmbeddingRequest):
+            result = openai.types.CreateEmbeddingResponse.model_validate(body)
+            return embedding_response(result, request, request_id=response.get("request_id"))
         completion = openai.types.chat.ChatCompletion.model_validate(body)
         return chat_response(completion, request, request_id=response.get("request_id"))
 
@@ -569,8 +586,10 @@ class AnthropicBatchBackend:
         if limits is not None:
             self.limits = limits
 
-    def line(self, custom_id: str, request: Request) -> dict[str, Any]:
+    def line(self, custom_id: str, request: AnyRequest) -> dict[str, Any]:
         """``{"custom_id", "params"}``."""
+        if isinstance(request, EmbeddingRequest):
+            raise BadRequest("Anthropic has no embeddings API", provider=self.name)
         return {"custom_id": custom_id, "params": self.provider.message_params(request)}
 
     async def submit(self, lines: Sequence[Mapping[str, Any]], *, model: str | None) -> str:
@@ -598,13 +617,13 @@ class AnthropicBatchBackend:
         async for entry in stream:
             yield entry.custom_id, entry.result
 
-    def outcome(self, raw: Any, request: Request) -> Outcome:
+    def outcome(self, raw: Any, request: AnyRequest) -> Outcome:
         """The message, the classified error, or :class:`BatchExpired` for
         ``canceled`` / ``expired`` entries."""
         from llmbatch.providers.anthropic import classify_anthropic_status, message_response
 
         kind = getattr(raw, "type", None)
-        if kind == "succeeded":
+        if kind == "succeeded" and isinstance(request, Request):
             return message_response(raw.message, request, request_id=None)
         if kind in ("canceled", "expired"):
             return BatchExpired(

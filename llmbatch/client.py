@@ -19,17 +19,19 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import math
 import string
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
+    Awaitable,
     Callable,
     Iterable,
     Mapping,
     Sequence,
 )
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import structlog
 
@@ -47,7 +49,7 @@ from llmbatch.failure import (
     failure_strategy,
 )
 from llmbatch.limits import Limits, get_limiter
-from llmbatch.models import Request, Response, Usage
+from llmbatch.models import Embedding, EmbeddingRequest, Request, Response, Usage
 from llmbatch.providers.base import AsyncClosing, Provider
 from llmbatch.retry import RetryLog, RetryPolicy, wait_retry_after
 from llmbatch.routing import choose_route
@@ -59,6 +61,11 @@ from llmbatch.runner import (
     stream_batch,
 )
 from llmbatch.tokens import openai_admission_estimate
+
+AnyRequest = Request | EmbeddingRequest
+Answer = Response | Embedding
+AnswerT = TypeVar("AnswerT", Response, Embedding)
+RequestT = TypeVar("RequestT", Request, EmbeddingRequest)
 
 __all__ = [
     "ClientStatistics",
@@ -227,6 +234,23 @@ class LLMClient(AsyncClosing):
         """
         if isinstance(request, str):
             request = Request.from_prompt(request)
+        return await self._answer(request)
+
+    async def embed(self, request: EmbeddingRequest | str) -> Embedding:
+        """Embed one text (an :class:`EmbeddingRequest` or a string) with limits and
+        retries, like :meth:`complete`. The provider must have ``embed`` (OpenAI does).
+        """
+        if isinstance(request, str):
+            request = EmbeddingRequest(input=request)
+        if not callable(getattr(self.provider, "embed", None)):
+            raise ValueError(f"the {self.provider.name} provider cannot embed")
+        return await self._answer(request)
+
+    @overload
+    async def _answer(self, request: Request) -> Response: ...
+    @overload
+    async def _answer(self, request: EmbeddingRequest) -> Embedding: ...
+    async def _answer(self, request: AnyRequest) -> Answer:
         request = self._with_defaults(request)
         if self.max_cost is not None and (self._cost or 0.0) >= self.max_cost:
             raise BudgetExhausted(
@@ -243,13 +267,21 @@ class LLMClient(AsyncClosing):
             raise
         return self.account(request, response)
 
-    def _with_defaults(self, request: Request) -> Request:
+    @overload
+    def _with_defaults(self, request: Request) -> Request: ...
+    @overload
+    def _with_defaults(self, request: EmbeddingRequest) -> EmbeddingRequest: ...
+    def _with_defaults(self, request: AnyRequest) -> AnyRequest:
         changes: dict[str, Any] = {}
         if request.model is None:
             if self.model is None:
                 raise ValueError("no model: pass model= to the client or the request")
             changes["model"] = self.model
-        if request.max_tokens is None and self.max_tokens is not None:
+        if (
+            isinstance(request, Request)
+            and request.max_tokens is None
+            and self.max_tokens is not None
+        ):
             changes["max_tokens"] = self.max_tokens
         if request.key is None:
             item = current_item()
@@ -257,7 +289,7 @@ class LLMClient(AsyncClosing):
                 changes["key"] = item.key
         return replace(request, **changes) if changes else request
 
-    async def _call_with_retry(self, request: Request) -> Response:
+    async def _call_with_retry(self, request: AnyRequest) -> Answer:
         attempts = 0
 
         def on_attempt(number: int) -> None:
@@ -280,13 +312,19 @@ class LLMClient(AsyncClosing):
             raise
         return replace(response, attempts=attempts)
 
-    async def _call_with_limits(self, request: Request) -> Response:
+    async def _call_with_limits(self, request: AnyRequest) -> Answer:
         model = request.model or ""
         limiter = self.limiter_for(model)
-        cost = self.provider.admission(request, model)
+        # Embedding requests reach only providers with embed(), whose rules accept them.
+        provider: Any = self.provider
+        cost = provider.admission(request, model)
         permit = await limiter.acquire(**cost)
         try:
-            response = await self.provider.complete(request)
+            response: Answer
+            if isinstance(request, EmbeddingRequest):
+                response = await provider.embed(request)
+            else:
+                response = await self.provider.complete(request)
         except RateLimited as exc:
             dimension = {"requests": "rpm", "tokens": "tpm"}.get(exc.kind or "")
             cooled = limiter.on_rate_limited(exc.retry_after, dimension=dimension)
@@ -299,7 +337,7 @@ class LLMClient(AsyncClosing):
             observed = limiter.observe(response.headers, permit)
             if asyncio.iscoroutine(observed):
                 await observed
-        actual = self.provider.settlement(request, response)
+        actual = provider.settlement(request, response)
         permit.settle(
             tokens=actual.get("tokens"),
             input_tokens=actual.get("input_tokens"),
@@ -331,6 +369,58 @@ class LLMClient(AsyncClosing):
             journal: where batch ids are recorded so that a rerun resumes polling
                 (a :class:`~llmbatch.store.Store`); batch mode only.
         """
+        return await self._map(
+            self.complete,
+            requests,
+            on_error=on_error,
+            max_concurrency=max_concurrency,
+            mode=mode,
+            deadline=deadline,
+            prefer=prefer,
+            journal=journal,
+        )
+
+    async def embed_many(
+        self,
+        requests: Iterable[EmbeddingRequest | str] | AsyncIterable[EmbeddingRequest | str],
+        *,
+        on_error: OnError | str | FailureStrategy | None = None,
+        max_concurrency: int | None = None,
+        mode: str = "online",
+        deadline: float | None = None,
+        prefer: str | None = None,
+        journal: Journal | None = None,
+    ) -> BatchResult[Embedding]:
+        """Embed many texts, in input order: :meth:`map` for embeddings, online or
+        through the Batch API (same arguments)."""
+
+        async def as_requests() -> AsyncIterator[EmbeddingRequest]:
+            async for item in _aiter(requests):
+                yield EmbeddingRequest(input=item) if isinstance(item, str) else item
+
+        return await self._map(
+            self.embed,
+            as_requests(),
+            on_error=on_error,
+            max_concurrency=max_concurrency,
+            mode=mode,
+            deadline=deadline,
+            prefer=prefer,
+            journal=journal,
+        )
+
+    async def _map(
+        self,
+        answer: Callable[[RequestT], Awaitable[AnswerT]],
+        requests: Iterable[RequestT] | AsyncIterable[RequestT],
+        *,
+        on_error: OnError | str | FailureStrategy | None,
+        max_concurrency: int | None,
+        mode: str,
+        deadline: float | None,
+        prefer: str | None,
+        journal: Journal | None,
+    ) -> BatchResult[AnswerT]:
         strategy = on_error or self.on_error
         if mode != "online":
             listed = [r async for r in _aiter(requests)]
@@ -348,7 +438,7 @@ class LLMClient(AsyncClosing):
                 return await self._map_batch(listed, strategy, journal)
             requests = listed
         return await run_batch(
-            self.complete,
+            answer,
             requests,
             max_concurrency=max_concurrency or self.max_concurrency,
             on_error=strategy,
@@ -357,18 +447,18 @@ class LLMClient(AsyncClosing):
 
     async def _map_batch(
         self,
-        requests: list[Request],
+        requests: list[RequestT],
         on_error: OnError | str | FailureStrategy,
         journal: Journal | None,
-    ) -> BatchResult[Response]:
+    ) -> BatchResult[Any]:
         """:meth:`map` through the provider's Batch API, with the same result objects."""
         backend = batch_backend(self.provider)
         if backend is None:
             raise ValueError(f"the {self.provider.name} provider has no Batch API")
-        keyed: list[tuple[str, Request]] = []
+        keyed: list[tuple[str, AnyRequest]] = []
         for index, request in enumerate(requests):
-            request = self._with_defaults(request)
-            keyed.append((request.key or f"item-{index}", request))
+            ready = self._with_defaults(request)
+            keyed.append((ready.key or f"item-{index}", ready))
         outcomes = await run_batch_api(
             backend,
             keyed,
@@ -380,17 +470,17 @@ class LLMClient(AsyncClosing):
 
     def batch_result(
         self,
-        keyed: Sequence[tuple[str, Request]],
-        outcomes: Mapping[str, Response | LLMBatchError],
+        keyed: Sequence[tuple[str, AnyRequest]],
+        outcomes: Mapping[str, Answer | LLMBatchError],
         on_error: OnError | str | FailureStrategy,
-    ) -> BatchResult[Response]:
+    ) -> BatchResult[Any]:
         """Batch API outcomes as a :class:`BatchResult` in input order, priced at the
         batch discount, under the failure strategy (fail-fast raises
         :class:`~llmbatch.failure.BatchFailed` carrying everything)."""
-        results: list[Response | ItemError] = []
+        results: list[Any] = []
         for index, (key, request) in enumerate(keyed):
             outcome = outcomes[key]
-            if isinstance(outcome, Response):
+            if not isinstance(outcome, LLMBatchError):
                 results.append(self.account(request, outcome, batch=True))
             else:
                 self._failed += 1
@@ -404,7 +494,15 @@ class LLMClient(AsyncClosing):
             raise BatchFailed(first, reason="fail_fast", result=result)
         return result
 
-    def account(self, request: Request, response: Response, *, batch: bool = False) -> Response:
+    @overload
+    def account(
+        self, request: AnyRequest, response: Response, *, batch: bool = False
+    ) -> Response: ...
+    @overload
+    def account(
+        self, request: AnyRequest, response: Embedding, *, batch: bool = False
+    ) -> Embedding: ...
+    def account(self, request: AnyRequest, response: Answer, *, batch: bool = False) -> Answer:
         """Count *response* in the statistics and price it (at the batch discount if
         it came through a Batch API)."""
         cost = self.profile(request.model or "").cost(response.usage, batch=batch)
@@ -415,7 +513,7 @@ class LLMClient(AsyncClosing):
         return replace(response, cost=cost, key=response.key or request.key)
 
 
-def _request_key(request: Request) -> str | None:
+def _request_key(request: AnyRequest) -> str | None:
     return request.key
 
 
@@ -428,10 +526,13 @@ async def _aiter(items: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any
             yield item
 
 
-def estimated_usage(requests: Sequence[Request], default_max_tokens: int | None) -> Usage:
+def estimated_usage(requests: Sequence[AnyRequest], default_max_tokens: int | None) -> Usage:
     """The job's tokens for a cost comparison: prompts by characters, output at the cap."""
     prompt = output = 0
     for request in requests:
+        if isinstance(request, EmbeddingRequest):
+            prompt += math.ceil(len(request.input) / 4)
+            continue
         prompt += openai_admission_estimate(request.messages)
         output += (request.max_tokens or default_max_tokens or 0) * request.n
     return Usage(input_tokens=prompt, output_tokens=output)

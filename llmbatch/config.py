@@ -98,6 +98,8 @@ BUILTIN_PROFILES: Mapping[str, ModelProfile] = {
         _profile("openai", "gpt-4o", (2.50, 10.00), rpm=500, tpm=30_000),
         _profile("openai", "gpt-4.1-mini", (0.40, 1.60), rpm=500, tpm=200_000),
         _profile("openai", "gpt-4.1", (2.00, 8.00), rpm=500, tpm=30_000),
+        _profile("openai", "text-embedding-3-small", (0.02, 0.0), rpm=3000, tpm=1_000_000),
+        _profile("openai", "text-embedding-3-large", (0.13, 0.0), rpm=3000, tpm=1_000_000),
         _profile(
             "anthropic",
             "claude-haiku-4-5",

@@ -42,7 +42,7 @@ from llmbatch.client import LLMClient, build_request, estimated_usage
 from llmbatch.errors import FatalError, LLMBatchError
 from llmbatch.failure import BatchFailed, ItemError, OnError, failure_strategy, is_fatal
 from llmbatch.io import Record, read_records
-from llmbatch.models import Request, Response
+from llmbatch.models import Embedding, Request, Response
 from llmbatch.routing import choose_route
 from llmbatch.runner import stream_batch
 from llmbatch.store import Store, StoredItem, error_record
@@ -435,12 +435,14 @@ async def _answer_in_batches(
             )
     by_key = {p.record.key: p for p in pending}
 
-    def on_result(key: str, outcome: Response | LLMBatchError) -> None:
+    def on_result(key: str, outcome: Response | Embedding | LLMBatchError) -> None:
         ready = by_key[key]
         assert ready.request is not None
         value: Response | ItemError
         if isinstance(outcome, Response):
             value = client.account(ready.request, outcome, batch=True)
+        elif isinstance(outcome, Embedding):  # a chat job never gets one
+            raise TypeError("an embedding came back for a chat request")
         else:
             value = ItemError.from_exception(ready.record.index, outcome, key=key)
         _record(store, progress, ready, value)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["Request", "Response", "Usage"]
+__all__ = ["Embedding", "EmbeddingRequest", "Request", "Response", "Usage"]
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
@@ -108,6 +108,56 @@ class Response:
     latency: float = 0.0
     attempts: int = 1
     parsed: Any = None
+    key: str | None = None
+    cost: float | None = None
+    headers: Mapping[str, str] = field(default_factory=lambda: _EMPTY, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EmbeddingRequest:
+    """One text to embed.
+
+    Args:
+        input: the text.
+        model: the embedding model (``None``: the client's default).
+        dimensions: the vector size, for models that can shorten it.
+        key: the item's key (for error records, checkpoints and batches).
+    """
+
+    input: str
+    model: str | None = None
+    dimensions: int | None = None
+    key: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.input.strip():
+            raise ValueError("the text to embed is empty")
+        if self.dimensions is not None and self.dimensions < 1:
+            raise ValueError(f"dimensions must be >= 1, not {self.dimensions!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Embedding:
+    """What a provider answered to an :class:`EmbeddingRequest`.
+
+    Attributes:
+        vector: the embedding.
+        model: the model that answered.
+        usage: the tokens the call consumed (input only).
+        request_id: the provider's request id.
+        latency: seconds the successful attempt took.
+        attempts: how many attempts the call needed.
+        key: the item's key, copied from the request.
+        cost: the price of the call in USD, when the model's prices are known.
+        headers: the response headers (rate-limit feedback), not part of equality.
+    """
+
+    vector: tuple[float, ...]
+    model: str | None = None
+    usage: Usage = field(default_factory=Usage)
+    request_id: str | None = None
+    latency: float = 0.0
+    attempts: int = 1
     key: str | None = None
     cost: float | None = None
     headers: Mapping[str, str] = field(default_factory=lambda: _EMPTY, compare=False, repr=False)

@@ -306,3 +306,46 @@ async def test_map_honours_max_cost(clock: FakeClock, monkeypatch: pytest.Monkey
         )
     assert "BudgetExhausted" == info.value.error.error_type
     assert 3 == len(provider.calls)  # 0.101 x 3 >= 0.3: the fourth never starts
+
+
+async def test_embeddings_online_and_through_the_batch_api_agree() -> None:
+    """``embed_many`` gives the same vectors online and through the Batch API (one
+    ``/v1/embeddings`` batch), priced at half through the batch; a blank text is its
+    own error; ``embed`` takes a plain string."""
+    from llmbatch.models import EmbeddingRequest
+    from llmbatch.testing.simulator import BatchSimConfig
+
+    fast = BatchSimConfig(
+        validating_seconds=0.01, seconds_per_request=0.001, finalizing_seconds=0.01
+    )
+    async with (
+        Simulator(batch=fast) as sim,
+        OpenAIProvider(base_url=sim.base_url, api_key="sk-test") as provider,
+    ):
+        client = LLMClient(
+            provider, model="text-embedding-3-small", limits=Limits(rpm=100_000, tpm=10**8)
+        )
+        client.batch_poll_interval = 0.02
+        texts = [f"text number {i}" for i in range(12)]
+        online = await client.embed_many(texts)
+        batched = await client.embed_many(
+            [EmbeddingRequest(input=t, key=f"t{i}") for i, t in enumerate(texts)], mode="batch"
+        )
+        assert [e.vector for e in online.ok] == [e.vector for e in batched.ok]
+        assert 12 == len(online.ok)
+        assert [f"t{i}" for i in range(12)] == [e.key for e in batched.ok]
+        for a, b in zip(online.ok, batched.ok, strict=True):
+            assert a.cost is not None
+            assert b.cost == pytest.approx(a.cost / 2)
+        assert 1 == sim.stats().batch["openai_batches_created"]
+        single = await client.embed("text number 0")
+        assert online.ok[0].vector == single.vector
+        with pytest.raises(ValueError, match="empty"):
+            await client.embed("   ")
+
+
+async def test_embed_needs_a_provider_that_embeds() -> None:
+    """A provider without ``embed`` is refused with a clear error."""
+    client = LLMClient(FakeProvider(echo), model="m")
+    with pytest.raises(ValueError, match="cannot embed"):
+        await client.embed("text")

@@ -9,7 +9,14 @@ import pytest
 import llmbatch
 
 PUBLIC_MODULES = [
+    "llmbatch.batchapi",
+    "llmbatch.cli",
     "llmbatch.client",
+    "llmbatch.config",
+    "llmbatch.io",
+    "llmbatch.job",
+    "llmbatch.routing",
+    "llmbatch.store",
     "llmbatch.errors",
     "llmbatch.limits",
     "llmbatch.limits_redis",

@@ -29,6 +29,7 @@ connection error, unreadable body                  :class:`ConnectionFailed`
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -50,7 +51,7 @@ from llmbatch.errors import (
     key_hint,
 )
 from llmbatch.limits import key_fingerprint, parse_go_duration
-from llmbatch.models import Request, Response, Usage
+from llmbatch.models import Embedding, EmbeddingRequest, Request, Response, Usage
 from llmbatch.providers.base import Admission, AsyncClosing
 from llmbatch.retry import parse_retry_after
 from llmbatch.tokens import openai_admission_estimate
@@ -64,6 +65,7 @@ __all__ = [
     "chat_response",
     "classify_openai_error",
     "classify_openai_status",
+    "embedding_response",
 ]
 
 #: what OpenAI reserves against TPM when a request sets no max_tokens (conservative)
@@ -209,19 +211,26 @@ class OpenAIProvider(AsyncClosing):
         if self._owns_client:
             await self._client.close()
 
-    def admission(self, request: Request, model: str) -> Admission:
-        """OpenAI's rule: prompt estimate + max_tokens x n tokens, and one request.
+    def admission(self, request: Request | EmbeddingRequest, model: str) -> Admission:
+        """OpenAI's rule: prompt estimate + max_tokens x n tokens, and one request
+        (an embedding: its input's estimate).
 
         The prompt estimate is character-based, as OpenAI documents its own
         (:func:`~llmbatch.tokens.openai_admission_estimate`).
         """
+        if isinstance(request, EmbeddingRequest):
+            return Admission(requests=1, tokens=math.ceil(len(request.input) / 4) + 1)
         max_tokens = request.max_tokens or DEFAULT_MAX_TOKENS
         prompt = openai_admission_estimate(request.messages)
         return Admission(requests=1, tokens=prompt + max_tokens * request.n)
 
-    def settlement(self, request: Request, response: Response) -> Admission:
+    def settlement(
+        self, request: Request | EmbeddingRequest, response: Response | Embedding
+    ) -> Admission:
         """OpenAI keeps the output reservation: the final charge is the prompt as
         counted plus max_tokens x n, whatever the answer's length."""
+        if isinstance(request, EmbeddingRequest):
+            return Admission(tokens=response.usage.input_tokens)
         max_tokens = request.max_tokens or DEFAULT_MAX_TOKENS
         return Admission(tokens=response.usage.input_tokens + max_tokens * request.n)
 
@@ -255,6 +264,34 @@ class OpenAIProvider(AsyncClosing):
             raise error from exc
         return chat_response(
             completion,
+            request,
+            request_id=raw.headers.get("x-request-id"),
+            latency=time.monotonic() - started,
+            headers=dict(raw.headers),
+        )
+
+    def embedding_params(self, request: EmbeddingRequest) -> dict[str, Any]:
+        """The ``/v1/embeddings`` body for *request* (online and in batch files)."""
+        if not request.model:
+            raise BadRequest("no model given", provider=self.name)
+        params: dict[str, Any] = {"model": request.model, "input": request.input}
+        if request.dimensions is not None:
+            params["dimensions"] = request.dimensions
+        return params
+
+    async def embed(self, request: EmbeddingRequest) -> Embedding:
+        """One embedding; errors come out as :mod:`llmbatch.errors` exceptions."""
+        params = self.embedding_params(request)
+        started = time.monotonic()
+        try:
+            raw = await self._client.embeddings.with_raw_response.create(**params)
+            result = raw.parse()
+        except (openai.OpenAIError, json.JSONDecodeError) as exc:
+            error = classify_openai_error(exc, provider=self.name, model=request.model)
+            error.key_hint = self.key_hint
+            raise error from exc
+        return embedding_response(
+            result,
             request,
             request_id=raw.headers.get("x-request-id"),
             latency=time.monotonic() - started,
@@ -301,6 +338,28 @@ def chat_response(
         request_id=request_id,
         latency=latency,
         parsed=parsed,
+        key=request.key,
+        headers=dict(headers or {}),
+    )
+
+
+def embedding_response(
+    result: openai.types.CreateEmbeddingResponse,
+    request: EmbeddingRequest,
+    *,
+    request_id: str | None,
+    latency: float = 0.0,
+    headers: Mapping[str, str] | None = None,
+) -> Embedding:
+    """The :class:`Embedding` for an embeddings ``list`` (online, or a batch output line)."""
+    if not result.data:
+        raise BadRequest("the server returned no embedding", model=request.model)
+    return Embedding(
+        vector=tuple(result.data[0].embedding),
+        model=result.model or request.model,
+        usage=Usage(input_tokens=result.usage.prompt_tokens if result.usage else 0),
+        request_id=request_id,
+        latency=latency,
         key=request.key,
         headers=dict(headers or {}),
     )
