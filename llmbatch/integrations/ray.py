@@ -1,0 +1,300 @@
+"""LLM calls in Ray Data, every worker under one provider quota::
+
+    import ray
+    from llmbatch.integrations.ray import LLMBatchUDF
+
+    ds = ray.data.from_items([{"text": t} for t in texts])
+    out = ds.map_batches(
+        LLMBatchUDF,
+        fn_constructor_kwargs={
+            "template": "Summarize: {text}",
+            "model": "gpt-4o-mini",
+            "limits": {"rpm": 500, "tpm": 200_000},     # the quota of all workers together
+            "redis_url": None,                          # None: a named Ray actor keeps it
+        },
+        concurrency=4,
+        batch_format="pandas",
+    )
+
+Ray's own LLM processor limits ``qps`` per worker, so the real rate is qps x workers.
+Here every worker (a Ray actor running :class:`LLMBatchUDF`) takes its permits from one
+shared quota: the Redis limiter when ``redis_url`` is given
+(:class:`~llmbatch.limits_redis.RedisRateLimiter`), otherwise a named Ray actor
+(:class:`QuotaActor`) that runs one :class:`~llmbatch.limits.RateLimiter` for the whole
+cluster. Each worker builds its client inside its own event loop (a thread it owns),
+once. Rows come back with ``llm_answer``, ``llm_error``, ``llm_input_tokens``,
+``llm_output_tokens`` and ``llm_cost`` columns; the failure policy applies per row, and
+a fatal error (a refused key, an exhausted quota) stops the dataset with its message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+try:
+    import ray
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError("llmbatch.integrations.ray needs Ray: pip install 'llmbatch[ray]'") from exc
+
+import pandas as pd
+
+from llmbatch.client import LLMClient, build_request
+from llmbatch.errors import LLMBatchError
+from llmbatch.failure import BatchFailed, OnError, failure_strategy
+from llmbatch.integrations.pandas import result_frame
+from llmbatch.limits import LimiterStatistics, Limits, RateLimiter
+from llmbatch.models import Request
+from llmbatch.providers.base import Provider
+from llmbatch.retry import RetryPolicy
+from llmbatch.runner import run_batch
+
+__all__ = ["LLMBatchUDF", "QuotaActor", "RayQuotaLimiter", "quota_actor"]
+
+#: permits a QuotaActor remembers before forgetting the oldest (a worker that died
+#: between release and settle leaves one behind)
+_MAX_OPEN_PERMITS = 100_000
+
+
+class QuotaActor:
+    """One :class:`~llmbatch.limits.RateLimiter` for a whole Ray cluster (run as an async
+    actor, see :func:`quota_actor`). Workers call it through :class:`RayQuotaLimiter`."""
+
+    def __init__(self, limits: Mapping[str, Any]) -> None:
+        self.limits = Limits(**limits)
+        self._limiter: RateLimiter | None = None
+        self._permits: dict[int, Any] = {}
+        self._next = 0
+
+    def _get(self) -> RateLimiter:
+        if self._limiter is None:  # built inside the actor's event loop
+            self._limiter = RateLimiter(self.limits)
+        return self._limiter
+
+    async def acquire(
+        self,
+        requests: float = 1,
+        tokens: float = 0,
+        input_tokens: float = 0,
+        output_tokens: float = 0,
+    ) -> int:
+        """Wait for the quota; a permit number."""
+        permit = await self._get().acquire(
+            requests, tokens, input_tokens=input_tokens, output_tokens=output_tokens
+        )
+        self._next += 1
+        self._permits[self._next] = permit
+        while len(self._permits) > _MAX_OPEN_PERMITS:
+            self._permits.pop(next(iter(self._permits))).release()
+        return self._next
+
+    def release(self, number: int) -> None:
+        """The request is over: free its concurrency slot."""
+        permit = self._permits.get(number)
+        if permit is not None:
+            permit.release()
+
+    def settle(self, number: int, actual: Mapping[str, float]) -> None:
+        """The actual usage of a finished request."""
+        permit = self._permits.pop(number, None)
+        if permit is not None:
+            permit.release()
+            permit.settle(**actual)
+
+    def observe(self, headers: Mapping[str, str], number: int | None = None) -> None:
+        """A response's rate-limit headers."""
+        self._get().observe(headers, self._permits.get(number) if number else None)
+
+    def on_rate_limited(self, retry_after: float | None, dimension: str | None) -> None:
+        """A 429: pause the whole cluster's quota."""
+        self._get().on_rate_limited(retry_after, dimension=dimension)
+
+    def statistics(self) -> LimiterStatistics:
+        """The limiter's counters."""
+        return self._get().statistics()
+
+
+def quota_actor(name: str, limits: Limits | Mapping[str, Any]) -> Any:
+    """The cluster's :class:`QuotaActor` called *name* (created on first use; every
+    later caller gets the same one, whatever limits it passes)."""
+    settings = _limits_dict(limits)
+    remote = ray.remote(QuotaActor)
+    return remote.options(
+        name=name, get_if_exists=True, max_concurrency=10_000, num_cpus=0
+    ).remote(settings)
+
+
+class _RayPermit:
+    __slots__ = ("_actor", "number", "released")
+
+    def __init__(self, actor: Any, number: int) -> None:
+        self._actor = actor
+        self.number = number
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._actor.release.remote(self.number)
+
+    def settle(self, **actual: float | None) -> None:
+        self._actor.settle.remote(self.number, {k: v for k, v in actual.items() if v is not None})
+
+
+class RayQuotaLimiter:
+    """The limiter contract (``acquire``, ``observe``, ``on_rate_limited``,
+    ``statistics``) over a :class:`QuotaActor`, for :class:`~llmbatch.client.LLMClient`."""
+
+    def __init__(self, actor: Any) -> None:
+        self._actor = actor
+
+    def __repr__(self) -> str:
+        return f"<RayQuotaLimiter {self._actor}>"
+
+    async def acquire(
+        self,
+        requests: float = 1,
+        tokens: float = 0,
+        *,
+        input_tokens: float = 0,
+        output_tokens: float = 0,
+    ) -> _RayPermit:
+        """Wait for the cluster's quota."""
+        number = await self._actor.acquire.remote(requests, tokens, input_tokens, output_tokens)
+        return _RayPermit(self._actor, number)
+
+    def observe(self, headers: Mapping[str, str], permit: _RayPermit | None = None) -> None:
+        """Forward a response's headers to the quota (fire and forget)."""
+        self._actor.observe.remote(dict(headers), permit.number if permit else None)
+
+    async def on_rate_limited(
+        self, retry_after: float | None = None, *, dimension: str | None = None
+    ) -> None:
+        """A 429: pause the cluster's quota (waits until the actor has it)."""
+        await self._actor.on_rate_limited.remote(retry_after, dimension)
+
+    def statistics(self) -> LimiterStatistics:
+        """The quota's counters (a blocking call: not for the event loop's hot path)."""
+        stats: LimiterStatistics = ray.get(self._actor.statistics.remote())
+        return stats
+
+
+class LLMBatchUDF:
+    """A Ray Data ``map_batches`` callable class: one LLM call per row.
+
+    Args:
+        template: a ``str.format`` template over each row's columns, or a callable from
+            the row (a dict) to a Request or a prompt.
+        model: the model.
+        limits: the quota of all workers together (a :class:`~llmbatch.limits.Limits`
+            or its keyword arguments).
+        provider: a zero-argument callable building the provider inside the worker
+            (default: ``OpenAIProvider(base_url=base_url)``, its key from the worker's
+            ``OPENAI_API_KEY``, so no key travels through Ray's object store).
+        base_url: an OpenAI-compatible server for the default provider.
+        redis_url: share the quota through Redis (``redis://...``) instead of a Ray actor.
+        quota: the quota's name (the Ray actor's name, or the Redis quota key).
+        system: a system prompt.
+        max_tokens: the output cap of every request.
+        retry: the retry policy.
+        on_error: ``"collect"`` (failed rows keep an ``llm_error``), ``"skip"`` (dropped)
+            or ``"fail_fast"`` (the first failed row stops the dataset).
+        max_concurrency: requests in flight per worker.
+        prefix: the result columns' prefix.
+    """
+
+    def __init__(
+        self,
+        template: str | Callable[[dict[str, Any]], Request | str],
+        *,
+        model: str,
+        limits: Limits | Mapping[str, Any],
+        provider: Callable[[], Provider] | None = None,
+        base_url: str | None = None,
+        redis_url: str | None = None,
+        quota: str = "llmbatch-quota",
+        system: str | None = None,
+        max_tokens: int | None = None,
+        retry: RetryPolicy | None = None,
+        on_error: OnError | str = OnError.COLLECT,
+        max_concurrency: int = 16,
+        prefix: str = "llm_",
+    ) -> None:
+        self.template = template
+        self.system = system
+        self.on_error = on_error
+        self.max_concurrency = max_concurrency
+        self.prefix = prefix
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        settings = _limits_dict(limits)
+
+        async def build() -> LLMClient:
+            limiter: Any
+            if redis_url is not None:
+                from redis.asyncio import Redis
+
+                from llmbatch.limits_redis import RedisRateLimiter
+
+                redis = Redis.from_url(redis_url)
+                limiter = RedisRateLimiter(redis, Limits(**settings), quota=quota)
+            else:
+                limiter = RayQuotaLimiter(quota_actor(quota, settings))
+            if provider is not None:
+                made = provider()
+            else:
+                from llmbatch.providers.openai import OpenAIProvider
+
+                made = OpenAIProvider(base_url=base_url)
+            return LLMClient(made, model=model, max_tokens=max_tokens, limiter=limiter, retry=retry)
+
+        self.client = self._run(build())
+
+    def _run(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        """Answer every row of *batch*; the rows with the result columns added."""
+        return self._run(self._answer(batch))
+
+    async def _answer(self, batch: pd.DataFrame) -> pd.DataFrame:
+        labels = list(batch.index)
+        rows = batch.to_dict("records")
+
+        async def one(row: dict[str, Any]) -> Any:
+            return await self.client.complete(build_request(self.template, row, system=self.system))
+
+        try:
+            result = await run_batch(
+                one, rows, max_concurrency=self.max_concurrency, on_error=self.on_error
+            )
+        except BatchFailed as exc:
+            raise RuntimeError(f"llmbatch stopped the dataset: {exc}") from None
+        except LLMBatchError as exc:  # pragma: no cover - run_batch wraps item errors
+            raise RuntimeError(f"llmbatch stopped the dataset: {exc}") from None
+        frame = result_frame(result, labels, prefix=self.prefix, on_error=self.on_error)
+        skip = failure_strategy(self.on_error) == failure_strategy(OnError.SKIP)
+        kept = (
+            batch.iloc[[i for i, o in enumerate(result.results) if not _failed(o)]]
+            if skip
+            else batch
+        )
+        frame.index = kept.index
+        return pd.concat([kept, frame], axis=1)
+
+
+def _failed(outcome: Any) -> bool:
+    from llmbatch.failure import ItemError
+
+    return isinstance(outcome, ItemError)
+
+
+def _limits_dict(limits: Limits | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(limits, Limits):
+        from dataclasses import asdict
+
+        return asdict(limits)
+    return dict(limits)
