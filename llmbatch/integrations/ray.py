@@ -121,9 +121,9 @@ def quota_actor(name: str, limits: Limits | Mapping[str, Any]) -> Any:
     later caller gets the same one, whatever limits it passes)."""
     settings = _limits_dict(limits)
     remote = ray.remote(QuotaActor)
-    return remote.options(
-        name=name, get_if_exists=True, max_concurrency=10_000, num_cpus=0
-    ).remote(settings)
+    return remote.options(name=name, get_if_exists=True, max_concurrency=10_000, num_cpus=0).remote(
+        settings
+    )
 
 
 class _RayPermit:
@@ -195,7 +195,9 @@ class LLMBatchUDF:
             ``OPENAI_API_KEY``, so no key travels through Ray's object store).
         base_url: an OpenAI-compatible server for the default provider.
         redis_url: share the quota through Redis (``redis://...``) instead of a Ray actor.
-        quota: the quota's name (the Ray actor's name, or the Redis quota key).
+        quota: the quota's name (the Ray actor's name, or the Redis quota key);
+            ``None`` (and no Redis): each worker paces alone at *limits*, as Ray's own
+            per-worker ``qps`` does (then give each worker its share).
         system: a system prompt.
         max_tokens: the output cap of every request.
         retry: the retry policy.
@@ -214,7 +216,7 @@ class LLMBatchUDF:
         provider: Callable[[], Provider] | None = None,
         base_url: str | None = None,
         redis_url: str | None = None,
-        quota: str = "llmbatch-quota",
+        quota: str | None = "llmbatch-quota",
         system: str | None = None,
         max_tokens: int | None = None,
         retry: RetryPolicy | None = None,
@@ -240,9 +242,13 @@ class LLMBatchUDF:
                 from llmbatch.limits_redis import RedisRateLimiter
 
                 redis = Redis.from_url(redis_url)
-                limiter = RedisRateLimiter(redis, Limits(**settings), quota=quota)
-            else:
+                limiter = RedisRateLimiter(
+                    redis, Limits(**settings), quota=quota or "llmbatch-quota"
+                )
+            elif quota is not None:
                 limiter = RayQuotaLimiter(quota_actor(quota, settings))
+            else:
+                limiter = RateLimiter(Limits(**settings))
             if provider is not None:
                 made = provider()
             else:
@@ -259,6 +265,10 @@ class LLMBatchUDF:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         """Answer every row of *batch*; the rows with the result columns added."""
         return self._run(self._answer(batch))
+
+    def answer(self, batch: pd.DataFrame) -> pd.DataFrame:
+        """The same as calling the instance (for use as a plain Ray actor)."""
+        return self(batch)
 
     async def _answer(self, batch: pd.DataFrame) -> pd.DataFrame:
         labels = list(batch.index)

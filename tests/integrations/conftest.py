@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -38,3 +39,20 @@ def threaded_simulator() -> Iterator[Simulator]:
         yield served.sim
     finally:
         served.close()
+
+
+@pytest.fixture
+def threaded_simulator_factory() -> Iterator[Callable[..., Simulator]]:
+    """Start threaded simulators with any configuration; all are closed after the test."""
+    started: list[ThreadedSimulator] = []
+
+    def start(**options: Any) -> Simulator:
+        served = ThreadedSimulator(SimulatorConfig(**options))
+        started.append(served)
+        return served.sim
+
+    try:
+        yield start
+    finally:
+        for served in reversed(started):
+            served.close()
