@@ -73,3 +73,30 @@ def test_summarize_example_with_the_local_model(tmp_path: Path) -> None:
     assert 3 == len(records)
     assert [r["doc"] for r in records if "error" in r] == ["empty.txt"]
     assert all(r["summary"] for r in records if "summary" in r)
+
+
+def run_example(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+
+
+def test_pandas_example() -> None:
+    """examples/pandas_summarize.py answers every document row (10% 503s retried)."""
+    pytest.importorskip("pandas")
+    done = run_example("pandas_summarize.py")
+    assert "34 of 34 rows answered" in done.stdout
+
+
+def test_ray_example() -> None:
+    """examples/ray_summarize.py: four Ray workers under one RPM, no 429."""
+    pytest.importorskip("ray")
+    done = run_example("ray_summarize.py")
+    assert "34 of 34 documents summarized by 4 workers" in done.stdout
+    assert "simulator: 34 requests, 0 429s" in done.stdout
