@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import structlog
+
+from llmbatch.testing import Simulator
+from llmbatch.testing.simulator import SimulatorConfig
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -82,3 +88,48 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+# -- a simulator served from its own thread, for code that blocks the test's thread --
+class ThreadedSimulator:
+    """A :class:`Simulator` running on an event loop in a daemon thread."""
+
+    def __init__(self, config: SimulatorConfig) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self.sim = Simulator(config)
+        asyncio.run_coroutine_threadsafe(self.sim.start(), self._loop).result(30)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.sim.aclose(), self._loop).result(30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(30)
+        self._loop.close()
+
+
+@pytest.fixture
+def threaded_simulator() -> Iterator[Simulator]:
+    """A default simulator whose server keeps answering while the test's thread blocks."""
+    served = ThreadedSimulator(SimulatorConfig())
+    try:
+        yield served.sim
+    finally:
+        served.close()
+
+
+@pytest.fixture
+def threaded_simulator_factory() -> Iterator[Callable[..., Simulator]]:
+    """Start threaded simulators with any configuration; all are closed after the test."""
+    started: list[ThreadedSimulator] = []
+
+    def start(**options: Any) -> Simulator:
+        served = ThreadedSimulator(SimulatorConfig(**options))
+        started.append(served)
+        return served.sim
+
+    try:
+        yield start
+    finally:
+        for served in reversed(started):
+            served.close()

@@ -6,14 +6,16 @@ import asyncio
 
 import pytest
 
-pd = pytest.importorskip("pandas")
+pytest.importorskip("pandas")
 
-from llmbatch.failure import BatchFailed  # noqa: E402 - after the importorskip
-from llmbatch.integrations.pandas import map_dataframe  # noqa: E402
-from llmbatch.limits import Limits  # noqa: E402
-from llmbatch.providers.openai import OpenAIProvider  # noqa: E402
-from llmbatch.testing import Simulator  # noqa: E402
-from llmbatch.testing._content import content_tag  # noqa: E402
+import pandas as pd
+
+from llmbatch.failure import BatchFailed
+from llmbatch.integrations.pandas import map_dataframe
+from llmbatch.limits import Limits
+from llmbatch.providers.openai import OpenAIProvider
+from llmbatch.testing import Simulator
+from llmbatch.testing._content import content_tag
 
 LIMITS = Limits(rpm=100_000, tpm=100_000_000)
 

@@ -78,7 +78,7 @@ def test_four_workers_share_one_quota(
     if each paced alone): no 429, every row answered with its own answer."""
     sim = threaded_simulator_factory(rpm=120)
     rows = [{"id": i, "text": f"document {i}"} for i in range(150)]
-    extra = {"redis_url": redis_url} if shared_through == "redis" else {}
+    extra: dict[str, Any] = {"redis_url": redis_url} if shared_through == "redis" else {}
     result = run(sim, rows, limits={"rpm": 120}, **extra)
     assert sorted(r["id"] for r in result) == list(range(150))
     for r in result:
