@@ -79,6 +79,8 @@ def run(name: str, items: int, rpm: int, redis_url: str) -> dict[str, Any]:
         stats = server_stats(root)
         for actor in actors:
             ray.kill(actor)
+        if settings.get("quota") and "redis_url" not in settings:
+            close_quota(settings["quota"])
     answered = sum(int(r["llm_error"].isna().sum()) for r in results)
     return {
         "seconds": seconds,

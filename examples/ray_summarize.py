@@ -18,7 +18,7 @@ from typing import Any
 
 import ray
 
-from llmbatch.integrations.ray import LLMBatchUDF
+from llmbatch.integrations.ray import LLMBatchUDF, close_quota
 from llmbatch.testing import Simulator
 
 DOCS = Path(__file__).parent / "docs"
@@ -71,6 +71,7 @@ def main() -> dict[str, Any]:
         )
         out = ds.take_all()
     finally:
+        close_quota("llmbatch-quota")  # the shared quota actor outlives the workers
         ray.shutdown()
         stop.set()
         server.join()

@@ -51,7 +51,7 @@ from llmbatch.providers.base import Provider
 from llmbatch.retry import RetryPolicy
 from llmbatch.runner import run_batch
 
-__all__ = ["LLMBatchUDF", "QuotaActor", "RayQuotaLimiter", "quota_actor"]
+__all__ = ["LLMBatchUDF", "QuotaActor", "RayQuotaLimiter", "close_quota", "quota_actor"]
 
 #: permits a QuotaActor remembers before forgetting the oldest (a worker that died
 #: between release and settle leaves one behind)
@@ -118,12 +118,31 @@ class QuotaActor:
 
 def quota_actor(name: str, limits: Limits | Mapping[str, Any]) -> Any:
     """The cluster's :class:`QuotaActor` called *name* (created on first use; every
-    later caller gets the same one, whatever limits it passes)."""
+    later caller gets the same one, whatever limits it passes).
+
+    The actor is detached: it outlives the worker that happened to create it (Ray Data
+    stops idle workers, and a normal actor dies with its creator). It lives until
+    :func:`close_quota` or the end of the cluster.
+    """
     settings = _limits_dict(limits)
     remote = ray.remote(QuotaActor)
-    return remote.options(name=name, get_if_exists=True, max_concurrency=10_000, num_cpus=0).remote(
-        settings
-    )
+    return remote.options(
+        name=name,
+        get_if_exists=True,
+        lifetime="detached",
+        max_concurrency=10_000,
+        num_cpus=0,
+    ).remote(settings)
+
+
+def close_quota(name: str) -> bool:
+    """Stop the :class:`QuotaActor` called *name*; whether there was one."""
+    try:
+        actor = ray.get_actor(name)
+    except ValueError:
+        return False
+    ray.kill(actor)
+    return True
 
 
 class _RayPermit:

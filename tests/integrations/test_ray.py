@@ -11,7 +11,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from llmbatch.integrations.ray import LLMBatchUDF  # noqa: E402 - after the importorskip
+from llmbatch.integrations.ray import LLMBatchUDF, close_quota  # noqa: E402 - after the importorskip
 from llmbatch.testing import Simulator  # noqa: E402
 from llmbatch.testing._content import content_tag  # noqa: E402
 
@@ -63,7 +63,10 @@ def run(
         batch_size=10,
         batch_format="pandas",
     )
-    result: list[dict[str, Any]] = out.take_all()
+    try:
+        result: list[dict[str, Any]] = out.take_all()
+    finally:
+        close_quota(settings["quota"])
     return result
 
 
@@ -81,6 +84,8 @@ def test_four_workers_share_one_quota(
     extra: dict[str, Any] = {"redis_url": redis_url} if shared_through == "redis" else {}
     result = run(sim, rows, limits={"rpm": 120}, **extra)
     assert sorted(r["id"] for r in result) == list(range(150))
+    errors = [r["llm_error"] for r in result if isinstance(r["llm_error"], str)]
+    assert [] == errors
     for r in result:
         tag = content_tag("Summarize: " + r["text"])
         assert r["llm_answer"].startswith(f"[{tag}]")
