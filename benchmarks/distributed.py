@@ -38,7 +38,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).parent))
 from limits import LATENCY, MODEL, PARAGRAPH, redis_server, server_stats, simulator
 
-from llmbatch.integrations.ray import LLMBatchUDF
+from llmbatch.integrations.ray import LLMBatchUDF, close_quota
 
 WORKERS = 4
 
