@@ -69,6 +69,8 @@ logger = structlog.get_logger("llmbatch.batchapi")
 AnyRequest = Request | EmbeddingRequest
 Outcome = Response | Embedding | LLMBatchError
 
+#: how many times one item may be in a batch rejected for the enqueued-token limit
+_MAX_REJECTIONS = 50
 _CUSTOM_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -224,8 +226,9 @@ async def run_batch_api(
         poll_interval: seconds before the first status check; it grows by half each
             time nothing ends, up to *max_poll_interval*.
         resubmits: how many times an item that did not run (its batch expired or was
-            cancelled, a 5xx, a batch rejected for the enqueued-token limit) is
-            submitted again before its error is final.
+            cancelled, a 5xx) is submitted again before its error is final. Batches
+            rejected for the enqueued-token limit wait until a running batch ends and
+            are submitted again without counting an attempt (up to 50 times).
         sleep: how waiting is done (injectable for tests).
 
     Returns:
@@ -263,7 +266,11 @@ async def run_batch_api(
     todo = [cid for cid in items if cid not in held]
     interval = poll_interval
 
-    while todo or active:
+    # Items of batches rejected for the enqueued-token limit wait here until a running
+    # batch ends (making room); a rejection is not an execution, so it costs no attempt.
+    waiting: list[str] = []
+    rejections: dict[str, int] = {}
+    while todo or active or waiting:
         if todo:
             retry_later = await _submit(backend, journal, items, todo, active, finish)
             todo = []
@@ -273,6 +280,17 @@ async def run_batch_api(
                 continue
             todo = retry_later
         if not active:
+            # Rejected with nothing else in the queue: such a batch can never fit.
+            for cid in waiting:
+                finish(
+                    cid,
+                    BadRequest(
+                        "the batch exceeds the provider's enqueued-token limit on its own: "
+                        "submit smaller batches (BatchLimits.max_requests)",
+                        provider=backend.name,
+                    ),
+                )
+            waiting = []
             continue
         await sleep(interval)
         ended_any = False
@@ -290,7 +308,6 @@ async def run_batch_api(
                     **{k: v for k, v in status.counts.items() if isinstance(v, int)},
                 )
                 continue
-            ended_any = True
             cids = active.pop(batch_id)
             if status.state == "failed":
                 journal.set_batch_status(batch_id, "failed")
@@ -300,13 +317,18 @@ async def run_batch_api(
                     provider=backend.name,
                 )
                 for cid in sorted(cids):
-                    if status.retryable and items[cid].attempts <= resubmits:
-                        todo.append(cid)
+                    rejections[cid] = rejections.get(cid, 0) + 1
+                    if status.retryable and rejections[cid] <= _MAX_REJECTIONS:
+                        items[cid].attempts -= 1
+                        waiting.append(cid)
                     else:
                         finish(cid, error)
                 continue
+            ended_any = True
             todo += await _collect(backend, batch_id, cids, items, finish, resubmits)
             journal.set_batch_status(batch_id, "collected")
+        if ended_any and waiting:
+            todo, waiting = todo + waiting, []
         interval = poll_interval if ended_any else min(interval * 1.5, max_poll_interval)
     return outcomes
 
