@@ -12,9 +12,11 @@ would have produced. The lifecycle, shared by both providers::
                (enqueued-token limit: wait, retry)     resubmitted in a new batch
 
 A process killed while batches run loses nothing: rerun with the same journal (the
-job's :class:`~llmbatch.store.Store`) and it resumes **polling** the recorded batches;
-it never submits (pays for) their requests again. Ctrl-C leaves batches running on the
-provider's side; :func:`cancel_batches` stops them.
+job's :class:`~llmbatch.store.Store`) and it resumes **polling** the recorded batches
+and downloads again the results of those it had already collected; it never submits
+(pays for) their requests again. Each item keeps its own resubmit budget, and an item
+that no batch can take (too large) ends as its own error. Ctrl-C leaves batches
+running on the provider's side; :func:`cancel_batches` stops them.
 
 Backends: :class:`OpenAIBatchBackend` (``/v1/files`` + ``/v1/batches``; one model per
 file, ≤ 50,000 requests and ≤ 200 MB) and :class:`AnthropicBatchBackend` (Message
@@ -201,7 +203,13 @@ class MemoryJournal:
 class _Item:
     key: str
     request: AnyRequest
+    #: submissions that may have run it (or failed to reach the provider): its own
+    #: resubmit budget, never shared with the other items of a batch
     attempts: int = 0
+    #: times it was in a batch rejected for the enqueued-token limit
+    rejections: int = 0
+    #: seconds it waited for queue room while none of this job's batches ran
+    queued: float = 0.0
 
 
 async def run_batch_api(
@@ -213,22 +221,41 @@ async def run_batch_api(
     poll_interval: float = 15.0,
     max_poll_interval: float = 300.0,
     resubmits: int = 2,
+    queue_wait: float = 3600.0,
+    reuse_collected: bool = True,
     sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
 ) -> dict[str, Outcome]:
     """Answer *requests* through *backend*'s Batch API.
 
+    A batch rejected for the provider's enqueued-token limit ran nothing, so its items
+    are submitted again without spending an attempt: as soon as one of this job's
+    batches ends (that made room), or, when none of them runs (other jobs' batches
+    hold the queue, or the batch is too large to ever fit: the provider does not say
+    which), after a wait that starts at *poll_interval* and grows by half each time up
+    to *max_poll_interval*. Items that would wait so for more than *queue_wait*
+    seconds in all end as :class:`~llmbatch.errors.BadRequest` saying why. Either
+    way one item is in at most 50 rejected batches (``_MAX_REJECTIONS``).
+
     Args:
         backend: the provider's batch backend (``provider.batch()``).
         requests: ``(key, Request)`` pairs; keys must be unique.
-        journal: records every submitted batch before waiting on it; batches it holds
-            for these keys are resumed (polled), not submitted again.
+        journal: records every submitted batch before waiting on it. A rerun with the
+            same journal pays for nothing twice: the batches it holds for these keys
+            that still run are polled, not submitted again, and those already
+            collected give their results again (see *reuse_collected*).
         on_result: called with ``(key, Response or error)`` as each item ends.
         poll_interval: seconds before the first status check; it grows by half each
             time nothing ends, up to *max_poll_interval*.
         resubmits: how many times an item that did not run (its batch expired or was
-            cancelled, a 5xx) is submitted again before its error is final. Batches
-            rejected for the enqueued-token limit wait until a running batch ends and
-            are submitted again without counting an attempt (up to 50 times).
+            cancelled, a 5xx, a submission that failed) is submitted again before its
+            error is final. Each item counts its own, wherever it is resubmitted.
+        queue_wait: the longest, in seconds, that items rejected for the
+            enqueued-token limit wait for room while none of this job's batches runs
+            (``0``: they fail at the first such rejection).
+        reuse_collected: items of batches the journal holds as collected are answered
+            from those batches' results, downloaded again. ``False`` submits them
+            anew with a whole budget instead: for a caller that keeps the outcomes
+            itself (a job's store) and passes only what it wants answered again.
         sleep: how waiting is done (injectable for tests).
 
     Returns:
@@ -236,7 +263,8 @@ async def run_batch_api(
 
     Raises:
         ValueError: duplicate keys.
-        LLMBatchError: a fatal error (authentication, quota) while submitting or polling.
+        LLMBatchError: a fatal error (authentication, quota, a batch the provider does
+            not know) while submitting, polling or downloading.
     """
     journal = journal if journal is not None else MemoryJournal()
     items: dict[str, _Item] = {}
@@ -254,43 +282,33 @@ async def run_batch_api(
             on_result(item.key, outcome)
 
     active: dict[str, set[str]] = {}  # batch id -> custom ids not finished yet
-    for stored in journal.batches("submitted", provider=backend.name):
-        mine = {cid for cid in stored.items if cid in items}
-        if not mine:
-            continue
-        active[stored.id] = mine
-        for cid in mine:
-            items[cid].attempts = stored.attempt
-        logger.info("batch.resumed", batch_id=stored.id, requests=len(mine))
-    held = set().union(*active.values()) if active else set()
-    todo = [cid for cid in items if cid not in held]
+    todo = await _resume(backend, journal, items, active, finish, resubmits, reuse_collected)
     interval = poll_interval
 
-    # Items of batches rejected for the enqueued-token limit wait here until a running
-    # batch ends (making room); a rejection is not an execution, so it costs no attempt.
+    # Items of batches rejected for the enqueued-token limit wait here for room; a
+    # rejection is not an execution, so it costs no attempt.
     waiting: list[str] = []
-    rejections: dict[str, int] = {}
     while todo or active or waiting:
         if todo:
-            retry_later = await _submit(backend, journal, items, todo, active, finish)
-            todo = []
-            if retry_later and not active:
-                await sleep(max(interval, poll_interval))
-                todo = retry_later
-                continue
-            todo = retry_later
+            todo = await _submit(backend, journal, items, todo, active, finish, resubmits)
         if not active:
-            # Rejected with nothing else in the queue: such a batch can never fit.
+            # None of this job's batches runs: what is left failed to reach the
+            # provider (todo), or was rejected while other jobs' batches held the
+            # queue or because it can never fit (waiting). Wait, backing off, and try
+            # again; the rejected give up once they have waited queue_wait.
+            kept: list[str] = []
             for cid in waiting:
-                finish(
-                    cid,
-                    BadRequest(
-                        "the batch exceeds the provider's enqueued-token limit on its own: "
-                        "submit smaller batches (BatchLimits.max_requests)",
-                        provider=backend.name,
-                    ),
-                )
-            waiting = []
+                item = items[cid]
+                if item.queued + interval > queue_wait:
+                    finish(cid, _no_room(backend, item))
+                else:
+                    kept.append(cid)
+            if todo or kept:
+                await sleep(interval)
+                for cid in kept:
+                    items[cid].queued += interval
+                interval = min(interval * 1.5, max_poll_interval)
+            todo, waiting = todo + kept, []
             continue
         await sleep(interval)
         ended_any = False
@@ -317,9 +335,10 @@ async def run_batch_api(
                     provider=backend.name,
                 )
                 for cid in sorted(cids):
-                    rejections[cid] = rejections.get(cid, 0) + 1
-                    if status.retryable and rejections[cid] <= _MAX_REJECTIONS:
-                        items[cid].attempts -= 1
+                    item = items[cid]
+                    item.rejections += 1
+                    if status.retryable and item.rejections <= _MAX_REJECTIONS:
+                        item.attempts -= 1
                         waiting.append(cid)
                     else:
                         finish(cid, error)
@@ -333,6 +352,58 @@ async def run_batch_api(
     return outcomes
 
 
+def _no_room(backend: BatchBackend, item: _Item) -> BadRequest:
+    """Why an item rejected for the enqueued-token limit stopped waiting for room."""
+    return BadRequest(
+        "the batch exceeds the provider's enqueued-token limit on its own, or other "
+        f"batches kept the queue full: rejected {item.rejections} times, after "
+        f"{item.queued:g} s of waiting with none of this job's batches running; submit "
+        "smaller batches (BatchLimits.max_requests) or wait longer (queue_wait)",
+        provider=backend.name,
+        model=item.request.model,
+    )
+
+
+async def _resume(
+    backend: BatchBackend,
+    journal: Journal,
+    items: dict[str, _Item],
+    active: dict[str, set[str]],
+    finish: Callable[[str, Outcome], None],
+    resubmits: int,
+    reuse_collected: bool,
+) -> list[str]:
+    """Take up what the journal holds for *items*; the ids to submit.
+
+    Each item's latest batch decides: one still ``submitted`` goes into *active* (to be
+    polled), one ``collected`` gives its results again (when *reuse_collected*). Every
+    such batch holding the item counts as one of its attempts. Rejected batches ran
+    nothing, and cancelled ones are not collected: their items are submitted again.
+    """
+    latest: dict[str, StoredBatch] = {}
+    for stored in journal.batches("submitted", "collected", provider=backend.name):
+        for cid in stored.items:
+            if cid in items:
+                items[cid].attempts += 1
+                latest[cid] = stored
+    collected: dict[str, set[str]] = {}
+    for cid, stored in latest.items():
+        if stored.status == "submitted":
+            active.setdefault(stored.id, set()).add(cid)
+        elif reuse_collected:
+            collected.setdefault(stored.id, set()).add(cid)
+        else:
+            items[cid].attempts = 0  # to be answered anew
+    for batch_id, cids in active.items():
+        logger.info("batch.resumed", batch_id=batch_id, requests=len(cids))
+    held = set().union(*active.values(), *collected.values())
+    todo: list[str] = []
+    for batch_id, cids in collected.items():
+        logger.info("batch.reused", batch_id=batch_id, requests=len(cids))
+        todo += await _collect(backend, batch_id, cids, items, finish, resubmits)
+    return todo + [cid for cid in items if cid not in held]
+
+
 async def _submit(
     backend: BatchBackend,
     journal: Journal,
@@ -340,19 +411,32 @@ async def _submit(
     cids: list[str],
     active: dict[str, set[str]],
     finish: Callable[[str, Outcome], None],
+    resubmits: int,
 ) -> list[str]:
-    """Submit *cids* in as many batches as the limits need; the ids to try again later."""
+    """Submit *cids* in as many batches as the limits need; the ids to try again later
+    (a submission that failed with a transient error, while their resubmits last)."""
     later: list[str] = []
-    for model, chunk in _chunks(backend, items, cids):
+    chunks, refused = _chunks(backend, items, cids)
+    for cid, error in refused.items():
+        finish(cid, error)
+    for model, chunk in chunks:
         lines = [backend.line(cid, items[cid].request) for cid in chunk]
-        attempt = max(items[cid].attempts for cid in chunk) + 1
+        for cid in chunk:
+            items[cid].attempts += 1
         try:
             batch_id = await backend.submit(lines, model=model)
         except TransientError as exc:
-            logger.warning("batch.submit_deferred", requests=len(chunk), error=str(exc))
+            again = [cid for cid in chunk if items[cid].attempts <= resubmits]
+            logger.warning(
+                "batch.submit_deferred",
+                requests=len(again),
+                given_up=len(chunk) - len(again),
+                error=str(exc),
+            )
             for cid in chunk:
-                items[cid].attempts += 1
-            later += chunk
+                if items[cid].attempts > resubmits:
+                    finish(cid, exc)
+            later += again
             continue
         except LLMBatchError as exc:
             if isinstance(exc, FatalError):
@@ -360,8 +444,7 @@ async def _submit(
             for cid in chunk:
                 finish(cid, exc)
             continue
-        for cid in chunk:
-            items[cid].attempts = attempt
+        attempt = max(items[cid].attempts for cid in chunk)
         journal.save_batch(
             batch_id,
             provider=backend.name,
@@ -377,8 +460,9 @@ async def _submit(
 
 def _chunks(
     backend: BatchBackend, items: dict[str, _Item], cids: list[str]
-) -> list[tuple[str | None, list[str]]]:
-    """Split *cids* by model (when the provider wants one per batch), count and bytes."""
+) -> tuple[list[tuple[str | None, list[str]]], dict[str, LLMBatchError]]:
+    """Split *cids* by model (when the provider wants one per batch), count and bytes;
+    also the ids that no batch can take, each with its error."""
     limits = backend.limits
     grouped: dict[tuple[str | None, str], list[str]] = {}
     for cid in cids:
@@ -387,13 +471,26 @@ def _chunks(
         kind = type(request).__name__  # one endpoint per batch: chat or embeddings
         grouped.setdefault((model, kind), []).append(cid)
     chunks: list[tuple[str | None, list[str]]] = []
+    refused: dict[str, LLMBatchError] = {}
     for (model, _), group in grouped.items():
         chunk: list[str] = []
         size = 0
         for cid in group:
-            line_size = len(json.dumps(backend.line(cid, items[cid].request)).encode()) + 1
+            request = items[cid].request
+            try:
+                line = backend.line(cid, request)
+            except BadRequest as exc:  # a request this API cannot take at all
+                refused[cid] = exc
+                continue
+            line_size = len(json.dumps(line).encode()) + 1
             if line_size > limits.max_bytes:
-                raise BadRequest(f"item {items[cid].key!r} alone exceeds the batch size limit")
+                refused[cid] = BadRequest(
+                    f"item {items[cid].key!r} alone exceeds the batch size limit "
+                    f"({line_size:,} bytes; a batch holds at most {limits.max_bytes:,})",
+                    provider=backend.name,
+                    model=request.model,
+                )
+                continue
             if chunk and (len(chunk) >= limits.max_requests or size + line_size > limits.max_bytes):
                 chunks.append((model, chunk))
                 chunk, size = [], 0
@@ -401,7 +498,7 @@ def _chunks(
             size += line_size
         if chunk:
             chunks.append((model, chunk))
-    return chunks
+    return chunks, refused
 
 
 async def _collect(
@@ -439,13 +536,44 @@ async def _collect(
 
 
 async def cancel_batches(backend: BatchBackend, journal: Journal) -> list[str]:
-    """Cancel every batch the journal holds as submitted; the ids cancelled."""
-    cancelled = []
+    """Cancel every batch the journal holds as submitted; the ids cancelled.
+
+    A batch that ended before it could be cancelled (the provider refuses: OpenAI
+    answers 409, Anthropic 400) is skipped and the others are cancelled all the same.
+    It stays ``submitted`` in the journal, so that a rerun collects the results it
+    paid for (``failed`` if it was rejected as a whole). A cancel that fails while the
+    batch still runs is raised once every other batch has been tried.
+    """
+    cancelled: list[str] = []
+    failures: list[LLMBatchError] = []
     for stored in journal.batches("submitted", provider=backend.name):
-        await backend.cancel(stored.id)
+        try:
+            await backend.cancel(stored.id)
+        except FatalError:
+            raise
+        except LLMBatchError as exc:
+            try:
+                status = await backend.status(stored.id)
+            except TransientError:
+                status = None
+            if status is None or status.state == "running":
+                logger.warning("batch.cancel_failed", batch_id=stored.id, error=str(exc))
+                failures.append(exc)
+                continue
+            if status.state == "failed":
+                journal.set_batch_status(stored.id, "failed")
+            logger.info(
+                "batch.cancel_skipped",
+                batch_id=stored.id,
+                status=status.provider_status,
+                detail="it ended before it could be cancelled",
+            )
+            continue
         journal.set_batch_status(stored.id, "cancelled")
         cancelled.append(stored.id)
         logger.info("batch.cancelled", batch_id=stored.id)
+    if failures:
+        raise failures[0]
     return cancelled
 
 

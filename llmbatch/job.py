@@ -456,6 +456,9 @@ async def _answer_in_batches(
             on_result=on_result,
             poll_interval=spec.poll_interval,
             max_poll_interval=max(spec.poll_interval, 300.0),
+            # the store holds what collected batches answered; what is passed again
+            # (a failed item to retry, a changed record) is to be answered anew
+            reuse_collected=False,
         )
     except FatalError as exc:
         return f"fatal: {type(exc).__name__}: {exc}"

@@ -551,24 +551,46 @@ async def test_enqueued_token_limit_rejections_wait_for_room_and_succeed(
     assert [POLL, POLL, POLL] == wall.sleeps
 
 
+@pytest.mark.parametrize(
+    ("queue_wait", "batches", "sleeps"),
+    [
+        # no waiting for room: the first rejection is final
+        (0, 1, [POLL]),
+        # poll: rejected | wait 90 | poll: rejected | wait 202.5 (292.5 s waited) |
+        # poll: rejected, and one more wait (300 s) would pass queue_wait
+        (300, 3, [POLL, 90, 135, 202.5, 300]),
+    ],
+)
 async def test_a_batch_that_can_never_fit_the_token_limit_ends_as_bad_request(
-    simulator_factory: SimulatorFactory, wall: FakeClock
+    simulator_factory: SimulatorFactory,
+    wall: FakeClock,
+    queue_wait: float,
+    batches: int,
+    sleeps: list[float],
 ) -> None:
-    """Rejected for the enqueued-token limit with nothing else queued: it will never fit,
-    so its items end as BadRequest saying why, instead of waiting forever."""
+    """Rejected for the enqueued-token limit with none of the job's batches running, a
+    batch is submitted again after waits that back off (other jobs' batches may hold
+    the queue); one that never fits ends as BadRequest saying why once it has waited
+    ``queue_wait`` seconds, instead of waiting forever."""
     sim = await batch_sim(simulator_factory, wall, enqueued_token_limit=20)
     async with openai_provider(sim) as provider:
         outcomes = await run_batch_api(
-            provider.batch(), chat(10), poll_interval=POLL, sleep=wall.sleep
+            provider.batch(),
+            chat(10),
+            poll_interval=POLL,
+            queue_wait=queue_wait,
+            sleep=wall.sleep,
         )
     assert {"BadRequest": 10} == kinds(outcomes)
-    assert all("enqueued-token limit" in str(o) for o in outcomes.values())
+    assert all("enqueued-token limit on its own" in str(o) for o in outcomes.values())
+    assert f"rejected {batches} times" in str(outcomes["doc-0000"])
     stats = sim.stats().batch
-    assert (1, 1, 0) == (
+    assert (batches, batches, 0) == (
         stats["openai_batches_created"],
         stats["batches_token_limited"],
         stats["batch_requests_completed"],
     )
+    assert sleeps == wall.sleeps
 
 
 async def test_a_batch_rejected_for_another_reason_fails_naming_it(
@@ -661,13 +683,6 @@ async def test_a_rerun_resumes_only_the_batches_of_its_own_items(
     assert_own_answers(outcomes, [k for k, _ in second])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a rerun after some batches were already collected resubmits (pays again "
-    "for) their items: run_batch_api resumes only 'submitted' journal batches and treats "
-    "the items of 'collected' ones as never sent",
-    raises=AssertionError,
-)
 async def test_a_rerun_after_a_partial_collection_pays_for_nothing_twice(
     simulator_factory: SimulatorFactory, wall: FakeClock, tmp_path: Any
 ) -> None:
@@ -698,9 +713,75 @@ async def test_a_rerun_after_a_partial_collection_pays_for_nothing_twice(
             outcomes = await run_batch_api(
                 backend, chat(6), journal=store, poll_interval=4, sleep=wall.sleep
             )
-    assert 6 == len(outcomes)
+            statuses = [b.status for b in store.batches()]
+    assert_own_answers(outcomes, [f"doc-{i:04d}" for i in range(6)])
+    assert ["collected", "collected"] == statuses
     stats = sim.stats().batch
     assert (2, 6) == (stats["openai_batches_created"], stats["batch_requests_completed"])
+
+
+@pytest.mark.parametrize(
+    ("make", "model", "validating"),
+    [
+        pytest.param(openai_provider, MINI, 1.0, id="openai"),
+        pytest.param(anthropic_provider, CLAUDE, 0.0, id="anthropic"),
+    ],
+)
+async def test_a_rerun_after_a_crash_before_a_resubmission_sends_only_what_did_not_run(
+    simulator_factory: SimulatorFactory,
+    wall: FakeClock,
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    make: Callable[[Simulator], Provider],
+    model: str,
+    validating: float,
+) -> None:
+    """resubmits=1; each batch's window closes after 10 requests. Killed after the
+    first batch was collected (10 answered, 30 expired) but before the 30 were sent
+    again: the rerun downloads the first batch's answers again and submits only the
+    30, as their one resubmission. A third run with the journal submits nothing and
+    gives the same outcomes: the 20 whose resubmission expired too stay BatchExpired."""
+    sim = await batch_sim(
+        simulator_factory, wall, completion_window_seconds=validating + 10 * 0.125
+    )
+    requests = chat(40, model)
+
+    class Crash(Exception):
+        pass
+
+    def run(backend: BatchBackend, store: Store) -> Awaitable[dict[str, Outcome]]:
+        return run_batch_api(
+            backend, requests, journal=store, poll_interval=POLL, resubmits=1, sleep=wall.sleep
+        )
+
+    async with make(sim) as provider:
+        created = f"{provider.name}_batches_created"
+        crashing = provider.batch()
+        submit = crashing.submit
+
+        async def crash_on_resubmission(
+            lines: Sequence[Mapping[str, Any]], *, model: str | None
+        ) -> str:
+            if sim.stats().batch[created] == 1:
+                raise Crash
+            return await submit(lines, model=model)
+
+        monkeypatch.setattr(crashing, "submit", crash_on_resubmission)
+        with Store(tmp_path / "job.sqlite") as store, pytest.raises(Crash):
+            await run(crashing, store)
+        with Store(tmp_path / "job.sqlite") as store:
+            assert [("collected", 40)] == [(b.status, len(b.items)) for b in store.batches()]
+            second = await run(provider.batch(), store)
+            journaled = [(b.status, len(b.items), b.attempt) for b in store.batches()]
+        with Store(tmp_path / "job.sqlite") as store:
+            third = await run(provider.batch(), store)
+    assert [("collected", 40, 1), ("collected", 30, 2)] == journaled
+    assert {"Response": 20, "BatchExpired": 20} == kinds(second) == kinds(third)
+    answered = [k for k, o in second.items() if isinstance(o, Response)]
+    assert_own_answers(second, answered)
+    assert_own_answers(third, answered)
+    stats = sim.stats().batch
+    assert (2, 20) == (stats[created], stats["batch_requests_completed"])
 
 
 @pytest.mark.parametrize(("make", "model"), PROVIDERS)
@@ -745,18 +826,12 @@ async def test_cancel_batches_cancels_what_the_journal_holds(
         assert ["cancelled"] * 3 == await openai_statuses(sim, cancelled)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: cancel_batches raises on the first journal batch that already ended "
-    "(OpenAI answers 409, classified ProviderUnavailable) and never cancels the batches "
-    "after it",
-    raises=ProviderUnavailable,
-)
 async def test_cancel_batches_skips_batches_that_already_ended(
     simulator_factory: SimulatorFactory, wall: FakeClock
 ) -> None:
-    """A batch that finished since the Ctrl-C cannot be cancelled; the still-running
-    one after it in the journal must be cancelled all the same."""
+    """A batch that finished since the Ctrl-C cannot be cancelled (OpenAI answers 409);
+    it is skipped, and the still-running one after it in the journal is cancelled all
+    the same."""
     sim = await batch_sim(simulator_factory, wall, seconds_per_request=1.0)
     # a 1-request gpt-4o batch (ends at 3 s), then a 4-request gpt-4o-mini one (6 s)
     requests = [("quick", Request.from_prompt("quick", model="gpt-4o")), *chat(4)]
@@ -773,7 +848,70 @@ async def test_cancel_batches_skips_batches_that_already_ended(
         cancelled = await cancel_batches(provider.batch(), journal)
     assert [running] == cancelled
     assert [running] == [b.id for b in journal.batches("cancelled")]
+    # the ended batch stays submitted: a rerun collects the results it paid for
+    assert [ended] == [b.id for b in journal.batches("submitted")]
     assert 1 == sim.stats().batch["batches_cancel_requested"]
+
+
+async def test_cancel_batches_skips_an_ended_anthropic_batch(
+    simulator_factory: SimulatorFactory, wall: FakeClock
+) -> None:
+    """Anthropic refuses to cancel a message batch that has ended (400): it is skipped
+    and left submitted, and the running one after it is cancelled."""
+    sim = await batch_sim(simulator_factory, wall, seconds_per_request=1.0)
+    journal = MemoryJournal()
+    async with anthropic_provider(sim) as provider:
+        backend = provider.batch()
+        # 1 request (ends at 2 s), then 4 (end at 5 s)
+        for job in (chat(1, CLAUDE), chat(4, CLAUDE, start=1)):
+            batch_id = await backend.submit(
+                [backend.line(custom_id_for(k), r) for k, r in job], model=None
+            )
+            journal.save_batch(batch_id, provider=backend.name, items={k: k for k, _ in job})
+        ended, running = (b.id for b in journal.batches())
+        wall.advance(3)
+        cancelled = await cancel_batches(backend, journal)
+    assert [running] == cancelled
+    assert [(ended, "submitted"), (running, "cancelled")] == [
+        (b.id, b.status) for b in journal.batches()
+    ]
+    assert 1 == sim.stats().batch["batches_cancel_requested"]
+
+
+async def test_a_failed_cancel_of_a_running_batch_is_raised_after_the_others(
+    simulator_factory: SimulatorFactory, wall: FakeClock
+) -> None:
+    """A cancel that fails (a 503) while its batch still runs is not skipped silently:
+    it is raised, once the batches after it were cancelled; the failed one stays
+    submitted, so that cancelling again (or a rerun) can deal with it."""
+
+    class FlakyCancel(OpenAIBatchBackend):
+        refuse: str = ""
+
+        async def cancel(self, batch_id: str) -> None:
+            if batch_id == self.refuse:
+                raise ProviderUnavailable("503 on cancel", provider=self.name, status_code=503)
+            await super().cancel(batch_id)
+
+    sim = await batch_sim(simulator_factory, wall)
+    journal = MemoryJournal()
+    async with openai_provider(sim) as provider:
+        backend = FlakyCancel(provider, provider._client)
+        backend.limits = dataclasses.replace(backend.limits, max_requests=2)
+        await interrupted(
+            lambda sleep: run_batch_api(
+                backend, chat(4), journal=journal, poll_interval=POLL, sleep=sleep
+            )
+        )
+        first, second = (b.id for b in journal.batches())
+        backend.refuse = first
+        with pytest.raises(ProviderUnavailable, match="503 on cancel"):
+            await cancel_batches(backend, journal)
+        statuses = await openai_statuses(sim, [first, second])
+    assert [(first, "submitted"), (second, "cancelled")] == [
+        (b.id, b.status) for b in journal.batches()
+    ]
+    assert ["validating", "cancelling"] == statuses
 
 
 # -- Anthropic Message Batches -----------------------------------------------------------
@@ -952,15 +1090,9 @@ async def test_llmbatch_map_in_batch_mode_with_a_bad_item() -> None:
     assert 1 == created
 
 
-# -- bugs --------------------------------------------------------------------------------
+# -- failed submissions, oversized items, budgets, a queue held by others ----------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _submit retries a chunk whose submission raised a TransientError forever "
-    "(attempts are counted but never checked against resubmits)",
-    raises=RuntimeError,
-)
 async def test_a_submission_that_keeps_failing_ends_after_the_resubmits(
     simulator_factory: SimulatorFactory, wall: FakeClock
 ) -> None:
@@ -968,7 +1100,10 @@ async def test_a_submission_that_keeps_failing_ends_after_the_resubmits(
     ProviderUnavailable instead of the job retrying forever."""
 
     class Down(OpenAIBatchBackend):
+        submits = 0
+
         async def submit(self, lines: Sequence[Mapping[str, Any]], *, model: str | None) -> str:
+            self.submits += 1
             raise ProviderUnavailable("503 on /v1/files", provider=self.name, status_code=503)
 
     async def bounded(seconds: float) -> None:
@@ -978,22 +1113,16 @@ async def test_a_submission_that_keeps_failing_ends_after_the_resubmits(
 
     sim = await batch_sim(simulator_factory, wall)
     async with openai_provider(sim) as provider:
+        backend = Down(provider, provider._client)
         outcomes = await run_batch_api(
-            Down(provider, provider._client),
-            chat(3),
-            resubmits=2,
-            poll_interval=POLL,
-            sleep=bounded,
+            backend, chat(3), resubmits=2, poll_interval=POLL, sleep=bounded
         )
     assert {"ProviderUnavailable": 3} == kinds(outcomes)
+    # the first try and 2 resubmissions, with a growing wait between them
+    assert (3, [POLL, 1.5 * POLL]) == (backend.submits, wall.sleeps)
+    assert 0 == sim.stats().batches_created
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: one item larger than BatchLimits.max_bytes raises BadRequest out of "
-    "run_batch_api (from _chunks) instead of ending as that item's error",
-    raises=BadRequest,
-)
 async def test_an_item_too_large_for_any_batch_is_its_own_error(
     simulator_factory: SimulatorFactory, wall: FakeClock
 ) -> None:
@@ -1004,17 +1133,35 @@ async def test_an_item_too_large_for_any_batch_is_its_own_error(
         backend = provider.batch()
         backend.limits = BatchLimits(max_requests=100, max_bytes=4096, one_model=True)
         outcomes = await run_batch_api(backend, requests, poll_interval=POLL, sleep=wall.sleep)
-    assert isinstance(outcomes["big"], BadRequest)
+    big = outcomes["big"]
+    assert isinstance(big, BadRequest)
+    assert "'big' alone exceeds the batch size limit" in str(big)
     assert_own_answers(outcomes, ["doc-0000", "doc-0001", "doc-0002"])
+    files = await input_files(sim)
+    assert [["doc-0000", "doc-0001", "doc-0002"]] == [
+        [line["custom_id"] for line in lines] for _, lines in files
+    ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: items resubmitted in one chunk with items of a higher attempt inherit "
-    "that attempt (_submit sets every item to max(attempts)+1), so a token-limit-rejected "
-    "item that expires in its first real batch gets no resubmission",
-    raises=AssertionError,
-)
+async def test_a_request_the_batch_api_cannot_take_is_its_own_error(
+    simulator_factory: SimulatorFactory, wall: FakeClock
+) -> None:
+    """An embedding request sent to Anthropic's Message Batches (which have none) ends as
+    BadRequest; the chat requests with it are answered."""
+    sim = await batch_sim(simulator_factory, wall)
+    requests: list[tuple[str, Request | EmbeddingRequest]] = [
+        *chat(2, CLAUDE),
+        ("emb", EmbeddingRequest(input="text", model="voyage-3")),
+    ]
+    async with anthropic_provider(sim) as provider:
+        outcomes = await run_batch_api(
+            provider.batch(), requests, poll_interval=POLL, sleep=wall.sleep
+        )
+    assert isinstance(outcomes["emb"], BadRequest)
+    assert "no embeddings API" in str(outcomes["emb"])
+    assert_own_answers(outcomes, ["doc-0000", "doc-0001"])
+
+
 async def test_each_item_keeps_its_own_resubmit_budget(
     simulator_factory: SimulatorFactory, wall: FakeClock
 ) -> None:
@@ -1037,18 +1184,12 @@ async def test_each_item_keeps_its_own_resubmit_budget(
     assert {"Response": 16} == kinds(outcomes)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a batch rejected for the enqueued-token limit while another job's batch "
-    "holds the queue ends at once as BadRequest 'exceeds the limit on its own' (the loop "
-    "only waits for its own running batches), though it fits once the other batch ends",
-    raises=AssertionError,
-)
 async def test_a_token_limit_rejection_caused_by_another_job_is_retried(
     simulator_factory: SimulatorFactory, wall: FakeClock
 ) -> None:
     """Another job's 8-request batch fills the queue; this job's 8-request batch fits
-    the limit on its own and is answered once the other batch has ended."""
+    the limit on its own: rejected while none of its own batches runs, it waits
+    (without spending an attempt) and is answered once the other batch has ended."""
     sim = await batch_sim(
         simulator_factory, wall, seconds_per_request=1.0, enqueued_token_limit=100
     )
@@ -1057,4 +1198,12 @@ async def test_a_token_limit_rejection_caused_by_another_job_is_retried(
         other = [backend.line(f"other-{i}", r) for i, (_, r) in enumerate(chat(8, start=500))]
         await backend.submit(other, model=MINI)
         outcomes = await run_batch_api(backend, chat(8), poll_interval=5, sleep=wall.sleep)
-    assert {"Response": 8} == kinds(outcomes)
+    assert_own_answers(outcomes, [f"doc-{i:04d}" for i in range(8)])
+    stats = sim.stats().batch
+    assert (3, 1, 16) == (
+        stats["openai_batches_created"],
+        stats["batches_token_limited"],
+        stats["batch_requests_completed"],
+    )
+    # rejected (seen at 5 s) | wait 7.5: the other batch ended at 10 s | answered
+    assert [5, 7.5, 11.25] == wall.sleeps

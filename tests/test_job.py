@@ -21,8 +21,9 @@ from llmbatch.models import Request
 from llmbatch.providers.fake import FakeProvider
 from llmbatch.providers.openai import OpenAIProvider
 from llmbatch.store import Store
-from llmbatch.testing import Simulator
+from llmbatch.testing import FakeClock, Simulator
 from llmbatch.testing._content import content_tag
+from llmbatch.testing.simulator import BatchSimConfig
 
 LIMITS = Limits(rpm=100_000, tpm=100_000_000)
 
@@ -173,3 +174,40 @@ def test_a_failed_write_leaves_the_old_output(tmp_path: Path) -> None:
     assert "previous\n" == Path(spec.output).read_text()
     assert not Path(f"{spec.output}.partial").exists()
     assert 5 == write_output(spec).pending
+
+
+async def test_retry_failed_in_batch_mode_submits_the_failed_item_again(tmp_path: Path) -> None:
+    """A record whose batch answered it with an error (after its resubmits) stays
+    failed on a plain rerun; with ``retry_failed`` it goes into new batches, with a
+    whole resubmit budget, instead of getting its old error back from the journal."""
+    source = tmp_path / "in.jsonl"
+    source.write_text(
+        "".join(json.dumps({"id": f"doc-{i}", "text": f"doc {i}"}) + "\n" for i in range(3))
+    )
+    spec = JobSpec(
+        input=source,
+        output=tmp_path / "out.jsonl",
+        template="Summarize: {text}",
+        model="gpt-4o-mini",
+        id_field="id",
+        mode="batch",
+        poll_interval=60.0,
+    )
+    clock = FakeClock(start=10.0)  # small: the loop's timers compare times to 1 ns
+    batches = BatchSimConfig(fail_custom_ids=frozenset({"doc-1"}))
+    created: list[int] = []
+    with clock.patch_loop():
+        async with (
+            Simulator(batch=batches, batch_clock=clock.time) as sim,
+            OpenAIProvider(base_url=sim.base_url, api_key="sk-test") as provider,
+        ):
+            client = LLMClient(provider, model=spec.model, limits=LIMITS)
+            reports = []
+            for retry_failed in (False, False, True):
+                reports.append(await run_job(replace(spec, retry_failed=retry_failed), client))
+                created.append(sim.stats().batch["openai_batches_created"])
+    assert [(2, 1), (0, 0), (0, 1)] == [(r.progress.done, r.progress.failed) for r in reports]
+    # 1 batch + 2 resubmissions of doc-1; nothing; doc-1 alone, 1 + 2 times again
+    assert [3, 3, 6] == created
+    with Store(spec.store_path) as store:
+        assert ["done", "failed", "done"] == [item.status for item in store.items()]
