@@ -64,6 +64,10 @@ logger = structlog.get_logger("llmbatch.limits")
 
 MINUTE = 60.0
 DAY = 86_400.0
+#: permits remembered by take counter for header corrections, and how many of them one
+#: correction looks back over (older ones in flight count as uncertain in full)
+_RECENT = 4096
+_SCAN = 1024
 
 
 # -- configuration ---------------------------------------------------------------------
@@ -90,10 +94,17 @@ class Limits:
             limit is known.
         headroom: fraction of each learned or configured limit to stay under (0.0-0.5):
             lowers the rate itself.
-        reserve: fraction of each bucket kept unspent as a cushion (0.0-0.5): requests
-            reach the server with jittered delays, and a bucket run to exactly zero
-            turns that jitter into 429s. The long-run rate is unchanged; only the first
-            burst is smaller by this much.
+        reserve: fraction of each bucket kept unspent as a cushion (0.0-0.5). Header
+            feedback leaves differences with the server smaller than one unit plus this
+            fraction uncorrected (rounding, estimates that differ by a few tokens), and
+            the cushion absorbs exactly them, so such drift never turns into 429s. The
+            long-run rate is unchanged: the cushion costs ``reserve`` times the bucket's
+            period once per run (0.15 s on a per-minute limit at the default).
+        transit: seconds a request may take to reach the server, connection set-up
+            included. A server bucket that is full gains nothing while the first
+            requests of a burst are on their way, so a request taken from a (nearly)
+            full bucket counts this much refill as in use; the server's headers give
+            back what it did not need.
     """
 
     rpm: float | None = None
@@ -108,7 +119,8 @@ class Limits:
     learn: bool = False
     aimd: bool = False
     headroom: float = 0.0
-    reserve: float = 0.01
+    reserve: float = 0.0025
+    transit: float = 0.25
 
     def __post_init__(self) -> None:
         for name in ("rpm", "tpm", "input_tpm", "output_tpm", "rpd", "tpd"):
@@ -125,6 +137,8 @@ class Limits:
             raise ValueError(f"Limits.headroom must be within [0, 0.5], not {self.headroom!r}")
         if not 0.0 <= self.reserve <= 0.5:
             raise ValueError(f"Limits.reserve must be within [0, 0.5], not {self.reserve!r}")
+        if not 0.0 <= self.transit <= 60.0:
+            raise ValueError(f"Limits.transit must be within [0, 60] s, not {self.transit!r}")
 
     @classmethod
     def auto(cls, *, max_concurrency: int = 64, **overrides: Any) -> Limits:
@@ -279,10 +293,16 @@ class _Bucket(AsyncLimiter):
         missing = self.level + amount - self.max_rate
         return 0.0 if missing <= 1e-9 else missing / self._rate_per_sec
 
-    def take(self, amount: float) -> None:
-        """Add *amount* to the level (may go into debt)."""
+    def take(self, amount: float, *, transit: float = 0.0) -> None:
+        """Add *amount* to the level (may go into debt).
+
+        *transit* is how long the request may take to reach the server. Taken from a
+        bucket that is (nearly) full, it arrives at a server bucket that is full too and
+        gains no refill meanwhile, while this one starts refilling now: so at least
+        *transit* seconds of refill count as in use.
+        """
         self._leak()
-        self._level += amount
+        self._level = max(self._level, self._rate_per_sec * transit) + amount
 
     def give_back(self, amount: float) -> None:
         """Remove *amount* from the level (a refund)."""
@@ -334,9 +354,13 @@ class Permit:
         "_settled",
         "acquired_at",
         "adjusted_at",
+        "admitted_by",
         "available_after",
         "cost",
         "outstanding_before",
+        "refunded_at",
+        "released_after",
+        "seq",
         "taken_at",
         "units",
     )
@@ -367,6 +391,15 @@ class Permit:
         self.units = units or {}
         #: the event loop's time when the permit was taken
         self.acquired_at = acquired_at
+        #: the issuing limiter's take counter for this permit (``None``: not tracked)
+        self.seq: int | None = None
+        #: the limiter's cumulative refunds (settled unused reservations) at that moment
+        self.refunded_at: dict[str, float] = {}
+        #: the take counter when the permit was released (``None``: not yet)
+        self.released_after: int | None = None
+        #: a loop time by which the request had certainly reached the server, if it did:
+        #: known once its response (or failure) is back
+        self.admitted_by: float | None = None
         self._released = False
         self._settled = False
 
@@ -465,6 +498,7 @@ class RateLimiter:
         self._adjusted: collections.defaultdict[str, float] = collections.defaultdict(float)
         self._outstanding: collections.defaultdict[str, float] = collections.defaultdict(float)
         self._taken: collections.defaultdict[str, float] = collections.defaultdict(float)
+        self._refunded: collections.defaultdict[str, float] = collections.defaultdict(float)
         self._outstanding_units: collections.defaultdict[str, float] = collections.defaultdict(
             float
         )
@@ -484,6 +518,10 @@ class RateLimiter:
         self._settle_until = 0.0
         self._synced: set[str] = set()
         self._learned: list[str] = []
+        # The last _RECENT permits by take counter: what observe() needs to tell which
+        # earlier requests had certainly reached the server before a given one.
+        self._seq = 0
+        self._recent: dict[int, Permit] = {}
         # statistics
         self._acquired = 0
         self._waited = 0.0
@@ -552,7 +590,7 @@ class RateLimiter:
         outstanding: dict[str, float] = {}
         for dim, amount in cost.items():
             bucket = self._buckets[dim]
-            bucket.take(amount)
+            bucket.take(amount, transit=self.limits.transit)
             after[dim] = bucket.available
             outstanding[dim] = self._outstanding[dim]
             self._outstanding[dim] += amount
@@ -563,7 +601,13 @@ class RateLimiter:
         taken = {dim: self._taken[dim] for dim in cost}
         for unit, amount in units.items():
             self._outstanding_units[unit] += amount
-        return Permit(self, cost, after, adjusted, outstanding, taken, units, self._loop_time())
+        permit = Permit(self, cost, after, adjusted, outstanding, taken, units, self._loop_time())
+        permit.refunded_at = {dim: self._refunded[dim] for dim in cost}
+        self._seq += 1
+        permit.seq = self._seq
+        self._recent[self._seq] = permit
+        self._recent.pop(self._seq - _RECENT, None)
+        return permit
 
     async def acquire(
         self,
@@ -629,6 +673,10 @@ class RateLimiter:
             self._changed.set()
 
     def _release(self, permit: Permit) -> None:
+        permit.released_after = self._seq
+        if permit.admitted_by is None:
+            # Its answer (or failure) is back: if it reached the server, it did by now.
+            permit.admitted_by = self._loop_time()
         self._in_flight -= 1
         for dim, amount in permit.cost.items():
             self._outstanding[dim] = max(0.0, self._outstanding[dim] - amount)
@@ -646,7 +694,9 @@ class RateLimiter:
             if difference > 0:
                 bucket.take(difference)
             elif difference < 0 and self.limits.refund_unused:
+                before = bucket.available
                 bucket.give_back(-difference)
+                self._refunded[dim] += bucket.available - before
         if self.limits.aimd and self._cap is not None and not self._buckets:
             ceiling = float(self.limits.max_concurrency or 64)
             self._cap = min(ceiling, self._cap + 1.0 / self._cap)
@@ -686,6 +736,10 @@ class RateLimiter:
         the server reports is adopted or updated.
         """
         info = headers if isinstance(headers, RateLimitHeaders) else RateLimitHeaders.parse(headers)
+        if permit is not None and permit.acquired_at is not None:
+            # The server admitted this request at most its send lag after the permit.
+            by = permit.acquired_at + send_lag(permit, info.processing, self._loop_time())
+            permit.admitted_by = by if permit.admitted_by is None else min(permit.admitted_by, by)
         if not info:
             return
         for dim, limit in info.limits.items():
@@ -720,7 +774,10 @@ class RateLimiter:
                     # that refill must not count twice. Never lift by more than what is
                     # certain.
                     refill = bucket.rate * send_lag(permit, info.processing, self._loop_time())
-                    uncertain = permit.outstanding_before.get(dim, 0.0) + refill
+                    # Refunds credited here since the permit may have reached the server
+                    # before its request did: they are in its count and in our bucket.
+                    refunds = self._refunded[dim] - permit.refunded_at.get(dim, 0.0)
+                    uncertain = self._uncertain_before(permit, dim) + refill + refunds
                     delta = max(0.0, delta - uncertain)
                 else:
                     # Later permits may have reached the server before this one: its
@@ -743,8 +800,8 @@ class RateLimiter:
             if delta > 0 and self._loop_time() < self._settle_until:
                 delta = 0.0  # after a 429, trust the cooldown over older headers
             # Lifts are already bounded by what is certain: any whole unit counts. Drains
-            # allow for rounding and refill noise.
-            tolerance = 0.5 if delta > 0 else 1.0 + bucket.max_rate * 0.01
+            # allow for the server's rounding (one unit) and for what the cushion absorbs.
+            tolerance = 0.5 if delta > 0 else 1.0 + bucket.max_rate * self.limits.reserve
             first = dim not in self._synced
             self._synced.add(dim)
             if not first and abs(delta) <= tolerance:
@@ -755,6 +812,31 @@ class RateLimiter:
                 "limits.corrected", limiter=self.name, dimension=dim, delta=round(delta, 1)
             )
         self._notify()
+
+    def _uncertain_before(self, permit: Permit, dim: str) -> float:
+        """What permits taken before *permit*, and in flight then, may have spent at the
+        server only after its request arrived: their cost in *dim*.
+
+        An earlier permit whose request certainly reached the server before *permit* was
+        taken (``admitted_by`` known and strictly earlier) is counted in the server's
+        answer, so it is not uncertain. The last :data:`_SCAN` earlier permits are looked at one by
+        one; anything older that was in flight (``outstanding_before``) counts in full.
+        """
+        total = permit.outstanding_before.get(dim, 0.0)
+        if permit.seq is None or permit.acquired_at is None or total <= 0.0:
+            return total
+        covered = uncertain = 0.0
+        for seq in range(permit.seq - 1, max(0, permit.seq - 1 - _SCAN), -1):
+            other = self._recent.get(seq)
+            if other is None:
+                break  # forgotten: the rest counts in full
+            if other.released_after is not None and other.released_after < permit.seq:
+                continue  # released before this permit was taken: not in flight then
+            amount = other.cost.get(dim, 0.0)
+            covered += amount
+            if other.admitted_by is None or other.admitted_by >= permit.acquired_at:
+                uncertain += amount
+        return uncertain + max(0.0, total - covered)
 
     def on_rate_limited(
         self, retry_after: float | None = None, *, dimension: str | None = None

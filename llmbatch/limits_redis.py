@@ -67,8 +67,8 @@ end
 """
 
 # KEYS[1] = bucket hash, KEYS[2] = lease zset
-# ARGV = n, then per dimension (name, capacity, rate/s, amount, initial_fill, cushion),
-#        then max_concurrency (0 = none), lease id, lease seconds, key ttl
+# ARGV = n, then per dimension (name, capacity, rate/s, amount, initial_fill, cushion,
+#        transit refill), then max_concurrency (0 = none), lease id, lease seconds, key ttl
 # Returns {wait} when refused, else {0, then per dimension: available after, what was
 # outstanding (taken, not yet released) before, cumulative corrections, cumulative taken}.
 _ACQUIRE = (
@@ -78,14 +78,17 @@ local wait = 0
 local pause = tonumber(redis.call('HGET', key, 'pause_until') or '0')
 if pause > now then wait = pause - now end
 local n = tonumber(ARGV[1])
-local names, levels, amounts, caps = {}, {}, {}, {}
+local names, levels, amounts, caps, charges = {}, {}, {}, {}, {}
 local i = 2
 for d = 1, n do
   local name = ARGV[i]
   local cap, rate = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   local amount, fill, cushion = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
-  i = i + 6
+  local transit = tonumber(ARGV[i + 6])
+  i = i + 7
   local level = level_now(key, name, cap, rate, fill, now)
+  -- a (nearly) full bucket: the server's, full too, gains nothing while it is on its way
+  charges[d] = math.max(level, transit) + amount - level
   names[d], levels[d], amounts[d], caps[d] = name, level, amount, cap
   if amount + cushion > cap then cushion = 0 end
   local missing = level + amount + cushion - cap
@@ -101,13 +104,13 @@ if wait ~= 0 then return {tostring(wait)} end
 local result = {'0'}
 for d = 1, n do
   local name = names[d]
-  redis.call('HSET', key, name .. ':level', levels[d] + amounts[d], name .. ':ts', now)
+  redis.call('HSET', key, name .. ':level', levels[d] + charges[d], name .. ':ts', now)
   local out_before = tonumber(redis.call('HGET', key, name .. ':out') or '0')
   local adj = tonumber(redis.call('HGET', key, name .. ':adj') or '0')
   local taken = tonumber(redis.call('HINCRBYFLOAT', key, name .. ':taken', amounts[d]))
   redis.call('HINCRBYFLOAT', key, name .. ':out', amounts[d])
   local j = (d - 1) * 4 + 2
-  result[j] = tostring(caps[d] - levels[d] - amounts[d])
+  result[j] = tostring(caps[d] - levels[d] - charges[d])
   result[j + 1] = tostring(out_before)
   result[j + 2] = tostring(adj)
   result[j + 3] = tostring(taken)
@@ -122,7 +125,7 @@ return result
 )
 
 # KEYS[1] = bucket hash
-# ARGV = mode, pause seconds, ttl, n, then per dimension (name, capacity, rate/s, fill,
+# ARGV = mode, pause seconds, ttl, reserve, n, then per dimension (name, capacity, rate/s, fill,
 #        value, available_after, outstanding_before, adjusted_at, taken_at)
 # mode "add": level += value (negative: refund);
 # mode "observe": value = what the server says it has left right after admitting a
@@ -144,8 +147,9 @@ if pause > 0 then
   redis.call('HSET', key, 'settle_until', math.max(settle, now + 2 * pause + 1))
 end
 local settle_until = tonumber(redis.call('HGET', key, 'settle_until') or '0')
-local n = tonumber(ARGV[4])
-local i = 5
+local reserve = tonumber(ARGV[4])
+local n = tonumber(ARGV[5])
+local i = 6
 local result = {}
 for d = 1, n do
   local name = ARGV[i]
@@ -173,7 +177,7 @@ for d = 1, n do
       delta = math.min(0, delta + (taken_now - taken_at))
     end
     local first = redis.call('HSETNX', key, name .. ':synced', 1) == 1
-    local tolerance = 1 + cap * 0.01
+    local tolerance = 1 + cap * reserve
     if delta > 0 then tolerance = 0.5 end
     if first or math.abs(delta) > tolerance then
       new_level = math.max(0, level - delta)
@@ -272,7 +276,9 @@ class RedisRateLimiter:
         for dim, amount in amounts.items():
             capacity = self._capacity[dim]
             cushion = capacity * self.limits.reserve
+            transit = self._rates[dim] * self.limits.transit
             args += [dim, capacity, self._rates[dim], amount, self.limits.initial_fill, cushion]
+            args.append(transit)
         return args
 
     async def try_acquire(
@@ -410,7 +416,7 @@ class RedisRateLimiter:
         permit: Permit | None = None,
         lag: float = 0.0,
     ) -> dict[str, float]:
-        args: list[Any] = [mode, pause, self._ttl, len(values)]
+        args: list[Any] = [mode, pause, self._ttl, self.limits.reserve, len(values)]
         for dim, value in values.items():
             args += [dim, self._capacity[dim], self._rates[dim], self.limits.initial_fill, value]
             if permit is not None and dim in permit.available_after:

@@ -399,10 +399,32 @@ async def test_parallel_node_keeps_order_and_caps_concurrency() -> None:
     assert 5 == node.peak
 
 
+class Barrier(Tracked):
+    """Every item waits until *count* items are in flight at once."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        self.count = count
+        self.all_in = asyncio.Event()
+
+    async def exec_async(self, item: int) -> int:
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        if self.in_flight == self.count:
+            self.all_in.set()
+        try:
+            await self.all_in.wait()
+            return item * 2
+        finally:
+            self.in_flight -= 1
+
+
 async def test_parallel_node_default_cap_is_generous() -> None:
-    """The default cap (64) lets a 40-item batch run fully in parallel, like PocketFlow."""
-    node = Tracked()
-    await node.run_async({"items": list(range(40))})
+    """The default cap (64) lets a 40-item batch run fully in parallel, like PocketFlow:
+    40 items that each wait for all the others finish (a lower cap would never get there)."""
+    node = Barrier(40)
+    async with asyncio.timeout(5):
+        await node.run_async({"items": list(range(40))})
     assert (64, 40) == (node.max_concurrency, node.peak)
 
 

@@ -35,7 +35,7 @@ async def clock() -> AsyncIterator[FakeClock]:
 
 def full(**kwargs: Any) -> Limits:
     """A limiter that starts full and keeps no cushion, so counts are exact."""
-    return Limits(initial_fill=1.0, reserve=0.0, **kwargs)
+    return Limits(initial_fill=1.0, reserve=0.0, transit=0.0, **kwargs)
 
 
 # -- parsing ----------------------------------------------------------------------------
@@ -169,13 +169,60 @@ async def test_initial_fill_limits_the_first_burst(clock: FakeClock) -> None:
 
 async def test_reserve_keeps_a_cushion_but_not_the_rate(clock: FakeClock) -> None:
     """reserve=0.05 of RPM 100 keeps 5 unspent: 95 go at once, then one per 0.6 s."""
-    limiter = RateLimiter(Limits(rpm=100, initial_fill=1.0, reserve=0.05))
+    limiter = RateLimiter(Limits(rpm=100, initial_fill=1.0, reserve=0.05, transit=0.0))
     for _ in range(95):
         (await limiter.acquire()).release()
     assert 1000.0 == clock.time()
     for _ in range(10):
         (await limiter.acquire()).release()
     assert 1006.0 == pytest.approx(clock.time())  # 10 more at the full refill rate
+
+
+@pytest.mark.parametrize(
+    ("fill", "transit", "left"),
+    [
+        (1.0, 0.0, 599.0),  # no transit: exactly one request taken
+        (1.0, 0.5, 594.0),  # full: half a second of refill (5 at 600/min) counts as in use
+        (1.0, 0.05, 598.5),  # less transit than one request: charged down to the request
+        (0.5, 0.5, 299.0),  # half full: the server's bucket is not full either, no charge
+    ],
+)
+async def test_a_full_bucket_charges_the_transit(
+    clock: FakeClock, fill: float, transit: float, left: float
+) -> None:
+    """A request taken from a (nearly) full bucket counts *transit* seconds of refill as
+    in use: the server's full bucket gains nothing while the request is on its way."""
+    limits = Limits(rpm=600, initial_fill=fill, reserve=0.0, transit=transit)
+    limiter = RateLimiter(limits)
+    await limiter.acquire()
+    assert left == pytest.approx(limiter.statistics().available["rpm"])
+
+
+async def test_the_transit_charge_is_paid_once_per_burst(clock: FakeClock) -> None:
+    """The transit charge is at most one transit's worth of refill for a whole burst, and
+    is paid again only after the bucket has refilled (an idle spell)."""
+    limiter = RateLimiter(Limits(rpm=600, initial_fill=1.0, reserve=0.0, transit=0.5))
+    for _ in range(100):
+        await limiter.acquire()
+    assert 600.0 - 100 - 5 == pytest.approx(limiter.statistics().available["rpm"])
+    clock.advance(60.0)  # full again
+    await limiter.acquire()
+    assert 600.0 - 1 - 5 + 0.0 == pytest.approx(limiter.statistics().available["rpm"])
+
+
+async def test_headers_give_back_the_transit_the_request_did_not_need(clock: FakeClock) -> None:
+    """The server's answer shows what the transit charge over-estimated, and the bucket
+    gets it back, less the refill of the request's own measured lag."""
+    limiter = RateLimiter(Limits(rpm=600, initial_fill=1.0, reserve=0.0, transit=2.0))
+    permit = await limiter.acquire()
+    assert 600.0 - 1 - 20 == pytest.approx(limiter.statistics().available["rpm"])
+    clock.advance(0.2)  # 2 refilled
+    permit.release()
+    # It reached the server 0.05 s after the permit (0.15 s of the 0.2 s were processing).
+    limiter.observe({**openai_headers(599, 0), "openai-processing-ms": "150"}, permit)
+    # 599 on the server after it, against 579 believed: 20 back, less 0.5 of refill,
+    # which makes the bucket full, as the server's is by now (579 + 2 + 19.5, capped).
+    assert 600.0 == pytest.approx(limiter.statistics().available["rpm"])
 
 
 async def test_no_lift_right_after_a_429(clock: FakeClock) -> None:
@@ -318,19 +365,112 @@ async def test_later_headers_drain_once_per_deficit(clock: FakeClock) -> None:
 
 
 async def test_more_left_on_the_server_lifts_only_what_is_certain(clock: FakeClock) -> None:
-    """A server with more left lifts the bucket, minus what earlier permits still in
-    flight may not have spent there yet."""
+    """A server with more left lifts the bucket, minus what earlier permits still
+    unanswered may not have spent there yet."""
     limiter = RateLimiter(full(tpm=100_000))
-    first = await limiter.acquire(tokens=50_000)
-    limiter.observe(openai_headers(599, 50_000), first)  # first sync: agrees
-    second = await limiter.acquire(tokens=10_000)  # the first is still in flight
-    limiter.observe(openai_headers(599, 60_000), second)
-    assert 40_000.0 == limiter.statistics().available["tpm"]  # 50,000 outstanding: no lift
+    sync = await limiter.acquire(tokens=0)
+    limiter.observe(openai_headers(599, 100_000), sync)  # first sync: agrees
+    first = await limiter.acquire(tokens=50_000)  # sent, no answer yet
+    second = await limiter.acquire(tokens=10_000)
+    limiter.observe(openai_headers(598, 60_000), second)  # maybe before the first arrived
+    assert 40_000.0 == limiter.statistics().available["tpm"]  # 50,000 uncertain: no lift
     first.release()
     second.release()
     third = await limiter.acquire(tokens=10_000)
-    limiter.observe(openai_headers(599, 50_000), third)  # we believed 30,000
+    limiter.observe(openai_headers(597, 50_000), third)  # we believed 30,000
     assert 50_000.0 == limiter.statistics().available["tpm"]
+
+
+def processing_headers(tpm_left: int, processing: float | None) -> dict[str, str]:
+    """OpenAI headers with ``openai-processing-ms`` (the server's own handling time)."""
+    headers = openai_headers(599, tpm_left)
+    if processing is not None:
+        headers["openai-processing-ms"] = str(int(processing * 1000))
+    return headers
+
+
+@pytest.mark.parametrize(
+    ("first_processing", "lifted"),
+    [
+        # The first answer came 1.1 s after its permit, 1.05 s of it at the server: it
+        # arrived there by 0.05 s, before the second permit (0.1 s). Certain: lift.
+        (1.05, True),
+        # Without the server's handling time it may have arrived as late as 1.1 s, after
+        # the second request: its cost stays uncertain.
+        (None, False),
+        # The server held it only 0.5 s: it may have arrived at 0.6 s. Uncertain.
+        (0.5, False),
+    ],
+)
+async def test_an_earlier_answer_makes_its_cost_certain(
+    clock: FakeClock, first_processing: float | None, lifted: bool
+) -> None:
+    """An earlier request whose answer shows it reached the server before a later permit
+    was taken no longer holds back the later permit's lift."""
+    limiter = RateLimiter(full(tpm=100_000))
+    sync = await limiter.acquire(tokens=0)
+    limiter.observe(openai_headers(599, 100_000), sync)
+    sync.release()
+    first = await limiter.acquire(tokens=20_000)  # at 0.0 s
+    clock.advance(0.1)
+    second = await limiter.acquire(tokens=20_000)  # at 0.1 s; we believe 60,000 left
+    clock.advance(1.0)
+    first.release()
+    limiter.observe(processing_headers(80_000, first_processing), first)  # consistent
+    second.release()
+    before = limiter.statistics().available["tpm"]
+    # The server says 70,000 after admitting the second: ~10,000 more than we believed.
+    limiter.observe(processing_headers(70_000, 1.0), second)
+    lift = 70_000 - second.available_after["tpm"] if lifted else 0.0
+    assert before + lift == pytest.approx(limiter.statistics().available["tpm"], abs=1)
+
+
+async def test_a_refund_is_not_counted_twice_by_a_later_lift(clock: FakeClock) -> None:
+    """An earlier request refunded (settled under its reservation) after a later permit
+    was taken: the server may count that refund in the later request's headers, but the
+    bucket has it already, so it lifts nothing more."""
+    limiter = RateLimiter(full(tpm=100_000, refund_unused=True))
+    sync = await limiter.acquire(tokens=0)
+    limiter.observe(openai_headers(599, 100_000), sync)
+    sync.release()
+    first = await limiter.acquire(tokens=20_000)
+    clock.advance(0.1)
+    second = await limiter.acquire(tokens=20_000)
+    clock.advance(1.0)
+    first.release()
+    limiter.observe(processing_headers(80_000, 1.05), first)  # reached the server first
+    first.settle(tokens=19_200)  # 800 refunded, here and at the server
+    second.release()
+    before = limiter.statistics().available["tpm"]
+    # The server refunded the first before admitting the second: 800 more than we had
+    # believed right after taking the second.
+    limiter.observe(processing_headers(int(second.available_after["tpm"]) + 800, 1.0), second)
+    assert before == pytest.approx(limiter.statistics().available["tpm"], abs=1)
+
+
+async def test_permits_beyond_the_scan_count_in_full(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Earlier permits beyond the look-back window are treated as uncertain, even when
+    answered: the lift is never bigger than what the window proves."""
+    import llmbatch.limits as limits_module
+
+    monkeypatch.setattr(limits_module, "_SCAN", 2)
+    limiter = RateLimiter(full(rpm=600))
+    sync = await limiter.acquire()
+    limiter.observe(openai_headers(599, 0), sync)
+    sync.release()
+    early = [await limiter.acquire() for _ in range(5)]  # 594 left
+    clock.advance(0.1)
+    for permit in early:
+        limiter.observe(openai_headers(594, 0), permit)  # answered, but kept in flight
+    clock.advance(0.1)
+    last = await limiter.acquire()  # 5 earlier permits in flight, the last 2 scanned
+    believed = last.available_after["rpm"]
+    limiter.observe(openai_headers(int(believed) + 4, 0), last)  # 4 more than we think
+    # The two scanned permits are certain; the three beyond the window count in full:
+    # 4 - 3 = 1 lifted.
+    assert believed + 1 == pytest.approx(limiter.statistics().available["rpm"], abs=0.01)
 
 
 async def test_first_sync_is_not_fooled_by_reordering(clock: FakeClock) -> None:

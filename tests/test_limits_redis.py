@@ -28,7 +28,8 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
 
 
 def limiter(redis: Redis, quota: str, **limits: float) -> RedisRateLimiter:
-    return RedisRateLimiter(redis, Limits(initial_fill=1.0, reserve=0.0, **limits), quota=quota)  # type: ignore[arg-type]
+    exact = Limits(initial_fill=1.0, reserve=0.0, transit=0.0, **limits)  # type: ignore[arg-type]
+    return RedisRateLimiter(redis, exact, quota=quota)
 
 
 def fresh() -> str:
@@ -186,9 +187,25 @@ async def test_first_headers_raise_a_half_full_start_later_ones_by_what_is_certa
 
 async def test_shared_bucket_keeps_its_cushion(redis: Redis) -> None:
     """reserve=0.05 keeps 5 of 100 unspent in the shared bucket too."""
-    shared = RedisRateLimiter(redis, Limits(rpm=100, initial_fill=1.0, reserve=0.05), quota=fresh())
+    limits = Limits(rpm=100, initial_fill=1.0, reserve=0.05, transit=0.0)
+    shared = RedisRateLimiter(redis, limits, quota=fresh())
     for _ in range(95):
         assert (await shared.try_acquire())[1] is not None
     wait, permit = await shared.try_acquire()
     assert permit is None
     assert 0.5 < wait <= 0.6  # one unit at 100/min
+
+
+async def test_a_full_shared_bucket_charges_the_transit_once(redis: Redis) -> None:
+    """In Redis too, the first request from a full bucket counts *transit* seconds of
+    refill as in use (the server's full bucket gains nothing while it travels); the rest
+    of the burst pays only for itself, and the permits count only their own cost."""
+    limits = Limits(rpm=600, initial_fill=1.0, reserve=0.0, transit=0.5)
+    shared = RedisRateLimiter(redis, limits, quota=fresh())
+    first = (await shared.try_acquire())[1]
+    second = (await shared.try_acquire())[1]
+    assert first is not None
+    assert second is not None
+    assert 594 == pytest.approx(first.available_after["rpm"], abs=0.1)  # 1 + 5 of refill
+    assert 593 == pytest.approx(second.available_after["rpm"], abs=0.1)
+    assert ({"rpm": 1.0}, 1.0) == (second.cost, second.outstanding_before["rpm"])

@@ -15,7 +15,8 @@ from llmbatch.runner import Outcome, current_item, run_batch, stream_batch
 class Probe:
     """Counts items in flight and records which started and finished."""
 
-    def __init__(self) -> None:
+    def __init__(self, hold: int = 3) -> None:
+        self.hold = hold
         self.in_flight = 0
         self.peak = 0
         self.started: list[int] = []
@@ -27,7 +28,7 @@ class Probe:
         self.peak = max(self.peak, self.in_flight)
         try:
             # Let every other worker run before finishing: exposes the true peak.
-            for _ in range(3):
+            for _ in range(self.hold):
                 await asyncio.sleep(0)
             if item % 7 == 3:
                 raise ValueError(f"item {item} is bad")
@@ -51,8 +52,9 @@ async def test_results_keep_input_order_when_items_finish_out_of_order() -> None
 
 @pytest.mark.parametrize(("cap", "n"), [(1, 20), (7, 200), (64, 1000), (200, 50)])
 async def test_peak_in_flight_equals_the_cap(cap: int, n: int) -> None:
-    """The number of items in flight reaches the cap and never exceeds it."""
-    probe = Probe()
+    """The number of items in flight reaches the cap and never exceeds it (workers start
+    one per turn of the event loop, so items are held longer than that ramp)."""
+    probe = Probe(hold=cap + 3)
     result = await run_batch(probe, range(n), max_concurrency=cap, on_error="collect")
     assert min(cap, n) == probe.peak
     assert n == len(result)
@@ -76,7 +78,8 @@ async def test_input_is_consumed_lazily() -> None:
         return item
 
     result = await run_batch(work, generate(), max_concurrency=8)
-    assert [8] == seen_when_first_finished
+    assert 1 == len(seen_when_first_finished)
+    assert 1 <= seen_when_first_finished[0] <= 8  # at most one item per worker pulled
     assert 10_000 == len(result)
 
 
@@ -134,11 +137,14 @@ async def test_fail_fast_cancels_siblings_and_keeps_partial_results() -> None:
     assert ItemError(index=2, error_type="ValueError", message="boom") == failed.error
     assert isinstance(failed.__cause__, ValueError)
     assert [] == completed
-    assert [0, 1, 2, 3, 4] == sorted(started)  # item 0 finished at once and freed a worker
     assert failed.result is not None
+    # Items start in order, at most 4 at a time plus the one item 0 freed a worker for;
+    # none starts after the failure. The partial result covers exactly those started.
+    assert list(range(len(failed.result))) == sorted(started)
+    assert 3 <= len(started) <= 5
     assert 0 == failed.result.results[0]
-    assert [1, 3, 4] == [e.index for e in failed.result.errors if e.cancelled]
-    assert 5 == len(failed.result)
+    cancelled = [e.index for e in failed.result.errors if e.cancelled]
+    assert sorted(set(started) - {0, 2}) == cancelled
 
 
 async def test_collect_keeps_errors_in_place() -> None:
@@ -249,10 +255,13 @@ async def test_input_iterator_error_propagates_and_stops_workers() -> None:
 async def test_cancelling_the_caller_cancels_every_worker() -> None:
     """Cancelling the task running a batch leaves no task behind."""
     started = asyncio.Event()
+    running: list[int] = []
     cancelled: list[int] = []
 
     async def work(item: int) -> int:
-        started.set()
+        running.append(item)
+        if len(running) == 5:
+            started.set()  # every worker is busy
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
