@@ -16,7 +16,10 @@ job's :class:`~llmbatch.store.Store`) and it resumes **polling** the recorded ba
 and downloads again the results of those it had already collected; it never submits
 (pays for) their requests again. Each item keeps its own resubmit budget, and an item
 that no batch can take (too large) ends as its own error. Ctrl-C leaves batches
-running on the provider's side; :func:`cancel_batches` stops them.
+running on the provider's side; :func:`cancel_batches` stops them. A cancelled batch
+is collected like any other once the provider has ended it: the requests it ran
+before the cancel were delivered and billed, so their results are kept, and only
+those it never ran are submitted again.
 
 Backends: :class:`OpenAIBatchBackend` (``/v1/files`` + ``/v1/batches``; one model per
 file, ≤ 50,000 requests and ≤ 200 MB) and :class:`AnthropicBatchBackend` (Message
@@ -64,6 +67,7 @@ __all__ = [
     "cancel_batches",
     "custom_id_for",
     "run_batch_api",
+    "uncollected_keys",
 ]
 
 logger = structlog.get_logger("llmbatch.batchapi")
@@ -73,6 +77,12 @@ Outcome = Response | Embedding | LLMBatchError
 
 #: how many times one item may be in a batch rejected for the enqueued-token limit
 _MAX_REJECTIONS = 50
+#: journal statuses of batches that may have run (and billed) their items; a batch
+#: rejected as a whole (``failed``) ran nothing
+_MAY_HAVE_RUN = ("submitted", "cancelled", "collected")
+#: journal statuses of batches whose results are still to be collected: it runs, or it
+#: was cancelled and what it ran before the cancel is still to be downloaded
+_UNCOLLECTED = ("submitted", "cancelled")
 _CUSTOM_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -241,21 +251,27 @@ async def run_batch_api(
         requests: ``(key, Request)`` pairs; keys must be unique.
         journal: records every submitted batch before waiting on it. A rerun with the
             same journal pays for nothing twice: the batches it holds for these keys
-            that still run are polled, not submitted again, and those already
-            collected give their results again (see *reuse_collected*).
+            that still run are polled, not submitted again; cancelled ones are polled
+            until they end, then their results are collected (only what they never
+            ran is submitted again); and those already collected give their results
+            again (see *reuse_collected*).
         on_result: called with ``(key, Response or error)`` as each item ends.
         poll_interval: seconds before the first status check; it grows by half each
             time nothing ends, up to *max_poll_interval*.
         resubmits: how many times an item that did not run (its batch expired or was
-            cancelled, a 5xx, a submission that failed) is submitted again before its
-            error is final. Each item counts its own, wherever it is resubmitted.
+            cancelled before it ran, a 5xx, a submission that failed) is submitted
+            again before its error is final. Each item counts its own, wherever it is
+            resubmitted, across reruns: every batch of the journal that may have run it
+            (``submitted``, ``cancelled`` or ``collected``) counts.
         queue_wait: the longest, in seconds, that items rejected for the
             enqueued-token limit wait for room while none of this job's batches runs
             (``0``: they fail at the first such rejection).
         reuse_collected: items of batches the journal holds as collected are answered
             from those batches' results, downloaded again. ``False`` submits them
             anew with a whole budget instead: for a caller that keeps the outcomes
-            itself (a job's store) and passes only what it wants answered again.
+            itself (a job's store) and passes only what it wants answered again. It
+            never applies to batches not collected yet (running or cancelled): their
+            results are collected either way (see :func:`uncollected_keys`).
         sleep: how waiting is done (injectable for tests).
 
     Returns:
@@ -344,7 +360,11 @@ async def run_batch_api(
                         finish(cid, error)
                 continue
             ended_any = True
-            todo += await _collect(backend, batch_id, cids, items, finish, resubmits)
+            # (OpenAI says "cancelled"; Anthropic only "ended", with canceled requests)
+            cancelled = status.provider_status == "cancelled" or bool(status.counts.get("canceled"))
+            todo += await _collect(
+                backend, batch_id, cids, items, finish, resubmits, cancelled=cancelled
+            )
             journal.set_batch_status(batch_id, "collected")
         if ended_any and waiting:
             todo, waiting = todo + waiting, []
@@ -376,32 +396,60 @@ async def _resume(
     """Take up what the journal holds for *items*; the ids to submit.
 
     Each item's latest batch decides: one still ``submitted`` goes into *active* (to be
-    polled), one ``collected`` gives its results again (when *reuse_collected*). Every
-    such batch holding the item counts as one of its attempts. Rejected batches ran
-    nothing, and cancelled ones are not collected: their items are submitted again.
+    polled), and so does one ``cancelled`` (it is collected once the provider has
+    ended it: what it ran before the cancel is paid for); one ``collected`` gives its
+    results again (when *reuse_collected*). Every such batch holding the item counts
+    as one of its attempts. Rejected batches ran nothing: not an attempt.
     """
     latest: dict[str, StoredBatch] = {}
-    for stored in journal.batches("submitted", "collected", provider=backend.name):
+    for stored in journal.batches(*_MAY_HAVE_RUN, provider=backend.name):  # oldest first
         for cid in stored.items:
             if cid in items:
                 items[cid].attempts += 1
                 latest[cid] = stored
     collected: dict[str, set[str]] = {}
+    cancelled: set[str] = set()
     for cid, stored in latest.items():
-        if stored.status == "submitted":
+        if stored.status in _UNCOLLECTED:
             active.setdefault(stored.id, set()).add(cid)
+            if stored.status == "cancelled":
+                cancelled.add(stored.id)
         elif reuse_collected:
             collected.setdefault(stored.id, set()).add(cid)
         else:
             items[cid].attempts = 0  # to be answered anew
     for batch_id, cids in active.items():
-        logger.info("batch.resumed", batch_id=batch_id, requests=len(cids))
+        if batch_id in cancelled:
+            logger.info(
+                "batch.resumed",
+                batch_id=batch_id,
+                requests=len(cids),
+                detail="cancelled: collecting what it ran before the cancel",
+            )
+        else:
+            logger.info("batch.resumed", batch_id=batch_id, requests=len(cids))
     held = set().union(*active.values(), *collected.values())
     todo: list[str] = []
     for batch_id, cids in collected.items():
         logger.info("batch.reused", batch_id=batch_id, requests=len(cids))
         todo += await _collect(backend, batch_id, cids, items, finish, resubmits)
     return todo + [cid for cid in items if cid not in held]
+
+
+def uncollected_keys(journal: Journal, *, provider: str | None = None) -> set[str]:
+    """The keys of the items whose latest batch in *journal* has results not collected
+    yet: it still runs (``submitted``), or it was cancelled and what it ran before the
+    cancel is still to be downloaded (``cancelled``).
+
+    :func:`run_batch_api` given such an item polls that batch and takes its result from
+    it (or submits it again if the batch never ran it), even with
+    ``reuse_collected=False``; sending the item any other way would pay for it twice.
+    """
+    latest: dict[str, StoredBatch] = {}
+    for stored in journal.batches(*_MAY_HAVE_RUN, provider=provider):  # oldest first
+        for key in stored.items.values():
+            latest[key] = stored
+    return {key for key, stored in latest.items() if stored.status in _UNCOLLECTED}
 
 
 async def _submit(
@@ -508,8 +556,15 @@ async def _collect(
     items: dict[str, _Item],
     finish: Callable[[str, Outcome], None],
     resubmits: int,
+    *,
+    cancelled: bool = False,
 ) -> list[str]:
-    """Join an ended batch's results to its items; the ids to submit again."""
+    """Join an ended batch's results to its items; the ids to submit again.
+
+    An item with a result (an answer or its own error) is finished by it (a transient
+    error is submitted again while its resubmits last), whether the batch completed,
+    expired or was *cancelled*; one the batch never ran (reported so, or missing from
+    its results) is submitted again while its resubmits last."""
     again: list[str] = []
     seen: set[str] = set()
     async for cid, raw in backend.results(batch_id):
@@ -525,7 +580,12 @@ async def _collect(
         if items[cid].attempts <= resubmits:
             again.append(cid)
         else:
-            finish(cid, BatchExpired("missing from the batch's results", provider=backend.name))
+            why = (
+                "the batch was cancelled before this request ran"
+                if cancelled
+                else "missing from the batch's results"
+            )
+            finish(cid, BatchExpired(why, provider=backend.name, model=items[cid].request.model))
     logger.info(
         "batch.collected",
         batch_id=batch_id,
@@ -537,6 +597,10 @@ async def _collect(
 
 async def cancel_batches(backend: BatchBackend, journal: Journal) -> list[str]:
     """Cancel every batch the journal holds as submitted; the ids cancelled.
+
+    A cancelled batch is marked ``cancelled`` in the journal: a rerun with the journal
+    waits for the provider to end it, keeps the results of the requests it ran before
+    the cancel (delivered and billed) and submits again only those it never ran.
 
     A batch that ended before it could be cancelled (the provider refuses: OpenAI
     answers 409, Anthropic 400) is skipped and the others are cancelled all the same.

@@ -37,7 +37,7 @@ from typing import IO, Any, TextIO
 
 import structlog
 
-from llmbatch.batchapi import batch_backend, run_batch_api
+from llmbatch.batchapi import batch_backend, run_batch_api, uncollected_keys
 from llmbatch.client import LLMClient, build_request, estimated_usage
 from llmbatch.errors import FatalError, LLMBatchError
 from llmbatch.failure import BatchFailed, ItemError, OnError, failure_strategy, is_fatal
@@ -92,7 +92,9 @@ class JobSpec:
         mode: ``"online"``, ``"batch"`` (the provider's Batch API, half price) or
             ``"auto"`` (see :mod:`llmbatch.routing`). Not part of the fingerprint: both
             give the same answers. Batches in flight from an earlier run are always
-            collected, whatever the mode, so nothing is paid twice.
+            collected, whatever the mode, so nothing is paid twice; so are batches
+            cancelled since (``llmbatch batch cancel``): the answers they finished
+            before the cancel are kept, and only what they never ran is sent again.
         deadline: seconds within which the answers are needed (for ``"auto"``).
         prefer: ``"cost"`` or ``"speed"`` (for ``"auto"``).
         poll_interval: seconds before a batch's first status check (then backing off).
@@ -360,7 +362,9 @@ async def run_job(
 
         aborted: str | None = None
         feed: Iterable[Prepared] = to_send()
-        in_batches = {key for b in store.batches("submitted") for key in b.items.values()}
+        # items whose latest batch still runs, or was cancelled and not collected yet:
+        # what it ran is paid for, so they must be answered from it, whatever the mode
+        in_batches = uncollected_keys(store)
         if spec.mode != "online" or in_batches:
             pending = list(feed)
             if stopped:  # fail-fast on a bad record: submit nothing
@@ -399,7 +403,8 @@ def _batch_route(
     if in_batches and any(p.record.key in in_batches for p in pending):
         logger.info(
             "job.resume_batches",
-            detail="batches submitted by an earlier run are in flight: collecting them",
+            detail="batches submitted by an earlier run are in flight or were cancelled: "
+            "collecting them",
         )
         return True
     requests = [p.request for p in pending if p.request is not None]
@@ -457,7 +462,10 @@ async def _answer_in_batches(
             poll_interval=spec.poll_interval,
             max_poll_interval=max(spec.poll_interval, 300.0),
             # the store holds what collected batches answered; what is passed again
-            # (a failed item to retry, a changed record) is to be answered anew
+            # (a failed item to retry, a changed record) is to be answered anew. Batches
+            # not collected yet (running, or cancelled: what they ran before the cancel
+            # is paid for) are collected all the same, and their answers stored once:
+            # a key the store holds as answered is not passed again.
             reuse_collected=False,
         )
     except FatalError as exc:

@@ -793,7 +793,9 @@ async def test_cancel_batches_cancels_what_the_journal_holds(
     model: str,
 ) -> None:
     """After a Ctrl-C the batches run on; ``cancel_batches`` stops them on the provider
-    and marks them cancelled, so a rerun submits afresh instead of resuming them."""
+    and marks them cancelled. Cancelled while validating, they ran nothing: the rerun
+    waits for them to end, finds no result in them, and submits the 6 items again, in
+    one batch."""
     sim = await batch_sim(simulator_factory, wall)
     requests = chat(6, model)
     async with make(sim) as provider:
@@ -824,6 +826,104 @@ async def test_cancel_batches_cancels_what_the_journal_holds(
     assert_own_answers(outcomes, [k for k, _ in requests])
     if isinstance(provider, OpenAIProvider):
         assert ["cancelled"] * 3 == await openai_statuses(sim, cancelled)
+
+
+@pytest.mark.parametrize(
+    ("make", "model", "validating"),
+    [
+        pytest.param(openai_provider, MINI, 1.0, id="openai"),
+        pytest.param(anthropic_provider, CLAUDE, 0.0, id="anthropic"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("resubmits", "expected_kinds", "batches", "completed", "failed"),
+    [
+        # no budget left: the 6 never run end as BatchExpired, doc-0001 as its 500
+        pytest.param(
+            0, {"Response": 3, "ProviderUnavailable": 1, "BatchExpired": 6}, 1, 3, 1, id="none"
+        ),
+        # the 6 and doc-0001 go again together: the 6 are answered, doc-0001 fails again
+        pytest.param(1, {"Response": 9, "ProviderUnavailable": 1}, 2, 9, 2, id="one"),
+    ],
+)
+async def test_a_rerun_after_a_cancel_keeps_what_ran_and_resubmits_only_the_rest(
+    simulator_factory: SimulatorFactory,
+    wall: FakeClock,
+    tmp_path: Any,
+    make: Callable[[Simulator], Provider],
+    model: str,
+    validating: float,
+    resubmits: int,
+    expected_kinds: dict[str, int],
+    batches: int,
+    completed: int,
+    failed: int,
+) -> None:
+    """A batch of 10 cancelled once 4 had run (doc-0001 of them failing with a 500),
+    still cancelling when the rerun with the journal starts: the rerun polls it until
+    the provider ends it, keeps the 3 answers it delivered (billed: never paid again),
+    treats doc-0001's error as in a completed batch, and submits again only what never
+    ran, within each item's resubmit budget (the cancelled batch was one attempt). A
+    third run with the journal submits nothing and gives the same outcomes."""
+    sim = await batch_sim(
+        simulator_factory, wall, seconds_per_request=1.0, fail_custom_ids={"doc-0001"}
+    )
+    requests = chat(10, model)
+    keys = [key for key, _ in requests]
+
+    def run(
+        backend: BatchBackend,
+        store: Store,
+        on_result: Callable[[str, Outcome], None] | None = None,
+    ) -> Awaitable[dict[str, Outcome]]:
+        return run_batch_api(
+            backend,
+            requests,
+            journal=store,
+            on_result=on_result,
+            poll_interval=1.0,
+            resubmits=resubmits,
+            sleep=wall.sleep,
+        )
+
+    ended: list[str] = []
+    async with make(sim) as provider:
+        created = f"{provider.name}_batches_created"
+        with Store(tmp_path / "job.sqlite") as store:
+            await interrupted(
+                lambda sleep: run_batch_api(
+                    provider.batch(), requests, journal=store, poll_interval=1.0, sleep=sleep
+                )
+            )
+            wall.advance(validating + 4.5)  # doc-0000..doc-0003 have run
+            [cancelled] = await cancel_batches(provider.batch(), store)
+        with Store(tmp_path / "job.sqlite") as store:
+            assert "running" == (await provider.batch().status(cancelled)).state
+            second = await run(provider.batch(), store, lambda key, _: ended.append(key))
+            journaled = [(b.status, sorted(b.items)) for b in store.batches()]
+        with Store(tmp_path / "job.sqlite") as store:
+            third = await run(provider.batch(), store)
+        assert batches == sim.stats().batch[created]
+    never_ran = keys[4:]
+    again = [("collected", sorted(["doc-0001", *never_ran]))] if resubmits else []
+    assert [("collected", keys), *again] == journaled
+    assert sorted(keys) == sorted(ended)  # each item ended once
+    assert expected_kinds == kinds(second) == kinds(third)
+    answered = [k for k, o in second.items() if isinstance(o, Response)]
+    assert_own_answers(second, answered)
+    assert_own_answers(third, answered)
+    assert {"doc-0000", "doc-0002", "doc-0003"} <= set(answered)
+    assert isinstance(second["doc-0001"], ProviderUnavailable)
+    unrun = {k: str(o) for k, o in second.items() if isinstance(o, BatchExpired)}
+    assert ([] if resubmits else never_ran) == sorted(unrun)
+    assert all("cancel" in message for message in unrun.values()), unrun
+    stats = sim.stats().batch
+    assert (completed, failed, 6, 1) == (
+        stats["batch_requests_completed"],
+        stats["batch_requests_failed"],
+        stats["batch_requests_canceled"],
+        stats["batches_cancel_requested"],
+    )
 
 
 async def test_cancel_batches_skips_batches_that_already_ended(

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from llmbatch.testing import Simulator
+from llmbatch.testing import FakeClock, Simulator
 from llmbatch.testing._content import content_tag
 from llmbatch.testing.pytest_plugin import SimulatorFactory
 
@@ -878,3 +878,94 @@ async def test_ctrl_c_leaves_batches_running_and_says_how_to_resume_or_cancel(
     assert 0 == cancel.code, cancel.stderr
     assert "cancelled 1 batches" in cancel.stdout
     assert 1 == sim.stats().batch["batches_cancel_requested"]
+
+
+def batches_journaled(store: Path) -> int:
+    if not store.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=1) as db:
+            return int(db.execute("SELECT COUNT(*) FROM batches").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
+
+
+async def test_batch_cancel_then_the_same_command_keeps_what_ran_and_pays_once(
+    simulator_factory: SimulatorFactory, tmp_path: Path
+) -> None:
+    """``llmbatch run --mode batch`` is stopped with Ctrl-C while its batch of 10 runs;
+    ``llmbatch batch cancel`` stops the batch once 4 had run (doc-003 of them failing
+    with a 400). The same command again collects the cancelled batch and submits only
+    the 6 it never ran: the simulator answered each record once, and the output has
+    every record exactly once (9 answers, doc-003's error). A third run sends nothing.
+    The batches run on a fake clock that the test moves."""
+    clock = FakeClock(start=1_700_000_000.0)
+    sim = await simulator_factory(
+        batch=fast_batches(
+            validating_seconds=1.0,
+            seconds_per_request=1.0,
+            finalizing_seconds=1.0,
+            cancel_seconds=1.0,
+            fail_custom_ids=frozenset({"doc-003"}),
+            failure_status_code=400,
+        ),
+        batch_clock=clock.time,
+    )
+    inputs = docs(10)
+    source = write_jsonl(tmp_path / "in.jsonl", inputs)
+    out = tmp_path / "out.jsonl"
+    args = run_args(
+        sim, source, out, "--id-field", "id", "--mode", "batch", "--poll-interval", "0.05"
+    )
+    first = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "llmbatch",
+        *map(str, args),
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    store = tmp_path / "out.jsonl.llmbatch.sqlite"
+    while batches_journaled(store) < 1 and first.returncode is None:  # noqa: ASYNC110 - another process's state
+        await asyncio.sleep(0.01)
+    first.send_signal(signal.SIGINT)
+    _, err = await asyncio.wait_for(first.communicate(), 30)
+    assert 130 == first.returncode, err.decode()
+
+    clock.advance(1.0 + 4.5)  # doc-000 .. doc-003 have run
+    cancel = await llmbatch("batch", "cancel", out, "--provider", sim.base_url, cwd=tmp_path)
+    assert 0 == cancel.code, cancel.stderr
+    assert "cancelled 1 batches" in cancel.stdout
+    clock.advance(1.0)  # the provider has ended it
+
+    rerun = asyncio.ensure_future(llmbatch(*args, cwd=tmp_path))
+    while sim.stats().batch["openai_batches_created"] < 2 and not rerun.done():  # noqa: ASYNC110 - the child's requests
+        await asyncio.sleep(0.01)
+    clock.advance(3_600.0)  # the resubmission runs to its end
+    second = await rerun
+    assert 1 == second.code, second.stderr  # one record failed
+    written = read_jsonl(out)
+    third = await llmbatch(*args, cwd=tmp_path)
+    assert 1 == third.code, third.stderr
+
+    stats = sim.stats().batch
+    assert (2, 1, 9, 1, 6) == (
+        stats["openai_batches_created"],
+        stats["batches_cancel_requested"],
+        stats["batch_requests_completed"],
+        stats["batch_requests_failed"],
+        stats["batch_requests_canceled"],
+    )
+    assert "collecting what it ran before the cancel" in second.stderr
+    assert written == read_jsonl(out)
+    assert [d["id"] for d in inputs] == [r["key"] for r in written]
+    failed = [r for r in written if r["status"] != "ok"]
+    assert [("doc-003", "error", "BadRequest")] == [
+        (r["key"], r["status"], r["error"]["type"]) for r in failed
+    ]
+    assert_answers(
+        [r for r in written if r["key"] != "doc-003"],
+        [d for d in inputs if d["id"] != "doc-003"],
+    )

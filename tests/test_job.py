@@ -3,6 +3,7 @@ output writer (the end-to-end runs are in tests/test_cli.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from dataclasses import replace
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from llmbatch.batchapi import cancel_batches
 from llmbatch.client import LLMClient
 from llmbatch.errors import AuthenticationFailed
 from llmbatch.failure import OnError
@@ -211,3 +213,90 @@ async def test_retry_failed_in_batch_mode_submits_the_failed_item_again(tmp_path
     assert [3, 3, 6] == created
     with Store(spec.store_path) as store:
         assert ["done", "failed", "done"] == [item.status for item in store.items()]
+
+
+class SignallingStore(Store):
+    """A store that sets ``batch_saved`` once a batch is journaled."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.batch_saved = asyncio.Event()
+
+    def save_batch(self, batch_id: str, **details: Any) -> None:
+        super().save_batch(batch_id, **details)
+        self.batch_saved.set()
+
+
+def output_lines(spec: JobSpec) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(spec.output).read_text().splitlines()]
+
+
+async def test_a_rerun_after_a_batch_cancel_stores_what_it_ran_once_and_sends_only_the_rest(
+    tmp_path: Path,
+) -> None:
+    """Run 1 (batch mode) is interrupted after submitting its batch of 10; the batch
+    is cancelled once 3 had run (doc-1 of them failing with a 400). Run 2, even in
+    online mode, collects the cancelled batch: its 2 answers and doc-1's error are
+    stored once, nothing goes online, and only the 7 never run are sent again (in a
+    batch). Run 3 finds everything in the store and sends nothing."""
+    source = tmp_path / "in.jsonl"
+    source.write_text(
+        "".join(json.dumps({"id": f"doc-{i}", "text": f"doc {i}"}) + "\n" for i in range(10))
+    )
+    spec = JobSpec(
+        input=source,
+        output=tmp_path / "out.jsonl",
+        template="Summarize: {text}",
+        model="gpt-4o-mini",
+        id_field="id",
+        mode="batch",
+        poll_interval=60.0,
+    )
+    clock = FakeClock(start=10.0)  # small: the loop's timers compare times to 1 ns
+    batches = BatchSimConfig(
+        validating_seconds=1.0,
+        seconds_per_request=1.0,
+        finalizing_seconds=1.0,
+        fail_custom_ids=frozenset({"doc-1"}),
+        failure_status_code=400,
+    )
+    with clock.patch_loop():
+        async with (
+            Simulator(batch=batches, batch_clock=clock.time) as sim,
+            OpenAIProvider(base_url=sim.base_url, api_key="sk-test") as provider,
+        ):
+            client = LLMClient(provider, model=spec.model, limits=LIMITS)
+            with SignallingStore(spec.store_path) as journal:
+                first = asyncio.ensure_future(run_job(spec, client, store=journal))
+                await journal.batch_saved.wait()  # virtual time has stood still
+                first.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await first
+                clock.advance(1.0 + 3.5)  # doc-0, doc-1, doc-2 have run
+                assert 1 == len(await cancel_batches(provider.batch(), journal))
+            online = replace(spec, mode="online")
+            reports = [await run_job(online, client), await run_job(online, client)]
+            stats = sim.stats()
+    assert [(9, 1, 0), (0, 0, 10)] == [
+        (r.progress.done, r.progress.failed, r.progress.reused) for r in reports
+    ]
+    assert (0, 2, 9, 1, 7) == (
+        stats.ok,
+        stats.batch["openai_batches_created"],
+        stats.batch["batch_requests_completed"],
+        stats.batch["batch_requests_failed"],
+        stats.batch["batch_requests_canceled"],
+    )
+    with Store(spec.store_path) as store:
+        items = {item.key: item.status for item in store.items()}
+        journaled = [(b.status, sorted(b.items.values())) for b in store.batches()]
+    assert {f"doc-{i}": "failed" if i == 1 else "done" for i in range(10)} == items
+    never_ran = sorted(f"doc-{i}" for i in range(3, 10))
+    assert [("collected", sorted(items)), ("collected", never_ran)] == journaled
+    counts = write_output(spec)
+    assert (9, 1, 0) == (counts.ok, counts.failed, counts.pending)
+    lines = output_lines(spec)
+    assert [f"doc-{i}" for i in range(10)] == [line["key"] for line in lines]
+    answers = {line["key"]: line["answer"][:10] for line in lines if line["status"] == "ok"}
+    expected = {f"doc-{i}": f"[{content_tag(f'Summarize: doc {i}')}]" for i in range(10) if i != 1}
+    assert expected == answers
