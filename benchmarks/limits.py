@@ -1,25 +1,28 @@
 """llmbatch's rate limiter against naive clients, side by side, against the simulator.
 
-    python benchmarks/limits.py [--items 1000] [--quick]
+    python benchmarks/limits.py [--items 1000] [--quick] [--scenario rpm] [--client ...]
 
-Every run gets a fresh simulator process (buckets start full, ~1 s latency, max_tokens
-128) and sends the same one-paragraph requests. Scenarios:
+Every run gets a fresh simulator process (buckets start full, ~1 s latency ±10%,
+max_tokens 128) and sends the same requests. Scenarios:
 
-* ``rpm``: RPM 600 binds;
-* ``tpm``: TPM 100,000 binds (no RPM limit; each request reserves ~50 prompt + 128 tokens);
+* ``rpm``: RPM 600 binds (one-paragraph documents, ~45 prompt tokens);
+* ``tpm``: TPM 600,000 binds (no RPM limit; ~865-token documents, so each request
+  reserves ~1,000 tokens);
 * ``rpm+500s``: RPM 600 with 10% of requests answered 500.
 
-Contenders: ``llmbatch`` (RateLimiter with the limits given, header feedback, shared 429
-cooldown, 5xx retried with a short backoff), ``llmbatch auto`` (``Limits.auto()``: learns
-the limits from the headers), ``llmbatch 4 procs redis`` (four processes sharing one
-Redis-backed quota, RPM scenario only), ``gather`` (one ``asyncio.gather`` over all
-items with the official client and its default retries) and ``semaphore(32)`` (the same,
-32 at a time).
+Contenders: ``llmbatch`` (``LLMClient.map``, the product's own call path: limiter with
+the limits given, header feedback, shared 429 cooldown, retry policy), ``llmbatch auto``
+(``Limits.auto()``: learns the limits from the headers), ``llmbatch 4 procs redis``
+(four processes, each an ``LLMClient`` whose quota is kept in one Redis server through
+``limiter_url``; RPM scenario only) and the same with ``Limits.auto()`` learned across
+the four, ``gather`` (one ``asyncio.gather`` over all items with the official client
+and its default retries) and ``semaphore(32)`` (the same, 32 at a time).
 
 Columns: wall time; the least possible time (buckets start full; the 500s scenario
 counts the expected extra attempts); efficiency = least / wall; items ok / failed
-(the client gave up) / lost (never answered); 429s and requests seen by the server;
-the most requests in flight at the server.
+(the client gave up) / lost (never answered) / wrong (an answer that is not its own
+item's: the simulator tags each answer with its prompt); 429s and requests seen by the
+server; the most requests in flight at the server.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ import argparse
 import asyncio
 import json
 import logging
-import random
 import shutil
 import socket
 import subprocess
@@ -46,9 +48,12 @@ import structlog
 from rich.console import Console
 from rich.table import Table
 
-from llmbatch import run_batch
-from llmbatch.limits import Limits, RateLimiter
-from llmbatch.testing._content import estimate_tokens
+from llmbatch.client import LLMClient
+from llmbatch.config import LimiterSettings
+from llmbatch.limits import Limits
+from llmbatch.models import Request, Response
+from llmbatch.providers.openai import OpenAIProvider
+from llmbatch.testing._content import content_tag, estimate_tokens
 from llmbatch.tokens import admission_estimate, openai_admission_estimate
 
 MODEL = "gpt-4o-mini"
@@ -61,19 +66,24 @@ PARAGRAPH = (
 
 SCENARIOS: dict[str, dict[str, Any]] = {
     "rpm": {"rpm": 600},
-    "tpm": {"tpm": 100_000},
+    "tpm": {"tpm": 600_000, "long": True},
     "rpm+500s": {"rpm": 600, "errors": {500: 0.1}},
 }
 
 
-def messages(i: int) -> list[dict[str, str]]:
-    return [{"role": "user", "content": PARAGRAPH.format(i=i)}]
+def messages(i: int, scenario: dict[str, Any] | None = None) -> list[dict[str, str]]:
+    """Item *i*'s prompt: one paragraph, or ~865 tokens in the ``tpm`` scenario."""
+    text = PARAGRAPH.format(i=i)
+    if scenario is not None and scenario.get("long"):
+        text = " ".join([text] * 21)
+    return [{"role": "user", "content": text}]
 
 
 @dataclass
 class Outcome:
     ok: int = 0
     failed: int = 0
+    wrong: int = 0
     seconds: float = 0.0
     stats: dict[str, Any] = field(default_factory=dict)
 
@@ -108,53 +118,37 @@ def server_stats(root: str) -> dict[str, Any]:
 # -- contenders -------------------------------------------------------------------------
 
 
-async def llmbatch_run(root: str, items: range, limits: Limits, limiter: Any = None) -> Outcome:
-    limiter = limiter or RateLimiter(limits, name=f"openai/{MODEL}")
+async def llmbatch_run(
+    root: str,
+    items: range,
+    limits: Limits,
+    scenario: dict[str, Any],
+    *,
+    limiter_url: str | LimiterSettings = "memory",
+) -> Outcome:
+    """The product's own path: ``LLMClient.map`` over the official client."""
     out = Outcome()
-    rng = random.Random(0)
-    async with openai.AsyncOpenAI(
-        base_url=f"{root}/v1", api_key="sk-bench", max_retries=0
+    requests = [Request(messages=messages(i, scenario), key=str(i)) for i in items]
+    provider = OpenAIProvider(base_url=f"{root}/v1", api_key="sk-bench")
+    async with LLMClient(
+        provider, model=MODEL, max_tokens=MAX_TOKENS, limits=limits, limiter_url=limiter_url
     ) as client:
-
-        async def one(i: int) -> str:
-            msgs = messages(i)
-            cost = openai_admission_estimate(msgs) + MAX_TOKENS
-            for attempt in range(8):
-                permit = await limiter.acquire(tokens=cost)
-                try:
-                    raw = await client.chat.completions.with_raw_response.create(
-                        model=MODEL,
-                        messages=msgs,
-                        max_tokens=MAX_TOKENS,  # type: ignore[arg-type]
-                    )
-                except openai.RateLimitError as exc:
-                    kind = exc.body.get("type") if isinstance(exc.body, dict) else None
-                    retry = float(exc.response.headers.get("retry-after", "1"))
-                    cooldown = limiter.on_rate_limited(
-                        retry, dimension="tpm" if kind == "tokens" else "rpm"
-                    )
-                    if asyncio.iscoroutine(cooldown):
-                        await cooldown
-                    continue
-                except openai.InternalServerError:
-                    await asyncio.sleep(min(8.0, 0.25 * 2**attempt) * rng.random())
-                    continue
-                finally:
-                    permit.release()
-                observed = limiter.observe(raw.headers, permit)
-                if asyncio.iscoroutine(observed):
-                    await observed
-                return raw.parse().choices[0].message.content or ""
-            raise RuntimeError("gave up")
-
         start = time.perf_counter()
-        result = await run_batch(one, items, max_concurrency=256, on_error="collect")
+        result = await client.map(requests, on_error="collect", max_concurrency=256)
         out.seconds = time.perf_counter() - start
-    out.ok, out.failed = result.succeeded, result.failed
+    for request, answer in zip(requests, result.results, strict=True):
+        if isinstance(answer, Response):
+            tag = content_tag(request.messages[-1]["content"])
+            out.ok += answer.text.startswith(f"[{tag}]")
+            out.wrong += not answer.text.startswith(f"[{tag}]")
+        else:
+            out.failed += 1
     return out
 
 
-async def naive_run(root: str, items: range, concurrency: int | None) -> Outcome:
+async def naive_run(
+    root: str, items: range, concurrency: int | None, scenario: dict[str, Any]
+) -> Outcome:
     out = Outcome()
     semaphore = asyncio.Semaphore(concurrency or len(items))
     http = openai.DefaultAsyncHttpxClient(limits=httpx2.Limits(max_connections=2000))
@@ -167,8 +161,8 @@ async def naive_run(root: str, items: range, concurrency: int | None) -> Outcome
                 try:
                     await client.chat.completions.create(
                         model=MODEL,
-                        messages=messages(i),
-                        max_tokens=MAX_TOKENS,  # type: ignore[arg-type]
+                        messages=messages(i, scenario),  # type: ignore[arg-type]
+                        max_tokens=MAX_TOKENS,
                     )
                 except openai.APIError:
                     return False
@@ -185,23 +179,23 @@ async def naive_run(root: str, items: range, concurrency: int | None) -> Outcome
 # -- four processes sharing a Redis quota ------------------------------------------------
 
 
-async def redis_worker(root: str, redis_url: str, first: int, count: int, start_at: float) -> None:
+async def redis_worker(
+    root: str, redis_url: str, first: int, count: int, start_at: float, auto: bool
+) -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    from redis.asyncio import Redis
-
-    from llmbatch.limits_redis import RedisRateLimiter
-
     warm_up()
-    redis = Redis.from_url(redis_url)
-    limiter = RedisRateLimiter(redis, Limits(rpm=600), quota="bench/openai/gpt-4o-mini")
+    # Quotas kept in Redis, as llmbatch.toml's [limiter] url would say: one per run.
+    quotas = LimiterSettings(url=redis_url, namespace=f"bench-{start_at:.0f}")
+    limits = Limits.auto(max_concurrency=256) if auto else Limits(rpm=600)
     await asyncio.sleep(max(0.0, start_at - time.time()))
-    if time.time() > start_at:
+    if time.time() > start_at + 0.05:
         print(f"worker started late by {time.time() - start_at:.2f} s", file=sys.stderr)
-    out = await llmbatch_run(root, range(first, first + count), Limits(), limiter=limiter)
+    out = await llmbatch_run(
+        root, range(first, first + count), limits, SCENARIOS["rpm"], limiter_url=quotas
+    )
     finished = time.time()
-    await limiter.flush()
-    await redis.aclose()
-    print(json.dumps({"ok": out.ok, "failed": out.failed, "finished": finished}))
+    report = {"ok": out.ok, "failed": out.failed, "wrong": out.wrong, "finished": finished}
+    print(json.dumps(report))
 
 
 @contextmanager
@@ -230,7 +224,7 @@ def redis_server() -> Iterator[str]:
             process.wait(timeout=10)
 
 
-def four_processes(root: str, items: int) -> Outcome:
+def four_processes(root: str, items: int, *, auto: bool = False) -> Outcome:
     with redis_server() as redis_url:
         start_at = time.time() + 6.0  # let every process import and warm up first
         share = items // 4
@@ -245,6 +239,7 @@ def four_processes(root: str, items: int) -> Outcome:
                     str(k * share),
                     str(share),
                     str(start_at),
+                    "auto" if auto else "explicit",
                 ],
                 stdout=subprocess.PIPE,
                 text=True,
@@ -255,6 +250,7 @@ def four_processes(root: str, items: int) -> Outcome:
     return Outcome(
         ok=sum(r["ok"] for r in reports),
         failed=sum(r["failed"] for r in reports),
+        wrong=sum(r["wrong"] for r in reports),
         seconds=max(r["finished"] for r in reports) - start_at,
     )
 
@@ -268,29 +264,35 @@ def least_possible(scenario: dict[str, Any], items: int) -> float:
         rpm = scenario["rpm"]
         return LATENCY + max(0.0, attempts - rpm) / (rpm / 60)
     tpm = scenario["tpm"]
-    charged = sum(estimate_tokens({"messages": messages(i)}) + MAX_TOKENS for i in range(items))
+    charged = sum(
+        estimate_tokens({"messages": messages(i, scenario)}) + MAX_TOKENS for i in range(items)
+    )
     return LATENCY + max(0.0, charged - tpm) / (tpm / 60)
 
 
 def warm_up() -> None:
     """Build the tokenizer before timing (a one-off ~0.5 s per process, not a rate cost)."""
     admission_estimate(messages(0), MODEL)
+    openai_admission_estimate(messages(0))
 
 
 def run(name: str, scenario: dict[str, Any], items: int) -> Outcome:
     warm_up()
     with simulator(scenario) as root:
+        explicit = Limits(**{k: v for k, v in scenario.items() if k in ("rpm", "tpm")})
+        auto = Limits.auto(max_concurrency=256)
         if name == "llmbatch":
-            limits = Limits(**{k: v for k, v in scenario.items() if k in ("rpm", "tpm")})
-            out = asyncio.run(llmbatch_run(root, range(items), limits))
+            out = asyncio.run(llmbatch_run(root, range(items), explicit, scenario))
         elif name == "llmbatch auto":
-            out = asyncio.run(llmbatch_run(root, range(items), Limits.auto(max_concurrency=256)))
+            out = asyncio.run(llmbatch_run(root, range(items), auto, scenario))
         elif name == "llmbatch 4 procs redis":
             out = four_processes(root, items)
+        elif name == "llmbatch 4 procs redis auto":
+            out = four_processes(root, items, auto=True)
         elif name == "gather":
-            out = asyncio.run(naive_run(root, range(items), None))
+            out = asyncio.run(naive_run(root, range(items), None, scenario))
         else:
-            out = asyncio.run(naive_run(root, range(items), 32))
+            out = asyncio.run(naive_run(root, range(items), 32, scenario))
         out.stats = server_stats(root)
     return out
 
@@ -303,11 +305,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="only the llmbatch rows")
     parser.add_argument("--scenario", choices=list(SCENARIOS), action="append")
     parser.add_argument("--client", action="append", help="only these contenders")
-    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        root, redis_url, first, count, start_at = args.worker
-        asyncio.run(redis_worker(root, redis_url, int(first), int(count), float(start_at)))
+        root, redis_url, first, count, start_at, kind = args.worker
+        asyncio.run(
+            redis_worker(root, redis_url, int(first), int(count), float(start_at), kind == "auto")
+        )
         return
 
     table = Table(title=f"{args.items:,} requests, max_tokens {MAX_TOKENS}, ~{LATENCY:g} s latency")
@@ -320,6 +324,7 @@ def main() -> None:
         "ok",
         "failed",
         "lost",
+        "wrong",
         "429s",
         "server requests",
         "max in flight",
@@ -330,7 +335,7 @@ def main() -> None:
         scenario = SCENARIOS[scenario_name]
         contenders = ["llmbatch", "llmbatch auto"]
         if scenario_name == "rpm":
-            contenders.append("llmbatch 4 procs redis")
+            contenders += ["llmbatch 4 procs redis", "llmbatch 4 procs redis auto"]
         if not args.quick:
             contenders += ["gather", "semaphore(32)"]
         if args.client:
@@ -340,7 +345,7 @@ def main() -> None:
             out = run(name, scenario, args.items)
             stats = out.stats
             rate_limited = sum(stats.get("rate_limited", {}).values())
-            lost = args.items - out.ok - out.failed
+            lost = args.items - out.ok - out.failed - out.wrong
             table.add_row(
                 scenario_name,
                 name,
@@ -350,6 +355,7 @@ def main() -> None:
                 str(out.ok),
                 str(out.failed),
                 str(lost),
+                str(out.wrong),
                 str(rate_limited),
                 str(stats.get("requests")),
                 str(stats.get("max_concurrent")),

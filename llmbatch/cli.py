@@ -34,7 +34,14 @@ import structlog
 from rich.console import Console
 from rich.table import Table
 
-from llmbatch.config import config_file, load_profiles, profile_for
+from llmbatch.batchapi import uncollected_keys
+from llmbatch.config import (
+    LimiterSettings,
+    config_file,
+    limiter_settings,
+    load_profiles,
+    profile_for,
+)
 from llmbatch.errors import LLMBatchError, redact
 from llmbatch.io import FORMATS, count_records
 from llmbatch.job import DEFAULT_TEMPLATE, JobProgress, JobSpec, prepare, run_job, write_output
@@ -341,6 +348,12 @@ def _template(template: str | None, prompt_file: IO[str] | None) -> str:
     help="Seconds before a batch's first status check (then backing off).",
 )
 @click.option(
+    "--limiter-url",
+    metavar="URL",
+    help="Share each quota with every process using it: redis://host:port/db "
+    "(default: $LLMBATCH_LIMITER_URL, [limiter] url, else this process only).",
+)
+@click.option(
     "--retry-failed", is_flag=True, help="Send records that failed in an earlier run again."
 )
 @click.option("--fresh", is_flag=True, help="Discard the checkpoint and start over.")
@@ -410,13 +423,24 @@ def run(**options: Any) -> None:
     )
     _check_input(spec)
     limits = _limits_for(choice, options["rpm"], options["tpm"], options["concurrency"])
+    try:
+        quotas = limiter_settings(url=options["limiter_url"])
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--limiter-url") from None
     if options["dry_run"]:
         _print_estimate(spec, choice, limits, samples=2)
         return
     if choice.note:
         logger.warning("provider.default", detail=choice.note)
     code = asyncio.run(
-        _run(spec, choice, limits, fresh=options["fresh"], interval=options["progress_interval"])
+        _run(
+            spec,
+            choice,
+            limits,
+            fresh=options["fresh"],
+            interval=options["progress_interval"],
+            quotas=quotas,
+        )
     )
     sys.exit(code)
 
@@ -433,7 +457,13 @@ def _check_input(spec: JobSpec) -> None:
 
 
 async def _run(
-    spec: JobSpec, choice: ProviderChoice, limits: Limits, *, fresh: bool, interval: float
+    spec: JobSpec,
+    choice: ProviderChoice,
+    limits: Limits,
+    *,
+    fresh: bool,
+    interval: float,
+    quotas: LimiterSettings | None = None,
 ) -> int:
     from llmbatch.client import LLMClient
 
@@ -448,7 +478,14 @@ async def _run(
         console.print(f"[red]error:[/] {exc}")
         return EXIT_ABORTED
     provider = choice.open()
-    client = LLMClient(provider, model=spec.model, max_tokens=spec.max_tokens, limits=limits)
+    quotas = quotas or LimiterSettings()
+    client = LLMClient(
+        provider,
+        model=spec.model,
+        max_tokens=spec.max_tokens,
+        limits=limits,
+        limiter_url=quotas,
+    )
     config = config_file()
     logger.info(
         "run.config",
@@ -458,6 +495,7 @@ async def _run(
         base_url=choice.base_url,
         model=spec.model,
         limits=_describe_limits(limits),
+        quotas=quotas.describe(),
         records=progress.total,
         store=str(spec.store_path),
     )
@@ -501,7 +539,14 @@ async def _run(
             counts = write_output(spec, store=store, records=records)
         finally:
             summary = store.summary()
-            in_flight = store.batches("submitted")
+            # Batches still running, and cancelled ones whose finished part (already
+            # paid) is still to collect: a rerun picks both up.
+            pending = uncollected_keys(store)
+            in_flight = [
+                b
+                for b in store.batches("submitted", "cancelled")
+                if set(b.items.values()) & pending
+            ]
             store.close()
     _print_summary(
         console,
@@ -1006,6 +1051,11 @@ def batch_cancel(target: Path, provider: str | None) -> None:
 
     cancelled = asyncio.run(cancel())
     click.echo(f"cancelled {len(cancelled)} batches" + "".join(f"\n  {b}" for b in cancelled))
+    if cancelled:
+        click.echo(
+            "rerun the same command to keep what they finished (already paid for) "
+            "and send only the rest"
+        )
 
 
 def _store_path(target: Path) -> Path:

@@ -36,7 +36,13 @@ from typing import Any, TypeVar, overload
 import structlog
 
 from llmbatch.batchapi import Journal, batch_backend, run_batch_api
-from llmbatch.config import ModelProfile, load_profiles, profile_for
+from llmbatch.config import (
+    LimiterSettings,
+    ModelProfile,
+    limiter_settings,
+    load_profiles,
+    profile_for,
+)
 from llmbatch.errors import BudgetExhausted, LLMBatchError, RateLimited
 from llmbatch.failure import (
     BatchFailed,
@@ -48,7 +54,7 @@ from llmbatch.failure import (
     Skip,
     failure_strategy,
 )
-from llmbatch.limits import Limits, get_limiter
+from llmbatch.limits import Limits, get_limiter, quota_name
 from llmbatch.models import Embedding, EmbeddingRequest, Request, Response, Usage
 from llmbatch.providers.base import AsyncClosing, Provider
 from llmbatch.retry import RetryLog, RetryPolicy, wait_retry_after
@@ -132,6 +138,11 @@ class LLMClient(AsyncClosing):
             profile, see :mod:`llmbatch.config`); the limiter is shared by every client of
             the same provider, key and model in the event loop.
         limiter: a limiter to use instead (e.g. a ``RedisRateLimiter``).
+        limiter_url: where quotas are kept: ``"memory"`` (this process) or a
+            ``redis://`` URL shared by every process that names it, under the
+            configured namespace (or a :class:`~llmbatch.config.LimiterSettings`);
+            default: the configuration (``LLMBATCH_LIMITER_URL``, ``[limiter] url``;
+            see :mod:`llmbatch.config`). The client closes the Redis connections it opens.
         retry: the :class:`~llmbatch.retry.RetryPolicy` (default: 6 attempts).
         on_error: the failure strategy of :meth:`map`.
         max_concurrency: requests in flight at most in :meth:`map`.
@@ -150,6 +161,7 @@ class LLMClient(AsyncClosing):
         max_tokens: int | None = None,
         limits: Limits | None = None,
         limiter: Any = None,
+        limiter_url: str | LimiterSettings | None = None,
         retry: RetryPolicy | None = None,
         on_error: OnError | str | FailureStrategy = OnError.FAIL_FAST,
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
@@ -162,6 +174,11 @@ class LLMClient(AsyncClosing):
         self.max_tokens = max_tokens
         self.limits = limits
         self._limiter = limiter
+        if not isinstance(limiter_url, LimiterSettings):
+            # An explicit URL replaces the configured one; the namespace stays configured.
+            limiter_url = limiter_settings(url=limiter_url)
+        self.limiter_settings: LimiterSettings = limiter_url
+        self._owned_limiters: list[tuple[asyncio.AbstractEventLoop, Any]] = []
         policy = retry or RetryPolicy()
         if isinstance(policy.wait, wait_retry_after):
             # A 429 is waited out by the shared limiter's cooldown, not per item.
@@ -190,8 +207,21 @@ class LLMClient(AsyncClosing):
         return f"<LLMClient {self.provider!r} model={self.model!r}>"
 
     async def aclose(self) -> None:
-        """Close the provider."""
-        await self.provider.aclose()
+        """Close the provider, and the Redis connections of shared quotas."""
+        try:
+            await self._close_limiters()
+        finally:
+            await self.provider.aclose()
+
+    async def _close_limiters(self) -> None:
+        """Close the shared-quota limiters this client opened in the running loop (their
+        pending updates reach Redis first)."""
+        loop = asyncio.get_running_loop()
+        mine = [limiter for owner, limiter in self._owned_limiters if owner is loop]
+        self._owned_limiters = [(o, lim) for o, lim in self._owned_limiters if o is not loop]
+        self._limiters = {m: f for m, f in self._limiters.items() if f[0] is not loop}
+        for limiter in mine:
+            await limiter.aclose()
 
     def profile(self, model: str) -> ModelProfile:
         """The profile (limits, prices) of *model* on this client's provider."""
@@ -205,13 +235,26 @@ class LLMClient(AsyncClosing):
         loop = asyncio.get_running_loop()
         found = self._limiters.get(model)
         if found is None or found[0] is not loop:
-            limiter = get_limiter(
-                self.provider.name,
-                model,
-                api_key=self.provider.quota_key,
-                limits=self.limits,
-                default_limits=self.profile(model).limits,
-            )
+            limiter: Any
+            if self.limiter_settings.url is not None:
+                from llmbatch.limits_redis import RedisRateLimiter
+
+                # The quota lives in Redis: every process naming it shares it.
+                limiter = RedisRateLimiter.from_url(
+                    self.limiter_settings.url,
+                    self.limits or self.profile(model).limits,
+                    quota=quota_name(self.provider.name, model, api_key=self.provider.quota_key),
+                    namespace=self.limiter_settings.namespace,
+                )
+                self._owned_limiters.append((loop, limiter))
+            else:
+                limiter = get_limiter(
+                    self.provider.name,
+                    model,
+                    api_key=self.provider.quota_key,
+                    limits=self.limits,
+                    default_limits=self.profile(model).limits,
+                )
             found = self._limiters[model] = (loop, limiter)
         return found[1]
 
@@ -561,6 +604,15 @@ class _Answerer:
     async def __call__(self, item: Any) -> Response:
         return await self.client.complete(self.request(item))
 
+    async def aclose(self) -> None:
+        """Close what this call opened: shared-quota connections, and the provider if
+        the call created it."""
+        try:
+            await self.client._close_limiters()
+        finally:
+            if self.owned:
+                await self.provider.aclose()
+
 
 def _item_answerer(
     template: str | Callable[[Any], Request | str],
@@ -679,8 +731,7 @@ async def map(  # shadows builtins.map inside this module only: llmbatch.map is 
             on_result=on_result,
         )
     finally:
-        if answerer.owned:
-            await answerer.provider.aclose()
+        await answerer.aclose()
 
 
 async def _map_routed(
@@ -769,8 +820,7 @@ def imap(
     stream: BatchStream[Response] = stream_batch(
         answerer, items, max_concurrency=max_concurrency, on_error=on_error, key=key
     )
-    if answerer.owned:
-        stream.call_on_close(answerer.provider.aclose)
+    stream.call_on_close(answerer.aclose)
     return stream
 
 

@@ -18,6 +18,16 @@ by ``LLMBATCH_CONFIG``; or a ``[tool.llmbatch.models."..."]`` table in ``pyproje
 The environment variable ``LLMBATCH_PROFILES`` overrides both, with the same settings
 as JSON: ``LLMBATCH_PROFILES='{"openai/gpt-4o-mini": {"rpm": 5000}}'``.
 
+Quotas are kept in the process by default. To share each quota among every process and
+host that uses it (8 workers, a cluster), name a Redis server; :class:`LimiterSettings`
+reads it, and every :class:`~llmbatch.client.LLMClient` then paces through Redis::
+
+    [limiter]
+    url = "redis://127.0.0.1:6379/0"    # or rediss://..., unix://...; "memory": in-process
+    namespace = "team-a"                # separates applications sharing a Redis server
+
+``LLMBATCH_LIMITER_URL`` and ``LLMBATCH_LIMITER_NAMESPACE`` override the file.
+
 API keys are never read from this file: only from the environment or an explicit argument.
 """
 
@@ -31,10 +41,19 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from llmbatch.errors import redact
 from llmbatch.limits import Limits
 from llmbatch.models import Usage
 
-__all__ = ["BUILTIN_PROFILES", "ModelProfile", "config_file", "load_profiles", "profile_for"]
+__all__ = [
+    "BUILTIN_PROFILES",
+    "LimiterSettings",
+    "ModelProfile",
+    "config_file",
+    "limiter_settings",
+    "load_profiles",
+    "profile_for",
+]
 
 _LIMIT_FIELDS = {f.name for f in fields(Limits)}
 
@@ -212,3 +231,83 @@ def profile_for(
     table = load_profiles() if profiles is None else profiles
     found = table.get(f"{provider}/{model}")
     return found or ModelProfile(provider=provider, model=model)
+
+
+# -- where quotas are kept ----------------------------------------------------------------
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LimiterSettings:
+    """Where rate-limit quotas are kept.
+
+    Args:
+        url: ``None`` keeps them in this process; a ``redis://``, ``rediss://`` or
+            ``unix://`` URL shares each quota through that Redis server with every
+            process that names it.
+        namespace: separates applications that share one Redis server.
+    """
+
+    url: str | None = None
+    namespace: str = "default"
+
+    def __post_init__(self) -> None:
+        if self.url is not None:
+            scheme = self.url.partition("://")[0].lower()
+            if "://" not in self.url or scheme not in _REDIS_SCHEMES:
+                raise ValueError(
+                    f"unsupported limiter URL {redact(self.url)!r}: use redis://host:port/db, "
+                    "rediss://... or unix://..., or 'memory' for this process only"
+                )
+        if not self.namespace or any(c.isspace() for c in self.namespace):
+            raise ValueError(f"the limiter namespace must be a word, not {self.namespace!r}")
+
+    @classmethod
+    def parse(cls, url: str | None, namespace: str | None = None) -> LimiterSettings:
+        """Settings from a URL as users write it (``""`` or ``"memory"``: in-process)."""
+        chosen = None if url is None or url.strip().lower() in ("", "memory") else url.strip()
+        return cls(url=chosen, namespace=namespace or "default")
+
+    @property
+    def shared(self) -> bool:
+        """Whether quotas are shared through Redis."""
+        return self.url is not None
+
+    def describe(self) -> str:
+        """For logs: ``"in-process"`` or the URL without its password."""
+        return "in-process" if self.url is None else redact(self.url)
+
+    def __repr__(self) -> str:
+        return f"LimiterSettings(url={self.describe()!r}, namespace={self.namespace!r})"
+
+
+def limiter_settings(path: str | Path | None = None, *, url: str | None = None) -> LimiterSettings:
+    """The configured :class:`LimiterSettings`: ``$LLMBATCH_LIMITER_URL`` and
+    ``$LLMBATCH_LIMITER_NAMESPACE`` if set, else the ``[limiter]`` table of the
+    configuration file (see :func:`config_file`), else in-process.
+
+    Args:
+        path: the configuration file (default: see :func:`config_file`).
+        url: a URL given explicitly (``--limiter-url``): it replaces the configured
+            one, while the namespace still comes from the configuration, so every
+            process of an application shares the same quotas however it was told.
+
+    Raises:
+        ValueError: an unsupported URL or unknown ``[limiter]`` settings.
+    """
+    table: Mapping[str, Any] = {}
+    found = config_file(path)
+    if found is not None:
+        with found.open("rb") as f:
+            data = tomllib.load(f)
+        if found.name == "pyproject.toml":
+            data = data.get("tool", {}).get("llmbatch", {})
+        table = data.get("limiter") or {}
+        unknown = set(table) - {"url", "namespace"}
+        if unknown:
+            raise ValueError(f"{found.name}: unknown [limiter] settings: {sorted(unknown)}")
+    if url is None:
+        url = os.environ.get("LLMBATCH_LIMITER_URL", table.get("url"))
+    namespace = os.environ.get("LLMBATCH_LIMITER_NAMESPACE", table.get("namespace"))
+    return LimiterSettings.parse(url, namespace)

@@ -59,9 +59,15 @@ __all__ = [
 _SECRET = re.compile(r"\b(sk-(?:ant-|proj-)?|Bearer\s+)[A-Za-z0-9_\-]{8,}([A-Za-z0-9]{4})\b")
 
 
+# a password in a URL (redis://:secret@host, rediss://user:secret@host)
+_URL_PASSWORD = re.compile(r"\b([a-z][a-z0-9+.\-]*://[^:/@\s]*:)[^@\s/]+@", re.IGNORECASE)
+
+
 def redact(text: str) -> str:
-    """*text* with anything shaped like an API key reduced to ``sk-…abcd``."""
-    return _SECRET.sub(lambda m: f"{m.group(1)}…{m.group(2)}", text)
+    """*text* with anything shaped like an API key reduced to ``sk-…abcd``, and any
+    password in a URL replaced by ``***``."""
+    text = _SECRET.sub(lambda m: f"{m.group(1)}…{m.group(2)}", text)
+    return _URL_PASSWORD.sub(lambda m: f"{m.group(1)}***@", text)
 
 
 def key_hint(api_key: str | None) -> str:

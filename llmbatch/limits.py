@@ -57,6 +57,7 @@ __all__ = [
     "key_fingerprint",
     "parse_go_duration",
     "parse_reset",
+    "quota_name",
     "send_lag",
 ]
 
@@ -901,6 +902,18 @@ def key_fingerprint(api_key: str | None) -> str:
     if not api_key:
         return "anonymous"
     return "key-" + hashlib.sha256(api_key.encode()).hexdigest()[:12]
+
+
+def quota_name(
+    provider: str, model: str, *, api_key: str | None = None, endpoint: str = "chat"
+) -> str:
+    """The name of one quota: ``"openai/chat/key-1a2b3c4d5e6f/gpt-4o-mini"``.
+
+    The same (provider, endpoint, key, model) always gives the same name, in every
+    process, so it keys both the in-process registry and the shared Redis buckets; the
+    key appears only as its :func:`key_fingerprint`.
+    """
+    return f"{provider}/{endpoint}/{key_fingerprint(api_key)}/{model}"
 
 
 _REGISTRY: weakref.WeakKeyDictionary[

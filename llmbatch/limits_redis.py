@@ -10,6 +10,9 @@
   never holds one bucket while waiting for another;
 * the concurrency gate is a sorted set of leases that expire (``lease_seconds``), so a
   killed worker cannot hold a slot forever;
+* ``Limits.auto()`` works across processes: a limit learned from one process's response
+  headers is stored with the quota and every process paces at it from its next request;
+  until one is known, the AIMD concurrency cap is shared too;
 * keys are namespaced (``llmbatch:{namespace}:{quota}``) and expire after a day unused.
 
 Waiting is by polling: a refused acquire learns from the script how long until it fits
@@ -18,7 +21,9 @@ process only the first waiter polls (the others queue behind it, in order), so a
 needs one Redis connection however many items it runs; across processes, waiters are
 served roughly, not strictly, in arrival order.
 
-Requires the ``redis`` extra: ``pip install 'llmbatch[redis]'``.
+Build one from configuration with :meth:`RedisRateLimiter.from_url` (``LLMClient`` does
+so when ``LLMBATCH_LIMITER_URL`` or ``[limiter] url`` names a ``redis://`` server; see
+:mod:`llmbatch.config`). Requires the ``redis`` extra: ``pip install 'llmbatch[redis]'``.
 """
 
 from __future__ import annotations
@@ -50,6 +55,12 @@ __all__ = ["RedisRateLimiter"]
 
 logger = structlog.get_logger("llmbatch.limits")
 
+#: the units a request is counted in (a dimension charges one of them)
+_UNITS = ("requests", "tokens", "input_tokens", "output_tokens")
+
+#: the AIMD concurrency cap a quota starts probing from while no limit is known
+_AIMD_START = 8.0
+
 # Shared by the scripts: the server's clock, and a bucket's level now (leaked since its
 # last update; a bucket seen for the first time starts at the configured fill).
 _PRELUDE = """
@@ -68,18 +79,23 @@ end
 
 # KEYS[1] = bucket hash, KEYS[2] = lease zset
 # ARGV = n, then per dimension (name, capacity, rate/s, amount, initial_fill, cushion,
-#        transit refill), then max_concurrency (0 = none), lease id, lease seconds, key ttl
-# Returns {wait} when refused, else {0, then per dimension: available after, what was
-# outstanding (taken, not yet released) before, cumulative corrections, cumulative taken}.
+#        transit refill), then max_concurrency (0 = none), lease id, lease seconds, key
+#        ttl, aimd (1: cap the leases at the shared AIMD cap while no limit is known),
+#        then the request's units (requests, tokens, input_tokens, output_tokens).
+# Returns {wait, learned} when refused, else {0, learned, then per dimension: available
+# after, what was outstanding (taken, not yet released) before, cumulative corrections,
+# cumulative taken}. `learned` is the quota's learned limits ("rpm=600,tpm=150000").
 _ACQUIRE = (
     _PRELUDE
     + """
 local wait = 0
 local pause = tonumber(redis.call('HGET', key, 'pause_until') or '0')
 if pause > now then wait = pause - now end
+local learned = redis.call('HGET', key, 'learned') or ''
 local n = tonumber(ARGV[1])
 local names, levels, amounts, caps, charges = {}, {}, {}, {}, {}
 local i = 2
+local ttl = tonumber(ARGV[2 + 7 * n + 3])
 for d = 1, n do
   local name = ARGV[i]
   local cap, rate = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
@@ -87,6 +103,12 @@ for d = 1, n do
   local transit = tonumber(ARGV[i + 6])
   i = i + 7
   local level = level_now(key, name, cap, rate, fill, now)
+  if redis.call('HEXISTS', key, name .. ':level') == 0 then
+    -- A new bucket starts now, whether or not this request fits: its refill must
+    -- count from here, or a refused first request would wait forever.
+    redis.call('HSET', key, name .. ':level', level, name .. ':ts', now)
+    redis.call('EXPIRE', key, ttl)
+  end
   -- a (nearly) full bucket: the server's, full too, gains nothing while it is on its way
   charges[d] = math.max(level, transit) + amount - level
   names[d], levels[d], amounts[d], caps[d] = name, level, amount, cap
@@ -95,13 +117,19 @@ for d = 1, n do
   if missing > 1e-9 then wait = math.max(wait, missing / rate) end
 end
 local maxc = tonumber(ARGV[i])
-local lease, lease_seconds, ttl = ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+local lease, lease_seconds = ARGV[i + 1], tonumber(ARGV[i + 2])
+local aimd = tonumber(ARGV[i + 4])
+local units = {ARGV[i + 5], ARGV[i + 6], ARGV[i + 7], ARGV[i + 8]}
+if aimd == 1 and n == 0 and learned == '' and maxc > 0 then
+  local probe = tonumber(redis.call('HGET', key, 'aimd_cap') or '') or math.min(maxc, 8)
+  maxc = math.max(1, math.min(maxc, math.floor(probe)))
+end
 if maxc > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
   if wait == 0 and redis.call('ZCARD', KEYS[2]) >= maxc then wait = -1 end
 end
-if wait ~= 0 then return {tostring(wait)} end
-local result = {'0'}
+if wait ~= 0 then return {tostring(wait), learned} end
+local result = {'0', learned}
 for d = 1, n do
   local name = names[d]
   redis.call('HSET', key, name .. ':level', levels[d] + charges[d], name .. ':ts', now)
@@ -109,11 +137,17 @@ for d = 1, n do
   local adj = tonumber(redis.call('HGET', key, name .. ':adj') or '0')
   local taken = tonumber(redis.call('HINCRBYFLOAT', key, name .. ':taken', amounts[d]))
   redis.call('HINCRBYFLOAT', key, name .. ':out', amounts[d])
-  local j = (d - 1) * 4 + 2
+  local j = (d - 1) * 4 + 3
   result[j] = tostring(caps[d] - levels[d] - charges[d])
   result[j + 1] = tostring(out_before)
   result[j + 2] = tostring(adj)
   result[j + 3] = tostring(taken)
+end
+local unit_names = {'requests', 'tokens', 'input_tokens', 'output_tokens'}
+for u = 1, 4 do
+  if tonumber(units[u]) ~= 0 then
+    redis.call('HINCRBYFLOAT', key, 'u:' .. unit_names[u] .. ':out', units[u])
+  end
 end
 redis.call('EXPIRE', key, ttl)
 if maxc > 0 then
@@ -125,8 +159,8 @@ return result
 )
 
 # KEYS[1] = bucket hash
-# ARGV = mode, pause seconds, ttl, reserve, n, then per dimension (name, capacity, rate/s, fill,
-#        value, available_after, outstanding_before, adjusted_at, taken_at)
+# ARGV = mode, pause seconds, ttl, reserve, n, then per dimension (name, capacity,
+#        rate/s, fill, value, available_after, outstanding_before, adjusted_at, taken_at)
 # mode "add": level += value (negative: refund);
 # mode "observe": value = what the server says it has left right after admitting a
 #   request; the other four describe that request's permit. As in RateLimiter.observe:
@@ -194,7 +228,70 @@ return result
 """
 )
 
-# KEYS[1] = lease zset, KEYS[2] = bucket hash; ARGV = lease, n, then (name, amount)...
+# KEYS[1] = bucket hash
+# ARGV = ttl, initial fill, n, then per dimension (name, limit, capacity, rate/s,
+#        remaining, unit, own units)
+# Adopts limits a server reported: the quota's `learned` list is updated, and a bucket
+# seen for the first time starts at what the server has left, less what requests still
+# in flight (other than the reporting one, `own`) will spend there. A -1 remaining
+# leaves a new bucket to start at the configured fill. Returns {learned list, then per
+# dimension what its bucket has available now}.
+_LEARN = (
+    _PRELUDE
+    + """
+local ttl, fill, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local learned = {}
+for part in string.gmatch(redis.call('HGET', key, 'learned') or '', '[^,]+') do
+  local name, value = string.match(part, '([^=]+)=(.+)')
+  learned[name] = value
+end
+local i = 4
+local available = {}
+for d = 1, n do
+  local name, limit, cap, rate = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+  local remaining, unit, own = tonumber(ARGV[i + 4]), ARGV[i + 5], tonumber(ARGV[i + 6])
+  i = i + 7
+  learned[name] = limit
+  if remaining >= 0 and redis.call('HEXISTS', key, name .. ':level') == 0 then
+    local others = tonumber(redis.call('HGET', key, 'u:' .. unit .. ':out') or '0') - own
+    local level = math.min(cap, math.max(0, cap - remaining + math.max(0, others)))
+    redis.call('HSET', key, name .. ':level', level, name .. ':ts', now)
+    redis.call('HSET', key, name .. ':synced', 1)
+  end
+  available[d] = tostring(cap - level_now(key, name, cap, rate, fill, now))
+end
+local names = {}
+for name in pairs(learned) do table.insert(names, name) end
+table.sort(names)
+local parts = {}
+for _, name in ipairs(names) do table.insert(parts, name .. '=' .. learned[name]) end
+local text = table.concat(parts, ',')
+redis.call('HSET', key, 'learned', text)
+redis.call('EXPIRE', key, ttl)
+local result = {text}
+for d = 1, n do result[d + 1] = available[d] end
+return result
+"""
+)
+
+# KEYS[1] = bucket hash; ARGV = "up" | "down", ceiling, ttl
+# The shared AIMD concurrency cap: +1/cap after a success, halved on a 429.
+_AIMD = """
+local key = KEYS[1]
+local ceiling, ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
+local cap = tonumber(redis.call('HGET', key, 'aimd_cap') or '') or math.min(ceiling, 8)
+if ARGV[1] == 'up' then
+  cap = math.min(ceiling, cap + 1 / cap)
+else
+  cap = math.max(1, cap / 2)
+end
+redis.call('HSET', key, 'aimd_cap', cap)
+redis.call('EXPIRE', key, ttl)
+return tostring(cap)
+"""
+
+# KEYS[1] = lease zset, KEYS[2] = bucket hash; ARGV = lease, n, then (name, amount)...,
+# then the request's four units (as in _ACQUIRE).
 _RELEASE = """
 redis.call('ZREM', KEYS[1], ARGV[1])
 local n = tonumber(ARGV[2])
@@ -203,16 +300,40 @@ for d = 1, n do
   local out = tonumber(redis.call('HGET', KEYS[2], name .. ':out') or '0')
   redis.call('HSET', KEYS[2], name .. ':out', math.max(0, out - amount))
 end
+local unit_names = {'requests', 'tokens', 'input_tokens', 'output_tokens'}
+for u = 1, 4 do
+  local amount = tonumber(ARGV[2 + 2 * n + u] or '0')
+  if amount ~= 0 then
+    local field = 'u:' .. unit_names[u] .. ':out'
+    local out = tonumber(redis.call('HGET', KEYS[2], field) or '0')
+    redis.call('HSET', KEYS[2], field, math.max(0, out - amount))
+  end
+end
 return 1
 """
+
+
+def _parse_learned(text: str) -> dict[str, float]:
+    """``"rpm=600,tpm=150000"`` → ``{"rpm": 600.0, "tpm": 150000.0}`` (junk skipped)."""
+    found: dict[str, float] = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if name in _DIMENSIONS:
+            try:
+                found[name] = float(value)
+            except ValueError:
+                continue
+    return found
 
 
 class RedisRateLimiter:
     """A rate limiter whose buckets live in Redis (see the module docstring).
 
     Args:
-        redis: a ``redis.asyncio.Redis`` client (the limiter does not close it).
-        limits: the quota's limits (``learn``/``aimd`` are not supported here).
+        redis: a ``redis.asyncio.Redis`` client (the limiter closes it only if it made
+            it: see :meth:`from_url`).
+        limits: the quota's limits; ``Limits.auto()`` learns them, shared by every
+            process, from the provider's headers.
         quota: the quota's name in Redis, e.g. ``"openai/chat/key-1a2b…/gpt-4o-mini"``.
         namespace: a prefix separating applications that share a Redis server.
         lease_seconds: how long a concurrency slot survives a worker that died.
@@ -229,9 +350,8 @@ class RedisRateLimiter:
         lease_seconds: float = 600.0,
         max_poll: float = 1.0,
     ) -> None:
-        if limits.learn or limits.aimd:
-            raise ValueError("RedisRateLimiter needs explicit limits (learn/aimd are per process)")
         self._redis = redis
+        self._owns_client = False
         self.limits = limits
         self.name = quota
         self._key = f"llmbatch:{namespace}:{quota}"
@@ -240,16 +360,20 @@ class RedisRateLimiter:
         self._max_poll = max_poll
         self._ttl = 86_400
         self._capacity: dict[str, float] = {}
+        self._rates: dict[str, float] = {}
         for dim in _DIMENSIONS:
             value = getattr(limits, dim)
             if value is not None:
-                capacity = value * (1.0 - limits.headroom)
-                self._capacity[dim] = capacity
-        self._rates = {dim: cap / _DIMENSIONS[dim][1] for dim, cap in self._capacity.items()}
+                self._set_capacity(dim, value)
+        self._learned_text = ""
+        self._learned: list[str] = []
         self._acquire_script = redis.register_script(_ACQUIRE)
         self._adjust_script = redis.register_script(_ADJUST)
+        self._learn_script = redis.register_script(_LEARN)
+        self._aimd_script = redis.register_script(_AIMD)
         self._release_script = redis.register_script(_RELEASE)
         self._leases_held: dict[int, str] = {}
+        self._releasing: set[int] = set()  # permits whose release is not in Redis yet
         self._current: contextvars.ContextVar[Permit | None] = contextvars.ContextVar(
             f"llmbatch_redis_permit_{id(self)}", default=None
         )
@@ -265,11 +389,64 @@ class RedisRateLimiter:
         self._max_wait = 0.0
         self._rate_limited = 0
         self._corrections = 0
+        self._aimd_cap: float | None = None
         self._available: dict[str, float] = dict(self._capacity)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        limits: Limits,
+        *,
+        quota: str,
+        namespace: str = "default",
+        **options: Any,
+    ) -> RedisRateLimiter:
+        """A limiter on the Redis server at *url* (``redis://``, ``rediss://``,
+        ``unix://``), with a client of its own that :meth:`aclose` closes.
+
+        Raises:
+            ImportError: the ``redis`` extra is not installed.
+        """
+        try:
+            from redis.asyncio import Redis
+        except ImportError:
+            raise ImportError(
+                "a redis:// limiter needs the redis client: pip install 'llmbatch[redis]'"
+            ) from None
+        limiter = cls(Redis.from_url(url), limits, quota=quota, namespace=namespace, **options)
+        limiter._owns_client = True
+        return limiter
+
+    async def aclose(self) -> None:
+        """Finish the background updates, then close the Redis client if this limiter
+        made it (:meth:`from_url`)."""
+        await self.flush()
+        if self._owns_client:
+            await self._redis.aclose()
 
     def __repr__(self) -> str:
         dims = ", ".join(f"{d}={c:,.0f}" for d, c in self._capacity.items()) or "unlimited"
         return f"<RedisRateLimiter {self._key} {dims} in_flight={self._in_flight}>"
+
+    def _set_capacity(self, dim: str, limit: float) -> None:
+        capacity = limit * (1.0 - self.limits.headroom)
+        self._capacity[dim] = capacity
+        self._rates[dim] = capacity / _DIMENSIONS[dim][1]
+
+    def _adopt(self, text: str) -> None:
+        """Pace at the limits the quota has learned (from this or another process)."""
+        if text == self._learned_text or not self.limits.learn:
+            return
+        self._learned_text = text
+        for dim, limit in _parse_learned(text).items():
+            capacity = limit * (1.0 - self.limits.headroom)
+            if abs(self._capacity.get(dim, -1.0) - capacity) > 0.5:
+                if dim not in self._capacity:
+                    self._learned.append(dim)
+                self._set_capacity(dim, limit)
+                self._available.setdefault(dim, capacity)
+                logger.info("limits.learned", limiter=self.name, dimension=dim, limit=limit)
 
     def _dimension_args(self, amounts: Mapping[str, float]) -> list[Any]:
         args: list[Any] = [len(amounts)]
@@ -294,16 +471,17 @@ class RedisRateLimiter:
         A negative wait means "a concurrency slot is needed": poll again soon.
         """
         units = {
-            "requests": requests,
-            "tokens": tokens,
-            "input_tokens": input_tokens,
-            "output_tokens": output_tokens,
+            "requests": float(requests),
+            "tokens": float(tokens),
+            "input_tokens": float(input_tokens),
+            "output_tokens": float(output_tokens),
         }
         cost = {dim: units[_DIMENSIONS[dim][0]] for dim in self._capacity}
         for dim, amount in cost.items():
             if amount > self._capacity[dim]:
                 raise RequestTooLarge(dim, amount, self._capacity[dim])
         lease = uuid.uuid4().hex
+        aimd = 1 if self.limits.aimd else 0
         reply = await self._acquire_script(
             keys=[self._key, self._leases],
             args=[
@@ -312,9 +490,13 @@ class RedisRateLimiter:
                 lease,
                 self._lease_seconds,
                 self._ttl,
+                aimd,
+                *(units[unit] for unit in _UNITS),
             ],
         )
         wait = float(reply[0])
+        learned = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
+        self._adopt(learned)
         if wait != 0:
             return wait, None
         after: dict[str, float] = {}
@@ -322,11 +504,11 @@ class RedisRateLimiter:
         adjusted: dict[str, float] = {}
         taken: dict[str, float] = {}
         for k, dim in enumerate(cost):
-            values = reply[1 + 4 * k : 5 + 4 * k]
+            values = reply[2 + 4 * k : 6 + 4 * k]
             after[dim], outstanding[dim], adjusted[dim], taken[dim] = map(float, values)
         self._available.update(after)
         loop_time = asyncio.get_running_loop().time()
-        permit = Permit(self, cost, after, adjusted, outstanding, taken, None, loop_time)
+        permit = Permit(self, cost, after, adjusted, outstanding, taken, units, loop_time)
         self._leases_held[id(permit)] = lease
         self._acquired += 1
         self._in_flight += 1
@@ -378,7 +560,15 @@ class RedisRateLimiter:
         args: list[Any] = [lease, len(permit.cost)]
         for dim, amount in permit.cost.items():
             args += [dim, amount]
-        self._spawn(self._call(self._release_script, [self._leases, self._key], args))
+        args += [permit.units.get(unit, 0.0) for unit in _UNITS]
+        self._releasing.add(id(permit))
+        self._spawn(self._released(permit, args))
+
+    async def _released(self, permit: Permit, args: list[Any]) -> None:
+        try:
+            await self._call(self._release_script, [self._leases, self._key], args)
+        finally:
+            self._releasing.discard(id(permit))
 
     def _settle(self, permit: Permit, actual: Mapping[str, float]) -> None:
         delta: dict[str, float] = {}
@@ -390,6 +580,18 @@ class RedisRateLimiter:
                     delta[dim] = difference
         if delta:
             self._spawn(self._adjust("add", delta))
+        if self._probing():
+            self._spawn(self._aimd("up"))
+
+    def _probing(self) -> bool:
+        """Whether the shared AIMD cap is in force (``aimd`` and no limit known yet)."""
+        return self.limits.aimd and not self._capacity and bool(self.limits.max_concurrency)
+
+    async def _aimd(self, direction: str) -> None:
+        reply = await self._call(
+            self._aimd_script, [self._key], [direction, self.limits.max_concurrency, self._ttl]
+        )
+        self._aimd_cap = float(reply)
 
     async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         """Run a script, with at most a few updates in flight (a bounded connection pool)."""
@@ -434,24 +636,66 @@ class RedisRateLimiter:
         self._available.update(after)
         return after
 
+    async def _learn(self, info: RateLimitHeaders, permit: Permit | None) -> set[str]:
+        """Store the limits *info* reports that this limiter does not pace at yet; the
+        dimensions whose bucket this call started."""
+        new = {
+            dim: limit
+            for dim, limit in info.limits.items()
+            if abs(self._capacity.get(dim, -1.0) - limit * (1.0 - self.limits.headroom)) > 0.5
+        }
+        if not new:
+            return set()
+        args: list[Any] = [self._ttl, self.limits.initial_fill, len(new)]
+        for dim, limit in new.items():
+            unit = _DIMENSIONS[dim][0]
+            own = 0.0
+            if permit is not None and (not permit.released or id(permit) in self._releasing):
+                own = permit.units.get(unit, 0.0)  # still counted in flight in Redis
+            capacity = limit * (1.0 - self.limits.headroom)
+            args += [dim, limit, capacity, capacity / _DIMENSIONS[dim][1]]
+            args += [info.remaining.get(dim, -1), unit, own]
+        reply = await self._call(self._learn_script, [self._key], args)
+        started = {dim for dim in new if dim not in self._capacity}
+        text = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+        self._adopt(text)
+        self._available.update({dim: float(v) for dim, v in zip(new, reply[1:], strict=True)})
+        return started
+
     async def observe(
         self, headers: Mapping[str, str] | RateLimitHeaders, permit: Permit | None = None
     ) -> None:
         """Correct the shared buckets from a response's headers, as
         :meth:`RateLimiter.observe <llmbatch.limits.RateLimiter.observe>` does, with the
-        bookkeeping (outstanding, taken, corrections) kept in Redis for every process.
+        bookkeeping (outstanding, taken, corrections, learned limits) kept in Redis for
+        every process.
         """
         info = headers if isinstance(headers, RateLimitHeaders) else RateLimitHeaders.parse(headers)
-        left = {d: float(v) for d, v in info.remaining.items() if d in self._capacity}
+        started: set[str] = set()
+        if self.limits.learn and info.limits:
+            started = await self._learn(info, permit)
+        left = {
+            d: float(v)
+            for d, v in info.remaining.items()
+            if d in self._capacity and d not in started
+        }
         if left:
             before = dict(self._available)
             lag = 0.0
             if permit is not None:
                 lag = send_lag(permit, info.processing, asyncio.get_running_loop().time())
             after = await self._adjust("observe", left, permit=permit, lag=lag)
-            self._corrections += sum(
-                1 for d in after if abs(after[d] - before.get(d, after[d])) > 1
-            )
+            for dim, now_left in after.items():
+                if abs(now_left - before.get(dim, now_left)) > 1:
+                    self._corrections += 1
+                    logger.debug(
+                        "limits.corrected",
+                        limiter=self.name,
+                        dimension=dim,
+                        delta=round(now_left - before.get(dim, now_left), 1),
+                        server_left=left[dim],
+                    )
+        if left or started:
             self._changed.set()  # a lift may let the waiting head through now
 
     async def on_rate_limited(
@@ -462,6 +706,8 @@ class RedisRateLimiter:
         seconds = retry_after if retry_after and retry_after > 0 else 1.0
         targets = [dimension] if dimension in self._capacity else list(self._capacity)
         await self._adjust("empty", dict.fromkeys(targets, 0.0), pause=seconds)
+        if self._probing():
+            await self._aimd("down")
         logger.info("limits.cooldown", limiter=self.name, seconds=round(seconds, 3), shared=True)
 
     async def __aenter__(self) -> Permit:
@@ -482,19 +728,20 @@ class RedisRateLimiter:
 
     def statistics(self) -> LimiterStatistics:
         """A snapshot of this process's counters and the last levels it saw in Redis."""
+        cap: float | None = float(self.limits.max_concurrency or 0) or None
+        if self._probing():
+            cap = self._aimd_cap if self._aimd_cap is not None else min(cap or 0, _AIMD_START)
         return LimiterStatistics(
             acquired=self._acquired,
             waiting=self._waiting,
             in_flight=self._in_flight,
-            concurrency_cap=float(self.limits.max_concurrency)
-            if self.limits.max_concurrency
-            else None,
+            concurrency_cap=cap,
             waited_seconds=self._waited,
             max_wait_seconds=self._max_wait,
             rate_limited=self._rate_limited,
             cooldown_remaining=0.0,
             header_corrections=self._corrections,
-            learned=(),
+            learned=tuple(self._learned),
             available=dict(self._available),
             capacity=dict(self._capacity),
         )

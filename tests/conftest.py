@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -10,6 +11,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -43,9 +45,9 @@ def _reset_structlog() -> Iterator[None]:
     structlog.reset_defaults()
 
 
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real redis-server on 127.0.0.1 for the whole session (installed by scripts/install)."""
+@contextlib.contextmanager
+def redis_server(workdir: Path, *, password: str | None = None) -> Iterator[str]:
+    """A real redis-server on a free 127.0.0.1 port; its URL (with the password, if any)."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail(
@@ -54,40 +56,54 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    workdir = tmp_path_factory.mktemp("redis")
-    process = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    args += ["--appendonly", "no", "--dir", str(workdir)]
+    if password is not None:
+        args += ["--requirepass", password]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10
         while True:
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=0.2) as conn:
                     conn.sendall(b"PING\r\n")
-                    if conn.recv(16).startswith(b"+PONG"):
+                    if conn.recv(16).startswith((b"+PONG", b"-NOAUTH")):
                         break
             except OSError:
                 if time.monotonic() > deadline or process.poll() is not None:
                     pytest.fail("redis-server did not start")
                 time.sleep(0.02)
-        yield f"redis://127.0.0.1:{port}/0"
+        secret = "" if password is None else f":{password}@"
+        yield f"redis://{secret}127.0.0.1:{port}/0"
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server on 127.0.0.1 for the whole session (installed by scripts/install)."""
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+#: the password of :func:`redis_password_url`'s server (tests check it never leaks)
+REDIS_PASSWORD = "redis-CANARY-password-7c1e9"
+
+
+@pytest.fixture(scope="session")
+def redis_password() -> str:
+    """The password of :func:`redis_password_url`'s server (tests check it never leaks)."""
+    return REDIS_PASSWORD
+
+
+@pytest.fixture(scope="session")
+def redis_password_url(
+    tmp_path_factory: pytest.TempPathFactory, redis_password: str
+) -> Iterator[str]:
+    """A second real redis-server that requires :func:`redis_password`."""
+    with redis_server(tmp_path_factory.mktemp("redis-auth"), password=redis_password) as url:
+        yield url
 
 
 # -- a simulator served from its own thread, for code that blocks the test's thread --

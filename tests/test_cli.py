@@ -513,15 +513,84 @@ async def test_ctrl_c_stops_at_once_keeps_what_finished_and_exits_130(
     assert_answers(read_jsonl(out), inputs)
 
 
+# -- quotas shared through Redis -------------------------------------------------------
+
+
+@pytest.mark.redis
+async def test_two_runs_share_one_quota_through_redis(
+    simulator_factory: SimulatorFactory,
+    redis_password_url: str,
+    redis_password: str,
+    tmp_path: Path,
+) -> None:
+    """Two ``llmbatch run`` processes at once, one given ``--limiter-url``, the other
+    ``LLMBATCH_LIMITER_URL``, against a server allowing 120 requests a minute: their 130
+    records share one quota in Redis and go without a single 429, every record answered;
+    the Redis password never shows in a log, the output or the checkpoint."""
+    sim = await simulator_factory(rpm=120)
+    inputs = docs(130)
+    namespace = f"cli-{os.getpid()}-{random.randrange(10**9)}"
+    env = cli_env(LLMBATCH_LIMITER_NAMESPACE=namespace)
+    runs = []
+    for name, chunk, extra, more_env in (
+        ("a", inputs[:65], ["--limiter-url", redis_password_url], {}),
+        ("b", inputs[65:], [], {"LLMBATCH_LIMITER_URL": redis_password_url}),
+    ):
+        source = write_jsonl(tmp_path / f"{name}.jsonl", chunk)
+        args: list[str | Path] = [
+            "run",
+            source,
+            "-o",
+            tmp_path / f"{name}.out.jsonl",
+            "--provider",
+            sim.base_url,
+            "--prompt",
+            TEMPLATE,
+            "--rpm",
+            "120",
+            "--log-json",
+            tmp_path / f"{name}.log.jsonl",
+            *extra,
+        ]
+        runs.append(llmbatch(*args, cwd=tmp_path, env={**env, **more_env}))
+    first, second = await asyncio.gather(*runs)
+    assert (0, 0) == (first.code, second.code), first.stderr + second.stderr
+    assert_answers(read_jsonl(tmp_path / "a.out.jsonl"), inputs[:65])
+    assert_answers(read_jsonl(tmp_path / "b.out.jsonl"), inputs[65:])
+    stats = sim.stats()
+    assert ({}, 130) == (dict(stats.rate_limited), stats.requests)
+    logged = [json.loads(line) for line in (tmp_path / "a.log.jsonl").read_text().splitlines()]
+    config = next(e for e in logged if e["event"] == "run.config")
+    assert config["quotas"] == redis_password_url.replace(redis_password, "***")
+    assert_no_canary(tmp_path, first, second, secret=redis_password)
+
+
+@pytest.mark.parametrize("url", ["http://cache:6379", "127.0.0.1:6379"])
+async def test_an_unusable_limiter_url_is_refused_before_anything_is_sent(
+    simulator: Simulator, tmp_path: Path, url: str
+) -> None:
+    """A --limiter-url that is not redis://, rediss:// or unix:// is a usage error
+    (exit 2) naming the option; no request reaches the server."""
+    source = write_jsonl(tmp_path / "in.jsonl", docs(3))
+    done = await llmbatch(
+        *run_args(simulator, source, tmp_path / "out.jsonl", "--limiter-url", url), cwd=tmp_path
+    )
+    assert 2 == done.code
+    assert "--limiter-url" in done.stderr
+    assert "unsupported limiter URL" in done.stderr
+    assert 0 == simulator.stats().requests
+
+
 # -- secrets ---------------------------------------------------------------------------
 
 
-def assert_no_canary(folder: Path, *runs: Done) -> None:
+def assert_no_canary(folder: Path, *runs: Done, secret: str = CANARY) -> None:
+    """*secret* (the canary API key) is in no run's output and no file under *folder*."""
     for run in runs:
-        assert CANARY not in run.stdout + run.stderr
+        assert secret not in run.stdout + run.stderr
     for path in folder.rglob("*"):
         if path.is_file():
-            assert CANARY.encode() not in path.read_bytes(), path
+            assert secret.encode() not in path.read_bytes(), path
 
 
 async def test_the_api_key_never_reaches_logs_store_or_output(

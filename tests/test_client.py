@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 from tenacity import stop_after_attempt
 
 from llmbatch.client import LLMClient, build_request
 from llmbatch.client import map as llm_map
+from llmbatch.config import LimiterSettings
 from llmbatch.errors import (
     AuthenticationFailed,
     ProviderUnavailable,
@@ -17,13 +20,15 @@ from llmbatch.errors import (
     RateLimited,
 )
 from llmbatch.failure import BatchFailed, ItemError
-from llmbatch.limits import Limits, RateLimiter
+from llmbatch.limits import Limits, RateLimiter, quota_name
+from llmbatch.limits_redis import RedisRateLimiter
 from llmbatch.models import Request, Response
 from llmbatch.providers.fake import FakeProvider
 from llmbatch.providers.openai import OpenAIProvider
 from llmbatch.retry import RetryPolicy
 from llmbatch.testing import FakeClock, Simulator
 from llmbatch.testing._content import content_tag
+from llmbatch.testing.pytest_plugin import SimulatorFactory
 
 
 @pytest.fixture
@@ -349,3 +354,71 @@ async def test_embed_needs_a_provider_that_embeds() -> None:
     client = LLMClient(FakeProvider(echo), model="m")
     with pytest.raises(ValueError, match="cannot embed"):
         await client.embed("text")
+
+
+# -- quotas shared through Redis (a real redis-server, real HTTP) --------------------------
+
+
+def shared_client(base_url: str, quotas: LimiterSettings, limits: Limits) -> LLMClient:
+    """A client of the simulator whose quotas are kept as *quotas* says."""
+    provider = OpenAIProvider(base_url=base_url, api_key="sk-shared-quota-key-0001")
+    return LLMClient(provider, model="gpt-4o-mini", max_tokens=8, limits=limits, limiter_url=quotas)
+
+
+@pytest.mark.redis
+async def test_clients_share_one_quota_through_redis(
+    simulator_factory: SimulatorFactory, redis_url: str
+) -> None:
+    """Two clients naming the same redis:// URL (as two processes would) pace against
+    one bucket: 60 requests between them use the server's whole RPM of 60 without a
+    429, and each sees the other's spending."""
+    sim = await simulator_factory(rpm=60)
+    quotas = LimiterSettings(url=redis_url, namespace=f"test-{uuid.uuid4().hex}")
+    limits = Limits(rpm=60, initial_fill=1.0, transit=0.0)
+    first = shared_client(sim.base_url, quotas, limits)
+    second = shared_client(sim.base_url, quotas, limits)
+    try:
+        ones = await first.map([Request.from_prompt(f"first {i}") for i in range(30)])
+        twos = await second.map([Request.from_prompt(f"second {i}") for i in range(30)])
+        assert (30, 30) == (len(ones.ok), len(twos.ok))
+        limiter = first.limiter_for("gpt-4o-mini")
+        assert isinstance(limiter, RedisRateLimiter)
+        wait, permit = await limiter.try_acquire()  # the bucket is spent: both clients'
+        assert permit is None
+        assert 0 < wait <= 1.0
+    finally:
+        await first.aclose()
+        await second.aclose()
+    assert {} == dict(sim.stats().rate_limited)
+
+
+@pytest.mark.redis
+async def test_map_takes_the_shared_quota_from_the_environment(
+    simulator_factory: SimulatorFactory, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """llmbatch.map with LLMBATCH_LIMITER_URL set keeps the quota in Redis, under the
+    quota's name (the key only as its fingerprint), and closes its connections."""
+    sim = await simulator_factory(rpm=600)
+    namespace = f"test-{uuid.uuid4().hex}"
+    monkeypatch.setenv("LLMBATCH_LIMITER_URL", redis_url)
+    monkeypatch.setenv("LLMBATCH_LIMITER_NAMESPACE", namespace)
+    key = "sk-environment-quota-key-0002"
+    provider = OpenAIProvider(base_url=sim.base_url, api_key=key)
+    result = await llm_map(
+        "Summarize: {item}",
+        ["tides", "moons"],
+        model="gpt-4o-mini",
+        provider=provider,
+        limits=Limits(rpm=600),
+    )
+    await provider.aclose()
+    assert 2 == len(result.ok)
+    redis = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        name = quota_name("openai", "gpt-4o-mini", api_key=provider.quota_key)
+        keys = [str(k) for k in await redis.keys(f"llmbatch:{namespace}:*")]
+        assert [f"llmbatch:{namespace}:{name}"] == keys
+        assert key not in name
+        assert 2.0 == float(await redis.hget(keys[0], "rpm:taken") or 0)
+    finally:
+        await redis.aclose()

@@ -8,11 +8,14 @@ import pytest
 
 from llmbatch.config import (
     BUILTIN_PROFILES,
+    LimiterSettings,
     ModelProfile,
     config_file,
+    limiter_settings,
     load_profiles,
     profile_for,
 )
+from llmbatch.errors import redact
 from llmbatch.limits import Limits
 from llmbatch.models import Usage
 
@@ -129,3 +132,101 @@ def test_pyproject_without_a_tool_table_is_not_config(
     (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\n')
     assert config_file() is None
     assert 500 == load_profiles()["openai/gpt-4o-mini"].limits.rpm
+
+
+# -- where quotas are kept ----------------------------------------------------------------
+
+
+def test_quotas_stay_in_the_process_by_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No environment and no [limiter] table: in-process quotas."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LLMBATCH_LIMITER_URL", raising=False)
+    assert LimiterSettings() == limiter_settings()
+    assert (False, "in-process") == (limiter_settings().shared, limiter_settings().describe())
+
+
+def test_limiter_table_in_llmbatch_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """[limiter] url and namespace in llmbatch.toml select a shared Redis quota."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LLMBATCH_LIMITER_URL", raising=False)
+    monkeypatch.delenv("LLMBATCH_LIMITER_NAMESPACE", raising=False)
+    (tmp_path / "llmbatch.toml").write_text(
+        '[limiter]\nurl = "redis://10.0.0.5:6379/2"\nnamespace = "team-a"\n'
+    )
+    expected = LimiterSettings(url="redis://10.0.0.5:6379/2", namespace="team-a")
+    assert expected == limiter_settings()
+
+
+def test_limiter_table_in_pyproject(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """[tool.llmbatch.limiter] in pyproject.toml works the same way."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LLMBATCH_LIMITER_URL", raising=False)
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.llmbatch.limiter]\nurl = "unix:///run/redis.sock"\n'
+    )
+    assert "unix:///run/redis.sock" == limiter_settings().url
+
+
+def test_the_environment_overrides_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LLMBATCH_LIMITER_URL and LLMBATCH_LIMITER_NAMESPACE win over the file; "memory"
+    turns sharing off."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "llmbatch.toml").write_text('[limiter]\nurl = "redis://a:6379/0"\n')
+    monkeypatch.setenv("LLMBATCH_LIMITER_URL", "rediss://b:6380/1")
+    monkeypatch.setenv("LLMBATCH_LIMITER_NAMESPACE", "batch-jobs")
+    assert LimiterSettings(url="rediss://b:6380/1", namespace="batch-jobs") == limiter_settings()
+    monkeypatch.setenv("LLMBATCH_LIMITER_URL", "memory")
+    assert None is limiter_settings().url
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://:s3cret-pass@cache:6379", "unsupported limiter URL 'http://:***@cache:6379'"),
+        ("127.0.0.1:6379", "unsupported limiter URL '127.0.0.1:6379'"),
+        ("memcached://x", "use redis://host:port/db"),
+    ],
+)
+def test_a_bad_limiter_url_is_a_clear_error_without_its_password(url: str, message: str) -> None:
+    """Anything but redis://, rediss://, unix:// or "memory" is refused, and the message
+    never shows a password."""
+    with pytest.raises(ValueError, match=message.replace("*", r"\*").replace("?", r"\?")) as info:
+        LimiterSettings.parse(url)
+    assert "s3cret" not in str(info.value)
+
+
+def test_unknown_limiter_settings_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A typo in [limiter] is an error naming it, not a silently in-process quota."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LLMBATCH_LIMITER_URL", raising=False)
+    (tmp_path / "llmbatch.toml").write_text('[limiter]\nuri = "redis://a:6379/0"\n')
+    with pytest.raises(ValueError, match=r"unknown \[limiter\] settings: \['uri'\]"):
+        limiter_settings()
+
+
+def test_a_password_never_shows_in_the_settings() -> None:
+    """The repr and describe() of settings with a password in the URL hide it."""
+    settings = LimiterSettings.parse("redis://:hunter2-secret@10.1.1.1:6379/0")
+    assert "redis://:***@10.1.1.1:6379/0" == settings.describe()
+    assert "hunter2" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("redis://:pw12345@h:6379/0", "redis://:***@h:6379/0"),
+        ("failed: rediss://user:p%40ss@h:1/2 refused", "failed: rediss://user:***@h:1/2 refused"),
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("http://example.com/a:b@c", "http://example.com/a:b@c"),  # no password there
+        ("key sk-abcdefghijklmnop1234", "key sk-…1234"),
+    ],
+)
+def test_redact_hides_url_passwords_and_keys(text: str, expected: str) -> None:
+    """errors.redact(): URL passwords become ***; API keys keep a 4-character hint."""
+    assert expected == redact(text)

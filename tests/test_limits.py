@@ -225,6 +225,17 @@ async def test_headers_give_back_the_transit_the_request_did_not_need(clock: Fak
     assert 600.0 == pytest.approx(limiter.statistics().available["rpm"])
 
 
+async def test_a_first_request_bigger_than_the_starting_fill_waits_then_goes(
+    clock: FakeClock,
+) -> None:
+    """TPM 10,000 starting half full: a 6,000-token request waits for the missing 1,000
+    (plus the cushion) at 10,000 a minute, then goes; it never waits forever."""
+    limiter = RateLimiter(Limits(tpm=10_000, transit=0.0))
+    permit = await limiter.acquire(tokens=6_000)
+    assert 1000.0 + (1_000 + 25) * 60 / 10_000 == pytest.approx(clock.time())
+    assert permit.cost == {"tpm": 6_000.0}
+
+
 async def test_no_lift_right_after_a_429(clock: FakeClock) -> None:
     """After a 429, headers saying more is left do not undo the cooldown."""
     limiter = RateLimiter(full(rpm=600))

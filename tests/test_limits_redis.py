@@ -127,10 +127,77 @@ async def test_request_too_large_and_key_hygiene(redis: Redis) -> None:
     assert 0 < ttl <= 86_400
 
 
-def test_learn_is_refused(redis: Redis) -> None:
-    """Learned limits are per process; a shared limiter needs explicit ones."""
-    with pytest.raises(ValueError, match="needs explicit limits"):
-        RedisRateLimiter(redis, Limits.auto(), quota="x")
+def openai_headers(limit: int, left: int) -> dict[str, str]:
+    """A response's RPM headers."""
+    return {"x-ratelimit-limit-requests": str(limit), "x-ratelimit-remaining-requests": str(left)}
+
+
+async def test_a_learned_limit_is_shared_by_every_process(redis: Redis, redis_url: str) -> None:
+    """Limits.auto(): one process learns RPM 60 from its headers; another process (its
+    own Redis client) paces at it from its next request, and both see the same bucket."""
+    quota = fresh()
+    first = RedisRateLimiter(redis, Limits.auto(transit=0.0), quota=quota)
+    other = RedisRateLimiter.from_url(redis_url, Limits.auto(transit=0.0), quota=quota)
+    try:
+        permit = (await first.try_acquire())[1]
+        assert permit is not None
+        assert {} == permit.cost  # nothing known yet: nothing charged
+        permit.release()
+        await first.observe(openai_headers(60, 59), permit)
+        stats = first.statistics()
+        assert ({"rpm": 60.0}, ("rpm",)) == (stats.capacity, stats.learned)
+        unpaced = (await other.try_acquire())[1]  # adopts the limit from this reply
+        assert unpaced is not None
+        paced = (await other.try_acquire())[1]
+        assert paced is not None
+        assert {"rpm": 1.0} == paced.cost
+        assert 58 == pytest.approx(paced.available_after["rpm"], abs=0.1)
+        assert ("rpm",) == other.statistics().learned
+    finally:
+        await first.flush()
+        await other.aclose()
+
+
+async def test_a_learned_bucket_starts_below_the_server_by_what_is_in_flight(
+    redis: Redis,
+) -> None:
+    """The server's remaining does not count requests still on their way: a newly learned
+    bucket starts that much lower than the server says."""
+    quota = fresh()
+    one = RedisRateLimiter(redis, Limits.auto(transit=0.0), quota=quota)
+    two = RedisRateLimiter(redis, Limits.auto(transit=0.0), quota=quota)
+    reporting = (await one.try_acquire())[1]
+    elsewhere = [(await two.try_acquire())[1] for _ in range(3)]  # in flight, other process
+    assert reporting is not None
+    await one.observe(openai_headers(60, 50), reporting)  # before its own release
+    assert 47 == pytest.approx(one.statistics().available["rpm"], abs=0.1)  # 50 - 3
+    for permit in elsewhere:
+        assert permit is not None
+        permit.release()
+    reporting.release()
+    await one.flush()
+    await two.flush()
+
+
+async def test_the_aimd_cap_is_shared_until_a_limit_is_known(redis: Redis) -> None:
+    """Without known limits, Limits.auto() caps the quota's requests in flight at 8 for
+    every process together; successes raise the shared cap, a 429 halves it."""
+    quota = fresh()
+    one = RedisRateLimiter(redis, Limits.auto(max_concurrency=64), quota=quota)
+    two = RedisRateLimiter(redis, Limits.auto(max_concurrency=64), quota=quota)
+    held = [(await one.try_acquire())[1] for _ in range(4)]
+    held += [(await two.try_acquire())[1] for _ in range(4)]
+    assert all(p is not None for p in held)
+    assert (-1.0, None) == await one.try_acquire()  # 8 in flight: wait for a slot
+    for permit in held:
+        assert permit is not None
+        permit.settle(tokens=10)
+        permit.release()
+    await one.flush()
+    await two.flush()
+    assert 8 < (one.statistics().concurrency_cap or 0) < 9  # 8 successes: +1/cap each
+    await two.on_rate_limited(0.01)
+    assert 4 < (two.statistics().concurrency_cap or 0) < 4.5
 
 
 @pytest.mark.slow
@@ -209,3 +276,24 @@ async def test_a_full_shared_bucket_charges_the_transit_once(redis: Redis) -> No
     assert 594 == pytest.approx(first.available_after["rpm"], abs=0.1)  # 1 + 5 of refill
     assert 593 == pytest.approx(second.available_after["rpm"], abs=0.1)
     assert ({"rpm": 1.0}, 1.0) == (second.cost, second.outstanding_before["rpm"])
+
+
+@pytest.mark.parametrize(
+    ("limits", "tokens", "first_wait"),
+    [
+        (Limits(rpm=120, initial_fill=0.0, transit=0.0), 0, 0.65),  # 1 + cushion at 2/s
+        (Limits(tpm=10_000, transit=0.0), 6_000, 6.15),  # 1,025 missing at 166.7/s
+    ],
+)
+async def test_a_refused_first_request_starts_the_bucket_all_the_same(
+    redis: Redis, limits: Limits, tokens: int, first_wait: float
+) -> None:
+    """A shared bucket refused at its very first request (it starts empty, or the request
+    is bigger than the starting fill) starts refilling then: the next attempt has less
+    to wait, instead of the same wait forever."""
+    shared = RedisRateLimiter(redis, limits, quota=fresh())
+    wait, permit = await shared.try_acquire(tokens=tokens)
+    assert permit is None
+    assert first_wait == pytest.approx(wait, abs=0.05)
+    again, _ = await shared.try_acquire(tokens=tokens)
+    assert 0 < again < wait
