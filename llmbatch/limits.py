@@ -57,6 +57,7 @@ __all__ = [
     "key_fingerprint",
     "parse_go_duration",
     "parse_reset",
+    "plausible_limit",
     "quota_name",
     "send_lag",
 ]
@@ -322,6 +323,10 @@ class _Bucket(AsyncLimiter):
         self._rate_per_sec = max_rate / self.time_period
 
 
+#: the dimensions a 429 of unknown kind is taken to concern: the per-minute ones (a
+#: per-day quota is refused with its own message, and emptying it would stall a day)
+_MINUTE_DIMENSIONS = ("rpm", "tpm", "input_tpm", "output_tpm")
+
 _DIMENSIONS: dict[str, tuple[str, float]] = {
     # dimension -> (what it charges, period)
     "rpm": ("requests", MINUTE),
@@ -460,6 +465,22 @@ class LimiterStatistics:
     learned: tuple[str, ...]
     available: dict[str, float]
     capacity: dict[str, float]
+
+
+def plausible_limit(dimension: str, limit: float, permit: Permit | None = None) -> bool:
+    """Whether a limit a server reports may be adopted (headers are hints).
+
+    Values of 0 and 1 are the odd ones providers are known to send now and then; and a
+    server that has just admitted a request cannot have a limit below that request's
+    own cost. Either would make every later request wait or fail for nothing.
+    """
+    if limit <= 1:
+        return False
+    if permit is not None:
+        unit = _DIMENSIONS[dimension][0]
+        if limit < permit.units.get(unit, 0.0):
+            return False
+    return True
 
 
 def send_lag(permit: Permit, processing: float | None, now: float) -> float:
@@ -746,6 +767,9 @@ class RateLimiter:
         for dim, limit in info.limits.items():
             if not self.limits.learn:
                 continue
+            if not plausible_limit(dim, limit, permit):
+                logger.debug("limits.implausible", limiter=self.name, dimension=dim, limit=limit)
+                continue
             effective = limit * (1.0 - self.limits.headroom)
             bucket = self._buckets.get(dim)
             if bucket is None:
@@ -845,21 +869,30 @@ class RateLimiter:
         """A rate-limit 429 arrived: pause every waiter, restart the bucket empty.
 
         Args:
-            retry_after: the server's hint in seconds (``None``: one refill of a unit).
-            dimension: the bucket that overflowed (``"rpm"``, ``"tpm"``...), if known.
+            retry_after: the server's hint in seconds (``None``: one second).
+            dimension: the bucket that overflowed (``"rpm"``, ``"tpm"``...), if known;
+                otherwise every per-minute bucket (never a per-day one: a day's quota
+                would take a day to refill).
         """
         self._rate_limited += 1
         now = self._loop_time()
+        already_cooling = now < self._paused_until
         if retry_after is None or retry_after <= 0:
             retry_after = 1.0
         self._paused_until = max(self._paused_until, now + retry_after)
         self._settle_until = max(self._settle_until, now + 2 * retry_after + 1.0)
-        targets = [dimension] if dimension in self._buckets else list(self._buckets)
+        if dimension in self._buckets:
+            targets = [dimension]
+        else:
+            targets = [d for d in self._buckets if d in _MINUTE_DIMENSIONS]
         for dim in targets:
             # Empty at the end of the pause: resume at the refill rate, not in a burst.
             bucket = self._buckets[dim]
             self._adjust(bucket, -(bucket.available + retry_after * bucket.rate))
-        if self.limits.aimd and self._cap is not None:
+        probing = self.limits.aimd and self._cap is not None and not self._buckets
+        if probing and self._cap is not None and not already_cooling:
+            # Probing for an unknown limit: halve, once per cooldown however many 429s
+            # it brings. Once limits are known the buckets pace, not the cap.
             self._cap = max(1.0, self._cap / 2)
         logger.info(
             "limits.cooldown",

@@ -41,10 +41,12 @@ import structlog
 from llmbatch.errors import RequestTooLarge
 from llmbatch.limits import (
     _DIMENSIONS,
+    _MINUTE_DIMENSIONS,
     LimiterStatistics,
     Limits,
     Permit,
     RateLimitHeaders,
+    plausible_limit,
     send_lag,
 )
 
@@ -643,6 +645,7 @@ class RedisRateLimiter:
             dim: limit
             for dim, limit in info.limits.items()
             if abs(self._capacity.get(dim, -1.0) - limit * (1.0 - self.limits.headroom)) > 0.5
+            and plausible_limit(dim, limit, permit)
         }
         if not new:
             return set()
@@ -701,10 +704,14 @@ class RedisRateLimiter:
     async def on_rate_limited(
         self, retry_after: float | None = None, *, dimension: str | None = None
     ) -> None:
-        """Pause every process sharing the quota, and restart the bucket(s) empty."""
+        """Pause every process sharing the quota, and restart the bucket(s) empty: the
+        one that overflowed, else every per-minute one (never a per-day one)."""
         self._rate_limited += 1
         seconds = retry_after if retry_after and retry_after > 0 else 1.0
-        targets = [dimension] if dimension in self._capacity else list(self._capacity)
+        if dimension in self._capacity:
+            targets = [dimension]
+        else:
+            targets = [d for d in self._capacity if d in _MINUTE_DIMENSIONS]
         await self._adjust("empty", dict.fromkeys(targets, 0.0), pause=seconds)
         if self._probing():
             await self._aimd("down")

@@ -545,6 +545,66 @@ async def test_aimd_halves_on_429_and_grows_on_success(clock: FakeClock) -> None
     assert 5.0 == pytest.approx(limiter.statistics().concurrency_cap, abs=0.1)
 
 
+async def test_a_burst_of_429s_halves_the_probing_cap_once(clock: FakeClock) -> None:
+    """Three 429s answered at once are one signal: the cap halves once, not to 1."""
+    limiter = RateLimiter(Limits.auto(max_concurrency=64))
+    for _ in range(3):
+        limiter.on_rate_limited(1.0)
+    assert 4.0 == limiter.statistics().concurrency_cap
+    clock.advance(1.5)  # that cooldown is over: the next 429 is news
+    limiter.on_rate_limited(1.0)
+    assert 2.0 == limiter.statistics().concurrency_cap
+
+
+async def test_aimd_leaves_the_cap_alone_once_limits_are_known(clock: FakeClock) -> None:
+    """After Limits.auto() has learned a limit the buckets pace: a 429 pauses the quota
+    but no longer halves the concurrency cap (nothing would raise it again)."""
+    limiter = RateLimiter(Limits.auto(max_concurrency=64))
+    permit = await limiter.acquire()
+    limiter.observe(openai_headers(59, 9_000, rpm=60, tpm=10_000), permit)
+    permit.release()
+    assert 64.0 == limiter.statistics().concurrency_cap
+    for _ in range(3):
+        limiter.on_rate_limited(0.5, dimension="rpm")
+        clock.advance(1.0)
+    assert (64.0, 3) == (
+        limiter.statistics().concurrency_cap,
+        limiter.statistics().rate_limited,
+    )
+
+
+async def test_a_429_of_unknown_kind_spares_the_daily_buckets(clock: FakeClock) -> None:
+    """A 429 that does not say which limit it hit (Anthropic, Azure) empties the
+    per-minute buckets only: the day's quota is not thrown away."""
+    limiter = RateLimiter(full(rpm=600, rpd=100_000))
+    await limiter.acquire()
+    limiter.on_rate_limited(2.0)
+    available = limiter.statistics().available
+    assert -20.0 == pytest.approx(available["rpm"])  # empty, and 2 s of debt
+    assert 100_000.0 - 1 == pytest.approx(available["rpd"])
+
+
+@pytest.mark.parametrize(
+    ("limit", "cost", "learned"),
+    [
+        (10_000, 100, True),
+        (1, 100, False),  # an odd 1 providers send now and then
+        (0, 100, False),
+        (500, 1_000, False),  # below what the server just admitted
+    ],
+)
+async def test_implausible_limits_are_not_learned(
+    clock: FakeClock, limit: int, cost: int, learned: bool
+) -> None:
+    """Limits.auto() adopts a reported token limit only if it is plausible: not 0 or 1,
+    and not below the cost of the request the server has just admitted."""
+    limiter = RateLimiter(Limits.auto())
+    permit = await limiter.acquire(tokens=cost)
+    headers = {"x-ratelimit-limit-tokens": str(limit), "x-ratelimit-remaining-tokens": "0"}
+    limiter.observe(headers, permit)
+    assert learned == ("tpm" in limiter.statistics().capacity)
+
+
 # -- integration --------------------------------------------------------------------------
 
 
