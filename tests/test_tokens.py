@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import math
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -129,15 +133,31 @@ def test_count_text_treats_special_tokens_as_text() -> None:
 
 
 @pytest.mark.parametrize(
-    ("content", "expected"),
+    ("content", "tokenizer", "by_chars", "expected"),
     [
-        ("hello world", 9),  # the tokenizer's count (9) beats ceil(11/4) + 3 + 3 = 9
-        ("a" * 400, 106),  # 400 'a's are few tokens but 100 by characters: 100 + 3 + 3
+        # a tie, so it cannot tell which side is taken: the cases below can
+        ("hello world", 9, 9, 9),
+        # the tokenizer is larger: digits and spaces, emoji, CJK are dense in tokens
+        ("1 2 3 4 5 6 7 8 9 0", 26, 11, 26),  # ceil(19/4) + 3 + 3 = 11
+        ("🙂" * 20, 27, 11, 27),  # ceil(20/4) + 3 + 3 = 11
+        ("你好世界" * 10, 27, 16, 27),  # ceil(40/4) + 3 + 3 = 16
+        # the characters are larger: long common words, repeated letters
+        (" ".join(["internationalization"] * 20), 47, 111, 111),  # ceil(419/4) + 6
+        ("a" * 400, 57, 106, 106),  # ceil(400/4) + 3 + 3
     ],
+    ids=["tie", "digits", "emoji", "cjk", "long-words", "repeated-letter"],
 )
-def test_admission_estimate_never_undercounts_characters(content: str, expected: int) -> None:
-    """The admission estimate is the larger of the tokenizer count and characters/4."""
-    assert expected == admission_estimate([{"role": "user", "content": content}], "gpt-4o")
+def test_admission_estimate_is_the_larger_of_tokenizer_and_characters(
+    content: str, tokenizer: int, by_chars: int, expected: int
+) -> None:
+    """The admission estimate is the larger of the tokenizer count and characters/4 plus
+    the overhead, whichever side is larger (the table states both sides)."""
+    messages = [{"role": "user", "content": content}]
+    assert (tokenizer, by_chars, expected) == (
+        count_messages(messages, "gpt-4o"),
+        math.ceil(len(content) / 4) + 3 + 3,
+        admission_estimate(messages, "gpt-4o"),
+    )
 
 
 @pytest.mark.parametrize(
@@ -156,3 +176,79 @@ def test_openai_admission_estimate_is_character_based(
 ) -> None:
     """OpenAI's admission charge is estimated from characters (4 per token) per message."""
     assert expected == openai_admission_estimate(messages)
+
+
+# Run in a fresh interpreter: the network is refused before llmbatch.tokens (and so
+# tiktoken) is imported, and tiktoken's cache directory is empty, so any download or
+# cache read would show up as a recorded attempt and a failure.
+_OFFLINE_CHILD = """
+import json, os, socket, sys
+
+attempts = []
+
+def refuse(*args, **kwargs):
+    attempts.append(repr(args[:2]))
+    raise OSError("network refused by the test")
+
+socket.socket.connect = refuse
+socket.socket.connect_ex = refuse
+socket.create_connection = refuse
+socket.getaddrinfo = refuse
+os.environ["TIKTOKEN_CACHE_DIR"] = sys.argv[1]
+
+{body}
+
+print(json.dumps({{"result": result, "attempts": attempts}}))
+"""
+
+_COUNT_OFFLINE = """
+from llmbatch.tokens import TokenCounter, count_messages, count_text
+
+result = {
+    model: [
+        TokenCounter.for_model(model).encoding,
+        count_text("hello world", model),
+        count_messages([{"role": "user", "content": "hello world"}], model),
+    ]
+    for model in ("gpt-4o", "gpt-3.5-turbo")
+}
+"""
+
+
+def run_offline_child(body: str, cache_dir: Path) -> subprocess.CompletedProcess[str]:
+    """Run *body* (which sets ``result``) in a child with the network refused."""
+    return subprocess.run(
+        [sys.executable, "-c", _OFFLINE_CHILD.format(body=body), str(cache_dir)],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+
+
+def test_import_and_count_offline_in_a_fresh_process(tmp_path: Path) -> None:
+    """With sockets and DNS refused from before import and an empty tiktoken cache,
+    importing llmbatch.tokens and counting for gpt-4o and gpt-3.5-turbo works, uses
+    o200k_base and cl100k_base, tries no connection and writes nothing to the cache."""
+    child = run_offline_child(_COUNT_OFFLINE, tmp_path)
+    report = json.loads(child.stdout.splitlines()[-1]) if child.stdout else None
+    assert (
+        0,
+        {
+            "result": {"gpt-4o": ["o200k_base", 2, 9], "gpt-3.5-turbo": ["cl100k_base", 2, 9]},
+            "attempts": [],
+        },
+        [],
+    ) == (child.returncode, report, list(tmp_path.iterdir())), child.stderr
+
+
+def test_offline_child_does_catch_a_download(tmp_path: Path) -> None:
+    """The check above can fail: in the same child, plain tiktoken (which downloads its
+    ranks into an empty cache) is refused and exits non-zero."""
+    body = 'import tiktoken\nresult = tiktoken.get_encoding("cl100k_base").name'
+    child = run_offline_child(body, tmp_path)
+    assert (1, True, "") == (
+        child.returncode,
+        "network refused by the test" in child.stderr,
+        child.stdout,
+    )
