@@ -43,7 +43,7 @@ from llmbatch.config import (
     load_profiles,
     profile_for,
 )
-from llmbatch.errors import BudgetExhausted, LLMBatchError, RateLimited
+from llmbatch.errors import BudgetExhausted, LLMBatchError, RateLimited, Timeout, redact
 from llmbatch.failure import (
     BatchFailed,
     BatchResult,
@@ -127,6 +127,23 @@ def build_request(
     return Request.from_prompt(prompt, system=system, **options)
 
 
+async def _feedback(target: Any, method: str, *args: Any, **kwargs: Any) -> None:
+    """Tell the limiter what happened (headers, a 429, the usage): ``target.method(...)``,
+    awaited if it returns a coroutine (the Redis limiter). A failure here (the shared
+    limiter's server gone) is logged, never raised: the answer is paid for and kept."""
+    try:
+        result = getattr(target, method)(*args, **kwargs)
+        if asyncio.iscoroutine(result):
+            await result
+    except Exception as exc:
+        logger.warning(
+            "limits.feedback_failed",
+            step=method,
+            error_type=type(exc).__name__,
+            error=redact(str(exc)),
+        )
+
+
 class LLMClient(AsyncClosing):
     """Calls a provider within its limits, with retries and a failure policy.
 
@@ -189,6 +206,9 @@ class LLMClient(AsyncClosing):
                 )
             )
         self.retry = policy
+        # The client times each attempt's provider call itself (_call_with_limits), so
+        # that waiting for the limiter never counts against attempt_timeout.
+        self._retry_untimed = policy.copy(attempt_timeout=None)
         self.on_error = on_error
         self.max_concurrency = max_concurrency
         self._sleep = sleep
@@ -343,7 +363,7 @@ class LLMClient(AsyncClosing):
                 item.attempts = number
 
         try:
-            response = await self.retry.call(
+            response = await self._retry_untimed.call(
                 lambda: self._call_with_limits(request),
                 sleep=self._sleep,
                 log=self.retry_log,
@@ -363,30 +383,43 @@ class LLMClient(AsyncClosing):
         cost = provider.admission(request, model)
         permit = await limiter.acquire(**cost)
         try:
-            response: Answer
-            if isinstance(request, EmbeddingRequest):
-                response = await provider.embed(request)
-            else:
-                response = await self.provider.complete(request)
+            response: Answer = await self._send(provider, request)
         except RateLimited as exc:
             dimension = {"requests": "rpm", "tokens": "tpm"}.get(exc.kind or "")
-            cooled = limiter.on_rate_limited(exc.retry_after, dimension=dimension)
-            if asyncio.iscoroutine(cooled):
-                await cooled
+            await _feedback(limiter, "on_rate_limited", exc.retry_after, dimension=dimension)
             raise
         finally:
             permit.release()
         if response.headers:
-            observed = limiter.observe(response.headers, permit)
-            if asyncio.iscoroutine(observed):
-                await observed
+            await _feedback(limiter, "observe", response.headers, permit)
         actual = provider.settlement(request, response)
-        permit.settle(
+        await _feedback(
+            permit,
+            "settle",
             tokens=actual.get("tokens"),
             input_tokens=actual.get("input_tokens"),
             output_tokens=actual.get("output_tokens"),
+            refund=getattr(provider, "refunds_unused", False),
         )
         return response
+
+    async def _send(self, provider: Any, request: AnyRequest) -> Answer:
+        """One call to the provider, within the retry policy's ``attempt_timeout``."""
+        timeout = self.retry.attempt_timeout
+        call = provider.embed if isinstance(request, EmbeddingRequest) else provider.complete
+        if timeout is None:
+            answer: Answer = await call(request)
+            return answer
+        try:
+            async with asyncio.timeout(timeout):
+                answer = await call(request)
+                return answer
+        except TimeoutError as exc:
+            raise Timeout(
+                f"no answer within {timeout:g} s",
+                provider=self.provider.name,
+                model=request.model,
+            ) from exc
 
     async def map(
         self,

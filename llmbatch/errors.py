@@ -59,15 +59,19 @@ __all__ = [
 _SECRET = re.compile(r"\b(sk-(?:ant-|proj-)?|Bearer\s+)[A-Za-z0-9_\-]{8,}([A-Za-z0-9]{4})\b")
 
 
-# a password in a URL (redis://:secret@host, rediss://user:secret@host)
-_URL_PASSWORD = re.compile(r"\b([a-z][a-z0-9+.\-]*://[^:/@\s]*:)[^@\s/]+@", re.IGNORECASE)
+# a password in a URL: redis://:secret@host, rediss://user:secret@host (up to the last
+# "@" before the path, so an unencoded "@" in the password hides all of it), and
+# ?password=secret in the query (as redis-py accepts for unix:// and redis:// URLs)
+_URL_PASSWORD = re.compile(r"\b([a-z][a-z0-9+.\-]*://[^:/@\s]*:)[^\s/?#]+@", re.IGNORECASE)
+_QUERY_PASSWORD = re.compile(r"([?&](?:password|passwd|pass|pwd)=)[^&#\s]+", re.IGNORECASE)
 
 
 def redact(text: str) -> str:
     """*text* with anything shaped like an API key reduced to ``sk-…abcd``, and any
     password in a URL replaced by ``***``."""
     text = _SECRET.sub(lambda m: f"{m.group(1)}…{m.group(2)}", text)
-    return _URL_PASSWORD.sub(lambda m: f"{m.group(1)}***@", text)
+    text = _URL_PASSWORD.sub(lambda m: f"{m.group(1)}***@", text)
+    return _QUERY_PASSWORD.sub(lambda m: f"{m.group(1)}***", text)
 
 
 def key_hint(api_key: str | None) -> str:

@@ -89,8 +89,10 @@ class Limits:
         max_concurrency: requests in flight at most.
         initial_fill: share of each bucket available at start (the server's state is
             unknown until its first headers arrive, which then set the level exactly).
-        refund_unused: give back reserved tokens a response did not use (OpenAI keeps the
-            reservation, so the default is ``False``).
+        refund_unused: give back reserved tokens a response did not use. ``None`` (the
+            default) follows the provider's rule, which the client passes on settling:
+            OpenAI keeps its reservation, Anthropic counts the tokens actually used (so
+            an unused ``max_tokens`` reservation comes back). ``True``/``False`` force it.
         learn: learn missing limits from response headers (see :meth:`auto`).
         aimd: adapt the concurrency cap (additive increase, halve on 429) while no rate
             limit is known.
@@ -117,7 +119,7 @@ class Limits:
     tpd: float | None = None
     max_concurrency: int | None = None
     initial_fill: float = 0.5
-    refund_unused: bool = False
+    refund_unused: bool | None = None
     learn: bool = False
     aimd: bool = False
     headroom: float = 0.0
@@ -274,6 +276,12 @@ class _Bucket(AsyncLimiter):
         self._leak()
         self._level = max_rate * (1.0 - fill)
 
+    def _leak(self) -> None:
+        try:
+            super()._leak()
+        except RuntimeError:
+            pass  # no running loop (a snapshot from outside it): the level as last updated
+
     @property
     def level(self) -> float:
         """The amount in use now."""
@@ -364,6 +372,7 @@ class Permit:
         "available_after",
         "cost",
         "outstanding_before",
+        "refund",
         "refunded_at",
         "released_after",
         "seq",
@@ -401,6 +410,8 @@ class Permit:
         self.seq: int | None = None
         #: the limiter's cumulative refunds (settled unused reservations) at that moment
         self.refunded_at: dict[str, float] = {}
+        #: the provider's refund rule, given on settling (``Limits.refund_unused`` wins)
+        self.refund: bool | None = None
         #: the take counter when the permit was released (``None``: not yet)
         self.released_after: int | None = None
         #: a loop time by which the request had certainly reached the server, if it did:
@@ -418,11 +429,15 @@ class Permit:
         tokens: float | None = None,
         input_tokens: float | None = None,
         output_tokens: float | None = None,
+        refund: bool | None = None,
     ) -> None:
-        """Record the actual usage: charge what was under-reserved, refund (if allowed) the rest."""
+        """Record the actual usage: charge what was under-reserved, refund the rest if
+        the rule allows (``refund``: the provider's rule, used unless
+        ``Limits.refund_unused`` says otherwise)."""
         if self._settled:
             return
         self._settled = True
+        self.refund = refund
         actual = {"tokens": tokens, "input_tokens": input_tokens, "output_tokens": output_tokens}
         self._limiter._settle(self, {k: float(v) for k, v in actual.items() if v is not None})
 
@@ -493,9 +508,26 @@ def send_lag(permit: Permit, processing: float | None, now: float) -> float:
     return elapsed if processing is None else max(0.0, elapsed - processing)
 
 
-_CURRENT_PERMIT: contextvars.ContextVar[Permit | None] = contextvars.ContextVar(
-    "llmbatch_permit", default=None
+#: the permits ``async with limiter:`` holds in this task, innermost last, with the
+#: limiter each came from: nesting (the same limiter or several) releases each its own
+_ENTERED: contextvars.ContextVar[tuple[tuple[object, Permit], ...]] = contextvars.ContextVar(
+    "llmbatch_entered_permits", default=()
 )
+
+
+def _enter(limiter: object, permit: Permit) -> None:
+    """Record that ``async with limiter`` took *permit* in this task."""
+    _ENTERED.set((*_ENTERED.get(), (limiter, permit)))
+
+
+def _exit(limiter: object) -> None:
+    """Release the innermost permit ``async with limiter`` took in this task."""
+    entered = _ENTERED.get()
+    for i in range(len(entered) - 1, -1, -1):
+        if entered[i][0] is limiter:
+            _ENTERED.set(entered[:i] + entered[i + 1 :])
+            entered[i][1].release()
+            return
 
 
 # -- the limiter ------------------------------------------------------------------------
@@ -706,6 +738,13 @@ class RateLimiter:
             self._outstanding_units[unit] = max(0.0, self._outstanding_units[unit] - amount)
         self._notify()
 
+    def _refunds(self, permit: Permit) -> bool:
+        """Whether unused reservations come back: ``Limits.refund_unused``, else the rule
+        the provider gave on settling."""
+        if self.limits.refund_unused is not None:
+            return self.limits.refund_unused
+        return bool(permit.refund)
+
     def _settle(self, permit: Permit, actual: Mapping[str, float]) -> None:
         for dim, reserved in permit.cost.items():
             unit, _ = _DIMENSIONS[dim]
@@ -715,7 +754,7 @@ class RateLimiter:
             bucket = self._buckets[dim]
             if difference > 0:
                 bucket.take(difference)
-            elif difference < 0 and self.limits.refund_unused:
+            elif difference < 0 and self._refunds(permit):
                 before = bucket.available
                 bucket.give_back(-difference)
                 self._refunded[dim] += bucket.available - before
@@ -726,7 +765,7 @@ class RateLimiter:
 
     async def __aenter__(self) -> Permit:
         permit = await self.acquire()
-        _CURRENT_PERMIT.set(permit)
+        _enter(self, permit)
         return permit
 
     async def __aexit__(
@@ -735,10 +774,7 @@ class RateLimiter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        permit = _CURRENT_PERMIT.get()
-        if permit is not None:
-            _CURRENT_PERMIT.set(None)
-            permit.release()
+        _exit(self)
 
     # -- feedback ----------------------------------------------------------------------
 

@@ -14,7 +14,12 @@ _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Usage:
-    """Tokens one call consumed."""
+    """Tokens one call consumed.
+
+    ``input_tokens`` counts every prompt token, those read from a prompt cache included
+    (as OpenAI reports it; Anthropic's separate cache counts are added in);
+    ``cached_tokens`` is the part read from the cache.
+    """
 
     input_tokens: int = 0
     output_tokens: int = 0

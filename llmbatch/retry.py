@@ -195,7 +195,9 @@ class RetryPolicy:
             0.5 s → 30 s with full jitter).
         retry: a tenacity retry predicate (default: transient errors only).
         attempt_timeout: seconds one attempt may take before it counts as a
-            :class:`~llmbatch.errors.Timeout` (``None``: no limit of ours).
+            :class:`~llmbatch.errors.Timeout` (``None``: no limit of ours). Under
+            :class:`~llmbatch.client.LLMClient` only the provider's answer is timed:
+            waiting for the rate limiter is not part of an attempt's time.
     """
 
     stop: stop_base = field(default_factory=lambda: stop_after_attempt(6))

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from structlog.testing import capture_logs
 from tenacity import stop_after_attempt
 
 from llmbatch.client import LLMClient, build_request
@@ -23,6 +24,7 @@ from llmbatch.failure import BatchFailed, ItemError
 from llmbatch.limits import Limits, RateLimiter, quota_name
 from llmbatch.limits_redis import RedisRateLimiter
 from llmbatch.models import Request, Response
+from llmbatch.providers.base import Admission
 from llmbatch.providers.fake import FakeProvider
 from llmbatch.providers.openai import OpenAIProvider
 from llmbatch.retry import RetryPolicy
@@ -422,3 +424,77 @@ async def test_map_takes_the_shared_quota_from_the_environment(
         assert 2.0 == float(await redis.hget(keys[0], "rpm:taken") or 0)
     finally:
         await redis.aclose()
+
+
+async def test_attempt_timeout_does_not_count_the_wait_for_the_limiter(clock: FakeClock) -> None:
+    """RPM 60 from empty: the 10th request waits ~10 s for its turn, twice the 5 s
+    attempt timeout, and still succeeds at its first attempt: only the provider's answer
+    is timed, not the queue."""
+    provider = FakeProvider(echo)
+    limiter = RateLimiter(Limits(rpm=60, initial_fill=0.0, transit=0.0))
+    client = LLMClient(
+        provider,
+        model="m",
+        limiter=limiter,
+        retry=RetryPolicy(attempt_timeout=5.0),
+        sleep=clock.sleep,
+    )
+    result = await client.map([Request.from_prompt(f"q{i}") for i in range(10)])
+    assert ([1] * 10, []) == ([r.attempts for r in result.ok], result.errors)
+    assert clock.time() >= 100.0 + 10
+
+
+class Reserving(FakeProvider):
+    """A provider that reserves 500 output tokens per request; its answers use 50, and
+    like OpenAI it keeps the reservation."""
+
+    refunds_unused = False
+
+    def admission(self, request: Request, model: str) -> Admission:
+        return Admission(requests=1, output_tokens=500)
+
+    def settlement(self, request: Request, response: Response) -> Admission:
+        return Admission(output_tokens=50)
+
+
+class Refunding(Reserving):
+    """The same, but like Anthropic it counts only what the answer used."""
+
+    refunds_unused = True
+
+
+@pytest.mark.parametrize(("provider_class", "kept"), [(Refunding, 50), (Reserving, 500)])
+async def test_the_client_settles_by_the_providers_refund_rule(
+    clock: FakeClock, provider_class: type[Reserving], kept: int
+) -> None:
+    """With default limits, the unused part of a reservation comes back only for a
+    provider whose rule says so."""
+    limiter = RateLimiter(Limits(output_tpm=10_000, transit=0.0))
+    client = LLMClient(provider_class(echo), model="m", limiter=limiter, sleep=clock.sleep)
+    await client.complete("hello")
+    assert 5_000.0 - kept == pytest.approx(limiter.statistics().available["output_tpm"])
+
+
+class BrokenFeedback(RateLimiter):
+    """A limiter whose server went away after admitting the request."""
+
+    def observe(self, headers: Any, permit: Any = None) -> None:
+        raise ConnectionError("redis://:hunter2-secret@cache:6379 is unreachable")
+
+
+async def test_a_failing_limiter_update_keeps_the_paid_answer(clock: FakeClock) -> None:
+    """When telling the limiter about a response fails (the shared limiter's Redis went
+    away), the answer already paid for is returned, with a warning that shows no
+    password; nothing is retried."""
+
+    def answer(request: Request) -> Response:
+        return Response(text="paid for", headers={"x-ratelimit-remaining-requests": "5"})
+
+    provider = FakeProvider(answer)
+    client = LLMClient(provider, model="m", limiter=BrokenFeedback(Limits(rpm=60)))
+    with capture_logs() as logs:
+        response = await client.complete("hello")
+    assert ("paid for", 1, 1) == (response.text, response.attempts, len(provider.calls))
+    warnings = [e for e in logs if e["event"] == "limits.feedback_failed"]
+    assert [("observe", "ConnectionError")] == [(e["step"], e["error_type"]) for e in warnings]
+    assert "hunter2" not in str(warnings)

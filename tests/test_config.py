@@ -223,6 +223,9 @@ def test_a_password_never_shows_in_the_settings() -> None:
         ("redis://:pw12345@h:6379/0", "redis://:***@h:6379/0"),
         ("failed: rediss://user:p%40ss@h:1/2 refused", "failed: rediss://user:***@h:1/2 refused"),
         ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("redis://:p@ss@h:6379/0", "redis://:***@h:6379/0"),  # an unencoded "@" in it
+        ("redis://h:6379/0?password=s3cr3t&db=1", "redis://h:6379/0?password=***&db=1"),
+        ("unix:///run/redis.sock?db=0&password=s3cr3t", "unix:///run/redis.sock?db=0&password=***"),
         ("http://example.com/a:b@c", "http://example.com/a:b@c"),  # no password there
         ("key sk-abcdefghijklmnop1234", "key sk-…1234"),
     ],

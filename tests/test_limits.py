@@ -605,6 +605,57 @@ async def test_implausible_limits_are_not_learned(
     assert learned == ("tpm" in limiter.statistics().capacity)
 
 
+async def test_nested_async_with_releases_each_its_own_permit(clock: FakeClock) -> None:
+    """``async with a: async with b:`` (and a limiter nested in itself) gives every
+    permit back on the way out: nothing stays in flight, so a capped limiter never
+    deadlocks."""
+    outer = RateLimiter(Limits(max_concurrency=2))
+    inner = RateLimiter(Limits(max_concurrency=2))
+    async with asyncio.timeout(60):  # virtual: a leak fails at once instead of hanging
+        for _ in range(5):  # more rounds than the cap
+            async with outer, inner:  # noqa: SIM117 - the nesting is what is tested
+                async with outer:
+                    stats = (outer.statistics().in_flight, inner.statistics().in_flight)
+                    assert (2, 1) == stats
+    assert (0, 0) == (outer.statistics().in_flight, inner.statistics().in_flight)
+
+
+@pytest.mark.parametrize(
+    ("configured", "provider_rule", "available"),
+    [
+        (None, True, 5_000.0 - 500 + 450),  # the provider refunds (Anthropic)
+        (None, False, 5_000.0 - 500),  # the provider keeps its reservation (OpenAI)
+        (None, None, 5_000.0 - 500),  # no rule given: nothing comes back
+        (False, True, 5_000.0 - 500),  # Limits.refund_unused=False wins
+        (True, False, 5_000.0 - 500 + 450),  # Limits.refund_unused=True wins
+    ],
+)
+async def test_refunds_follow_the_providers_rule_unless_configured(
+    clock: FakeClock, configured: bool | None, provider_rule: bool | None, available: float
+) -> None:
+    """500 output tokens reserved, 50 used: the 450 come back when the provider's rule
+    says so (given on settling), unless Limits.refund_unused decides."""
+    limiter = RateLimiter(Limits(output_tpm=10_000, refund_unused=configured, transit=0.0))
+    permit = await limiter.acquire(output_tokens=500)
+    permit.settle(output_tokens=50, refund=provider_rule)
+    assert available == pytest.approx(limiter.statistics().available["output_tpm"])
+
+
+def test_statistics_and_repr_work_outside_the_event_loop() -> None:
+    """A limiter built in one loop can be inspected after it ended (a CLI summary, a
+    notebook cell): levels as last updated, no RuntimeError."""
+
+    async def build() -> RateLimiter:
+        limiter = RateLimiter(Limits(rpm=60, initial_fill=1.0, transit=0.0))
+        await limiter.acquire()
+        return limiter
+
+    limiter = asyncio.run(build())  # real time: a few ms of refill before the loop ends
+    stats = limiter.statistics()
+    assert (59.0, 1) == (pytest.approx(stats.available["rpm"], abs=0.01), stats.acquired)
+    assert "rpm=59/60" in repr(limiter)
+
+
 # -- integration --------------------------------------------------------------------------
 
 

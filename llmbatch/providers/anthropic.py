@@ -153,6 +153,9 @@ class AnthropicProvider(AsyncClosing):
         )
         self.name = name
         self.reserve_output = reserve_output
+        #: Anthropic counts the tokens a request actually used: the unused part of a
+        #: max_tokens reservation comes back when the request is settled
+        self.refunds_unused = True
         key = self._client.api_key or ""
         self.quota_key = key_fingerprint(key) + "@" + str(self._client.base_url)
         self.key_hint = key_hint(key)
@@ -167,7 +170,7 @@ class AnthropicProvider(AsyncClosing):
     def admission(self, request: Request, model: str) -> Admission:
         """One request, the input estimate, and (if reserved) max_tokens of output."""
         max_tokens = request.max_tokens or DEFAULT_MAX_TOKENS
-        output = float(max_tokens * request.n) if self.reserve_output else 0.0
+        output = float(max_tokens) if self.reserve_output else 0.0
         return Admission(
             requests=1,
             input_tokens=admission_estimate(request.messages, model),
@@ -175,9 +178,12 @@ class AnthropicProvider(AsyncClosing):
         )
 
     def settlement(self, request: Request, response: Response) -> Admission:
-        """Anthropic counts actual input and output tokens."""
+        """Anthropic counts the actual tokens: uncached input (cache writes included,
+        cache reads not) against ITPM, output against OTPM."""
+        usage = response.usage
         return Admission(
-            input_tokens=response.usage.input_tokens, output_tokens=response.usage.output_tokens
+            input_tokens=max(0, usage.input_tokens - usage.cached_tokens),
+            output_tokens=usage.output_tokens,
         )
 
     def message_params(self, request: Request) -> dict[str, Any]:
@@ -185,6 +191,12 @@ class AnthropicProvider(AsyncClosing):
         model = request.model
         if not model:
             raise BadRequest("no model given", provider=self.name)
+        if request.n != 1:
+            raise BadRequest(
+                f"Anthropic's Messages API answers one completion per request, not n={request.n}",
+                provider=self.name,
+                model=model,
+            )
         system = [str(m["content"]) for m in request.messages if m.get("role") == "system"]
         messages = [dict(m) for m in request.messages if m.get("role") != "system"]
         params: dict[str, Any] = {
@@ -239,7 +251,11 @@ def message_response(
         text=text,
         model=message.model or request.model,
         usage=Usage(
-            input_tokens=message.usage.input_tokens,
+            # Anthropic's input_tokens leave out what was read from or written to the
+            # prompt cache; Usage counts every prompt token, cached ones included.
+            input_tokens=message.usage.input_tokens
+            + (message.usage.cache_read_input_tokens or 0)
+            + (message.usage.cache_creation_input_tokens or 0),
             output_tokens=message.usage.output_tokens,
             cached_tokens=message.usage.cache_read_input_tokens or 0,
         ),

@@ -42,6 +42,9 @@ class Provider(Protocol):
         name: ``"openai"``, ``"anthropic"``, ``"local"``, ``"fake"``...
         quota_key: a fingerprint of the credentials (never the key itself), so that
             limiters are shared per quota.
+        refunds_unused: (optional, default ``False``) whether the provider gives back
+            the unused part of what :meth:`admission` reserved once it knows the usage
+            (Anthropic does; OpenAI keeps its reservation).
     """
 
     name: str

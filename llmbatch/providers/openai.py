@@ -227,12 +227,10 @@ class OpenAIProvider(AsyncClosing):
     def settlement(
         self, request: Request | EmbeddingRequest, response: Response | Embedding
     ) -> Admission:
-        """OpenAI keeps the output reservation: the final charge is the prompt as
-        counted plus max_tokens x n, whatever the answer's length."""
-        if isinstance(request, EmbeddingRequest):
-            return Admission(tokens=response.usage.input_tokens)
-        max_tokens = request.max_tokens or DEFAULT_MAX_TOKENS
-        return Admission(tokens=response.usage.input_tokens + max_tokens * request.n)
+        """OpenAI charges its rate limit at admission, from its own character-based
+        estimate of the prompt plus max_tokens x n, and keeps that reservation whatever
+        the answer's length or the prompt's exact count: the admission charge is final."""
+        return Admission(tokens=self.admission(request, request.model or "")["tokens"])
 
     def chat_params(self, request: Request) -> dict[str, Any]:
         """The ``/v1/chat/completions`` body for *request* (online and in batch files)."""

@@ -15,6 +15,7 @@ import pytest
 from anthropic.types import Message, TextBlock
 from anthropic.types import Usage as AnthropicUsage
 
+from llmbatch.errors import BadRequest
 from llmbatch.models import Embedding, EmbeddingRequest, Request, Response, Usage
 from llmbatch.providers import anthropic as anthropic_provider
 from llmbatch.providers import openai as openai_provider
@@ -134,15 +135,6 @@ async def test_openai_settlement_keeps_the_output_reservation(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: OpenAI charges TPM from a character-based estimate at admission and keeps "
-        "that reservation (PROTOCOLS.md), but settlement swaps the estimate for "
-        "usage.input_tokens, so the limiter's charge drifts from the server's whenever "
-        "the tokenizer and chars/4 disagree"
-    ),
-)
 @pytest.mark.parametrize(
     ("request_", "usage"),
     [
@@ -162,13 +154,6 @@ async def test_openai_settlement_equals_admission_when_prompt_count_differs(
     assert {"tokens": admitted} == openai_side.settlement(request_, answer(*usage))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: embeddings are admitted at ceil(chars/4) + 1 (OpenAI's character-based "
-        "rule) but settled at usage.input_tokens, which OpenAI's TPM never charged"
-    ),
-)
 async def test_openai_embedding_settlement_equals_admission(
     openai_side: OpenAIProvider,
 ) -> None:
@@ -245,8 +230,9 @@ async def test_anthropic_admission_splits_input_and_output(
     [
         ((120, 37, 0), (120, 37)),
         ((9, 100, 0), (9, 100)),
-        # cache reads do not count toward ITPM (PROTOCOLS.md): usage.input_tokens only
-        ((120, 37, 5000), (120, 37)),
+        # cache reads do not count toward ITPM (PROTOCOLS.md): of 5,120 prompt tokens,
+        # 5,000 were read from the cache
+        ((5120, 37, 5000), (120, 37)),
     ],
     ids=["short", "full", "cache-read"],
 )
@@ -295,15 +281,6 @@ async def test_anthropic_settlement_of_a_real_message_skips_cache_reads() -> Non
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: only uncached input counts toward ITPM (PROTOCOLS.md); Anthropic reports "
-        "cache writes in cache_creation_input_tokens, apart from input_tokens, and they "
-        "are uncached input, but message_response drops them, so settlement under-charges "
-        "ITPM by every cache write"
-    ),
-)
 async def test_anthropic_settlement_counts_cache_writes_toward_itpm() -> None:
     """A message that wrote 2000 tokens to the cache settles 120 + 2000 ITPM tokens."""
     request = Request(messages=user("hello world"), max_tokens=100)
@@ -312,3 +289,24 @@ async def test_anthropic_settlement_counts_cache_writes_toward_itpm() -> None:
     async with AnthropicProvider(api_key="sk-ant-test", base_url="http://127.0.0.1:9") as provider:
         settled = provider.settlement(request, response)
     assert {"input_tokens": 120 + 2000, "output_tokens": 37} == settled
+
+
+async def test_anthropic_usage_counts_every_prompt_token_and_the_cached_part() -> None:
+    """From an SDK Message with cache reads and writes, Usage holds every prompt token
+    (120 + 2,000 written + 5,000 read) with the 5,000 read as cached, so cost prices
+    the reads at the cached rate, and ITPM is settled with the 2,120 uncached."""
+    request = Request(messages=user("hello world"), max_tokens=100)
+    message = claude_message(input_tokens=120, cache_write=2000, cache_read=5000)
+    response = message_response(message, request, request_id="req_1")
+    async with AnthropicProvider(api_key="sk-ant-test", base_url="http://127.0.0.1:9") as provider:
+        settled = provider.settlement(request, response)
+    assert (7120, 5000) == (response.usage.input_tokens, response.usage.cached_tokens)
+    assert {"input_tokens": 2120, "output_tokens": 37} == settled
+
+
+async def test_anthropic_refuses_more_than_one_completion_per_request() -> None:
+    """The Messages API has no ``n``: n=2 is a clear BadRequest, not one answer charged
+    (and reserved) as two."""
+    async with AnthropicProvider(api_key="sk-ant-test", base_url="http://127.0.0.1:9") as provider:
+        with pytest.raises(BadRequest, match="one completion per request, not n=2"):
+            provider.message_params(Request(messages=user("hi"), model=CLAUDE, n=2))

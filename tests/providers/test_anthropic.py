@@ -121,11 +121,13 @@ async def clock() -> AsyncIterator[FakeClock]:
 
 
 async def test_client_with_anthropic_paces_itpm_and_otpm(clock: FakeClock) -> None:
-    """LLMClient over AnthropicProvider: system prompt mapped, answers tagged to their
-    input, ITPM/OTPM reservations and settlements keep the server from refusing any."""
+    """LLMClient over AnthropicProvider with default limits: system prompt mapped, answers
+    tagged to their input, ITPM/OTPM reservations and settlements (unused output
+    reservations refunded, as Anthropic counts actual usage) keep the server from
+    refusing any."""
     async with Simulator(rpm=500, itpm=4000, otpm=2500, clock=clock.time) as sim:
         provider = AnthropicProvider(base_url=sim.url, api_key="sk-ant-test-key")
-        limiter = RateLimiter(Limits(rpm=500, input_tpm=4000, output_tpm=2500, refund_unused=True))
+        limiter = RateLimiter(Limits(rpm=500, input_tpm=4000, output_tpm=2500))
         async with LLMClient(
             provider, model="claude-haiku-4-5", max_tokens=48, limiter=limiter
         ) as client:
