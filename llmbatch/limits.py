@@ -226,6 +226,8 @@ class RateLimitHeaders:
         # OpenAI
         "x-ratelimit-{}-requests": "rpm",
         "x-ratelimit-{}-tokens": "tpm",
+        # only when a project-scoped limit applies: the stricter of the two binds
+        "x-ratelimit-{}-project-tokens": "tpm",
         # Anthropic
         "anthropic-ratelimit-requests-{}": "rpm",
         "anthropic-ratelimit-input-tokens-{}": "input_tpm",
@@ -234,7 +236,12 @@ class RateLimitHeaders:
 
     @classmethod
     def parse(cls, headers: Mapping[str, str], *, now: datetime | None = None) -> RateLimitHeaders:
-        """Read the headers (case-insensitively); missing or garbled values are skipped."""
+        """Read the headers (case-insensitively); missing or garbled values are skipped.
+
+        Where two limits report on one dimension (OpenAI's organization and project
+        token limits), the one with less remaining is the one that binds: its limit,
+        remaining and reset are kept together.
+        """
         lower = {k.lower(): v for k, v in headers.items()}
         limits: dict[str, int] = {}
         remaining: dict[str, int] = {}
@@ -243,14 +250,19 @@ class RateLimitHeaders:
             limit = _int(lower.get(pattern.format("limit")))
             left = _int(lower.get(pattern.format("remaining")))
             reset_text = lower.get(pattern.format("reset"))
+            reset = None if reset_text is None else parse_reset(reset_text, now=now)
+            if limit is None and left is None:
+                continue
+            if dimension in remaining and (left is None or left >= remaining[dimension]):
+                continue  # the limit already read binds sooner
+            for found in (limits, remaining, resets):
+                found.pop(dimension, None)
             if limit is not None and limit > 0:
                 limits[dimension] = limit
             if left is not None:
                 remaining[dimension] = left
-            if reset_text is not None:
-                reset = parse_reset(reset_text, now=now)
-                if reset is not None:
-                    resets[dimension] = reset
+            if reset is not None:
+                resets[dimension] = reset
         ms = _int(lower.get("openai-processing-ms"))
         return cls(limits, remaining, resets, None if ms is None else ms / 1000)
 

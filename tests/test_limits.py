@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from llmbatch.flow import AsyncParallelBatchNode
 from llmbatch.limits import (
@@ -95,6 +96,31 @@ def test_parse_openai_headers() -> None:
     )
     assert ({"rpm": 60, "tpm": 150000}, {"rpm": 59, "tpm": 149984}) == (info.limits, info.remaining)
     assert {"rpm": 1.0, "tpm": 360.0} == info.resets
+
+
+@pytest.mark.parametrize(
+    ("project_left", "expected"),
+    [
+        (90_000, ({"tpm": 100_000}, {"tpm": 90_000}, {"tpm": 60.0})),  # the project binds
+        (149_000, ({"tpm": 150_000}, {"tpm": 140_000}, {"tpm": 6.0})),  # the organization
+    ],
+)
+def test_the_stricter_of_organization_and_project_token_limits_binds(
+    project_left: int, expected: tuple[dict[str, int], dict[str, int], dict[str, float]]
+) -> None:
+    """With a project-scoped limit OpenAI also sends x-ratelimit-*-project-tokens: the
+    limit with less remaining is the one read, its limit, remaining and reset together."""
+    info = RateLimitHeaders.parse(
+        {
+            "x-ratelimit-limit-tokens": "150000",
+            "x-ratelimit-remaining-tokens": "140000",
+            "x-ratelimit-reset-tokens": "6s",
+            "x-ratelimit-limit-project-tokens": "100000",
+            "x-ratelimit-remaining-project-tokens": str(project_left),
+            "x-ratelimit-reset-project-tokens": "1m0s",
+        }
+    )
+    assert expected == (info.limits, info.remaining, info.resets)
 
 
 def test_parse_anthropic_headers_and_garbage() -> None:
@@ -654,6 +680,87 @@ def test_statistics_and_repr_work_outside_the_event_loop() -> None:
     stats = limiter.statistics()
     assert (59.0, 1) == (pytest.approx(stats.available["rpm"], abs=0.01), stats.acquired)
     assert "rpm=59/60" in repr(limiter)
+
+
+async def test_a_request_waiting_for_tokens_holds_no_request_slot(clock: FakeClock) -> None:
+    """RPM 2, TPM 1,000: a request waiting 48 s for tokens leaves the requests bucket
+    untouched meanwhile (it refills as if nobody waited) and takes both at once."""
+    limiter = RateLimiter(full(rpm=2, tpm=1000))
+    await limiter.acquire(tokens=900)
+    waiting = asyncio.create_task(limiter.acquire(tokens=900))
+    await asyncio.sleep(30)
+    assert (False, 1.0 + 30 * 2 / 60) == (
+        waiting.done(),
+        pytest.approx(limiter.statistics().available["rpm"]),
+    )
+    await waiting
+    assert 1000.0 + 800 * 60 / 1000 == pytest.approx(clock.time())
+    assert 2.0 - 1 == pytest.approx(limiter.statistics().available["rpm"])  # full, less it
+
+
+async def test_a_cancelled_waiter_in_the_middle_of_the_line_takes_nothing(
+    clock: FakeClock,
+) -> None:
+    """Head, middle, tail wait in line; the middle one is cancelled: the tail is served
+    right after the head, as if the middle one had never asked."""
+    limiter = RateLimiter(full(tpm=600))
+    await limiter.acquire(tokens=600)
+    head = asyncio.create_task(limiter.acquire(tokens=100))  # 10 s
+    middle = asyncio.create_task(limiter.acquire(tokens=300))
+    tail = asyncio.create_task(limiter.acquire(tokens=100))  # 10 s more
+    await asyncio.sleep(1)
+    middle.cancel()
+    await head
+    assert 1010.0 == pytest.approx(clock.time())
+    await tail
+    assert 1020.0 == pytest.approx(clock.time())
+    assert (2, 0) == (limiter.statistics().acquired - 1, limiter.statistics().waiting)
+
+
+async def test_statistics_report_waits_and_the_cooldown(clock: FakeClock) -> None:
+    """statistics(): seconds waited in all, the longest wait, the cooldown left and the
+    429s seen."""
+    limiter = RateLimiter(full(tpm=600))
+    await limiter.acquire(tokens=600)
+    await limiter.acquire(tokens=120)  # 12 s
+    await limiter.acquire(tokens=30)  # 3 s
+    limiter.on_rate_limited(5.0, dimension="tpm")
+    stats = limiter.statistics()
+    assert (15.0, 12.0, 5.0, 1) == (
+        pytest.approx(stats.waited_seconds),
+        pytest.approx(stats.max_wait_seconds),
+        pytest.approx(stats.cooldown_remaining),
+        stats.rate_limited,
+    )
+
+
+async def test_waits_cooldowns_and_learned_limits_are_logged(clock: FakeClock) -> None:
+    """Structured events: limits.waited (a wait over a second), limits.cooldown (a 429),
+    limits.learned (a limit adopted from the headers)."""
+    limiter = RateLimiter(Limits.auto(max_concurrency=8))
+    with capture_logs() as logs:
+        permit = await limiter.acquire()
+        limiter.observe(openai_headers(0, 9_000, rpm=60, tpm=10_000), permit)
+        permit.release()
+        await limiter.acquire()  # the bucket is empty: ~1 s for one request at 60/min
+        limiter.on_rate_limited(2.0, dimension="rpm")
+    events = [(e["event"], e.get("dimension")) for e in logs if e["event"].startswith("limits")]
+    assert [
+        ("limits.learned", "rpm"),
+        ("limits.learned", "tpm"),
+        ("limits.waited", None),
+        ("limits.cooldown", "rpm"),
+    ] == [e for e in events if e[0] != "limits.corrected"]
+
+
+async def test_a_per_day_limit_paces_too(clock: FakeClock) -> None:
+    """RPD 10 from full: ten requests at once, the eleventh after a tenth of a day."""
+    limiter = RateLimiter(full(rpd=10))
+    for _ in range(10):
+        await limiter.acquire()
+    assert 1000.0 == clock.time()
+    await limiter.acquire()
+    assert 1000.0 + 86_400 / 10 == pytest.approx(clock.time())
 
 
 # -- integration --------------------------------------------------------------------------

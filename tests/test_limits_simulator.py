@@ -116,9 +116,13 @@ async def test_auto_learns_the_limits(clock: FakeClock) -> None:
     to the new buckets, so the server never refuses one."""
     async with Simulator(rpm=60, tpm=200_000, clock=clock.time) as sim:
         limiter = RateLimiter(Limits.auto())
+        started = clock.time()
         run = await drive(sim, limiter, 150)
+        elapsed = clock.time() - started
     stats = limiter.statistics()
     assert 150 == run.ok
+    # paced at what it learned: the server's 60 at once, then 90 at one a second
+    assert 90.0 <= elapsed <= 90.0 * 1.05
     assert ("rpm", "tpm") == stats.learned
     assert {"rpm": 60.0, "tpm": 200_000.0} == stats.capacity
     assert 0 == run.rate_limited
