@@ -8,12 +8,18 @@
   ``TIME``, never a client's, so hosts with skewed clocks still agree;
 * all dimensions (RPM, TPM, …) are checked and taken together in that script: a request
   never holds one bucket while waiting for another;
-* the concurrency gate is a sorted set of leases that expire (``lease_seconds``), so a
-  killed worker cannot hold a slot forever;
+* every permit is a lease that expires (``lease_seconds``), recorded with what it counts
+  as outstanding: the concurrency gate counts the leases, and a killed worker's permits
+  stop counting (as in flight, and in the outstanding amounts header lifts and learned
+  buckets allow for) once their leases expire;
+* a waiter cancelled while its acquire is on its way to Redis or back takes nothing:
+  whatever the script took is given back once its reply arrives;
 * ``Limits.auto()`` works across processes: a limit learned from one process's response
-  headers is stored with the quota and every process paces at it from its next request;
-  until one is known, the AIMD concurrency cap is shared too;
-* keys are namespaced (``llmbatch:{namespace}:{quota}``) and expire after a day unused.
+  headers is stored with the quota, and every process adopts it before its next request
+  is admitted (so that request is charged for it); until one is known, the AIMD
+  concurrency cap is shared too;
+* keys are namespaced (``llmbatch:{namespace}:{quota}``); every script that writes them
+  sets their expiry, so they go a day after their last use.
 
 Waiting is by polling: a refused acquire learns from the script how long until it fits
 and sleeps that long (plus a little jitter so that processes do not stampede). Within a
@@ -79,83 +85,132 @@ local function level_now(hash, name, cap, rate, fill, at)
 end
 """
 
-# KEYS[1] = bucket hash, KEYS[2] = lease zset
-# ARGV = n, then per dimension (name, capacity, rate/s, amount, initial_fill, cushion,
-#        transit refill), then max_concurrency (0 = none), lease id, lease seconds, key
-#        ttl, aimd (1: cap the leases at the shared AIMD cap while no limit is known),
-#        then the request's units (requests, tokens, input_tokens, output_tokens).
-# Returns {wait, learned} when refused, else {0, learned, then per dimension: available
-# after, what was outstanding (taken, not yet released) before, cumulative corrections,
-# cumulative taken}. `learned` is the quota's learned limits ("rpm=600,tpm=150000").
+# Shared by the scripts that count permits (acquire, learn, release). Every permit is a
+# lease: KEYS[2] scores it by its expiry, KEYS[3] records what it counted as outstanding
+# ("rpm:out=1,u:tokens:out=400": fields of the bucket hash, and amounts). Releasing a
+# lease, or its expiry (a worker that was killed), subtracts exactly that, once.
+_LEASES = """
+local leases, counted = KEYS[2], KEYS[3]
+local function forget(lease)
+  redis.call('ZREM', leases, lease)
+  local record = redis.call('HGET', counted, lease)
+  if not record then return end
+  redis.call('HDEL', counted, lease)
+  for field, amount in string.gmatch(record, '([^,=]+)=([^,]+)') do
+    local out = tonumber(redis.call('HGET', key, field) or '0') - tonumber(amount)
+    if out > 1e-9 then
+      redis.call('HSET', key, field, out)
+    else
+      redis.call('HDEL', key, field)
+    end
+  end
+end
+local function purge_expired()
+  for _, lease in ipairs(redis.call('ZRANGEBYSCORE', leases, '-inf', now)) do
+    forget(lease)
+  end
+end
+local function touch(ttl)
+  redis.call('EXPIRE', key, ttl)
+  redis.call('EXPIRE', leases, ttl)
+  redis.call('EXPIRE', counted, ttl)
+end
+"""
+
+# KEYS[1] = bucket hash, KEYS[2] = lease zset, KEYS[3] = lease records
+# ARGV = key ttl, max_concurrency (0 = none), lease id, lease seconds, aimd (1: cap the
+#        leases at the shared AIMD cap while no limit is known), learn (1: refuse when the
+#        quota's learned limits differ from the caller's), the learned limits the caller
+#        paces at, the request's units (requests, tokens, input_tokens, output_tokens),
+#        n, then per dimension (name, capacity, rate/s, amount, initial_fill, cushion,
+#        transit refill).
+# Returns {status, learned, pause}: `learned` is the quota's learned limits
+# ("rpm=600,tpm=150000"), `pause` the seconds left of a 429's pause. Status "learned":
+# the caller does not pace at `learned` yet, nothing was taken; a number > 0: the wait;
+# -1: a concurrency slot is needed; 0: taken, and then per dimension: available after,
+# what was outstanding (taken, not yet released) before, cumulative corrections,
+# cumulative taken, and what the bucket was charged (the amount, plus transit refill).
 _ACQUIRE = (
     _PRELUDE
+    + _LEASES
     + """
-local wait = 0
-local pause = tonumber(redis.call('HGET', key, 'pause_until') or '0')
-if pause > now then wait = pause - now end
+local ttl, maxc, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local lease_seconds, aimd, learn = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local learned = redis.call('HGET', key, 'learned') or ''
-local n = tonumber(ARGV[1])
-local names, levels, amounts, caps, charges = {}, {}, {}, {}, {}
-local i = 2
-local ttl = tonumber(ARGV[2 + 7 * n + 3])
+if learn == 1 and learned ~= ARGV[7] then
+  -- Another process learned a limit: charge this request for it too, so adopt it first.
+  return {'learned', learned, '0'}
+end
+local units = {ARGV[8], ARGV[9], ARGV[10], ARGV[11]}
+local n = tonumber(ARGV[12])
+local wait, pause_left = 0, 0
+local pause = tonumber(redis.call('HGET', key, 'pause_until') or '0')
+if pause > now then
+  wait = pause - now
+  pause_left = wait
+end
+purge_expired()
+local names, levels, amounts, texts, caps, charges = {}, {}, {}, {}, {}, {}
+local i = 13
 for d = 1, n do
   local name = ARGV[i]
   local cap, rate = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   local amount, fill, cushion = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
-  local transit = tonumber(ARGV[i + 6])
+  local transit, text = tonumber(ARGV[i + 6]), ARGV[i + 3]
   i = i + 7
   local level = level_now(key, name, cap, rate, fill, now)
   if redis.call('HEXISTS', key, name .. ':level') == 0 then
     -- A new bucket starts now, whether or not this request fits: its refill must
     -- count from here, or a refused first request would wait forever.
     redis.call('HSET', key, name .. ':level', level, name .. ':ts', now)
-    redis.call('EXPIRE', key, ttl)
   end
   -- a (nearly) full bucket: the server's, full too, gains nothing while it is on its way
   charges[d] = math.max(level, transit) + amount - level
-  names[d], levels[d], amounts[d], caps[d] = name, level, amount, cap
+  names[d], levels[d], amounts[d], texts[d], caps[d] = name, level, amount, text, cap
   if amount + cushion > cap then cushion = 0 end
   local missing = level + amount + cushion - cap
   if missing > 1e-9 then wait = math.max(wait, missing / rate) end
 end
-local maxc = tonumber(ARGV[i])
-local lease, lease_seconds = ARGV[i + 1], tonumber(ARGV[i + 2])
-local aimd = tonumber(ARGV[i + 4])
-local units = {ARGV[i + 5], ARGV[i + 6], ARGV[i + 7], ARGV[i + 8]}
 if aimd == 1 and n == 0 and learned == '' and maxc > 0 then
   local probe = tonumber(redis.call('HGET', key, 'aimd_cap') or '') or math.min(maxc, 8)
   maxc = math.max(1, math.min(maxc, math.floor(probe)))
 end
-if maxc > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-  if wait == 0 and redis.call('ZCARD', KEYS[2]) >= maxc then wait = -1 end
+if maxc > 0 and wait == 0 and redis.call('ZCARD', leases) >= maxc then wait = -1 end
+if wait ~= 0 then
+  touch(ttl)
+  return {tostring(wait), learned, tostring(pause_left)}
 end
-if wait ~= 0 then return {tostring(wait), learned} end
-local result = {'0', learned}
+local result = {'0', learned, '0'}
+local record = {}
 for d = 1, n do
   local name = names[d]
   redis.call('HSET', key, name .. ':level', levels[d] + charges[d], name .. ':ts', now)
   local out_before = tonumber(redis.call('HGET', key, name .. ':out') or '0')
   local adj = tonumber(redis.call('HGET', key, name .. ':adj') or '0')
   local taken = tonumber(redis.call('HINCRBYFLOAT', key, name .. ':taken', amounts[d]))
-  redis.call('HINCRBYFLOAT', key, name .. ':out', amounts[d])
-  local j = (d - 1) * 4 + 3
+  if amounts[d] ~= 0 then
+    -- the amount as given, so that forgetting the lease subtracts exactly this
+    redis.call('HINCRBYFLOAT', key, name .. ':out', texts[d])
+    table.insert(record, name .. ':out=' .. texts[d])
+  end
+  local j = (d - 1) * 5 + 4
   result[j] = tostring(caps[d] - levels[d] - charges[d])
   result[j + 1] = tostring(out_before)
   result[j + 2] = tostring(adj)
   result[j + 3] = tostring(taken)
+  result[j + 4] = tostring(charges[d])
 end
 local unit_names = {'requests', 'tokens', 'input_tokens', 'output_tokens'}
 for u = 1, 4 do
   if tonumber(units[u]) ~= 0 then
-    redis.call('HINCRBYFLOAT', key, 'u:' .. unit_names[u] .. ':out', units[u])
+    local field = 'u:' .. unit_names[u] .. ':out'
+    redis.call('HINCRBYFLOAT', key, field, units[u])
+    table.insert(record, field .. '=' .. units[u])
   end
 end
-redis.call('EXPIRE', key, ttl)
-if maxc > 0 then
-  redis.call('ZADD', KEYS[2], now + lease_seconds, lease)
-  redis.call('EXPIRE', KEYS[2], ttl)
-end
+redis.call('ZADD', leases, now + lease_seconds, lease)
+redis.call('HSET', counted, lease, table.concat(record, ','))
+touch(ttl)
 return result
 """
 )
@@ -172,6 +227,7 @@ return result
 #   beyond a tolerance. Lifts wait out the settling time after a 429. Without a permit
 #   (available_after < 0) it only drains: level >= capacity - value;
 # mode "empty": at least `pause` seconds of debt, and lifts suspended for a while.
+# Returns {seconds left of a 429's pause, then per dimension what it has available now}.
 _ADJUST = (
     _PRELUDE
     + """
@@ -183,10 +239,11 @@ if pause > 0 then
   redis.call('HSET', key, 'settle_until', math.max(settle, now + 2 * pause + 1))
 end
 local settle_until = tonumber(redis.call('HGET', key, 'settle_until') or '0')
+local pause_until = tonumber(redis.call('HGET', key, 'pause_until') or '0')
 local reserve = tonumber(ARGV[4])
 local n = tonumber(ARGV[5])
 local i = 6
-local result = {}
+local result = {tostring(math.max(0, pause_until - now))}
 for d = 1, n do
   local name = ARGV[i]
   local cap, rate, fill = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
@@ -223,25 +280,27 @@ for d = 1, n do
     redis.call('HINCRBYFLOAT', key, name .. ':adj', new_level - level)
   end
   redis.call('HSET', key, name .. ':level', new_level, name .. ':ts', now)
-  result[d] = tostring(cap - new_level)
+  result[d + 1] = tostring(cap - new_level)
 end
 redis.call('EXPIRE', key, ttl)
 return result
 """
 )
 
-# KEYS[1] = bucket hash
+# KEYS[1] = bucket hash, KEYS[2] = lease zset, KEYS[3] = lease records
 # ARGV = ttl, initial fill, n, then per dimension (name, limit, capacity, rate/s,
 #        remaining, unit, own units)
 # Adopts limits a server reported: the quota's `learned` list is updated, and a bucket
 # seen for the first time starts at what the server has left, less what requests still
-# in flight (other than the reporting one, `own`) will spend there. A -1 remaining
-# leaves a new bucket to start at the configured fill. Returns {learned list, then per
-# dimension what its bucket has available now}.
+# in flight (other than the reporting one, `own`; expired leases no longer count) will
+# spend there. A -1 remaining leaves a new bucket to start at the configured fill.
+# Returns {learned list, then per dimension what its bucket has available now}.
 _LEARN = (
     _PRELUDE
+    + _LEASES
     + """
 local ttl, fill, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+purge_expired()
 local learned = {}
 for part in string.gmatch(redis.call('HGET', key, 'learned') or '', '[^,]+') do
   local name, value = string.match(part, '([^=]+)=(.+)')
@@ -269,7 +328,7 @@ local parts = {}
 for _, name in ipairs(names) do table.insert(parts, name .. '=' .. learned[name]) end
 local text = table.concat(parts, ',')
 redis.call('HSET', key, 'learned', text)
-redis.call('EXPIRE', key, ttl)
+touch(ttl)
 local result = {text}
 for d = 1, n do result[d + 1] = available[d] end
 return result
@@ -292,27 +351,51 @@ redis.call('EXPIRE', key, ttl)
 return tostring(cap)
 """
 
-# KEYS[1] = lease zset, KEYS[2] = bucket hash; ARGV = lease, n, then (name, amount)...,
-# then the request's four units (as in _ACQUIRE).
-_RELEASE = """
-redis.call('ZREM', KEYS[1], ARGV[1])
-local n = tonumber(ARGV[2])
+# KEYS[1] = bucket hash, KEYS[2] = lease zset, KEYS[3] = lease records
+# ARGV = ttl, lease, n, then per dimension (name, capacity, rate/s, fill, charge)
+# Ends a lease: what it counted as outstanding is no longer (unless it expired already:
+# then that was subtracted then). An acquire that was cancelled also gives each bucket
+# back what it charged (n > 0); a release gives back nothing (n = 0).
+_RELEASE = (
+    _PRELUDE
+    + _LEASES
+    + """
+local ttl, n = tonumber(ARGV[1]), tonumber(ARGV[3])
+purge_expired()
+forget(ARGV[2])
+local i = 4
 for d = 1, n do
-  local name, amount = ARGV[1 + 2 * d], tonumber(ARGV[2 + 2 * d])
-  local out = tonumber(redis.call('HGET', KEYS[2], name .. ':out') or '0')
-  redis.call('HSET', KEYS[2], name .. ':out', math.max(0, out - amount))
+  local name = ARGV[i]
+  local cap, rate, fill = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+  local charge = tonumber(ARGV[i + 4])
+  i = i + 5
+  local level = level_now(key, name, cap, rate, fill, now)
+  redis.call('HSET', key, name .. ':level', math.max(0, level - charge), name .. ':ts', now)
 end
-local unit_names = {'requests', 'tokens', 'input_tokens', 'output_tokens'}
-for u = 1, 4 do
-  local amount = tonumber(ARGV[2 + 2 * n + u] or '0')
-  if amount ~= 0 then
-    local field = 'u:' .. unit_names[u] .. ':out'
-    local out = tonumber(redis.call('HGET', KEYS[2], field) or '0')
-    redis.call('HSET', KEYS[2], field, math.max(0, out - amount))
-  end
-end
+touch(ttl)
 return 1
 """
+)
+
+
+def _text(value: Any) -> str:
+    """A script's string reply (bytes, unless the client decodes responses)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _taken(
+    reply: Any, cost: Mapping[str, float]
+) -> tuple[
+    dict[str, float], dict[str, float], dict[str, float], dict[str, float], dict[str, float]
+]:
+    """A successful acquire's reply, per dimension of *cost*: available after, outstanding
+    before, cumulative corrections, cumulative taken, and what the bucket was charged."""
+    columns: tuple[dict[str, float], ...] = ({}, {}, {}, {}, {})
+    for k, dim in enumerate(cost):
+        for column, value in zip(columns, reply[3 + 5 * k : 8 + 5 * k], strict=True):
+            column[dim] = float(value)
+    after, outstanding, adjusted, taken, charged = columns
+    return after, outstanding, adjusted, taken, charged
 
 
 def _parse_learned(text: str) -> dict[str, float]:
@@ -338,7 +421,13 @@ class RedisRateLimiter:
             process, from the provider's headers.
         quota: the quota's name in Redis, e.g. ``"openai/chat/key-1a2b…/gpt-4o-mini"``.
         namespace: a prefix separating applications that share a Redis server.
-        lease_seconds: how long a concurrency slot survives a worker that died.
+        lease_seconds: how long a permit counts (in flight, and as outstanding) if its
+            worker dies without releasing it. It must outlast the longest request: a
+            lease that expires while its request is still running lets more requests in
+            than ``max_concurrency`` and lifts levels by what that request may still
+            spend. The default, 900 s, is comfortably longer than the OpenAI SDK's
+            default timeout of 600 s (an attempt cannot last longer than that, and our
+            retries are separate attempts with permits of their own).
         max_poll: the longest single sleep while waiting (seconds).
     """
 
@@ -349,7 +438,7 @@ class RedisRateLimiter:
         *,
         quota: str,
         namespace: str = "default",
-        lease_seconds: float = 600.0,
+        lease_seconds: float = 900.0,
         max_poll: float = 1.0,
     ) -> None:
         self._redis = redis
@@ -358,6 +447,7 @@ class RedisRateLimiter:
         self.name = quota
         self._key = f"llmbatch:{namespace}:{quota}"
         self._leases = f"{self._key}:leases"
+        self._counted = f"{self._key}:counted"  # what each lease counts as outstanding
         self._lease_seconds = lease_seconds
         self._max_poll = max_poll
         self._ttl = 86_400
@@ -392,6 +482,7 @@ class RedisRateLimiter:
         self._rate_limited = 0
         self._corrections = 0
         self._aimd_cap: float | None = None
+        self._paused_until = 0.0  # loop time: the end of the pause this process knows of
         self._available: dict[str, float] = dict(self._capacity)
 
     @classmethod
@@ -460,6 +551,12 @@ class RedisRateLimiter:
             args.append(transit)
         return args
 
+    def _paused_for(self, seconds: float) -> None:
+        """Redis says the quota is paused for *seconds* more (a 429, here or elsewhere)."""
+        if seconds > 0:
+            until = asyncio.get_running_loop().time() + seconds
+            self._paused_until = max(self._paused_until, until)
+
     async def try_acquire(
         self,
         requests: float = 1,
@@ -470,7 +567,13 @@ class RedisRateLimiter:
     ) -> tuple[float, Permit | None]:
         """One atomic attempt: ``(0, permit)`` if taken, else ``(seconds to wait, None)``.
 
-        A negative wait means "a concurrency slot is needed": poll again soon.
+        A negative wait means "a concurrency slot is needed": poll again soon. If the
+        quota has learned limits this limiter does not pace at yet (another process
+        learned them), it adopts them and tries again at once, so the request is charged
+        for them (and too large a request fails) like any other.
+
+        Raises:
+            RequestTooLarge: the request exceeds a bucket's capacity.
         """
         units = {
             "requests": float(requests),
@@ -478,36 +581,33 @@ class RedisRateLimiter:
             "input_tokens": float(input_tokens),
             "output_tokens": float(output_tokens),
         }
-        cost = {dim: units[_DIMENSIONS[dim][0]] for dim in self._capacity}
-        for dim, amount in cost.items():
-            if amount > self._capacity[dim]:
-                raise RequestTooLarge(dim, amount, self._capacity[dim])
-        lease = uuid.uuid4().hex
-        aimd = 1 if self.limits.aimd else 0
-        reply = await self._acquire_script(
-            keys=[self._key, self._leases],
-            args=[
-                *self._dimension_args(cost),
+        while True:
+            cost = {dim: units[_DIMENSIONS[dim][0]] for dim in self._capacity}
+            for dim, amount in cost.items():
+                if amount > self._capacity[dim]:
+                    raise RequestTooLarge(dim, amount, self._capacity[dim])
+            lease = uuid.uuid4().hex
+            args: list[Any] = [
+                self._ttl,
                 self.limits.max_concurrency or 0,
                 lease,
                 self._lease_seconds,
-                self._ttl,
-                aimd,
+                1 if self.limits.aimd else 0,
+                1 if self.limits.learn else 0,
+                self._learned_text,
                 *(units[unit] for unit in _UNITS),
-            ],
-        )
-        wait = float(reply[0])
-        learned = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
-        self._adopt(learned)
+                *self._dimension_args(cost),
+            ]
+            reply = await self._run_acquire(args, cost, lease)
+            status = _text(reply[0])
+            self._adopt(_text(reply[1]))
+            if status != "learned":
+                break
+        self._paused_for(float(reply[2]))
+        wait = float(status)
         if wait != 0:
             return wait, None
-        after: dict[str, float] = {}
-        outstanding: dict[str, float] = {}
-        adjusted: dict[str, float] = {}
-        taken: dict[str, float] = {}
-        for k, dim in enumerate(cost):
-            values = reply[2 + 4 * k : 6 + 4 * k]
-            after[dim], outstanding[dim], adjusted[dim], taken[dim] = map(float, values)
+        after, outstanding, adjusted, taken, _ = _taken(reply, cost)
         self._available.update(after)
         loop_time = asyncio.get_running_loop().time()
         permit = Permit(self, cost, after, adjusted, outstanding, taken, units, loop_time)
@@ -515,6 +615,37 @@ class RedisRateLimiter:
         self._acquired += 1
         self._in_flight += 1
         return 0.0, permit
+
+    async def _run_acquire(self, args: list[Any], cost: Mapping[str, float], lease: str) -> Any:
+        """The acquire script's reply. Cancelled while the script is on its way (it may
+        have run in Redis already), the call goes on in the background and whatever it
+        took is given back: a cancelled waiter takes nothing."""
+        call = asyncio.ensure_future(
+            self._acquire_script(keys=[self._key, self._leases, self._counted], args=args)
+        )
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            self._spawn(self._undo(call, cost, lease))
+            raise
+
+    async def _undo(self, call: asyncio.Future[Any], cost: Mapping[str, float], lease: str) -> None:
+        """Give back what a cancelled acquire took, once its reply says what that was."""
+        try:
+            reply = await call
+        except Exception:
+            # The outcome is unknown (a lost connection): a permit it took, if any, stops
+            # counting when its lease expires.
+            logger.debug("limits.undo_unknown", limiter=self.name, lease=lease)
+            return
+        if _text(reply[0]) != "0":
+            return  # refused: nothing was taken
+        charges = _taken(reply, cost)[4]
+        args: list[Any] = [self._ttl, lease, len(charges)]
+        for dim, charge in charges.items():
+            args += [dim, self._capacity[dim], self._rates[dim], self.limits.initial_fill, charge]
+        await self._call(self._release_script, [self._key, self._leases, self._counted], args)
+        self._changed.set()
 
     async def acquire(
         self,
@@ -524,7 +655,14 @@ class RedisRateLimiter:
         input_tokens: float = 0,
         output_tokens: float = 0,
     ) -> Permit:
-        """Wait until the request fits every shared limit, then take it all at once."""
+        """Wait until the request fits every shared limit, then take it all at once.
+
+        Waiters of this process are served in arrival order. A waiter that is cancelled
+        takes nothing.
+
+        Raises:
+            RequestTooLarge: the request exceeds a bucket's capacity.
+        """
         loop = asyncio.get_running_loop()
         started = loop.time()
         self._waiting += 1
@@ -552,6 +690,8 @@ class RedisRateLimiter:
         waited = loop.time() - started
         self._waited += waited
         self._max_wait = max(self._max_wait, waited)
+        if waited > 1.0:
+            logger.debug("limits.waited", limiter=self.name, seconds=round(waited, 3))
         return permit
 
     # Permit calls these two back.
@@ -559,16 +699,12 @@ class RedisRateLimiter:
         self._in_flight -= 1
         self._changed.set()
         lease = self._leases_held.pop(id(permit), None) or ""
-        args: list[Any] = [lease, len(permit.cost)]
-        for dim, amount in permit.cost.items():
-            args += [dim, amount]
-        args += [permit.units.get(unit, 0.0) for unit in _UNITS]
         self._releasing.add(id(permit))
-        self._spawn(self._released(permit, args))
+        self._spawn(self._released(permit, [self._ttl, lease, 0]))
 
     async def _released(self, permit: Permit, args: list[Any]) -> None:
         try:
-            await self._call(self._release_script, [self._leases, self._key], args)
+            await self._call(self._release_script, [self._key, self._leases, self._counted], args)
         finally:
             self._releasing.discard(id(permit))
 
@@ -634,7 +770,8 @@ class RedisRateLimiter:
             else:
                 args += [-1, 0, 0, 0]
         reply = await self._call(self._adjust_script, [self._key], args)
-        after = {dim: float(v) for dim, v in zip(values, reply, strict=True)}
+        self._paused_for(float(reply[0]))
+        after = {dim: float(v) for dim, v in zip(values, reply[1:], strict=True)}
         self._available.update(after)
         return after
 
@@ -658,10 +795,9 @@ class RedisRateLimiter:
             capacity = limit * (1.0 - self.limits.headroom)
             args += [dim, limit, capacity, capacity / _DIMENSIONS[dim][1]]
             args += [info.remaining.get(dim, -1), unit, own]
-        reply = await self._call(self._learn_script, [self._key], args)
+        reply = await self._call(self._learn_script, [self._key, self._leases, self._counted], args)
         started = {dim for dim in new if dim not in self._capacity}
-        text = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
-        self._adopt(text)
+        self._adopt(_text(reply[0]))
         self._available.update({dim: float(v) for dim, v in zip(new, reply[1:], strict=True)})
         return started
 
@@ -715,7 +851,13 @@ class RedisRateLimiter:
         await self._adjust("empty", dict.fromkeys(targets, 0.0), pause=seconds)
         if self._probing():
             await self._aimd("down")
-        logger.info("limits.cooldown", limiter=self.name, seconds=round(seconds, 3), shared=True)
+        logger.info(
+            "limits.cooldown",
+            limiter=self.name,
+            seconds=round(seconds, 3),
+            dimension=dimension,
+            shared=True,
+        )
 
     async def __aenter__(self) -> Permit:
         permit = await self.acquire()
@@ -734,10 +876,17 @@ class RedisRateLimiter:
             permit.release()
 
     def statistics(self) -> LimiterStatistics:
-        """A snapshot of this process's counters and the last levels it saw in Redis."""
+        """A snapshot of this process's counters and the last levels it saw in Redis;
+        ``cooldown_remaining`` is what is left of the longest pause this process knows
+        of (its own 429s, and the pauses Redis refused or answered it with)."""
         cap: float | None = float(self.limits.max_concurrency or 0) or None
         if self._probing():
             cap = self._aimd_cap if self._aimd_cap is not None else min(cap or 0, _AIMD_START)
+        cooldown = 0.0
+        try:
+            cooldown = max(0.0, self._paused_until - asyncio.get_running_loop().time())
+        except RuntimeError:
+            pass  # no running loop
         return LimiterStatistics(
             acquired=self._acquired,
             waiting=self._waiting,
@@ -746,7 +895,7 @@ class RedisRateLimiter:
             waited_seconds=self._waited,
             max_wait_seconds=self._max_wait,
             rate_limited=self._rate_limited,
-            cooldown_remaining=0.0,
+            cooldown_remaining=cooldown,
             header_corrections=self._corrections,
             learned=tuple(self._learned),
             available=dict(self._available),

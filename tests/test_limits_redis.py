@@ -1,8 +1,10 @@
 """Tests for llmbatch.limits_redis against a real redis-server (started by conftest).
 
-Redis's own clock drives these buckets, so the tests never sleep: they make single atomic
+Redis's own clock drives these buckets, so the tests do not sleep: they make single atomic
 attempts (``try_acquire``) and check the admission decisions and the wait the script
-computes, with a tolerance for the milliseconds that pass between calls.
+computes, with a tolerance for the milliseconds that pass between calls. The few that
+must let Redis's clock pass (an ``acquire`` that waits, a lease that expires) wait for
+it for real, and as briefly as they can.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from structlog.testing import capture_logs
 
 from llmbatch.limits import Limits, RequestTooLarge
 from llmbatch.limits_redis import RedisRateLimiter
@@ -34,6 +38,25 @@ def limiter(redis: Redis, quota: str, **limits: float) -> RedisRateLimiter:
 
 def fresh() -> str:
     return f"test/{uuid.uuid4().hex}"
+
+
+def key_of(quota: str) -> str:
+    """The quota's bucket hash (its leases and lease records are this plus a suffix)."""
+    return f"llmbatch:default:{quota}"
+
+
+async def counted(redis: Redis, quota: str) -> dict[str, float]:
+    """What Redis counts of the quota's permits: the outstanding amounts (``rpm:out``,
+    ``u:tokens:out``...), the leases and the lease records; zeros left out."""
+    key = key_of(quota)
+    fields = {
+        name.decode() if isinstance(name, bytes) else name: value
+        for name, value in (await redis.hgetall(key)).items()
+    }
+    found = {name: float(value) for name, value in fields.items() if name.endswith(":out")}
+    found["leases"] = await redis.zcard(f"{key}:leases")
+    found["records"] = await redis.hlen(f"{key}:counted")
+    return {name: value for name, value in found.items() if value}
 
 
 async def test_full_bucket_admits_capacity_then_reports_the_wait(redis: Redis) -> None:
@@ -134,7 +157,8 @@ def openai_headers(limit: int, left: int) -> dict[str, str]:
 
 async def test_a_learned_limit_is_shared_by_every_process(redis: Redis, redis_url: str) -> None:
     """Limits.auto(): one process learns RPM 60 from its headers; another process (its
-    own Redis client) paces at it from its next request, and both see the same bucket."""
+    own Redis client) paces at it from its very next request, which is charged for it,
+    and both see the same bucket."""
     quota = fresh()
     first = RedisRateLimiter(redis, Limits.auto(transit=0.0), quota=quota)
     other = RedisRateLimiter.from_url(redis_url, Limits.auto(transit=0.0), quota=quota)
@@ -146,12 +170,10 @@ async def test_a_learned_limit_is_shared_by_every_process(redis: Redis, redis_ur
         await first.observe(openai_headers(60, 59), permit)
         stats = first.statistics()
         assert ({"rpm": 60.0}, ("rpm",)) == (stats.capacity, stats.learned)
-        unpaced = (await other.try_acquire())[1]  # adopts the limit from this reply
-        assert unpaced is not None
-        paced = (await other.try_acquire())[1]
-        assert paced is not None
-        assert {"rpm": 1.0} == paced.cost
-        assert 58 == pytest.approx(paced.available_after["rpm"], abs=0.1)
+        charged = (await other.try_acquire())[1]  # adopts the limit, then is charged
+        assert charged is not None
+        assert {"rpm": 1.0} == charged.cost
+        assert 58 == pytest.approx(charged.available_after["rpm"], abs=0.1)
         assert ("rpm",) == other.statistics().learned
     finally:
         await first.flush()
@@ -297,3 +319,276 @@ async def test_a_refused_first_request_starts_the_bucket_all_the_same(
     assert first_wait == pytest.approx(wait, abs=0.05)
     again, _ = await shared.try_acquire(tokens=tokens)
     assert 0 < again < wait
+
+
+# -- cancellation, killed workers, key expiry --------------------------------------------
+
+
+async def test_an_acquire_cancelled_while_its_script_is_in_flight_takes_nothing(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A waiter cancelled after the acquire script has run in Redis but before its reply
+    is back gives everything back: bucket levels, its lease and the outstanding counts."""
+    quota = fresh()
+    shared = limiter(redis, quota, rpm=60, tpm=1000, max_concurrency=1)
+    script = shared._acquire_script
+    ran, reply_arrives = asyncio.Event(), asyncio.Event()
+
+    async def in_flight(**call: Any) -> Any:
+        reply = await script(**call)  # the script has run in Redis...
+        ran.set()
+        await reply_arrives.wait()  # ...and its reply is still on its way back
+        return reply
+
+    monkeypatch.setattr(shared, "_acquire_script", in_flight)
+    waiter = asyncio.create_task(shared.acquire(tokens=400))
+    await ran.wait()
+    waiter.cancel()
+    reply_arrives.set()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    await shared.flush()
+    assert {} == await counted(redis, quota)
+    stats = shared.statistics()
+    assert (0, 0, 0) == (stats.acquired, stats.in_flight, stats.waiting)
+    permit = (await shared.try_acquire(tokens=400))[1]  # the slot is free, the buckets full
+    assert permit is not None
+    assert {"rpm": 59, "tpm": 600} == pytest.approx(permit.available_after, abs=0.1)
+    assert {"rpm": 0.0, "tpm": 0.0} == permit.outstanding_before
+
+
+async def test_a_permit_never_released_stops_counting_when_its_lease_expires(
+    redis: Redis,
+) -> None:
+    """A worker killed with a permit in flight: while its lease runs the permit counts as
+    outstanding; once it expires, it counts neither in what later permits find
+    outstanding (header lifts) nor in what a newly learned bucket allows for."""
+    quota = fresh()
+    limits = Limits.auto(rpm=600, transit=0.0)
+    killed = RedisRateLimiter(redis, limits, quota=quota, lease_seconds=0.3)
+    alive = RedisRateLimiter(redis, limits, quota=quota)
+    assert (await killed.try_acquire(tokens=100))[1] is not None  # never released
+    meanwhile = (await alive.try_acquire(tokens=100))[1]
+    assert meanwhile is not None
+    assert {"rpm": 1.0} == meanwhile.outstanding_before
+    meanwhile.release()
+    await alive.flush()
+    await asyncio.sleep(0.4)  # the lease expires on Redis's clock: only real time passes it
+    permit = (await alive.try_acquire(tokens=100))[1]
+    assert permit is not None
+    assert {"rpm": 0.0} == permit.outstanding_before
+    await alive.observe(
+        {"x-ratelimit-limit-tokens": "10000", "x-ratelimit-remaining-tokens": "5000"}, permit
+    )
+    assert 5000 == pytest.approx(alive.statistics().available["tpm"], abs=0.1)
+    expected = {"rpm:out": 1, "u:requests:out": 1, "u:tokens:out": 100, "leases": 1, "records": 1}
+    assert expected == await counted(redis, quota)  # only the permit still held
+    permit.release()
+    await alive.flush()
+
+
+async def test_no_key_is_left_without_an_expiry_after_a_release(redis: Redis) -> None:
+    """After a release every key of the quota still expires, even when its bucket hash
+    expired while the request was in flight (the release must not recreate it bare)."""
+    quota = fresh()
+    key = key_of(quota)
+    shared = limiter(redis, quota, rpm=60)
+    first = (await shared.try_acquire())[1]
+    second = (await shared.try_acquire())[1]
+    assert first is not None
+    assert second is not None
+    first.release()
+    await shared.flush()
+    ttls = {name.decode(): await redis.ttl(name) async for name in redis.scan_iter(f"{key}*")}
+    assert [] == [name for name, ttl in ttls.items() if not 0 < ttl <= 86_400]
+    assert key in ttls
+    await redis.delete(key)  # the hash expired while the second request was in flight
+    second.release()
+    await shared.flush()
+    ttls = {name.decode(): await redis.ttl(name) async for name in redis.scan_iter(f"{key}*")}
+    assert [] == [name for name, ttl in ttls.items() if not 0 < ttl <= 86_400]
+
+
+async def test_a_request_too_large_for_a_learned_limit_fails_in_every_process(
+    redis: Redis, redis_url: str
+) -> None:
+    """Once TPM 1,000 is learned, a 2,000-token acquire fails at once with RequestTooLarge,
+    in the process that learned it and in another one that has not adopted it yet."""
+    quota = fresh()
+    first = RedisRateLimiter(redis, Limits.auto(transit=0.0), quota=quota)
+    other = RedisRateLimiter.from_url(redis_url, Limits.auto(transit=0.0), quota=quota)
+    try:
+        permit = (await first.try_acquire(tokens=100))[1]
+        assert permit is not None
+        permit.release()
+        headers = {"x-ratelimit-limit-tokens": "1000", "x-ratelimit-remaining-tokens": "900"}
+        await first.observe(headers, permit)
+        with pytest.raises(RequestTooLarge, match="needs 2,000 tpm but the limit is 1,000"):
+            await first.acquire(tokens=2000)
+        with pytest.raises(RequestTooLarge, match="needs 2,000 tpm but the limit is 1,000"):
+            await other.acquire(tokens=2000)
+        assert (0, 0) == (other.statistics().acquired, other.statistics().in_flight)
+    finally:
+        await first.flush()
+        await other.aclose()
+
+
+# -- logging and statistics ----------------------------------------------------------------
+
+
+async def test_a_wait_longer_than_a_second_is_logged(redis: Redis) -> None:
+    """acquire() logs limits.waited (debug) after a wait over a second, as the in-process
+    limiter does, and counts it in the statistics (RPM 50 from empty: 1.2 s)."""
+    quota = fresh()
+    limits = Limits(rpm=50, initial_fill=0.0, reserve=0.0, transit=0.0)
+    shared = RedisRateLimiter(redis, limits, quota=quota)
+    with capture_logs() as logs:
+        permit = await shared.acquire()
+    permit.release()
+    waited = [entry for entry in logs if entry["event"] == "limits.waited"]
+    assert [("debug", quota)] == [(entry["log_level"], entry["limiter"]) for entry in waited]
+    assert 1.2 == pytest.approx(waited[0]["seconds"], abs=0.1)
+    assert 1.2 == pytest.approx(shared.statistics().max_wait_seconds, abs=0.1)
+    await shared.flush()
+
+
+async def test_a_429_is_logged_and_its_pause_reported_by_every_sharer(redis: Redis) -> None:
+    """on_rate_limited logs limits.cooldown; the pause shows in cooldown_remaining of the
+    limiter that saw the 429, and of another one once Redis refuses it because of it."""
+    quota = fresh()
+    seen, other = limiter(redis, quota, rpm=600), limiter(redis, quota, rpm=600)
+    with capture_logs() as logs:
+        await seen.on_rate_limited(5.0, dimension="rpm")
+    expected = {
+        "event": "limits.cooldown",
+        "log_level": "info",
+        "limiter": quota,
+        "seconds": 5.0,
+        "dimension": "rpm",
+        "shared": True,
+    }
+    assert [expected] == logs
+    assert 5.0 == pytest.approx(seen.statistics().cooldown_remaining, abs=0.1)
+    assert 0.0 == other.statistics().cooldown_remaining  # it has not heard of it yet
+    assert (await other.try_acquire())[1] is None
+    assert 5.0 == pytest.approx(other.statistics().cooldown_remaining, abs=0.1)
+
+
+async def test_a_learned_limit_is_logged_by_every_process_that_adopts_it(redis: Redis) -> None:
+    """limits.learned (info) is logged by the process whose headers taught the limit and by
+    the other one when it adopts it."""
+    quota = fresh()
+    first = RedisRateLimiter(redis, Limits.auto(transit=0.0), quota=quota)
+    other = RedisRateLimiter(redis, Limits.auto(transit=0.0), quota=quota)
+    with capture_logs() as logs:
+        permit = (await first.try_acquire())[1]
+        assert permit is not None
+        permit.release()
+        await first.observe(openai_headers(60, 59), permit)
+        adopted = (await other.try_acquire())[1]
+        assert adopted is not None
+        adopted.release()
+    learned = [
+        (entry["log_level"], entry["limiter"], entry["dimension"], entry["limit"])
+        for entry in logs
+        if entry["event"] == "limits.learned"
+    ]
+    assert [("info", quota, "rpm", 60.0)] * 2 == learned
+    await first.flush()
+    await other.flush()
+
+
+# -- the rest of the contract, over Redis ---------------------------------------------------
+
+
+async def test_acquire_waits_for_the_bucket_and_serves_waiters_in_arrival_order(
+    redis: Redis,
+) -> None:
+    """acquire() waits until the request fits; a process's waiters are served first come,
+    first served: a big request at the head is not overtaken by small ones that would fit
+    sooner (TPM 6,000: 100 tokens a second, all spent)."""
+    shared = limiter(redis, fresh(), tpm=6000)
+    spending = (await shared.try_acquire(tokens=6000))[1]
+    assert spending is not None
+    spending.release()  # the tokens stay spent
+    order: list[str] = []
+
+    async def one(name: str, tokens: int) -> None:
+        permit = await shared.acquire(tokens=tokens)
+        order.append(name)
+        permit.release()
+
+    await asyncio.gather(one("big", 10), one("small", 1), one("tiny", 1))
+    assert ["big", "small", "tiny"] == order
+    stats = shared.statistics()
+    assert (4, 0, 0) == (stats.acquired, stats.waiting, stats.in_flight)
+    assert 0.09 < stats.max_wait_seconds < 1.0  # ~0.12 s: 10 + 1 + 1 tokens at 100/s
+    await shared.flush()
+
+
+async def test_input_and_output_tokens_are_taken_together_and_unused_output_refunded(
+    redis: Redis,
+) -> None:
+    """Anthropic's ITPM and OTPM: one acquire takes both or neither; with refund_unused
+    settling gives back the output tokens the response did not use."""
+    limits = Limits(
+        input_tpm=1000,
+        output_tpm=500,
+        refund_unused=True,
+        initial_fill=1.0,
+        reserve=0.0,
+        transit=0.0,
+    )
+    shared = RedisRateLimiter(redis, limits, quota=fresh())
+    first = (await shared.try_acquire(input_tokens=400, output_tokens=300))[1]
+    assert first is not None
+    assert {"input_tpm": 400.0, "output_tpm": 300.0} == first.cost
+    wait, refused = await shared.try_acquire(input_tokens=400, output_tokens=300)
+    assert refused is None  # 600 output tokens: more than OTPM 500 holds
+    assert wait > 0
+    second = (await shared.try_acquire(input_tokens=600, output_tokens=200))[1]
+    assert second is not None  # the refusal took none of the input tokens
+    assert {"input_tpm": 0, "output_tpm": 0} == pytest.approx(second.available_after, abs=1)
+    first.settle(input_tokens=400, output_tokens=100)
+    await shared.flush()
+    third = (await shared.try_acquire(input_tokens=0, output_tokens=200))[1]
+    assert third is not None  # the 200 output tokens the first did not use
+    assert 0 == pytest.approx(third.available_after["output_tpm"], abs=1)
+
+
+async def test_a_429_of_unknown_kind_empties_per_minute_buckets_not_a_per_day_one(
+    redis: Redis,
+) -> None:
+    """on_rate_limited() without a dimension restarts RPM empty (0.1 of debt after a
+    0.01 s pause at 10/s) but leaves RPD alone: the next wait is RPM's refill, not the
+    86 s an emptied RPD of 1,000 a day would need for one request."""
+    shared = limiter(redis, fresh(), rpm=600, rpd=1000)
+    assert (await shared.try_acquire())[1] is not None
+    await shared.on_rate_limited(0.01)
+    assert -0.1 == pytest.approx(shared.statistics().available["rpm"], abs=0.02)
+    wait, permit = await shared.try_acquire()
+    assert permit is None
+    assert 0.11 == pytest.approx(wait, abs=0.02)
+
+
+async def test_implausible_learned_limits_are_not_adopted(redis: Redis) -> None:
+    """Limits.auto() ignores a header limit of 1 and a limit below the cost of the request
+    just admitted (TPM 1,000 after a 5,000-token request): neither is paced at nor stored
+    for other processes, while a plausible one in the next headers is."""
+    quota = fresh()
+    shared = RedisRateLimiter(redis, Limits.auto(transit=0.0), quota=quota)
+    permit = (await shared.try_acquire(tokens=5000))[1]
+    assert permit is not None
+    headers = {
+        **openai_headers(1, 0),
+        "x-ratelimit-limit-tokens": "1000",
+        "x-ratelimit-remaining-tokens": "0",
+    }
+    await shared.observe(headers, permit)
+    stats = shared.statistics()
+    assert ({}, ()) == (stats.capacity, stats.learned)
+    assert None is await redis.hget(key_of(quota), "learned")
+    await shared.observe(openai_headers(60, 59), permit)
+    assert {"rpm": 60.0} == shared.statistics().capacity
+    permit.release()
+    await shared.flush()
