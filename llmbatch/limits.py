@@ -280,11 +280,13 @@ class _Bucket(AsyncLimiter):
     ``time_period``. The level may exceed ``max_rate`` (debt from settling or a 429).
     """
 
-    __slots__ = ("name",)
+    __slots__ = ("external", "name")
 
     def __init__(self, name: str, max_rate: float, time_period: float, fill: float) -> None:
         super().__init__(max_rate, time_period)
         self.name = name
+        #: units per second others spend of the server's refill (see _ExternalSpend)
+        self.external = 0.0
         self._leak()
         self._level = max_rate * (1.0 - fill)
 
@@ -302,8 +304,20 @@ class _Bucket(AsyncLimiter):
 
     @property
     def rate(self) -> float:
-        """Units freed per second."""
+        """Units freed per second for this limiter (the server's refill less what others
+        are seen to spend)."""
         return self._rate_per_sec
+
+    @property
+    def nominal_rate(self) -> float:
+        """Units the server frees per second."""
+        return self.max_rate / self.time_period
+
+    def set_external(self, rate: float) -> None:
+        """Leave *rate* units per second of the server's refill to other spenders."""
+        self._leak()
+        self.external = rate
+        self._rate_per_sec = self.nominal_rate - rate
 
     @property
     def available(self) -> float:
@@ -340,7 +354,56 @@ class _Bucket(AsyncLimiter):
         """Change the capacity (and the refill rate with it), keeping what is in use."""
         self._leak()
         self.max_rate = max_rate
-        self._rate_per_sec = max_rate / self.time_period
+        self.external = min(self.external, _EXTERNAL_CEILING * self.nominal_rate)
+        self._rate_per_sec = self.nominal_rate - self.external
+
+
+#: at most this share of a bucket's refill is ever left to other spenders
+_EXTERNAL_CEILING = 0.9
+
+
+class _ExternalSpend:
+    """What others spend of one quota dimension, measured from the server's own counts.
+
+    Between two of this limiter's requests the server admitted, in all, what its
+    ``remaining`` fell by plus what it refilled meanwhile; what this limiter took in
+    between is known exactly; the rest is other spenders (another process on the same
+    key). The estimate is that rest, less one unit of the server's rounding, over the
+    last minute's readings (spans under ``MIN_SPAN`` s are too short to tell send lags
+    from spending). Readings from a server
+    bucket more than half full are left out: refill beyond a full bucket is lost, and
+    would pass for spending.
+    """
+
+    __slots__ = ("_readings", "rate")
+
+    WINDOW = 60.0
+    MIN_SPAN = 5.0
+
+    def __init__(self) -> None:
+        #: (take time, what the server had left after admitting it, cumulative takings)
+        self._readings: collections.deque[tuple[float, float, float]] = collections.deque()
+        #: the estimate, units per second
+        self.rate = 0.0
+
+    def read(
+        self, at: float, server_left: float, taken: float, bucket: _Bucket, ceiling: float
+    ) -> float:
+        """Add a reading and return the estimate, at most *ceiling* units per second."""
+        if server_left > bucket.max_rate / 2:
+            return self.rate
+        self._readings.append((at, server_left, taken))
+        while self._readings and self._readings[0][0] < at - self.WINDOW:
+            self._readings.popleft()
+        first_at, first_left, first_taken = self._readings[0]
+        span = at - first_at
+        if span < self.MIN_SPAN:
+            return self.rate
+        admitted = first_left - server_left + bucket.nominal_rate * span
+        # Servers report whole units left (rounded down): a unit of difference is noise.
+        others = admitted - (taken - first_taken) - 1.0
+        self.rate = min(max(0.0, others / span), ceiling)
+        return self.rate
 
 
 #: the dimensions a 429 of unknown kind is taken to concern: the per-minute ones (a
@@ -492,6 +555,8 @@ class LimiterStatistics:
     learned: tuple[str, ...]
     available: dict[str, float]
     capacity: dict[str, float]
+    #: units per minute others are seen to spend of each dimension (the headers show it)
+    others: dict[str, float] = field(default_factory=dict)
 
 
 def plausible_limit(dimension: str, limit: float, permit: Permit | None = None) -> bool:
@@ -588,6 +653,7 @@ class RateLimiter:
         # earlier requests had certainly reached the server before a given one.
         self._seq = 0
         self._recent: dict[int, Permit] = {}
+        self._external: dict[str, _ExternalSpend] = {}
         # statistics
         self._acquired = 0
         self._waited = 0.0
@@ -846,7 +912,9 @@ class RateLimiter:
                     # between our acquire and its admission, as our bucket did since:
                     # that refill must not count twice. Never lift by more than what is
                     # certain.
-                    refill = bucket.rate * send_lag(permit, info.processing, self._loop_time())
+                    refill = bucket.nominal_rate * send_lag(
+                        permit, info.processing, self._loop_time()
+                    )
                     # Refunds credited here since the permit may have reached the server
                     # before its request did: they are in its count and in our bucket.
                     refunds = self._refunded[dim] - permit.refunded_at.get(dim, 0.0)
@@ -877,14 +945,37 @@ class RateLimiter:
             tolerance = 0.5 if delta > 0 else 1.0 + bucket.max_rate * self.limits.reserve
             first = dim not in self._synced
             self._synced.add(dim)
-            if not first and abs(delta) <= tolerance:
-                continue
-            self._adjust(bucket, delta)
-            self._corrections += 1
-            logger.debug(
-                "limits.corrected", limiter=self.name, dimension=dim, delta=round(delta, 1)
-            )
+            if first or abs(delta) > tolerance:
+                self._adjust(bucket, delta)
+                self._corrections += 1
+                logger.debug(
+                    "limits.corrected", limiter=self.name, dimension=dim, delta=round(delta, 1)
+                )
+            if permit is not None and permit.acquired_at is not None and dim in permit.taken_at:
+                self._estimate_external(bucket, permit, server_left)
         self._notify()
+
+    def _estimate_external(self, bucket: _Bucket, permit: Permit, server_left: float) -> None:
+        """Update what others are seen to spend of *bucket*'s quota, and leave it to them."""
+        assert permit.acquired_at is not None
+        spend = self._external.setdefault(bucket.name, _ExternalSpend())
+        before = bucket.external
+        rate = spend.read(
+            permit.acquired_at,
+            server_left,
+            permit.taken_at[bucket.name],
+            bucket,
+            _EXTERNAL_CEILING * bucket.nominal_rate,
+        )
+        if abs(rate - before) > 1e-9:
+            bucket.set_external(rate)
+            if (rate == 0.0) != (before == 0.0):
+                logger.info(
+                    "limits.shared",
+                    limiter=self.name,
+                    dimension=bucket.name,
+                    others_per_minute=round(rate * 60, 1),
+                )
 
     def _uncertain_before(self, permit: Permit, dim: str) -> float:
         """What permits taken before *permit*, and in flight then, may have spent at the
@@ -972,6 +1063,7 @@ class RateLimiter:
             learned=tuple(self._learned),
             available={d: b.available for d, b in self._buckets.items()},
             capacity={d: b.max_rate for d, b in self._buckets.items()},
+            others={d: b.external * 60 for d, b in self._buckets.items() if b.external},
         )
 
 
