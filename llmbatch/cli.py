@@ -628,6 +628,8 @@ def _snapshot(progress: JobProgress, client: Any, model: str) -> dict[str, Any]:
         "rpm_limit": limiter.capacity.get("rpm"),
         "tpm_limit": limiter.capacity.get("tpm"),
         "rate_limited": limiter.rate_limited,
+        # what other spenders of the same key are seen to take (another process)
+        "others_rpm": round(limiter.others.get("rpm", 0.0), 1),
         "cost": stats.cost,
         "eta_seconds": round(eta, 1) if eta is not None else None,
     }
@@ -651,7 +653,7 @@ def _live_view(progress: JobProgress, client: Any, model: str) -> Table:
         f"{s['tpm']}/{_limit(s['tpm_limit'])} tok/min",
         f"{s['rate_limited']} 429s",
         f"spent {_money(s['cost'])}",
-        "",
+        f"others on this key: {s['others_rpm']:.0f} req/min" if s["others_rpm"] else "",
         "",
     )
     return table
