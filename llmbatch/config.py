@@ -193,6 +193,19 @@ def config_file(path: str | Path | None = None) -> Path | None:
     return None
 
 
+def _settings(path: str | Path | None) -> tuple[Path | None, dict[str, Any]]:
+    """The configuration file in force and its llmbatch settings (the ``[tool.llmbatch]``
+    table of a ``pyproject.toml``), or ``(None, {})``."""
+    found = config_file(path)
+    if found is None:
+        return None, {}
+    with found.open("rb") as f:
+        data = tomllib.load(f)
+    if found.name == "pyproject.toml":
+        data = data.get("tool", {}).get("llmbatch", {})
+    return found, data
+
+
 def load_profiles(path: str | Path | None = None) -> dict[str, ModelProfile]:
     """The built-in profiles, overridden by the TOML file, then by ``LLMBATCH_PROFILES``.
 
@@ -203,14 +216,9 @@ def load_profiles(path: str | Path | None = None) -> dict[str, ModelProfile]:
         ValueError: the file has unknown settings, a bad model name, or bad limits.
     """
     profiles = dict(BUILTIN_PROFILES)
-    found = config_file(path)
-    if found is not None:
-        with found.open("rb") as f:
-            data = tomllib.load(f)
-        if found.name == "pyproject.toml":
-            data = data.get("tool", {}).get("llmbatch", {})
-        for name, table in (data.get("models") or {}).items():
-            profiles[name] = _from_table(name, table, profiles.get(name))
+    _, data = _settings(path)
+    for name, table in (data.get("models") or {}).items():
+        profiles[name] = _from_table(name, table, profiles.get(name))
     overrides = os.environ.get("LLMBATCH_PROFILES")
     if overrides:
         try:
@@ -296,17 +304,11 @@ def limiter_settings(path: str | Path | None = None, *, url: str | None = None) 
     Raises:
         ValueError: an unsupported URL or unknown ``[limiter]`` settings.
     """
-    table: Mapping[str, Any] = {}
-    found = config_file(path)
-    if found is not None:
-        with found.open("rb") as f:
-            data = tomllib.load(f)
-        if found.name == "pyproject.toml":
-            data = data.get("tool", {}).get("llmbatch", {})
-        table = data.get("limiter") or {}
-        unknown = set(table) - {"url", "namespace"}
-        if unknown:
-            raise ValueError(f"{found.name}: unknown [limiter] settings: {sorted(unknown)}")
+    found, data = _settings(path)
+    table: Mapping[str, Any] = data.get("limiter") or {}
+    unknown = set(table) - {"url", "namespace"}
+    if found is not None and unknown:
+        raise ValueError(f"{found.name}: unknown [limiter] settings: {sorted(unknown)}")
     if url is None:
         url = os.environ.get("LLMBATCH_LIMITER_URL", table.get("url"))
     namespace = os.environ.get("LLMBATCH_LIMITER_NAMESPACE", table.get("namespace"))

@@ -48,6 +48,28 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
+async def start_llmbatch(
+    *args: str | Path,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    stdin: int = asyncio.subprocess.DEVNULL,
+    stdout: int = asyncio.subprocess.PIPE,
+    stderr: int = asyncio.subprocess.PIPE,
+) -> asyncio.subprocess.Process:
+    """Start ``python -m llmbatch ARGS`` (for tests that signal, kill or watch it)."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "llmbatch",
+        *map(str, args),
+        cwd=cwd,
+        env=env or cli_env(),
+        stdin=stdin,
+        stdout=stdout,
+        stderr=stderr,
+    )
+
+
 async def llmbatch(
     *args: str | Path,
     cwd: Path,
@@ -56,16 +78,11 @@ async def llmbatch(
     seconds: float = 120,
 ) -> Done:
     """Run ``python -m llmbatch ARGS`` to completion."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "llmbatch",
-        *map(str, args),
+    proc = await start_llmbatch(
+        *args,
         cwd=cwd,
-        env=env or cli_env(),
+        env=env,
         stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(
         proc.communicate(stdin.encode() if stdin is not None else None), seconds
@@ -442,13 +459,9 @@ async def test_kill_minus_9_then_rerun_loses_nothing_and_pays_once(
     args = [*run_args(sim, source, out, "--concurrency", "4", "--id-field", "id")]
     if point.startswith("random"):
         rng = random.Random(point)
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "llmbatch",
-            *map(str, args),
+        proc = await start_llmbatch(
+            *args,
             cwd=tmp_path,
-            env=cli_env(),
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )
@@ -490,16 +503,7 @@ async def test_ctrl_c_stops_at_once_keeps_what_finished_and_exits_130(
     assert 0 == first.code
     hanging = await simulator_factory(hang=1.0, hang_seconds=3600)
     hang_args = run_args(hanging, source, out, "--concurrency", "2", "--id-field", "id")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "llmbatch",
-        *map(str, hang_args),
-        cwd=tmp_path,
-        env=cli_env(),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await start_llmbatch(*hang_args, cwd=tmp_path)
     while hanging.stats().in_flight < 2:  # noqa: ASYNC110 - the child's requests: no event
         await asyncio.sleep(0.01)
     proc.send_signal(signal.SIGINT)
@@ -744,19 +748,7 @@ async def test_limits_prints_what_the_headers_say(
 
 async def test_serve_sim_is_a_subcommand(tmp_path: Path) -> None:
     """``llmbatch serve-sim`` starts the simulator and prints its base URL first."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "llmbatch",
-        "serve-sim",
-        "--port",
-        "0",
-        "--rpm",
-        "60",
-        cwd=tmp_path,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await start_llmbatch("serve-sim", "--port", "0", "--rpm", "60", cwd=tmp_path)
     assert proc.stdout is not None
     line = await asyncio.wait_for(proc.stdout.readline(), 30)
     proc.send_signal(signal.SIGINT)
@@ -893,13 +885,9 @@ async def test_kill_after_batch_submission_resumes_polling(
     args = run_args(
         sim, source, out, "--id-field", "id", "--mode", "batch", "--poll-interval", "0.1"
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "llmbatch",
-        *map(str, args),
+    proc = await start_llmbatch(
+        *args,
         cwd=tmp_path,
-        env=cli_env(),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )
@@ -925,13 +913,9 @@ async def test_ctrl_c_leaves_batches_running_and_says_how_to_resume_or_cancel(
     source = write_jsonl(tmp_path / "in.jsonl", docs(5))
     out = tmp_path / "out.jsonl"
     args = run_args(sim, source, out, "--mode", "batch", "--poll-interval", "0.1")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "llmbatch",
-        *map(str, args),
+    proc = await start_llmbatch(
+        *args,
         cwd=tmp_path,
-        env=cli_env(),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -985,13 +969,9 @@ async def test_batch_cancel_then_the_same_command_keeps_what_ran_and_pays_once(
     args = run_args(
         sim, source, out, "--id-field", "id", "--mode", "batch", "--poll-interval", "0.05"
     )
-    first = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "llmbatch",
-        *map(str, args),
+    first = await start_llmbatch(
+        *args,
         cwd=tmp_path,
-        env=cli_env(),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
