@@ -59,6 +59,7 @@ __all__ = [
     "parse_reset",
     "plausible_limit",
     "quota_name",
+    "refunds",
     "send_lag",
 ]
 
@@ -425,9 +426,19 @@ _DIMENSIONS: dict[str, tuple[str, float]] = {
 
 
 class _PermitIssuer(Protocol):
+    limits: Limits
+
     def _release(self, permit: Permit) -> None: ...
 
-    def _settle(self, permit: Permit, actual: Mapping[str, float]) -> None: ...
+    def _settle(self, permit: Permit, actual: Mapping[str, float], refund: bool) -> None: ...
+
+
+def refunds(limits: Limits, provider_rule: bool | None) -> bool:
+    """Whether the unused part of a reservation comes back on settling:
+    ``Limits.refund_unused`` if set, else the provider's rule (``None``: no)."""
+    if limits.refund_unused is not None:
+        return limits.refund_unused
+    return bool(provider_rule)
 
 
 class Permit:
@@ -447,7 +458,6 @@ class Permit:
         "available_after",
         "cost",
         "outstanding_before",
-        "refund",
         "refunded_at",
         "released_after",
         "seq",
@@ -485,8 +495,6 @@ class Permit:
         self.seq: int | None = None
         #: the limiter's cumulative refunds (settled unused reservations) at that moment
         self.refunded_at: dict[str, float] = {}
-        #: the provider's refund rule, given on settling (``Limits.refund_unused`` wins)
-        self.refund: bool | None = None
         #: the take counter when the permit was released (``None``: not yet)
         self.released_after: int | None = None
         #: a loop time by which the request had certainly reached the server, if it did:
@@ -512,9 +520,9 @@ class Permit:
         if self._settled:
             return
         self._settled = True
-        self.refund = refund
         actual = {"tokens": tokens, "input_tokens": input_tokens, "output_tokens": output_tokens}
-        self._limiter._settle(self, {k: float(v) for k, v in actual.items() if v is not None})
+        used = {k: float(v) for k, v in actual.items() if v is not None}
+        self._limiter._settle(self, used, refunds(self._limiter.limits, refund))
 
     @property
     def released(self) -> bool:
@@ -816,14 +824,7 @@ class RateLimiter:
             self._outstanding_units[unit] = max(0.0, self._outstanding_units[unit] - amount)
         self._notify()
 
-    def _refunds(self, permit: Permit) -> bool:
-        """Whether unused reservations come back: ``Limits.refund_unused``, else the rule
-        the provider gave on settling."""
-        if self.limits.refund_unused is not None:
-            return self.limits.refund_unused
-        return bool(permit.refund)
-
-    def _settle(self, permit: Permit, actual: Mapping[str, float]) -> None:
+    def _settle(self, permit: Permit, actual: Mapping[str, float], refund: bool) -> None:
         for dim, reserved in permit.cost.items():
             unit, _ = _DIMENSIONS[dim]
             if unit not in actual:
@@ -832,7 +833,7 @@ class RateLimiter:
             bucket = self._buckets[dim]
             if difference > 0:
                 bucket.take(difference)
-            elif difference < 0 and self._refunds(permit):
+            elif difference < 0 and refund:
                 before = bucket.available
                 bucket.give_back(-difference)
                 self._refunded[dim] += bucket.available - before

@@ -35,7 +35,6 @@ so when ``LLMBATCH_LIMITER_URL`` or ``[limiter] url`` names a ``redis://`` serve
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import random
 import uuid
 from collections.abc import Mapping
@@ -52,6 +51,8 @@ from llmbatch.limits import (
     Limits,
     Permit,
     RateLimitHeaders,
+    _enter,
+    _exit,
     plausible_limit,
     send_lag,
 )
@@ -466,9 +467,6 @@ class RedisRateLimiter:
         self._release_script = redis.register_script(_RELEASE)
         self._leases_held: dict[int, str] = {}
         self._releasing: set[int] = set()  # permits whose release is not in Redis yet
-        self._current: contextvars.ContextVar[Permit | None] = contextvars.ContextVar(
-            f"llmbatch_redis_permit_{id(self)}", default=None
-        )
         self._tasks: set[asyncio.Future[Any]] = set()
         self._turn = asyncio.Lock()
         self._changed = asyncio.Event()
@@ -708,13 +706,13 @@ class RedisRateLimiter:
         finally:
             self._releasing.discard(id(permit))
 
-    def _settle(self, permit: Permit, actual: Mapping[str, float]) -> None:
+    def _settle(self, permit: Permit, actual: Mapping[str, float], refund: bool) -> None:
         delta: dict[str, float] = {}
         for dim, reserved in permit.cost.items():
             unit = _DIMENSIONS[dim][0]
             if unit in actual:
                 difference = actual[unit] - reserved
-                if difference > 0 or self.limits.refund_unused:
+                if difference > 0 or refund:
                     delta[dim] = difference
         if delta:
             self._spawn(self._adjust("add", delta))
@@ -861,7 +859,7 @@ class RedisRateLimiter:
 
     async def __aenter__(self) -> Permit:
         permit = await self.acquire()
-        self._current.set(permit)
+        _enter(self, permit)
         return permit
 
     async def __aexit__(
@@ -870,10 +868,7 @@ class RedisRateLimiter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        permit = self._current.get()
-        if permit is not None:
-            self._current.set(None)
-            permit.release()
+        _exit(self)
 
     def statistics(self) -> LimiterStatistics:
         """A snapshot of this process's counters and the last levels it saw in Redis;

@@ -592,3 +592,34 @@ async def test_implausible_learned_limits_are_not_adopted(redis: Redis) -> None:
     assert {"rpm": 60.0} == shared.statistics().capacity
     permit.release()
     await shared.flush()
+
+
+@pytest.mark.parametrize(("provider_rule", "kept"), [(True, 50.0), (False, 500.0)])
+async def test_settling_follows_the_providers_refund_rule(
+    redis: Redis, provider_rule: bool, kept: float
+) -> None:
+    """With default limits (``refund_unused=None``) the shared bucket gets the unused
+    reservation back only if the provider's rule says so (Anthropic's does)."""
+    limits = Limits(output_tpm=10_000, initial_fill=1.0, reserve=0.0, transit=0.0)
+    shared = RedisRateLimiter(redis, limits, quota=fresh())
+    permit = (await shared.try_acquire(output_tokens=500))[1]
+    assert permit is not None
+    permit.settle(output_tokens=50, refund=provider_rule)
+    await shared.flush()
+    after = (await shared.try_acquire(output_tokens=0))[1]
+    assert after is not None
+    assert 10_000 - kept == pytest.approx(after.available_after["output_tpm"], abs=1)
+
+
+async def test_nested_async_with_releases_each_its_own_permit(redis: Redis) -> None:
+    """``async with shared: async with shared:`` gives both permits back on the way out."""
+    shared = limiter(redis, fresh(), rpm=60)
+    async with shared, shared:
+        assert 2 == shared.statistics().in_flight
+    assert 0 == shared.statistics().in_flight
+    await shared.flush()
+    after = (await shared.try_acquire())[1]  # both releases reached Redis
+    assert after is not None
+    assert 0.0 == after.outstanding_before["rpm"]
+    after.release()
+    await shared.flush()

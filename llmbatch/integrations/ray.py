@@ -96,12 +96,12 @@ class QuotaActor:
         if permit is not None:
             permit.release()
 
-    def settle(self, number: int, actual: Mapping[str, float]) -> None:
-        """The actual usage of a finished request."""
+    def settle(self, number: int, actual: Mapping[str, float], refund: bool | None = None) -> None:
+        """The actual usage of a finished request (*refund*: the provider's rule)."""
         permit = self._permits.pop(number, None)
         if permit is not None:
             permit.release()
-            permit.settle(**actual)
+            permit.settle(**actual, refund=refund)
 
     def observe(self, headers: Mapping[str, str], number: int | None = None) -> None:
         """A response's rate-limit headers."""
@@ -158,8 +158,9 @@ class _RayPermit:
             self.released = True
             self._actor.release.remote(self.number)
 
-    def settle(self, **actual: float | None) -> None:
-        self._actor.settle.remote(self.number, {k: v for k, v in actual.items() if v is not None})
+    def settle(self, *, refund: bool | None = None, **actual: float | None) -> None:
+        used = {k: v for k, v in actual.items() if v is not None}
+        self._actor.settle.remote(self.number, used, refund)
 
 
 class RayQuotaLimiter:
