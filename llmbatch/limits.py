@@ -281,13 +281,11 @@ class _Bucket(AsyncLimiter):
     ``time_period``. The level may exceed ``max_rate`` (debt from settling or a 429).
     """
 
-    __slots__ = ("external", "name")
+    __slots__ = ("name",)
 
     def __init__(self, name: str, max_rate: float, time_period: float, fill: float) -> None:
         super().__init__(max_rate, time_period)
         self.name = name
-        #: units per second others spend of the server's refill (see _ExternalSpend)
-        self.external = 0.0
         self._leak()
         self._level = max_rate * (1.0 - fill)
 
@@ -314,11 +312,16 @@ class _Bucket(AsyncLimiter):
         """Units the server frees per second."""
         return self.max_rate / self.time_period
 
+    @property
+    def external(self) -> float:
+        """Units per second of the server's refill left to other spenders."""
+        return self.nominal_rate - self._rate_per_sec
+
     def set_external(self, rate: float) -> None:
-        """Leave *rate* units per second of the server's refill to other spenders."""
+        """Leave *rate* units per second of the server's refill to other spenders (at
+        most ``_EXTERNAL_CEILING`` of it)."""
         self._leak()
-        self.external = rate
-        self._rate_per_sec = self.nominal_rate - rate
+        self._rate_per_sec = self.nominal_rate - min(rate, _EXTERNAL_CEILING * self.nominal_rate)
 
     @property
     def available(self) -> float:
@@ -353,10 +356,9 @@ class _Bucket(AsyncLimiter):
 
     def resize(self, max_rate: float) -> None:
         """Change the capacity (and the refill rate with it), keeping what is in use."""
-        self._leak()
+        external = self.external
         self.max_rate = max_rate
-        self.external = min(self.external, _EXTERNAL_CEILING * self.nominal_rate)
-        self._rate_per_sec = self.nominal_rate - self.external
+        self.set_external(external)
 
 
 #: at most this share of a bucket's refill is ever left to other spenders
@@ -387,10 +389,8 @@ class _ExternalSpend:
         #: the estimate, units per second
         self.rate = 0.0
 
-    def read(
-        self, at: float, server_left: float, taken: float, bucket: _Bucket, ceiling: float
-    ) -> float:
-        """Add a reading and return the estimate, at most *ceiling* units per second."""
+    def read(self, at: float, server_left: float, taken: float, bucket: _Bucket) -> float:
+        """Add a reading and return the estimate (units per second)."""
         if server_left > bucket.max_rate / 2:
             return self.rate
         self._readings.append((at, server_left, taken))
@@ -403,7 +403,7 @@ class _ExternalSpend:
         admitted = first_left - server_left + bucket.nominal_rate * span
         # Servers report whole units left (rounded down): a unit of difference is noise.
         others = admitted - (taken - first_taken) - 1.0
-        self.rate = min(max(0.0, others / span), ceiling)
+        self.rate = min(max(0.0, others / span), _EXTERNAL_CEILING * bucket.nominal_rate)
         return self.rate
 
 
@@ -873,9 +873,10 @@ class RateLimiter:
         the server reports is adopted or updated.
         """
         info = headers if isinstance(headers, RateLimitHeaders) else RateLimitHeaders.parse(headers)
+        lag = 0.0 if permit is None else send_lag(permit, info.processing, self._loop_time())
         if permit is not None and permit.acquired_at is not None:
             # The server admitted this request at most its send lag after the permit.
-            by = permit.acquired_at + send_lag(permit, info.processing, self._loop_time())
+            by = permit.acquired_at + lag
             permit.admitted_by = by if permit.admitted_by is None else min(permit.admitted_by, by)
         if not info:
             return
@@ -913,9 +914,7 @@ class RateLimiter:
                     # between our acquire and its admission, as our bucket did since:
                     # that refill must not count twice. Never lift by more than what is
                     # certain.
-                    refill = bucket.nominal_rate * send_lag(
-                        permit, info.processing, self._loop_time()
-                    )
+                    refill = bucket.nominal_rate * lag
                     # Refunds credited here since the permit may have reached the server
                     # before its request did: they are in its count and in our bucket.
                     refunds = self._refunded[dim] - permit.refunded_at.get(dim, 0.0)
@@ -961,13 +960,7 @@ class RateLimiter:
         assert permit.acquired_at is not None
         spend = self._external.setdefault(bucket.name, _ExternalSpend())
         before = bucket.external
-        rate = spend.read(
-            permit.acquired_at,
-            server_left,
-            permit.taken_at[bucket.name],
-            bucket,
-            _EXTERNAL_CEILING * bucket.nominal_rate,
-        )
+        rate = spend.read(permit.acquired_at, server_left, permit.taken_at[bucket.name], bucket)
         if abs(rate - before) > 1e-9:
             bucket.set_external(rate)
             if (rate == 0.0) != (before == 0.0):
@@ -1001,6 +994,8 @@ class RateLimiter:
             covered += amount
             if other.admitted_by is None or other.admitted_by >= permit.acquired_at:
                 uncertain += amount
+            if covered >= total - 1e-9:
+                break  # every earlier permit in flight then has been seen
         return uncertain + max(0.0, total - covered)
 
     def on_rate_limited(
@@ -1029,7 +1024,7 @@ class RateLimiter:
             # Empty at the end of the pause: resume at the refill rate, not in a burst.
             bucket = self._buckets[dim]
             self._adjust(bucket, -(bucket.available + retry_after * bucket.rate))
-        probing = self.limits.aimd and self._cap is not None and not self._buckets
+        probing = self.limits.aimd and not self._buckets
         if probing and self._cap is not None and not already_cooling:
             # Probing for an unknown limit: halve, once per cooldown however many 429s
             # it brings. Once limits are known the buckets pace, not the cap.
@@ -1090,9 +1085,9 @@ def quota_name(
     return f"{provider}/{endpoint}/{key_fingerprint(api_key)}/{model}"
 
 
-_REGISTRY: weakref.WeakKeyDictionary[
-    asyncio.AbstractEventLoop, dict[tuple[str, ...], RateLimiter]
-] = weakref.WeakKeyDictionary()
+_REGISTRY: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, RateLimiter]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def get_limiter(
@@ -1113,7 +1108,7 @@ def get_limiter(
     """
     loop = asyncio.get_running_loop()
     per_loop = _REGISTRY.setdefault(loop, {})
-    key = (provider, endpoint, key_fingerprint(api_key), model)
+    key = quota_name(provider, model, api_key=api_key, endpoint=endpoint)
     limiter = per_loop.get(key)
     if limiter is None:
         limiter = RateLimiter(limits or default_limits, name=f"{provider}/{model}")
