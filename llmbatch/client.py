@@ -43,7 +43,7 @@ from llmbatch.config import (
     load_profiles,
     profile_for,
 )
-from llmbatch.errors import BudgetExhausted, LLMBatchError, RateLimited, Timeout, redact
+from llmbatch.errors import BudgetExhausted, LLMBatchError, RateLimited, redact
 from llmbatch.failure import (
     BatchFailed,
     BatchResult,
@@ -57,7 +57,7 @@ from llmbatch.failure import (
 from llmbatch.limits import Limits, get_limiter, quota_name
 from llmbatch.models import Embedding, EmbeddingRequest, Request, Response, Usage
 from llmbatch.providers.base import AsyncClosing, Provider
-from llmbatch.retry import RetryLog, RetryPolicy, wait_retry_after
+from llmbatch.retry import RetryLog, RetryPolicy, timed, wait_retry_after
 from llmbatch.routing import choose_route
 from llmbatch.runner import (
     DEFAULT_MAX_CONCURRENCY,
@@ -206,9 +206,6 @@ class LLMClient(AsyncClosing):
                 )
             )
         self.retry = policy
-        # The client times each attempt's provider call itself (_call_with_limits), so
-        # that waiting for the limiter never counts against attempt_timeout.
-        self._retry_untimed = policy.copy(attempt_timeout=None)
         self.on_error = on_error
         self.max_concurrency = max_concurrency
         self._sleep = sleep
@@ -363,11 +360,13 @@ class LLMClient(AsyncClosing):
                 item.attempts = number
 
         try:
-            response = await self._retry_untimed.call(
+            response = await self.retry.call(
                 lambda: self._call_with_limits(request),
                 sleep=self._sleep,
                 log=self.retry_log,
                 on_attempt=on_attempt,
+                # only the provider's answer is timed (_send), not the wait for a permit
+                time_attempts=False,
             )
         except LLMBatchError as exc:
             exc.item_key = exc.item_key or request.key
@@ -405,21 +404,14 @@ class LLMClient(AsyncClosing):
 
     async def _send(self, provider: Any, request: AnyRequest) -> Answer:
         """One call to the provider, within the retry policy's ``attempt_timeout``."""
-        timeout = self.retry.attempt_timeout
         call = provider.embed if isinstance(request, EmbeddingRequest) else provider.complete
-        if timeout is None:
-            answer: Answer = await call(request)
-            return answer
-        try:
-            async with asyncio.timeout(timeout):
-                answer = await call(request)
-                return answer
-        except TimeoutError as exc:
-            raise Timeout(
-                f"no answer within {timeout:g} s",
-                provider=self.provider.name,
-                model=request.model,
-            ) from exc
+        answer: Answer = await timed(
+            call(request),
+            self.retry.attempt_timeout,
+            provider=self.provider.name,
+            model=request.model,
+        )
+        return answer
 
     async def map(
         self,

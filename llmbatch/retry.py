@@ -60,6 +60,7 @@ __all__ = [
     "RetryStatistics",
     "parse_retry_after",
     "retry_if_transient",
+    "timed",
     "wait_retry_after",
 ]
 
@@ -185,6 +186,18 @@ class RetryLog:
         return RetryStatistics(self.attempts, dict(self.retries), self.waited)
 
 
+async def timed(awaitable: Awaitable[T], seconds: float | None, **context: Any) -> T:
+    """``await awaitable``, raising :class:`~llmbatch.errors.Timeout` (with *context*:
+    provider, model, attempt...) if it takes more than *seconds* (``None``: no limit)."""
+    if seconds is None:
+        return await awaitable
+    try:
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    except TimeoutError as exc:
+        raise Timeout(f"no answer within {seconds:g} s", **context) from exc
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RetryPolicy:
     """When to retry, how long to wait, when to give up.
@@ -245,6 +258,7 @@ class RetryPolicy:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         log: RetryLog | None = None,
         on_attempt: Callable[[int], None] | None = None,
+        time_attempts: bool = True,
     ) -> T:
         """Run ``await fn()`` under this policy; the last error propagates when it gives up.
 
@@ -253,6 +267,8 @@ class RetryPolicy:
             sleep: how to wait between attempts.
             log: a :class:`RetryLog` to log and count retries.
             on_attempt: called with the attempt number (from 1) before each attempt.
+            time_attempts: hold each ``fn()`` to ``attempt_timeout``; ``False`` when
+                *fn* times the part that counts itself (with :func:`timed`).
         """
         async for attempt in self.retrying(sleep=sleep, before_sleep=log):
             with attempt:
@@ -261,13 +277,6 @@ class RetryPolicy:
                     log.attempts += 1
                 if on_attempt is not None:
                     on_attempt(number)
-                if self.attempt_timeout is None:
-                    return await fn()
-                try:
-                    async with asyncio.timeout(self.attempt_timeout):
-                        return await fn()
-                except TimeoutError as exc:
-                    raise Timeout(
-                        f"no answer within {self.attempt_timeout:g} s", attempt=number
-                    ) from exc
+                limit = self.attempt_timeout if time_attempts else None
+                return await timed(fn(), limit, attempt=number)
         raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
