@@ -29,6 +29,7 @@ Batches; ≤ 100,000 requests or 256 MB), built by ``provider.batch()``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import json
 import re
@@ -401,12 +402,10 @@ async def _resume(
     results again (when *reuse_collected*). Every such batch holding the item counts
     as one of its attempts. Rejected batches ran nothing: not an attempt.
     """
-    latest: dict[str, StoredBatch] = {}
-    for stored in journal.batches(*_MAY_HAVE_RUN, provider=backend.name):  # oldest first
-        for cid in stored.items:
-            if cid in items:
-                items[cid].attempts += 1
-                latest[cid] = stored
+    latest, runs = _journal_view(journal, backend.name)
+    latest = {cid: stored for cid, stored in latest.items() if cid in items}
+    for cid in latest:
+        items[cid].attempts += runs[cid]
     collected: dict[str, set[str]] = {}
     cancelled: set[str] = set()
     for cid, stored in latest.items():
@@ -445,11 +444,21 @@ def uncollected_keys(journal: Journal, *, provider: str | None = None) -> set[st
     it (or submits it again if the batch never ran it), even with
     ``reuse_collected=False``; sending the item any other way would pay for it twice.
     """
+    latest, _ = _journal_view(journal, provider)
+    return {stored.items[cid] for cid, stored in latest.items() if stored.status in _UNCOLLECTED}
+
+
+def _journal_view(
+    journal: Journal, provider: str | None
+) -> tuple[dict[str, StoredBatch], collections.Counter[str]]:
+    """Per custom id, the latest journal batch that may have run it, and how many did."""
     latest: dict[str, StoredBatch] = {}
+    runs: collections.Counter[str] = collections.Counter()
     for stored in journal.batches(*_MAY_HAVE_RUN, provider=provider):  # oldest first
-        for key in stored.items.values():
-            latest[key] = stored
-    return {key for key, stored in latest.items() if stored.status in _UNCOLLECTED}
+        for cid in stored.items:
+            latest[cid] = stored
+            runs[cid] += 1
+    return latest, runs
 
 
 async def _submit(

@@ -463,7 +463,7 @@ async def _run(
     *,
     fresh: bool,
     interval: float,
-    quotas: LimiterSettings | None = None,
+    quotas: LimiterSettings,
 ) -> int:
     from llmbatch.client import LLMClient
 
@@ -478,7 +478,6 @@ async def _run(
         console.print(f"[red]error:[/] {exc}")
         return EXIT_ABORTED
     provider = choice.open()
-    quotas = quotas or LimiterSettings()
     client = LLMClient(
         provider,
         model=spec.model,

@@ -41,6 +41,7 @@ from llmbatch.config import (
     ModelProfile,
     limiter_settings,
     load_profiles,
+    load_settings,
     profile_for,
 )
 from llmbatch.errors import BudgetExhausted, LLMBatchError, RateLimited, redact
@@ -191,10 +192,15 @@ class LLMClient(AsyncClosing):
         self.max_tokens = max_tokens
         self.limits = limits
         self._limiter = limiter
-        if not isinstance(limiter_url, LimiterSettings):
-            # An explicit URL replaces the configured one; the namespace stays configured.
-            limiter_url = limiter_settings(url=limiter_url)
-        self.limiter_settings: LimiterSettings = limiter_url
+        # An explicit URL replaces the configured one; the namespace stays configured.
+        configured: dict[str, ModelProfile] | None = None
+        if isinstance(limiter_url, LimiterSettings):
+            settings = limiter_url
+        elif profiles is None:
+            configured, settings = load_settings(url=limiter_url)  # one read of the file
+        else:
+            settings = limiter_settings(url=limiter_url)
+        self.limiter_settings: LimiterSettings = settings
         self._owned_limiters: list[tuple[asyncio.AbstractEventLoop, Any]] = []
         policy = retry or RetryPolicy()
         if isinstance(policy.wait, wait_retry_after):
@@ -210,7 +216,10 @@ class LLMClient(AsyncClosing):
         self.max_concurrency = max_concurrency
         self._sleep = sleep
         self.retry_log = RetryLog()
-        self._profiles = dict(profiles) if profiles is not None else load_profiles()
+        if profiles is not None:
+            self._profiles = dict(profiles)
+        else:
+            self._profiles = configured if configured is not None else load_profiles()
         self._limiters: dict[str, tuple[asyncio.AbstractEventLoop, Any]] = {}
         self.max_cost = max_cost
         self._succeeded = 0
@@ -253,12 +262,13 @@ class LLMClient(AsyncClosing):
         found = self._limiters.get(model)
         if found is None or found[0] is not loop:
             limiter: Any
-            if self.limiter_settings.url is not None:
+            url = self.limiter_settings.url
+            if url is not None:
                 from llmbatch.limits_redis import RedisRateLimiter
 
                 # The quota lives in Redis: every process naming it shares it.
                 limiter = RedisRateLimiter.from_url(
-                    self.limiter_settings.url,
+                    url,
                     self.limits or self.profile(model).limits,
                     quota=quota_name(self.provider.name, model, api_key=self.provider.quota_key),
                     namespace=self.limiter_settings.namespace,

@@ -52,6 +52,7 @@ __all__ = [
     "config_file",
     "limiter_settings",
     "load_profiles",
+    "load_settings",
     "profile_for",
 ]
 
@@ -215,8 +216,11 @@ def load_profiles(path: str | Path | None = None) -> dict[str, ModelProfile]:
     Raises:
         ValueError: the file has unknown settings, a bad model name, or bad limits.
     """
+    return _profiles_from(_settings(path)[1])
+
+
+def _profiles_from(data: Mapping[str, Any]) -> dict[str, ModelProfile]:
     profiles = dict(BUILTIN_PROFILES)
-    _, data = _settings(path)
     for name, table in (data.get("models") or {}).items():
         profiles[name] = _from_table(name, table, profiles.get(name))
     overrides = os.environ.get("LLMBATCH_PROFILES")
@@ -304,7 +308,10 @@ def limiter_settings(path: str | Path | None = None, *, url: str | None = None) 
     Raises:
         ValueError: an unsupported URL or unknown ``[limiter]`` settings.
     """
-    found, data = _settings(path)
+    return _limiter_from(*_settings(path), url)
+
+
+def _limiter_from(found: Path | None, data: Mapping[str, Any], url: str | None) -> LimiterSettings:
     table: Mapping[str, Any] = data.get("limiter") or {}
     unknown = set(table) - {"url", "namespace"}
     if found is not None and unknown:
@@ -313,3 +320,12 @@ def limiter_settings(path: str | Path | None = None, *, url: str | None = None) 
         url = os.environ.get("LLMBATCH_LIMITER_URL", table.get("url"))
     namespace = os.environ.get("LLMBATCH_LIMITER_NAMESPACE", table.get("namespace"))
     return LimiterSettings.parse(url, namespace)
+
+
+def load_settings(
+    path: str | Path | None = None, *, url: str | None = None
+) -> tuple[dict[str, ModelProfile], LimiterSettings]:
+    """:func:`load_profiles` and :func:`limiter_settings` together, reading the
+    configuration file once (what a client needs when it starts)."""
+    found, data = _settings(path)
+    return _profiles_from(data), _limiter_from(found, data, url)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -233,3 +234,34 @@ def test_a_password_never_shows_in_the_settings() -> None:
 def test_redact_hides_url_passwords_and_keys(text: str, expected: str) -> None:
     """errors.redact(): URL passwords become ***; API keys keep a 4-character hint."""
     assert expected == redact(text)
+
+
+def test_a_client_reads_the_configuration_file_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LLMClient takes its model profiles and where quotas are kept from one reading of
+    llmbatch.toml, not one per setting."""
+    import llmbatch.config as config_module
+    from llmbatch.client import LLMClient
+    from llmbatch.providers.fake import FakeProvider
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LLMBATCH_LIMITER_URL", raising=False)
+    (tmp_path / "llmbatch.toml").write_text(
+        '[limiter]\nurl = "redis://10.0.0.9:6379/0"\n[models."fake/m"]\nrpm = 7\n'
+    )
+    reads: list[Path | None] = []
+    read = config_module._settings
+
+    def counting(path: str | Path | None) -> tuple[Path | None, dict[str, Any]]:
+        found, data = read(path)
+        reads.append(found)
+        return found, data
+
+    monkeypatch.setattr(config_module, "_settings", counting)
+    client = LLMClient(FakeProvider(lambda request: "ok"), model="m")
+    assert [Path("llmbatch.toml")] == reads
+    assert ("redis://10.0.0.9:6379/0", 7) == (
+        client.limiter_settings.url,
+        client.profile("m").limits.rpm,
+    )

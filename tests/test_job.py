@@ -178,15 +178,13 @@ def test_a_failed_write_leaves_the_old_output(tmp_path: Path) -> None:
     assert 5 == write_output(spec).pending
 
 
-async def test_retry_failed_in_batch_mode_submits_the_failed_item_again(tmp_path: Path) -> None:
-    """A record whose batch answered it with an error (after its resubmits) stays
-    failed on a plain rerun; with ``retry_failed`` it goes into new batches, with a
-    whole resubmit budget, instead of getting its old error back from the journal."""
+def batch_spec(tmp_path: Path, records: int) -> JobSpec:
+    """A batch-mode job over *records* records ``doc-0``, ``doc-1``... keyed by id."""
     source = tmp_path / "in.jsonl"
     source.write_text(
-        "".join(json.dumps({"id": f"doc-{i}", "text": f"doc {i}"}) + "\n" for i in range(3))
+        "".join(json.dumps({"id": f"doc-{i}", "text": f"doc {i}"}) + "\n" for i in range(records))
     )
-    spec = JobSpec(
+    return JobSpec(
         input=source,
         output=tmp_path / "out.jsonl",
         template="Summarize: {text}",
@@ -195,6 +193,13 @@ async def test_retry_failed_in_batch_mode_submits_the_failed_item_again(tmp_path
         mode="batch",
         poll_interval=60.0,
     )
+
+
+async def test_retry_failed_in_batch_mode_submits_the_failed_item_again(tmp_path: Path) -> None:
+    """A record whose batch answered it with an error (after its resubmits) stays
+    failed on a plain rerun; with ``retry_failed`` it goes into new batches, with a
+    whole resubmit budget, instead of getting its old error back from the journal."""
+    spec = batch_spec(tmp_path, 3)
     clock = FakeClock(start=10.0)  # small: the loop's timers compare times to 1 ns
     batches = BatchSimConfig(fail_custom_ids=frozenset({"doc-1"}))
     created: list[int] = []
@@ -239,19 +244,7 @@ async def test_a_rerun_after_a_batch_cancel_stores_what_it_ran_once_and_sends_on
     online mode, collects the cancelled batch: its 2 answers and doc-1's error are
     stored once, nothing goes online, and only the 7 never run are sent again (in a
     batch). Run 3 finds everything in the store and sends nothing."""
-    source = tmp_path / "in.jsonl"
-    source.write_text(
-        "".join(json.dumps({"id": f"doc-{i}", "text": f"doc {i}"}) + "\n" for i in range(10))
-    )
-    spec = JobSpec(
-        input=source,
-        output=tmp_path / "out.jsonl",
-        template="Summarize: {text}",
-        model="gpt-4o-mini",
-        id_field="id",
-        mode="batch",
-        poll_interval=60.0,
-    )
+    spec = batch_spec(tmp_path, 10)
     clock = FakeClock(start=10.0)  # small: the loop's timers compare times to 1 ns
     batches = BatchSimConfig(
         validating_seconds=1.0,
