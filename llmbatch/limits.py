@@ -71,6 +71,8 @@ DAY = 86_400.0
 #: correction looks back over (older ones in flight count as uncertain in full)
 _RECENT = 4096
 _SCAN = 1024
+#: the concurrency cap AIMD probes upward from while no rate limit is known
+_AIMD_START = 8
 
 
 # -- configuration ---------------------------------------------------------------------
@@ -649,7 +651,7 @@ class RateLimiter:
             float(self.limits.max_concurrency) if self.limits.max_concurrency else None
         )
         if self._cap is not None and self.limits.aimd and not self._buckets:
-            self._cap = min(self._cap, 8.0)  # probe upward from a modest start
+            self._cap = min(self._cap, _AIMD_START)  # probe upward from a modest start
         self._in_flight = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._changed: asyncio.Event | None = None

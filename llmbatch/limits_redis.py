@@ -45,6 +45,7 @@ import structlog
 
 from llmbatch.errors import RequestTooLarge
 from llmbatch.limits import (
+    _AIMD_START,
     _DIMENSIONS,
     _MINUTE_DIMENSIONS,
     LimiterStatistics,
@@ -67,8 +68,6 @@ logger = structlog.get_logger("llmbatch.limits")
 #: the units a request is counted in (a dimension charges one of them)
 _UNITS = ("requests", "tokens", "input_tokens", "output_tokens")
 
-#: the AIMD concurrency cap a quota starts probing from while no limit is known
-_AIMD_START = 8.0
 
 # Shared by the scripts: the server's clock, and a bucket's level now (leaked since its
 # last update; a bucket seen for the first time starts at the configured fill).
@@ -173,7 +172,7 @@ for d = 1, n do
   if missing > 1e-9 then wait = math.max(wait, missing / rate) end
 end
 if aimd == 1 and n == 0 and learned == '' and maxc > 0 then
-  local probe = tonumber(redis.call('HGET', key, 'aimd_cap') or '') or math.min(maxc, 8)
+  local probe = tonumber(redis.call('HGET', key, 'aimd_cap') or '') or math.min(maxc, AIMD_START)
   maxc = math.max(1, math.min(maxc, math.floor(probe)))
 end
 if maxc > 0 and wait == 0 and redis.call('ZCARD', leases) >= maxc then wait = -1 end
@@ -214,7 +213,7 @@ redis.call('HSET', counted, lease, table.concat(record, ','))
 touch(ttl)
 return result
 """
-)
+).replace("AIMD_START", str(_AIMD_START))  # one starting cap, here and in limits.py
 
 # KEYS[1] = bucket hash
 # ARGV = mode, pause seconds, ttl, reserve, n, then per dimension (name, capacity,
@@ -341,7 +340,7 @@ return result
 _AIMD = """
 local key = KEYS[1]
 local ceiling, ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
-local cap = tonumber(redis.call('HGET', key, 'aimd_cap') or '') or math.min(ceiling, 8)
+local cap = tonumber(redis.call('HGET', key, 'aimd_cap') or '') or math.min(ceiling, AIMD_START)
 if ARGV[1] == 'up' then
   cap = math.min(ceiling, cap + 1 / cap)
 else
@@ -350,7 +349,7 @@ end
 redis.call('HSET', key, 'aimd_cap', cap)
 redis.call('EXPIRE', key, ttl)
 return tostring(cap)
-"""
+""".replace("AIMD_START", str(_AIMD_START))
 
 # KEYS[1] = bucket hash, KEYS[2] = lease zset, KEYS[3] = lease records
 # ARGV = ttl, lease, n, then per dimension (name, capacity, rate/s, fill, charge)
