@@ -42,7 +42,7 @@ from llmbatch.config import (
     load_profiles,
     profile_for,
 )
-from llmbatch.errors import LLMBatchError, redact
+from llmbatch.errors import LimiterUnavailable, LLMBatchError, redact
 from llmbatch.io import FORMATS, count_records
 from llmbatch.job import DEFAULT_TEMPLATE, JobProgress, JobSpec, prepare, run_job, write_output
 from llmbatch.limits import Limits, RateLimitHeaders
@@ -354,6 +354,12 @@ def _template(template: str | None, prompt_file: IO[str] | None) -> str:
     "(default: $LLMBATCH_LIMITER_URL, [limiter] url, else this process only).",
 )
 @click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.0, min_open=True),
+    help="Seconds one attempt may wait for the provider's answer before it is retried "
+    "(default: the model profile's timeout in llmbatch.toml, else 120).",
+)
+@click.option(
     "--retry-failed", is_flag=True, help="Send records that failed in an earlier run again."
 )
 @click.option("--fresh", is_flag=True, help="Discard the checkpoint and start over.")
@@ -422,6 +428,7 @@ def run(**options: Any) -> None:
         poll_interval=options["poll_interval"],
     )
     _check_input(spec)
+    _check_writable(spec)
     limits = _limits_for(choice, options["rpm"], options["tpm"], options["concurrency"])
     try:
         quotas = limiter_settings(url=options["limiter_url"])
@@ -440,20 +447,35 @@ def run(**options: Any) -> None:
             fresh=options["fresh"],
             interval=options["progress_interval"],
             quotas=quotas,
+            attempt_timeout=options["timeout"],
         )
     )
     sys.exit(code)
 
 
 def _check_input(spec: JobSpec) -> None:
-    if spec.input == "-":
-        return  # stdin is read once, by the run
-    if not Path(spec.input).exists():
-        raise click.BadParameter(f"{spec.input} does not exist", param_hint="INPUT")
+    """The input exists and can be read, and the prompt template fits its records
+    (a usage error, exit 2, rather than one error per record)."""
+    if spec.input != "-":
+        if not Path(spec.input).exists():
+            raise click.BadParameter(f"{spec.input} does not exist", param_hint="INPUT")
+        try:
+            next(spec.records(report_skipped=False), None)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="INPUT") from None
     try:
-        next(spec.records(), None)
+        # stdin is read once, by the run: only the template's own form is checked here
+        spec.check_template(spec.records(report_skipped=False) if spec.input != "-" else ())
     except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="INPUT") from None
+        raise click.BadParameter(str(exc), param_hint="--prompt") from None
+
+
+def _check_writable(spec: JobSpec) -> None:
+    """Nothing the run writes may replace its input (exit 2 before anything is written)."""
+    try:
+        spec.check_paths()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 async def _run(
@@ -464,8 +486,9 @@ async def _run(
     fresh: bool,
     interval: float,
     quotas: LimiterSettings,
+    attempt_timeout: float | None = None,
 ) -> int:
-    from llmbatch.client import LLMClient
+    from llmbatch.client import USE_DEFAULT, LLMClient
 
     console = Console(stderr=True)
     records = list(spec.records()) if spec.input == "-" else None  # stdin is read once
@@ -484,7 +507,16 @@ async def _run(
         max_tokens=spec.max_tokens,
         limits=limits,
         limiter_url=quotas,
+        timeout=USE_DEFAULT if attempt_timeout is None else attempt_timeout,
     )
+    try:
+        # A shared quota that cannot be used stops the run before any request.
+        await client.check_limiter(spec.model)
+    except LimiterUnavailable as exc:
+        console.print(f"[red]error:[/] {exc}")
+        await client.aclose()
+        store.close()
+        return EXIT_ABORTED
     config = config_file()
     logger.info(
         "run.config",
@@ -495,6 +527,7 @@ async def _run(
         model=spec.model,
         limits=_describe_limits(limits),
         quotas=quotas.describe(),
+        timeout=client.timeout,
         records=progress.total,
         store=str(spec.store_path),
     )
@@ -696,12 +729,13 @@ def _print_summary(
     table.add_column(style="bold")
     table.add_column()
     table.add_row("records", str(counts.total))
-    table.add_row("ok", f"{counts.ok} ({progress.reused} from earlier runs)")
-    table.add_row(
-        "failed",
-        str(counts.failed + counts.skipped)
-        + (" (left out: --on-error skip)" if counts.skipped else ""),
-    )
+    table.add_row("ok", f"{counts.ok} ({progress.done} answered now, {progress.reused} earlier)")
+    failed_now = progress.failed + progress.invalid
+    failed = f"{counts.failed + counts.skipped} ({failed_now} now"
+    if progress.failed_earlier:
+        failed += f", {progress.failed_earlier} earlier: rerun with --retry-failed to send them"
+    failed += ")" + (" (left out: --on-error skip)" if counts.skipped else "")
+    table.add_row("failed", failed)
     table.add_row("pending", str(counts.pending))
     stats = client.statistics()
     table.add_row(
@@ -886,19 +920,17 @@ def estimate(**options: Any) -> None:
 # -- status ----------------------------------------------------------------------------
 
 
+_TARGET = click.argument("target", type=click.Path(dir_okay=False, path_type=Path))
+
+
 @cli.command()
-@click.argument("target", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_TARGET
 @click.option("--errors", "show_errors", is_flag=True, help="List the failed records.")
 @click.option("--as-json", is_flag=True, help="Print the status as one JSON object.")
 def status(target: Path, show_errors: bool, as_json: bool) -> None:
-    """Show what a run's checkpoint holds. TARGET is the output file or the checkpoint."""
-    path = (
-        target
-        if target.name.endswith(".sqlite")
-        else target.with_name(target.name + ".llmbatch.sqlite")
-    )
-    if not path.exists():
-        raise click.BadParameter(f"no checkpoint at {path}", param_hint="TARGET")
+    """Show what a run's checkpoint holds. TARGET is the run's output file (which need
+    not exist yet: a run killed early has only its checkpoint) or the checkpoint."""
+    path = _store_path(target)
     with Store(path) as store:
         job = store.job() or {}
         summary = store.summary()
@@ -1016,7 +1048,7 @@ def batch() -> None:
 
 
 @batch.command("list")
-@click.argument("target", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_TARGET
 def batch_list(target: Path) -> None:
     """List the batches in a run's checkpoint (TARGET: the output file or checkpoint)."""
     with Store(_store_path(target)) as store:
@@ -1030,13 +1062,14 @@ def batch_list(target: Path) -> None:
 
 
 @batch.command("cancel")
-@click.argument("target", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_TARGET
 @click.option("--provider", help="openai, anthropic, or an OpenAI-compatible base URL.")
 def batch_cancel(target: Path, provider: str | None) -> None:
     """Cancel the batches a run left in flight (finished requests stay billed)."""
     from llmbatch.batchapi import batch_backend, cancel_batches
 
     configure_logging(verbose=0, quiet=False, log_json=None)
+    path = _store_path(target)
     choice = choose_provider(provider, None)
 
     async def cancel() -> list[str]:
@@ -1045,7 +1078,7 @@ def batch_cancel(target: Path, provider: str | None) -> None:
             backend = batch_backend(opened)
             if backend is None:
                 raise click.UsageError(f"the {choice.name} provider has no Batch API")
-            with Store(_store_path(target)) as store:
+            with Store(path) as store:
                 return await cancel_batches(backend, store)
         finally:
             await opened.aclose()
@@ -1060,9 +1093,19 @@ def batch_cancel(target: Path, provider: str | None) -> None:
 
 
 def _store_path(target: Path) -> Path:
-    if target.name.endswith(".sqlite"):
-        return target
-    return target.with_name(target.name + ".llmbatch.sqlite")
+    """The checkpoint of a run whose output (or checkpoint) is *target*; it must exist
+    (the output file itself need not: a run killed before writing it has only this)."""
+    path = (
+        target
+        if target.name.endswith(".sqlite")
+        else target.with_name(target.name + ".llmbatch.sqlite")
+    )
+    if not path.is_file():
+        raise click.BadParameter(
+            f"no checkpoint at {path} (a run started with --store keeps it there)",
+            param_hint="TARGET",
+        )
+    return path
 
 
 def _add_serve_sim() -> None:

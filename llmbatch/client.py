@@ -44,7 +44,14 @@ from llmbatch.config import (
     load_settings,
     profile_for,
 )
-from llmbatch.errors import BudgetExhausted, LLMBatchError, RateLimited, redact
+from llmbatch.errors import (
+    BudgetExhausted,
+    ConnectionFailed,
+    LLMBatchError,
+    ProviderUnreachable,
+    RateLimited,
+    redact,
+)
 from llmbatch.failure import (
     BatchFailed,
     BatchResult,
@@ -58,7 +65,13 @@ from llmbatch.failure import (
 from llmbatch.limits import Limits, get_limiter, quota_name
 from llmbatch.models import Embedding, EmbeddingRequest, Request, Response, Usage
 from llmbatch.providers.base import AsyncClosing, Provider
-from llmbatch.retry import RetryLog, RetryPolicy, timed, wait_retry_after
+from llmbatch.retry import (
+    RetryLog,
+    RetryPolicy,
+    stop_if_batch_aborted,
+    timed,
+    wait_retry_after,
+)
 from llmbatch.routing import choose_route
 from llmbatch.runner import (
     DEFAULT_MAX_CONCURRENCY,
@@ -67,7 +80,7 @@ from llmbatch.runner import (
     run_batch,
     stream_batch,
 )
-from llmbatch.tokens import openai_admission_estimate
+from llmbatch.tokens import check_context_window, openai_admission_estimate
 
 AnyRequest = Request | EmbeddingRequest
 Answer = Response | Embedding
@@ -75,6 +88,8 @@ AnswerT = TypeVar("AnswerT", Response, Embedding)
 RequestT = TypeVar("RequestT", Request, EmbeddingRequest)
 
 __all__ = [
+    "DEFAULT_TIMEOUT",
+    "USE_DEFAULT",
     "ClientStatistics",
     "LLMClient",
     "build_request",
@@ -82,6 +97,7 @@ __all__ = [
     "imap",
     "map",
     "map_sync",
+    "template_fields",
 ]
 
 
@@ -97,6 +113,90 @@ class ClientStatistics:
 
 
 logger = structlog.get_logger("llmbatch.client")
+
+#: seconds one attempt may wait for the provider's answer when nothing else is set (the
+#: SDKs wait 600 s: a hung request would hold a slot for ten minutes)
+DEFAULT_TIMEOUT = 120.0
+
+
+class _Unset:
+    """The type of :data:`USE_DEFAULT`."""
+
+    def __repr__(self) -> str:
+        return "USE_DEFAULT"
+
+
+#: "not given": take the configured default (as httpx's ``USE_CLIENT_DEFAULT``)
+USE_DEFAULT = _Unset()
+
+
+class _Reachability:
+    """Tells a provider that is gone from a few failed requests.
+
+    A failed *connection* (refused, DNS, TLS: :attr:`ConnectionFailed.connect`) says
+    nothing about the item, only about the provider. When ``MIN_FAILURES`` of them come
+    in a row, across the whole client, with no answer in between and over at least
+    ``MIN_SECONDS`` (so a blip of a second is ridden out), the provider counts as
+    unreachable: the job stops with one clear error instead of failing every item
+    after minutes of retries.
+    """
+
+    MIN_FAILURES = 5
+    MIN_SECONDS = 2.0
+
+    __slots__ = ("first", "streak")
+
+    def __init__(self) -> None:
+        self.streak = 0
+        self.first = 0.0
+
+    def answered(self) -> None:
+        """A response arrived: the provider is there."""
+        self.streak = 0
+
+    def failed(self, now: float) -> bool:
+        """A connection failed at *now*; whether the provider now counts as gone."""
+        if self.streak == 0:
+            self.first = now
+        self.streak += 1
+        return self.streak >= self.MIN_FAILURES and now - self.first >= self.MIN_SECONDS
+
+
+def template_fields(template: str) -> list[str]:
+    """The record fields a ``str.format`` prompt template names, in order, once each
+    (``"{doc[title]}"`` and ``"{doc.title}"`` name ``doc``).
+
+    Raises:
+        ValueError: the template is malformed (a stray ``{`` or ``}``, an unknown
+            ``!`` conversion) or has positional fields (``{}``, ``{0}``), which a record
+            cannot fill. The message says how to write literal braces.
+    """
+    names: list[str] = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(
+            f"the prompt template is malformed: {exc} (write {{{{ and }}}} for literal braces)"
+        ) from None
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        field = name.split(".")[0].split("[")[0]
+        if field == "" or field.isdigit():
+            raise ValueError(
+                f"the prompt template has a positional field {{{name}}}: name a field of "
+                "the records instead, such as {text} (write {{ and }} for literal braces)"
+            )
+        if conversion not in (None, "r", "s", "a"):
+            raise ValueError(
+                f"the prompt template has an unknown conversion !{conversion} in {{{name}}}"
+            )
+        for nested in template_fields(spec or ""):
+            if nested not in names:
+                names.append(nested)
+        if field not in names:
+            names.append(field)
+    return names
 
 
 def build_request(
@@ -169,6 +269,16 @@ class LLMClient(AsyncClosing):
         max_cost: a budget in USD; once spent, new calls raise
             :class:`~llmbatch.errors.BudgetExhausted` (fatal: the batch stops, keeping
             what finished). Calls in flight when it is reached still complete.
+        timeout: seconds one attempt may wait for the provider's answer before it
+            counts as a (retried) :class:`~llmbatch.errors.Timeout`; the wait for a
+            rate-limit permit is not part of it. Default: the retry policy's
+            ``attempt_timeout`` if it sets one, else the model profile's ``timeout``
+            (``llmbatch.toml``), else :data:`DEFAULT_TIMEOUT` (120 s); ``None``: no
+            limit of ours.
+
+    A fatal error (a refused key, an exhausted quota, the budget, a provider that
+    cannot be reached) stops :meth:`map`: no new request starts, requests already at
+    the provider finish and their answers are kept, and nothing else is marked failed.
     """
 
     def __init__(
@@ -186,6 +296,7 @@ class LLMClient(AsyncClosing):
         sleep: Callable[[float], Any] = asyncio.sleep,
         profiles: Mapping[str, ModelProfile] | None = None,
         max_cost: float | None = None,
+        timeout: float | _Unset | None = USE_DEFAULT,
     ) -> None:
         self.provider = provider
         self.model = model
@@ -211,7 +322,14 @@ class LLMClient(AsyncClosing):
                     wait.fallback, max_wait=wait.max_wait, ignore_rate_limits=True
                 )
             )
-        self.retry = policy
+        # A request let finish after an abort is not tried again.
+        self.retry = policy.copy(stop=policy.stop | stop_if_batch_aborted())
+        if isinstance(timeout, _Unset) and policy.attempt_timeout is not None:
+            timeout = policy.attempt_timeout
+        if isinstance(timeout, float | int) and not timeout > 0:
+            raise ValueError(f"timeout must be positive seconds or None, not {timeout!r}")
+        self._timeout = timeout
+        self._reach = _Reachability()
         self.on_error = on_error
         self.max_concurrency = max_concurrency
         self._sleep = sleep
@@ -285,6 +403,18 @@ class LLMClient(AsyncClosing):
             found = self._limiters[model] = (loop, limiter)
         return found[1]
 
+    async def check_limiter(self, model: str | None = None) -> None:
+        """Make sure the quota of *model* (default: the client's) can be used before
+        sending anything: a shared limiter's server is reachable and accepts us.
+
+        Raises:
+            LimiterUnavailable: it cannot (fatal: no request may go without a permit).
+        """
+        limiter = self.limiter_for(model or self.model or "")
+        check = getattr(limiter, "check", None)
+        if check is not None:
+            await check()
+
     def statistics(self) -> ClientStatistics:
         """Calls, attempts, tokens and money so far (cost ``None`` if prices are unknown)."""
         return ClientStatistics(
@@ -331,9 +461,19 @@ class LLMClient(AsyncClosing):
                 item_key=request.key,
             )
         try:
+            if isinstance(request, Request):
+                # A prompt that can never fit the model fails here, without a request.
+                check_context_window(
+                    request.messages,
+                    max_tokens=request.max_tokens,
+                    window=self.profile(request.model or "").context_window,
+                    model=request.model or "",
+                )
             response = await self._call_with_retry(request)
-        except LLMBatchError:
+        except LLMBatchError as exc:
             self._failed += 1
+            exc.item_key = exc.item_key or request.key
+            exc.provider = exc.provider or self.provider.name
             raise
         return self.account(request, response)
 
@@ -381,24 +521,46 @@ class LLMClient(AsyncClosing):
         except LLMBatchError as exc:
             exc.item_key = exc.item_key or request.key
             exc.attempt = attempts
+            if (
+                isinstance(exc, ConnectionFailed)
+                and exc.connect
+                and attempts >= 2
+                and self._reach.streak >= min(attempts, _Reachability.MIN_FAILURES)
+            ):
+                # Every attempt of this item failed to connect and nothing was answered
+                # meanwhile: the provider is gone, not this item.
+                raise self._unreachable(exc) from exc
             raise
         return replace(response, attempts=attempts)
 
     async def _call_with_limits(self, request: AnyRequest) -> Answer:
         model = request.model or ""
+        item = current_item()
+        if item is not None and item.stopping:
+            # The batch was aborted after an earlier call of this item was answered
+            # (a flow making several calls per item): start nothing new.
+            raise asyncio.CancelledError("the batch was aborted")
         limiter = self.limiter_for(model)
         # Embedding requests reach only providers with embed(), whose rules accept them.
         provider: Any = self.provider
         cost = provider.admission(request, model)
         permit = await limiter.acquire(**cost)
+        if item is not None:
+            item.request_sent()  # from here an abort lets the request finish
         try:
             response: Answer = await self._send(provider, request)
-        except RateLimited as exc:
-            dimension = {"requests": "rpm", "tokens": "tpm"}.get(exc.kind or "")
-            await _feedback(limiter, "on_rate_limited", exc.retry_after, dimension=dimension)
+        except BaseException as exc:
+            if item is not None:
+                item.request_failed()
+            if isinstance(exc, RateLimited):
+                dimension = {"requests": "rpm", "tokens": "tpm"}.get(exc.kind or "")
+                await _feedback(limiter, "on_rate_limited", exc.retry_after, dimension=dimension)
+            elif isinstance(exc, ConnectionFailed) and exc.connect:
+                self._check_reachable(exc)
             raise
         finally:
             permit.release()
+        self._reach.answered()
         if response.headers:
             await _feedback(limiter, "observe", response.headers, permit)
         actual = provider.settlement(request, response)
@@ -412,12 +574,44 @@ class LLMClient(AsyncClosing):
         )
         return response
 
+    def _check_reachable(self, exc: ConnectionFailed) -> None:
+        """Count a failed connection; raise :class:`ProviderUnreachable` (fatal) once
+        they make a streak with no answer in between (see :class:`_Reachability`)."""
+        if self._reach.failed(asyncio.get_running_loop().time()):
+            raise self._unreachable(exc) from exc
+
+    def _unreachable(self, exc: ConnectionFailed) -> ProviderUnreachable:
+        return ProviderUnreachable(
+            f"cannot reach the provider ({self.provider!r}): {self._reach.streak} "
+            f"connections failed in a row with no answer in between (last: "
+            f"{exc.message}). Stopping: requests not answered stay pending; rerun "
+            "once the server is reachable",
+            provider=exc.provider,
+            model=exc.model,
+            item_key=exc.item_key,
+            key_hint=exc.key_hint,
+        )
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds one attempt may wait for the answer of the client's model."""
+        return self.timeout_for(self.model or "")
+
+    def timeout_for(self, model: str) -> float | None:
+        """Seconds one attempt may wait for *model*'s answer: the client's ``timeout``,
+        else the retry policy's ``attempt_timeout``, else the model profile's
+        ``timeout``, else :data:`DEFAULT_TIMEOUT` (``None``: no limit of ours)."""
+        if not isinstance(self._timeout, _Unset):
+            return self._timeout
+        configured = self.profile(model).timeout
+        return configured if configured is not None else DEFAULT_TIMEOUT
+
     async def _send(self, provider: Any, request: AnyRequest) -> Answer:
-        """One call to the provider, within the retry policy's ``attempt_timeout``."""
+        """One call to the provider, within :meth:`timeout_for` its model."""
         call = provider.embed if isinstance(request, EmbeddingRequest) else provider.complete
         answer: Answer = await timed(
             call(request),
-            self.retry.attempt_timeout,
+            self.timeout_for(request.model or ""),
             provider=self.provider.name,
             model=request.model,
         )

@@ -12,8 +12,10 @@ by ``LLMBATCH_CONFIG``; or a ``[tool.llmbatch.models."..."]`` table in ``pyproje
     rpm = 5000
     tpm = 2000000
     max_concurrency = 128
+    timeout = 120           # seconds one attempt may wait for the answer
     input_price = 0.15      # USD per 1M input tokens
     output_price = 0.60
+    context_window = 128000   # tokens: prompt and max_tokens together
 
 The environment variable ``LLMBATCH_PROFILES`` overrides both, with the same settings
 as JSON: ``LLMBATCH_PROFILES='{"openai/gpt-4o-mini": {"rpm": 5000}}'``.
@@ -72,6 +74,12 @@ class ModelProfile:
         cached_input_price: USD per million cached input tokens (default: input price).
         batch_discount: the Batch API's discount (0.5 = half price).
         batch_min_items: the smallest job ``mode="auto"`` sends through the Batch API.
+        context_window: the most tokens one request may hold, prompt and ``max_tokens``
+            together (``None``: unknown, not checked). Knowing it lets a request that
+            can never fit fail before it is sent, instead of paying a rate-limit permit
+            and a round trip for the provider's 400 (:func:`~llmbatch.tokens.check_context_window`).
+        timeout: seconds one attempt may wait for this model's answer (``None``: the
+            client's default, 120 s); raise it for slow reasoning models.
     """
 
     provider: str
@@ -82,6 +90,8 @@ class ModelProfile:
     cached_input_price: float | None = None
     batch_discount: float = 0.5
     batch_min_items: int = 100
+    context_window: int | None = None
+    timeout: float | None = None
 
     def cost(self, usage: Usage, *, batch: bool = False) -> float | None:
         """The price of *usage* in USD, or ``None`` when the prices are unknown."""
@@ -99,14 +109,27 @@ class ModelProfile:
         return total * (1 - self.batch_discount) if batch else total
 
 
-def _profile(provider: str, model: str, prices: tuple[float, float], **limits: Any) -> ModelProfile:
+def _profile(
+    provider: str,
+    model: str,
+    prices: tuple[float, float],
+    *,
+    window: int,
+    **limits: Any,
+) -> ModelProfile:
     return ModelProfile(
         provider=provider,
         model=model,
         limits=Limits(**limits),
         input_price=prices[0],
         output_price=prices[1],
+        context_window=window,
     )
+
+
+#: the context window of the local provider's default ``n_ctx``
+#: (:data:`llmbatch.providers.local.DEFAULT_N_CTX`; config cannot import a provider)
+_LOCAL_N_CTX = 2048
 
 
 #: Conservative defaults (first usage tier; list prices in USD per 1M tokens, late 2026).
@@ -114,16 +137,31 @@ def _profile(provider: str, model: str, prices: tuple[float, float], **limits: A
 BUILTIN_PROFILES: Mapping[str, ModelProfile] = {
     f"{p.provider}/{p.model}": p
     for p in (
-        _profile("openai", "gpt-4o-mini", (0.15, 0.60), rpm=500, tpm=200_000),
-        _profile("openai", "gpt-4o", (2.50, 10.00), rpm=500, tpm=30_000),
-        _profile("openai", "gpt-4.1-mini", (0.40, 1.60), rpm=500, tpm=200_000),
-        _profile("openai", "gpt-4.1", (2.00, 8.00), rpm=500, tpm=30_000),
-        _profile("openai", "text-embedding-3-small", (0.02, 0.0), rpm=3000, tpm=1_000_000),
-        _profile("openai", "text-embedding-3-large", (0.13, 0.0), rpm=3000, tpm=1_000_000),
+        _profile("openai", "gpt-4o-mini", (0.15, 0.60), window=128_000, rpm=500, tpm=200_000),
+        _profile("openai", "gpt-4o", (2.50, 10.00), window=128_000, rpm=500, tpm=30_000),
+        _profile("openai", "gpt-4.1-mini", (0.40, 1.60), window=1_047_576, rpm=500, tpm=200_000),
+        _profile("openai", "gpt-4.1", (2.00, 8.00), window=1_047_576, rpm=500, tpm=30_000),
+        _profile(
+            "openai",
+            "text-embedding-3-small",
+            (0.02, 0.0),
+            window=8_191,
+            rpm=3000,
+            tpm=1_000_000,
+        ),
+        _profile(
+            "openai",
+            "text-embedding-3-large",
+            (0.13, 0.0),
+            window=8_191,
+            rpm=3000,
+            tpm=1_000_000,
+        ),
         _profile(
             "anthropic",
             "claude-haiku-4-5",
             (1.00, 5.00),
+            window=200_000,
             rpm=50,
             input_tpm=50_000,
             output_tpm=10_000,
@@ -132,6 +170,7 @@ BUILTIN_PROFILES: Mapping[str, ModelProfile] = {
             "anthropic",
             "claude-sonnet-4-5",
             (3.00, 15.00),
+            window=200_000,
             rpm=50,
             input_tpm=30_000,
             output_tpm=8_000,
@@ -142,6 +181,7 @@ BUILTIN_PROFILES: Mapping[str, ModelProfile] = {
             limits=Limits(max_concurrency=1),
             input_price=0.0,
             output_price=0.0,
+            context_window=_LOCAL_N_CTX,
         ),
     )
 }
@@ -155,17 +195,33 @@ def _from_table(name: str, table: Mapping[str, Any], base: ModelProfile | None) 
         set(table)
         - _LIMIT_FIELDS
         - {"input_price", "output_price", "cached_input_price", "batch_discount"}
-        - {"batch_min_items"}
+        - {"batch_min_items", "context_window", "timeout"}
     )
     if unknown:
         raise ValueError(f"llmbatch.toml: unknown settings for {name!r}: {sorted(unknown)}")
+    window = table.get("context_window")
+    if "context_window" in table and (
+        not isinstance(window, int) or isinstance(window, bool) or window < 1
+    ):
+        raise ValueError(
+            f"llmbatch.toml: context_window for {name!r} must be a whole number of tokens "
+            f"(at least 1), not {window!r}"
+        )
+    timeout = table.get("timeout")
+    if "timeout" in table and (
+        not isinstance(timeout, int | float) or isinstance(timeout, bool) or not timeout > 0
+    ):
+        raise ValueError(
+            f"llmbatch.toml: timeout for {name!r} must be a positive number of seconds, "
+            f"not {timeout!r}"
+        )
     profile = base or ModelProfile(provider=provider, model=model)
     limit_changes = {k: v for k, v in table.items() if k in _LIMIT_FIELDS}
     if limit_changes:
         start = profile.limits if base is not None else Limits()
         profile = replace(profile, limits=start.copy(**limit_changes))
     price_changes: dict[str, Any] = {
-        k: int(v) if k == "batch_min_items" else float(v)
+        k: int(v) if k in ("batch_min_items", "context_window") else float(v)
         for k, v in table.items()
         if k not in _LIMIT_FIELDS
     }

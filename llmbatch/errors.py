@@ -7,7 +7,8 @@
     │   ├── RateLimited                429 rate_limit_exceeded / Anthropic rate_limit_error
     │   ├── ProviderUnavailable        5xx, 529 overloaded, 408/409
     │   ├── Timeout                    no answer within the per-attempt timeout
-    │   ├── ConnectionFailed           refused, reset, malformed response
+    │   ├── ConnectionFailed           refused, reset, malformed response (``connect``:
+    │   │                              nothing reached the server)
     │   └── BatchExpired               a Batch API request expired or was cancelled unrun
     ├── PermanentError                 this item cannot succeed; the others can
     │   ├── BadRequest                 400/404/422: the request itself is wrong
@@ -18,7 +19,9 @@
     │   ├── AuthenticationFailed       401/403: missing, wrong or revoked key
     │   ├── NotFound                   404: no such model or endpoint
     │   ├── QuotaExhausted             insufficient_quota and other billing errors
-    │   └── BudgetExhausted            the job's own max_cost was reached
+    │   ├── BudgetExhausted            the job's own max_cost was reached
+    │   ├── ProviderUnreachable        no connection to the provider, item after item
+    │   └── LimiterUnavailable         the shared rate limiter (Redis) cannot be used
     └── BatchFailed                    a batch was aborted (see llmbatch.failure)
 
 Every error carries what is known of its context: ``provider``, ``model``,
@@ -43,9 +46,11 @@ __all__ = [
     "ContextLengthExceeded",
     "FatalError",
     "LLMBatchError",
+    "LimiterUnavailable",
     "NotFound",
     "PermanentError",
     "ProviderUnavailable",
+    "ProviderUnreachable",
     "QuotaExhausted",
     "RateLimited",
     "RequestTooLarge",
@@ -166,7 +171,18 @@ class Timeout(TransientError):
 
 
 class ConnectionFailed(TransientError):
-    """The connection failed: refused, reset, or a response that could not be read."""
+    """The connection failed: refused, reset, or a response that could not be read.
+
+    Attributes:
+        connect: the connection could not even be established (refused, DNS, TLS,
+            connect timeout): the request never reached the server, so it cost nothing.
+            Many of these in a row, across items, mean the provider is unreachable
+            (:class:`ProviderUnreachable`).
+    """
+
+    def __init__(self, message: str = "", *, connect: bool = False, **context: Any) -> None:
+        self.connect = connect
+        super().__init__(message, **context)
 
 
 class BatchExpired(TransientError):
@@ -191,23 +207,35 @@ class ContentFiltered(BadRequest):
 
 
 class RequestTooLarge(PermanentError):
-    """A request needs more of a resource than its rate-limit bucket can ever hold.
+    """A request needs more of a resource than its rate-limit bucket can ever hold:
+    found by the limiter before sending, or said by the provider (OpenAI's 429
+    "Request too large ... on tokens per min"). Never retried: it can never fit.
 
     Attributes:
-        dimension: the bucket (``"tpm"``, ``"input_tpm"``...).
-        requested: what the request needs.
-        capacity: the most the bucket can hold.
+        dimension: the bucket (``"tpm"``, ``"input_tpm"``...), if known.
+        requested: what the request needs, if known.
+        capacity: the most the bucket can hold, if known.
     """
 
-    def __init__(self, dimension: str, requested: float, capacity: float, **context: Any) -> None:
+    def __init__(
+        self,
+        dimension: str | None = None,
+        requested: float | None = None,
+        capacity: float | None = None,
+        *,
+        message: str | None = None,
+        **context: Any,
+    ) -> None:
         self.dimension = dimension
         self.requested = requested
         self.capacity = capacity
-        super().__init__(
-            f"request needs {requested:,.0f} {dimension} but the limit is {capacity:,.0f}: "
-            "it can never be admitted (shorten the prompt or lower max_tokens)",
-            **context,
-        )
+        if message is None:
+            message = (
+                f"request needs {requested or 0:,.0f} {dimension} but the limit is "
+                f"{capacity or 0:,.0f}: it can never be admitted "
+                "(shorten the prompt or lower max_tokens)"
+            )
+        super().__init__(message, **context)
 
 
 class FatalError(LLMBatchError):
@@ -232,3 +260,15 @@ class QuotaExhausted(FatalError):
 
 class BudgetExhausted(FatalError):
     """The job's ``max_cost`` is spent: no new item starts (those in flight finish)."""
+
+
+class ProviderUnreachable(FatalError):
+    """The provider could not be reached (connection refused, DNS, TLS) on several
+    attempts in a row, across items, with no answer in between: the job stops at once
+    instead of failing every item slowly. Items not answered stay pending, so a rerun
+    once the server is back sends them."""
+
+
+class LimiterUnavailable(FatalError):
+    """The shared rate limiter cannot be used (its Redis server is unreachable, refuses
+    the password, or fails): no request may be sent without its permit."""

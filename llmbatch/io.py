@@ -11,6 +11,12 @@ Keys name items across runs (the checkpoint store is keyed by them):
 * a folder: the file's path relative to the folder;
 * otherwise a hash of the record's content, so reordering the input keeps the keys;
   identical records are told apart by their occurrence (``…~2``).
+
+A folder input reads the text files it holds (:data:`TEXT_SUFFIXES`) and skips the rest
+(images, binaries, files without a suffix), but never silently: each read logs one
+``io.skipped_files`` event (info) with their count, suffixes and a few names, and one
+``io.skipped_file`` event (debug) per file, so a folder of ``.pdf`` files does not look
+like an empty job.
 """
 
 from __future__ import annotations
@@ -26,14 +32,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import structlog
+
 __all__ = ["FORMATS", "Record", "count_records", "detect_format", "read_records"]
 
 #: the input formats ``read_records`` understands
 FORMATS = ("jsonl", "csv", "parquet", "folder")
 _SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv"}
 _SUFFIXES |= {".parquet": "parquet", ".pq": "parquet"}
-#: the files a folder input reads (other files are ignored)
+#: the files a folder input reads (other files are skipped, and logged)
 TEXT_SUFFIXES = frozenset({".txt", ".md", ".rst", ".text"})
+#: how many skipped files the summary event names
+_EXAMPLES = 3
+
+logger = structlog.get_logger("llmbatch.io")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +95,7 @@ def read_records(
     id_field: str | None = None,
     limit: int | None = None,
     stdin: TextIO | None = None,
+    report_skipped: bool = True,
 ) -> Iterator[Record]:
     """The records of *path* in input order (``-``: JSON lines from standard input).
 
@@ -92,13 +105,15 @@ def read_records(
         id_field: the field holding each record's key (default: a content hash).
         limit: read at most this many records.
         stdin: the stream ``-`` reads (default ``sys.stdin``).
+        report_skipped: log the files a folder input skips (``False`` for a second
+            read of the same input, so that it is said once).
 
     Raises:
         FileNotFoundError: *path* does not exist.
         ValueError: the format is unknown, or the file as a whole is unreadable (a CSV
             without a header, a Parquet file that is not one).
     """
-    rows = _rows(path, format, stdin or sys.stdin)  # raises here, not when iterated
+    rows = _rows(path, format, stdin or sys.stdin, report_skipped)  # raises here
     by_path = (format or detect_format(path)) == "folder"
     return _records(rows, _Keys(id_field, by_path=by_path), limit)
 
@@ -117,18 +132,28 @@ def _records(rows: Iterator[_Row], keys: _Keys, limit: int | None) -> Iterator[R
 
 
 def count_records(path: str | Path, *, format: str | None = None) -> int | None:
-    """How many records *path* holds (``None`` for stdin), without keeping them."""
+    """How many records *path* holds (``None`` for stdin), without keeping them.
+
+    A folder's files are counted, not read, and its skipped files are not logged
+    again: reading it logs them.
+    """
     if str(path) == "-":
         return None
+    if Path(path).is_dir() and (format or "folder") == "folder":
+        return len(_folder_files(Path(path))[0])
     return sum(1 for _ in _rows(path, format, sys.stdin))
 
 
-def _rows(path: str | Path, format: str | None, stdin: TextIO) -> Iterator[_Row]:
+def _rows(
+    path: str | Path, format: str | None, stdin: TextIO, report_skipped: bool = False
+) -> Iterator[_Row]:
     if str(path) != "-" and not Path(path).exists():
         raise FileNotFoundError(f"input not found: {path}")
     fmt = format or detect_format(path)
     if fmt not in FORMATS:
         raise ValueError(f"unknown input format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if fmt == "folder":
+        return _folder_rows(path, stdin, report_skipped=report_skipped)
     return _ROW_READERS[fmt](path, stdin)
 
 
@@ -210,10 +235,41 @@ def _parquet_rows(path: str | Path, stdin: TextIO) -> Iterator[_Row]:
             yield f"{name}:row {row_number}", row, None
 
 
-def _folder_rows(path: str | Path, stdin: TextIO) -> Iterator[_Row]:
+def _folder_files(root: Path) -> tuple[list[Path], list[Path]]:
+    """The files under *root*, sorted: those a folder input reads (by suffix, in any
+    case), and those it skips."""
+    read: list[Path] = []
+    skipped: list[Path] = []
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        (read if file.suffix.lower() in TEXT_SUFFIXES else skipped).append(file)
+    return read, skipped
+
+
+def _log_skipped(root: Path, label: str, skipped: list[Path]) -> None:
+    """Say which files a folder read skips: a summary (info), then each file (debug)."""
+    relative = [file.relative_to(root).as_posix() for file in skipped]
+    suffixes: dict[str, int] = {}
+    for file in skipped:
+        suffix = file.suffix.lower() or "(none)"
+        suffixes[suffix] = suffixes.get(suffix, 0) + 1
+    logger.info(
+        "io.skipped_files",
+        folder=label,
+        count=len(skipped),
+        suffixes=dict(sorted(suffixes.items())),
+        examples=relative[:_EXAMPLES],
+        reads=sorted(TEXT_SUFFIXES),
+    )
+    for name in relative:
+        logger.debug("io.skipped_file", folder=label, path=name)
+
+
+def _folder_rows(path: str | Path, stdin: TextIO, *, report_skipped: bool = True) -> Iterator[_Row]:
     root = Path(path)
     label = root.resolve().name
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+    files, skipped = _folder_files(root)
+    if skipped and report_skipped:
+        _log_skipped(root, label, skipped)
     for file in files:
         relative = file.relative_to(root).as_posix()
         source = f"{label}/{relative}"

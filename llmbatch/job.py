@@ -24,6 +24,7 @@ never leaves a torn or duplicated line; rerunning regenerates it.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import json
 import os
@@ -38,7 +39,7 @@ from typing import IO, Any, TextIO
 import structlog
 
 from llmbatch.batchapi import batch_backend, run_batch_api, uncollected_keys
-from llmbatch.client import LLMClient, build_request, estimated_usage
+from llmbatch.client import LLMClient, build_request, estimated_usage, template_fields
 from llmbatch.errors import FatalError, LLMBatchError
 from llmbatch.failure import BatchFailed, ItemError, OnError, failure_strategy, is_fatal
 from llmbatch.io import Record, read_records
@@ -151,11 +152,107 @@ class JobSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "on_error", OnError(str(self.on_error).replace("-", "_")))
 
-    def records(self, stdin: TextIO | None = None) -> Iterator[Record]:
-        """The job's input records (``-`` reads *stdin*, default ``sys.stdin``)."""
+    def check_paths(self) -> None:
+        """Refuse paths that would make the job write over its own input.
+
+        The output, the errors file, the checkpoint and their temporary files must
+        each be another file than the input (compared as files: links, ``./`` and
+        case-insensitive file systems included) and than each other, and none may lie
+        inside a folder input. Checked before anything is written.
+
+        Raises:
+            ValueError: naming the two paths that clash.
+        """
+        written = {"the output": Path(self.output), "the checkpoint": self.store_path}
+        if self.errors is not None:
+            written["the errors file"] = Path(self.errors)
+        for name in ("the output", "the errors file"):
+            if name in written:
+                partial = written[name]
+                written[f"{name}'s temporary file"] = partial.with_name(partial.name + ".partial")
+        if self.input != "-":
+            source = Path(self.input)
+            for name, path in written.items():
+                if _same_file(source, path):
+                    raise ValueError(
+                        f"{name} ({path}) is the input file ({source}): writing it would "
+                        "destroy the input; choose another path"
+                    )
+                if source.is_dir() and _inside(path, source):
+                    raise ValueError(
+                        f"{name} ({path}) is inside the input folder ({source}): a rerun "
+                        "would read it as input; write it elsewhere"
+                    )
+        names = list(written)
+        for i, first in enumerate(names):
+            for second in names[i + 1 :]:
+                if _same_file(written[first], written[second]):
+                    raise ValueError(
+                        f"{first} and {second} are the same file ({written[first]}): "
+                        "choose different paths"
+                    )
+
+    def check_template(self, records: Iterable[Record], *, sample: int = 20) -> None:
+        """Check the prompt template once, before any request, against the first
+        *sample* readable records: a malformed template, or a field that none of them
+        has, is one clear error instead of one error per record.
+
+        A field that only some records lack stays those records' own error.
+
+        Raises:
+            ValueError: naming the field and the fields the records do have.
+        """
+        names = template_fields(self.template)
+        seen: list[Record] = []
+        for record in records:
+            if record.error is None:
+                seen.append(record)
+                if len(seen) >= sample:
+                    break
+        if not seen:
+            return
+        available = sorted({str(name) for r in seen for name in r.fields})
+        for name in names:
+            if any(name in r.fields for r in seen):
+                continue
+            close = difflib.get_close_matches(name, available, n=1)
+            hint = f"; did you mean {{{close[0]}}}?" if close else ""
+            which = (
+                "the first record does" if len(seen) == 1 else f"the first {len(seen)} records do"
+            )
+            raise ValueError(
+                f"the prompt template uses the field {{{name}}}, which {which} not have "
+                f"(fields: {', '.join(available) or 'none'}){hint}"
+            )
+
+    def records(
+        self, stdin: TextIO | None = None, *, report_skipped: bool = True
+    ) -> Iterator[Record]:
+        """The job's input records (``-`` reads *stdin*, default ``sys.stdin``); a
+        folder's skipped files are logged unless *report_skipped* is false."""
         return read_records(
-            self.input, format=self.format, id_field=self.id_field, limit=self.limit, stdin=stdin
+            self.input,
+            format=self.format,
+            id_field=self.id_field,
+            limit=self.limit,
+            stdin=stdin,
+            report_skipped=report_skipped,
         )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether *a* and *b* name one file: the same inode if both exist, else the same
+    resolved path (compared case-insensitively where the file system is)."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.normcase(a.resolve()) == os.path.normcase(b.resolve())
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return folder.resolve() in path.resolve().parents
 
 
 def _sha256(value: Any) -> str:
@@ -211,6 +308,8 @@ class JobProgress:
     Attributes:
         total: records in the input (``None`` when unknown, e.g. stdin).
         reused: records already answered in an earlier run (not sent).
+        failed_earlier: records that failed in an earlier run and are not sent again
+            (``retry_failed`` sends them).
         done: answered in this run.
         failed: failed in this run.
         invalid: records that could not become requests.
@@ -220,6 +319,7 @@ class JobProgress:
 
     total: int | None = None
     reused: int = 0
+    failed_earlier: int = 0
     done: int = 0
     failed: int = 0
     invalid: int = 0
@@ -231,7 +331,7 @@ class JobProgress:
     @property
     def finished(self) -> int:
         """Records accounted for so far, however they ended."""
-        return self.reused + self.done + self.failed + self.invalid
+        return self.reused + self.failed_earlier + self.done + self.failed + self.invalid
 
     @property
     def in_flight(self) -> int:
@@ -306,10 +406,12 @@ async def run_job(
         A :class:`JobReport`; item failures are in the store, not raised.
 
     Raises:
+        ValueError: a path the job writes is its input (:meth:`JobSpec.check_paths`).
         JobMismatch: the store holds another job's results (and *fresh* is false).
         asyncio.CancelledError: the run was interrupted; everything finished is stored.
     """
     progress = progress if progress is not None else JobProgress()
+    spec.check_paths()
     with contextlib.ExitStack() as stack:
         if store is None:
             store = stack.enter_context(Store(spec.store_path))
@@ -349,8 +451,12 @@ async def run_job(
                             stopped.append(f"fail_fast: InvalidInput: {ready.error}")
                             return  # no new item starts; those in flight finish
                         continue
-                    if _reusable(stored.get(record.key), ready, retry_failed=spec.retry_failed):
+                    reuse = _reusable(stored.get(record.key), ready, retry_failed=spec.retry_failed)
+                    if reuse == "done":
                         progress.reused += 1
+                        continue
+                    if reuse == "failed":
+                        progress.failed_earlier += 1
                         continue
                     in_flight[progress.sent] = ready
                     progress.sent += 1
@@ -477,10 +583,12 @@ def _prepared_key(ready: Prepared) -> str:
     return ready.record.key
 
 
-def _reusable(stored: StoredItem | None, ready: Prepared, *, retry_failed: bool) -> bool:
-    """Whether *stored* already answers *ready* (so it is not sent again)."""
+def _reusable(stored: StoredItem | None, ready: Prepared, *, retry_failed: bool) -> str | None:
+    """How *stored* already settles *ready*, so that it is not sent again: ``"done"``
+    (answered), ``"failed"`` (failed earlier, and failures are not retried), or ``None``
+    (send it)."""
     if stored is None or stored.status == "invalid":
-        return False
+        return None
     if stored.fingerprint != ready.fingerprint:
         logger.warning(
             "job.item_changed",
@@ -488,8 +596,10 @@ def _reusable(stored: StoredItem | None, ready: Prepared, *, retry_failed: bool)
             source=ready.record.source,
             detail="the record changed since it was answered: answering it again",
         )
-        return False
-    return stored.status == "done" or not retry_failed
+        return None
+    if stored.status == "done":
+        return "done"
+    return None if retry_failed else "failed"
 
 
 def _record(
@@ -570,12 +680,13 @@ def write_output(
     """
     skip = spec.on_error == OnError.SKIP
     ok = failed = pending = skipped = 0
+    spec.check_paths()
     with contextlib.ExitStack() as stack:
         if store is None:
             store = stack.enter_context(Store(spec.store_path))
         out = stack.enter_context(_AtomicFile(Path(spec.output)))
         errors = stack.enter_context(_AtomicFile(Path(spec.errors))) if spec.errors else None
-        records = iter(records) if records is not None else spec.records()
+        records = iter(records) if records is not None else spec.records(report_skipped=False)
         _kill_point("output", 0)
         for chunk in _chunks(records, 500):
             stored = store.get_many(r.key for r in chunk)

@@ -27,6 +27,14 @@ process only the first waiter polls (the others queue behind it, in order), so a
 needs one Redis connection however many items it runs; across processes, waiters are
 served roughly, not strictly, in arrival order.
 
+A Redis server that cannot be used (unreachable, refusing the password, failing a
+script) while a permit is asked for raises :class:`~llmbatch.errors.LimiterUnavailable`,
+a fatal error that stops the job: no request is sent without its permit. Call
+:meth:`RedisRateLimiter.check` before the first request to find out at once. The
+feedback after an answer (``observe``, ``settle``, ``on_rate_limited``) raises redis-py's
+own errors, which :class:`~llmbatch.client.LLMClient` logs and passes over: the answer
+is paid for and kept.
+
 Build one from configuration with :meth:`RedisRateLimiter.from_url` (``LLMClient`` does
 so when ``LLMBATCH_LIMITER_URL`` or ``[limiter] url`` names a ``redis://`` server; see
 :mod:`llmbatch.config`). Requires the ``redis`` extra: ``pip install 'llmbatch[redis]'``.
@@ -35,6 +43,7 @@ so when ``LLMBATCH_LIMITER_URL`` or ``[limiter] url`` names a ``redis://`` serve
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import uuid
 from collections.abc import Mapping
@@ -43,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from llmbatch.errors import RequestTooLarge
+from llmbatch.errors import LimiterUnavailable, RequestTooLarge, redact
 from llmbatch.limits import (
     _AIMD_START,
     _DIMENSIONS,
@@ -67,6 +76,11 @@ logger = structlog.get_logger("llmbatch.limits")
 
 #: the units a request is counted in (a dimension charges one of them)
 _UNITS = ("requests", "tokens", "input_tokens", "output_tokens")
+
+#: seconds to wait for a connection to Redis (redis-py before 6 waits as long as the OS
+#: does, minutes for a host that drops packets); a ``socket_connect_timeout`` in the URL
+#: wins
+_CONNECT_TIMEOUT = 5.0
 
 
 # Shared by the scripts: the server's clock, and a bucket's level now (leaked since its
@@ -411,6 +425,34 @@ def _parse_learned(text: str) -> dict[str, float]:
     return found
 
 
+def _where(redis: Any) -> str:
+    """Where *redis* connects, for messages: ``redis://host:port/db`` or ``unix://path``
+    (never its password)."""
+    pool = getattr(redis, "connection_pool", None)
+    options: Mapping[str, Any] = getattr(pool, "connection_kwargs", None) or {}
+    if options.get("path"):
+        return f"unix://{options['path']}"
+    host, port = options.get("host", "localhost"), options.get("port", 6379)
+    return f"redis://{host}:{port}/{options.get('db', 0)}"
+
+
+def _cause(exc: BaseException) -> str:
+    """What went wrong, in a few words: the operating system's reason when a socket
+    failed ("Connection refused"; redis-py words it "Error 111 connecting to ..."), else
+    the error's own message."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a chain of causes is short; a cycle must not hang us
+        if seen is None:
+            break
+        if isinstance(seen, OSError):
+            if seen.errno is not None and seen.errno > 0:
+                return os.strerror(seen.errno)
+            if seen.strerror:
+                return str(seen.strerror)
+        seen = seen.__cause__ or seen.__context__
+    return str(exc).strip().rstrip(".") or type(exc).__name__
+
+
 class RedisRateLimiter:
     """A rate limiter whose buckets live in Redis (see the module docstring).
 
@@ -443,6 +485,8 @@ class RedisRateLimiter:
     ) -> None:
         self._redis = redis
         self._owns_client = False
+        #: the server, for messages (the URL, password hidden, when from_url made it)
+        self._where = _where(redis)
         self.limits = limits
         self.name = quota
         self._key = f"llmbatch:{namespace}:{quota}"
@@ -495,8 +539,13 @@ class RedisRateLimiter:
         """A limiter on the Redis server at *url* (``redis://``, ``rediss://``,
         ``unix://``), with a client of its own that :meth:`aclose` closes.
 
+        Nothing is sent yet: :meth:`check` tries the server. The client waits at most
+        5 s for a connection, unless the URL sets ``socket_connect_timeout``.
+
         Raises:
             ImportError: the ``redis`` extra is not installed.
+            ValueError: *url* is not a Redis URL (another scheme, a port that is not a
+                number...).
         """
         try:
             from redis.asyncio import Redis
@@ -504,9 +553,86 @@ class RedisRateLimiter:
             raise ImportError(
                 "a redis:// limiter needs the redis client: pip install 'llmbatch[redis]'"
             ) from None
-        limiter = cls(Redis.from_url(url), limits, quota=quota, namespace=namespace, **options)
+        try:
+            # the URL's own socket_connect_timeout, if any, overrides this one
+            client = Redis.from_url(url, socket_connect_timeout=_CONNECT_TIMEOUT)
+        except ValueError as exc:
+            raise ValueError(redact(f"the limiter URL {url} is not a Redis URL: {exc}")) from exc
+        limiter = cls(client, limits, quota=quota, namespace=namespace, **options)
         limiter._owns_client = True
+        limiter._where = redact(url)
         return limiter
+
+    async def check(self) -> None:
+        """Make sure the shared limiter can be used before any request is sent: one
+        round trip to Redis (``PING``), and the Lua scripts loaded (which compiles
+        them), so a dead or misconfigured server stops the job at once instead of
+        failing every item.
+
+        Raises:
+            LimiterUnavailable: Redis cannot be reached, refuses the password, or
+                refuses a script.
+        """
+        scripts = (
+            self._acquire_script,
+            self._adjust_script,
+            self._learn_script,
+            self._aimd_script,
+            self._release_script,
+        )
+        try:
+            await self._redis.ping()
+            for script in scripts:
+                sha = _text(await self._redis.script_load(script.script))
+                if sha != script.sha:
+                    raise LimiterUnavailable(
+                        f"the shared rate limiter at {self._where} stores its scripts under "
+                        f"other names than this client computes ({sha} for {script.sha}): "
+                        "no request is sent without its permit; check the Redis server"
+                    )
+        except Exception as exc:  # our own LimiterUnavailable goes through as it is
+            unavailable = self._unavailable(exc)
+            if unavailable is None:
+                raise
+            raise unavailable from exc
+
+    def _unavailable(self, exc: Exception) -> LimiterUnavailable | None:
+        """*exc*, raised by redis-py while asking for a permit (or checking), as the
+        fatal error that says which server and why; ``None`` if it did not come from
+        Redis."""
+        # Imported here, as in from_url: the module loads without the redis extra (to
+        # say what to install), and a client of it raised *exc*.
+        from redis import exceptions as redis_errors
+
+        pool = getattr(self._redis, "connection_pool", None)
+        password = getattr(pool, "connection_kwargs", {}).get("password")
+        cause = _cause(exc)
+        if password:
+            cause = cause.replace(str(password), "***")
+        if isinstance(exc, redis_errors.AuthenticationError) or (
+            # NOAUTH and WRONGPASS, should a redis-py version not map them
+            isinstance(exc, redis_errors.ResponseError)
+            and str(exc).startswith(("NOAUTH", "WRONGPASS", "invalid password"))
+        ):
+            if password:
+                problem = "refuses the password"
+                advice = "check the password in the limiter URL (--limiter-url)"
+            else:
+                # redis-py's words for this are about its HELLO handshake
+                problem, cause = "requires a password", "the limiter URL gives none"
+                advice = "put the password in the limiter URL (--limiter-url)"
+        elif isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError | OSError):
+            problem = "cannot be reached"
+            advice = "start Redis or run without --limiter-url"
+        elif isinstance(exc, redis_errors.RedisError):
+            problem = "fails"  # a script refused, out of memory, a read-only replica...
+            advice = "check the Redis server and its log, or run without --limiter-url"
+        else:
+            return None
+        return LimiterUnavailable(
+            f"the shared rate limiter at {self._where} {problem} ({cause}): "
+            f"no request is sent without its permit; {advice}"
+        )
 
     async def aclose(self) -> None:
         """Finish the background updates, then close the Redis client if this limiter
@@ -571,6 +697,7 @@ class RedisRateLimiter:
 
         Raises:
             RequestTooLarge: the request exceeds a bucket's capacity.
+            LimiterUnavailable: Redis cannot be used (see :meth:`check`).
         """
         units = {
             "requests": float(requests),
@@ -625,6 +752,11 @@ class RedisRateLimiter:
         except asyncio.CancelledError:
             self._spawn(self._undo(call, cost, lease))
             raise
+        except Exception as exc:
+            unavailable = self._unavailable(exc)
+            if unavailable is None:
+                raise
+            raise unavailable from exc
 
     async def _undo(self, call: asyncio.Future[Any], cost: Mapping[str, float], lease: str) -> None:
         """Give back what a cancelled acquire took, once its reply says what that was."""
@@ -659,6 +791,7 @@ class RedisRateLimiter:
 
         Raises:
             RequestTooLarge: the request exceeds a bucket's capacity.
+            LimiterUnavailable: Redis cannot be used (see :meth:`check`).
         """
         loop = asyncio.get_running_loop()
         started = loop.time()

@@ -60,6 +60,7 @@ __all__ = [
     "RetryStatistics",
     "parse_retry_after",
     "retry_if_transient",
+    "stop_if_batch_aborted",
     "timed",
     "wait_retry_after",
 ]
@@ -106,6 +107,22 @@ def parse_retry_after(headers: Mapping[str, str], *, now: datetime | None = None
 def retry_if_transient() -> retry_base:
     """Retry transient errors (rate limits, 5xx/529, timeouts, connections) only."""
     return retry_if_exception_type(TransientError)
+
+
+class stop_if_batch_aborted(stop_base):  # lower case like tenacity's own stop_* classes
+    """Stop once the batch running this item was aborted (a fatal error, fail-fast).
+
+    The runner lets a request already at the provider finish when it aborts a batch
+    (see :class:`~llmbatch.runner.ItemContext`); this stops that item from trying
+    again if the request failed. Outside a batch it never stops anything.
+    """
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        item = current_item()
+        return item is not None and item.stopping
+
+    def __repr__(self) -> str:
+        return "stop_if_batch_aborted()"
 
 
 class wait_retry_after(wait_base):  # lower case like tenacity's own wait_* classes

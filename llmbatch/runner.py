@@ -11,7 +11,10 @@ CLI, the pandas and Ray integrations) runs its items through :func:`run_batch` o
   :func:`stream_batch` yields :class:`Outcome` records as items finish, each with its
   input index, and keeps nothing once it is handed out;
 * the failure strategy (:mod:`llmbatch.failure`) decides what a failed item does; an
-  abort cancels the items in flight and starts no new one;
+  abort starts no new item and cancels the items in flight, except those whose request
+  is at the provider (:meth:`ItemContext.request_sent`): the provider has accepted it
+  and may bill it, so its answer is awaited and kept, and only then does the item stop
+  (no further attempt);
 * cancelling the caller (Ctrl-C, ``task.cancel()``) cancels every worker before the
   cancellation propagates: no task outlives the call.
 
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
+from llmbatch.errors import PermanentError
 from llmbatch.failure import (
     BatchFailed,
     BatchResult,
@@ -67,11 +71,29 @@ class ItemContext:
         key: the item's key (``key=`` function), or ``None``.
         attempts: the number of the attempt in progress, counted from 1; retry loops
             running inside the item update it.
+        in_request: a request of this item reached the provider (or is on its way) and
+            its answer is not handed back yet: an abort waits for it rather than
+            throw away work the provider accepted (see :meth:`request_sent`).
+        stopping: the batch was aborted while this item's request was out: let that
+            request finish, but start no further attempt or call.
     """
 
     index: int = -1
     key: str | None = None
     attempts: int = 1
+    in_request: bool = False
+    stopping: bool = False
+
+    def request_sent(self) -> None:
+        """Mark that a request of this item is at the provider. Call it right before
+        sending; call :meth:`request_failed` if the attempt fails. After a successful
+        answer the mark stays until the item ends, so that an abort lets the item
+        hand its (paid) answer back."""
+        self.in_request = True
+
+    def request_failed(self) -> None:
+        """The request marked by :meth:`request_sent` failed: nothing to keep."""
+        self.in_request = False
 
 
 _CURRENT: ContextVar[ItemContext | None] = ContextVar("llmbatch_current_item", default=None)
@@ -142,6 +164,7 @@ class _Batch(Generic[ItemT, T]):
         self._failed = 0
         self._stop = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._contexts: dict[asyncio.Task[None], ItemContext] = {}
         self.abort: BatchFailed | None = None
 
     def result(self) -> BatchResult[T]:
@@ -173,6 +196,9 @@ class _Batch(Generic[ItemT, T]):
     async def _worker(self) -> None:
         ctx = ItemContext()
         _CURRENT.set(ctx)  # this task's own copy of the context
+        task = asyncio.current_task()
+        assert task is not None
+        self._contexts[task] = ctx
         fn, key, results, queue = self._fn, self._key, self._results, self._queue
         while not self._stop:
             pulled = await self._pull()
@@ -182,11 +208,29 @@ class _Batch(Generic[ItemT, T]):
             ctx.index = index
             ctx.attempts = 1
             ctx.key = None
+            ctx.in_request = False
             try:
                 if key is not None:
                     ctx.key = key(item)
                 value: Any = await fn(item)
             except Exception as exc:
+                if self.abort is not None and ctx.stopping and not isinstance(exc, PermanentError):
+                    # Its request was let finish after the abort, and failed: it is not
+                    # tried again, so it ends as cut short (not run), not as failed.
+                    error = ItemError(
+                        index=index,
+                        key=ctx.key,
+                        error_type="CancelledError",
+                        message=(
+                            "stopped when the batch was aborted; its last attempt failed: "
+                            f"{type(exc).__name__}: {exc}"
+                        ),
+                        attempts=ctx.attempts,
+                        cancelled=True,
+                        exception=exc,
+                    )
+                    self._record_stopped(index, error)
+                    return
                 error = ItemError.from_exception(index, exc, key=ctx.key, attempts=ctx.attempts)
                 self._finished += 1
                 self._failed += 1
@@ -223,7 +267,16 @@ class _Batch(Generic[ItemT, T]):
                 elif queue is not None:
                     await queue.put(Outcome(index, value))
 
+    def _record_stopped(self, index: int, error: ItemError) -> None:
+        """Record an item the abort cut short: in place in the results; a streamed
+        batch does not yield it (as with items cancelled by the abort)."""
+        if self._results is not None:
+            self._results[index] = error
+
     def _abort_batch(self, error: ItemError, reason: str) -> None:
+        """Start no new item; cancel the items in flight, except those whose request is
+        at the provider (it accepted the work and may bill it): they finish, their
+        answers are kept, and they make no further attempt."""
         if self.abort is not None:
             return
         self._stop = True
@@ -235,7 +288,12 @@ class _Batch(Generic[ItemT, T]):
         )
         current = asyncio.current_task()
         for task in self._tasks:
-            if task is not current:
+            if task is current:
+                continue
+            ctx = self._contexts.get(task)
+            if ctx is not None and ctx.in_request:
+                ctx.stopping = True
+            else:
                 task.cancel()
 
     async def run(self) -> None:

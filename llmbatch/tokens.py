@@ -15,6 +15,8 @@ built from them directly. tiktoken's cache and network code are never reached.
   one ``tokens.encoding`` event naming the encoding, the model and whether it is exact.
 * Chat messages are counted as OpenAI does: 3 tokens per message, 1 more for a
   ``name``, and 3 to prime the reply.
+* :func:`check_context_window` refuses a request that cannot fit its model's context
+  window, counting tokens only when a bound on bytes cannot already tell.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import gzip
 import hashlib
 import math
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -35,7 +37,7 @@ import tiktoken
 import tiktoken.model
 import tiktoken_ext.openai_public as openai_public
 
-from llmbatch.errors import LLMBatchError
+from llmbatch.errors import ContextLengthExceeded, LLMBatchError
 
 __all__ = [
     "FALLBACK_ENCODING",
@@ -43,6 +45,7 @@ __all__ = [
     "TokenCounter",
     "TokenizerUnavailable",
     "admission_estimate",
+    "check_context_window",
     "count_messages",
     "count_text",
     "encoding_for_model",
@@ -153,14 +156,7 @@ class TokenCounter:
 
     def count_messages(self, messages: Iterable[Mapping[str, Any]]) -> int:
         """Prompt tokens of a chat request's ``messages``, with OpenAI's per-message overhead."""
-        total = _REPLY_PRIMING
-        for message in messages:
-            total += _TOKENS_PER_MESSAGE
-            for field, value in message.items():
-                if field == "name":
-                    total += _TOKENS_PER_NAME
-                total += self.count(_text_of(value))
-        return total
+        return _message_total(messages, self.count)
 
 
 @functools.cache
@@ -228,3 +224,76 @@ def openai_admission_estimate(messages: Iterable[Mapping[str, Any]]) -> int:
     messages = list(messages)
     chars = sum(len(_text_of(m.get("content"))) for m in messages)
     return math.ceil(chars / 4) + _CHARS_MESSAGE_OVERHEAD * len(messages)
+
+
+def _utf8_length(text: str) -> int:
+    """The UTF-8 byte length of *text*; without encoding it when it is ASCII (CPython
+    knows that from a flag, so ``isascii`` costs nothing)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _byte_bound(messages: Iterable[Mapping[str, Any]]) -> int:
+    """An upper bound of :meth:`TokenCounter.count_messages` that needs no tokenizer.
+
+    Every token of a byte-level BPE encoding stands for at least one byte of UTF-8, so a
+    text has at most as many tokens as bytes; the per-message overhead is added exactly
+    as the counter adds it.
+    """
+    return _message_total(messages, _utf8_length)
+
+
+def _message_total(messages: Iterable[Mapping[str, Any]], measure: Callable[[str], int]) -> int:
+    """*measure* of every field of every message, plus OpenAI's per-message overhead."""
+    total = _REPLY_PRIMING
+    for message in messages:
+        total += _TOKENS_PER_MESSAGE
+        for field, value in message.items():
+            if field == "name":
+                total += _TOKENS_PER_NAME
+            total += measure(_text_of(value))
+    return total
+
+
+def check_context_window(
+    messages: Iterable[Mapping[str, Any]],
+    *,
+    max_tokens: int | None,
+    window: int | None,
+    model: str,
+) -> None:
+    """Refuse a request whose prompt and ``max_tokens`` cannot fit *model*'s context
+    window, before it costs a rate-limit permit and a round trip for the provider's 400.
+
+    It runs for every request, so the common case is cheap: the prompt has at most as
+    many tokens as its UTF-8 bytes, and if bytes + overhead + ``max_tokens`` fit, the
+    request fits without tokenizing anything. Only a request that bound cannot clear is
+    counted, with :class:`TokenCounter` (approximate for models tiktoken does not know:
+    the provider's own check still stands behind this one).
+
+    Args:
+        messages: the chat messages of the request.
+        max_tokens: the output cap (``None``: not set, nothing reserved for the answer).
+        window: the model's context window in tokens (``None``: unknown, not checked;
+            see :attr:`llmbatch.config.ModelProfile.context_window`).
+        model: the model, for the tokenizer and the error.
+
+    Raises:
+        ContextLengthExceeded: the prompt's tokens plus ``max_tokens`` exceed *window*.
+    """
+    if window is None:
+        return
+    if not isinstance(messages, list | tuple):
+        messages = list(messages)  # read twice: by the bound, then maybe by the counter
+    reserved = max_tokens or 0
+    if _byte_bound(messages) + reserved <= window:
+        return
+    prompt = TokenCounter.for_model(model).count_messages(messages)
+    if prompt + reserved <= window:
+        return
+    output = f" and max_tokens is {max_tokens:,}" if max_tokens else ""
+    lower = " or lower max_tokens" if max_tokens else ""
+    raise ContextLengthExceeded(
+        f"the prompt has about {prompt:,} tokens{output}: more than the model's context "
+        f"window of {window:,} tokens (shorten the document{lower})",
+        model=model,
+    )

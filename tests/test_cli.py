@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import signal
 import sqlite3
 import sys
@@ -25,6 +26,7 @@ import pytest
 
 from llmbatch.testing import FakeClock, Simulator
 from llmbatch.testing._content import content_tag
+from llmbatch.testing._faults import Fault, RequestInfo
 from llmbatch.testing.pytest_plugin import SimulatorFactory
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -352,7 +354,7 @@ async def test_rerun_sends_only_what_is_missing(simulator: Simulator, tmp_path: 
     assert 10 == len(read_jsonl(out))
     second = await llmbatch(*run_args(simulator, source, out), cwd=tmp_path)
     assert 0 == second.code, second.stderr
-    assert "10 from earlier runs" in second.stderr
+    assert "15 answered now, 10 earlier" in second.stderr
     assert 25 == simulator.stats().ok
     third = await llmbatch(*run_args(simulator, source, out), cwd=tmp_path)
     assert 0 == third.code
@@ -1017,3 +1019,299 @@ async def test_batch_cancel_then_the_same_command_keeps_what_ran_and_pays_once(
         [r for r in written if r["key"] != "doc-003"],
         [d for d in inputs if d["id"] != "doc-003"],
     )
+
+
+# -- never lose the user's data, nor answers already paid for --------------------------
+
+
+def dead_port() -> int:
+    """A 127.0.0.1 port where nothing listens (bound, read, closed)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    "clash",
+    [
+        ["-o", "in.jsonl"],
+        ["-o", "./sub/../in.jsonl"],
+        ["-o", "link.jsonl"],
+        ["-o", "out.jsonl", "--errors", "in.jsonl"],
+        ["-o", "out.jsonl", "--store", "in.jsonl"],
+        ["-o", "out.jsonl", "--errors", "out.jsonl"],
+    ],
+)
+async def test_a_path_that_would_overwrite_the_input_is_refused(
+    simulator: Simulator, tmp_path: Path, clash: list[str]
+) -> None:
+    """The output, errors file or checkpoint naming the input file (however spelled,
+    a symlink included) is a usage error, exit 2, before anything is written or sent:
+    the input is untouched, byte for byte."""
+    source = write_jsonl(tmp_path / "in.jsonl", docs(5))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.jsonl").symlink_to(source)
+    before = source.read_bytes()
+    args = ["run", "in.jsonl", "--provider", simulator.base_url, "--prompt", TEMPLATE, *clash]
+    done = await llmbatch(*args, cwd=tmp_path)
+    assert 2 == done.code, done.stderr
+    assert "same file" in done.stderr or "is the input file" in done.stderr
+    assert before == source.read_bytes()
+    assert 0 == simulator.stats().requests
+    assert not (tmp_path / "in.jsonl.llmbatch.sqlite").exists()
+
+
+async def test_an_output_inside_the_input_folder_is_refused(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """A folder input with the output inside it: a rerun would read the output as a
+    document. Exit 2, nothing written."""
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("alpha")
+    done = await llmbatch(
+        "run", "docs", "-o", "docs/out.jsonl", "--provider", simulator.base_url, cwd=tmp_path
+    )
+    assert 2 == done.code
+    assert "inside the input folder" in done.stderr
+    assert ["a.txt"] == sorted(p.name for p in folder.iterdir())
+
+
+async def test_a_fatal_stop_keeps_every_answer_the_provider_accepted(
+    simulator_factory: SimulatorFactory, tmp_path: Path
+) -> None:
+    """The quota runs out after 30 accepted requests while 20 are in flight. The run
+    stops (exit 2) but waits for the requests already accepted: the 30 answers are all
+    in the output, the rest is pending (not failed). Once the quota is back, the same
+    command sends only the 70 never answered: no answer is paid for twice."""
+    quota = {"left": 30}
+
+    def metered(info: RequestInfo) -> Fault | None:
+        if quota["left"] <= 0:
+            return Fault(status=429, error_type="insufficient_quota")
+        quota["left"] -= 1
+        return None
+
+    sim = await simulator_factory(ttft=0.4, jitter=0.5, seed=5, script=metered)
+    inputs = docs(100)
+    source = write_jsonl(tmp_path / "in.jsonl", inputs)
+    out = tmp_path / "out.jsonl"
+    args = run_args(sim, source, out, "--concurrency", "20", "--id-field", "id")
+    first = await llmbatch(*args, cwd=tmp_path)
+    assert 2 == first.code, first.stderr
+    assert "QuotaExhausted" in first.stderr
+    statuses = [r["status"] for r in read_jsonl(out)]
+    assert (30, 70) == (statuses.count("ok"), statuses.count("pending"))
+    assert 30 == sim.stats().ok
+    quota["left"] = 1000
+    second = await llmbatch(*args, cwd=tmp_path)
+    assert 0 == second.code, second.stderr
+    assert_answers(read_jsonl(out), inputs)
+    stats = sim.stats()
+    assert (100, 0) == (stats.ok, stats.duplicates)
+
+
+async def test_a_dead_provider_stops_the_run_at_once_and_the_rerun_continues(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """``--provider`` names a port with nothing listening: one clear message, exit 2,
+    every record left pending (not failed) after a handful of attempts; the plain
+    rerun against a live server answers them all."""
+    inputs = docs(50)
+    source = write_jsonl(tmp_path / "in.jsonl", inputs)
+    out = tmp_path / "out.jsonl"
+    dead = f"http://127.0.0.1:{dead_port()}/v1"
+    args: list[str | Path] = ["run", source, "-o", out, "--prompt", TEMPLATE, "--id-field", "id"]
+    first = await llmbatch(
+        *args, "--provider", dead, "--concurrency", "4", cwd=tmp_path, seconds=60
+    )
+    assert 2 == first.code, first.stderr
+    assert "cannot reach the provider" in first.stderr
+    assert ["pending"] * 50 == [r["status"] for r in read_jsonl(out)]
+    found = re.search(r"(\d+) sent, (\d+) attempts", first.stderr)
+    assert found is not None, first.stderr
+    assert int(found.group(2)) < 60  # 4 at a time, a few attempts each: not 50 x 6
+    second = await llmbatch(*args, "--provider", simulator.base_url, cwd=tmp_path)
+    assert 0 == second.code, second.stderr
+    assert_answers(read_jsonl(out), inputs)
+    assert "50 answered now" in second.stderr
+
+
+async def test_an_unreachable_redis_limiter_stops_before_any_request(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """``--limiter-url`` naming a Redis server that is not there: a clear fatal error
+    naming the limiter (exit 2) before any request; nothing marked failed."""
+    source = write_jsonl(tmp_path / "in.jsonl", docs(20))
+    out = tmp_path / "out.jsonl"
+    url = f"redis://:s3cret-pass@127.0.0.1:{dead_port()}/0"
+    done = await llmbatch(*run_args(simulator, source, out, "--limiter-url", url), cwd=tmp_path)
+    assert 2 == done.code, done.stderr
+    assert "limiter" in done.stderr
+    assert "s3cret-pass" not in done.stderr
+    assert 0 == simulator.stats().requests
+    assert not out.exists() or {"pending"} == {r["status"] for r in read_jsonl(out)}
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        ("Summarize: {txt}", "the field {txt}"),
+        ("Summarize: {text", "malformed"),
+        ("Summarize: {text} }", "malformed"),
+        ("Summarize: {}", "positional field"),
+    ],
+)
+async def test_a_template_error_is_one_usage_error(
+    simulator: Simulator, tmp_path: Path, template: str, expected: str
+) -> None:
+    """A template naming a field no record has, or a malformed one, is one usage
+    error (exit 2) naming the problem and the fields there are, before any request."""
+    source = write_jsonl(tmp_path / "in.jsonl", docs(50))
+    out = tmp_path / "out.jsonl"
+    done = await llmbatch(
+        "run",
+        source,
+        "-o",
+        out,
+        "--provider",
+        simulator.base_url,
+        "--prompt",
+        template,
+        cwd=tmp_path,
+    )
+    assert 2 == done.code, done.stderr
+    assert expected in done.stderr
+    if "{txt}" in expected:
+        assert "did you mean {text}" in done.stderr
+        assert "id, text" in done.stderr
+    assert 0 == simulator.stats().requests
+    assert not out.exists()
+
+
+async def test_status_and_batch_list_read_the_checkpoint_of_a_run_killed_early(
+    simulator_factory: SimulatorFactory, tmp_path: Path
+) -> None:
+    """Killed before the output file was ever written, a run has only its
+    checkpoint: ``status OUT`` and ``batch list OUT`` read it all the same."""
+    sim = await simulator_factory(ttft=0.01)
+    source = write_jsonl(tmp_path / "in.jsonl", docs(10))
+    out = tmp_path / "out.jsonl"
+    env = cli_env(LLMBATCH_TEST_KILL_AT="item:3")
+    killed = await llmbatch(
+        *run_args(sim, source, out, "--concurrency", "1"), cwd=tmp_path, env=env
+    )
+    assert -signal.SIGKILL == killed.code
+    assert not out.exists()
+    status = await llmbatch("status", out, "--as-json", cwd=tmp_path)
+    assert 0 == status.code, status.stderr
+    assert 3 == json.loads(status.stdout)["done"]
+    listed = await llmbatch("batch", "list", out, cwd=tmp_path)
+    assert 0 == listed.code, listed.stderr
+    missing = await llmbatch("status", tmp_path / "other.jsonl", cwd=tmp_path)
+    assert 2 == missing.code
+    assert "no checkpoint" in missing.stderr
+
+
+async def test_a_rerun_tells_earlier_failures_from_new_answers(
+    simulator_factory: SimulatorFactory, tmp_path: Path
+) -> None:
+    """The summary of a rerun says what was answered now, what earlier, and which
+    failures from earlier runs were not sent again (and how to send them)."""
+    sim = await simulator_factory(context_window=100)
+    records = [{"text": "short"}, {"text": "long " * 500}, {"text": "brief"}]
+    source = write_jsonl(tmp_path / "in.jsonl", records)
+    out = tmp_path / "out.jsonl"
+    args = run_args(sim, source, out, "--max-tokens", "20", "--limit", "2")
+    first = await llmbatch(*args, cwd=tmp_path)
+    assert 1 == first.code
+    second = await llmbatch(*run_args(sim, source, out, "--max-tokens", "20"), cwd=tmp_path)
+    assert 1 == second.code
+    assert "1 answered now, 1 earlier" in second.stderr
+    assert "1 earlier: rerun with --retry-failed" in second.stderr
+
+
+async def test_folder_input_says_which_files_it_skipped(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """Files a folder input cannot use are named in the log, not skipped silently."""
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("alpha")
+    (folder / "chart.png").write_bytes(b"\x89PNG\r\n")
+    (folder / "blob.bin").write_bytes(b"\x00\x01")
+    out = tmp_path / "out.jsonl"
+    done = await llmbatch(
+        *run_args(simulator, folder, out),
+        "-v",
+        cwd=tmp_path,
+    )
+    assert 0 == done.code, done.stderr
+    assert "skipped" in done.stderr
+    assert "chart.png" in done.stderr
+    assert 1 == len(read_jsonl(out))
+
+
+async def test_timeout_bounds_each_attempt(
+    simulator_factory: SimulatorFactory, tmp_path: Path
+) -> None:
+    """``--timeout``: a request the server holds is abandoned after that many seconds
+    and retried, instead of holding its slot for the SDK's 600 s."""
+    sim = await simulator_factory(script=[Fault(kind="hang", nth=1)], hang_seconds=3600)
+    source = write_jsonl(tmp_path / "in.jsonl", docs(3))
+    out = tmp_path / "out.jsonl"
+    done = await llmbatch(
+        *run_args(sim, source, out, "--timeout", "0.5", "--concurrency", "1"),
+        cwd=tmp_path,
+        seconds=60,
+    )
+    assert 0 == done.code, done.stderr
+    assert 4 == sim.stats().requests
+    assert "timeout=0.5" in done.stderr
+
+
+async def test_too_large_prompts_fail_alone_without_retries(
+    simulator_factory: SimulatorFactory, tmp_path: Path
+) -> None:
+    """A record whose prompt exceeds the key's TPM gets OpenAI's 429 "Request too
+    large": that record's permanent error after one request (not six, each pausing
+    the whole quota). A record longer than the model's context window (gpt-4o-mini:
+    128,000 tokens) fails before any request. The others are answered."""
+    sim = await simulator_factory(tpm=20_000, context_window=10_000_000)
+    records = [
+        {"id": "small", "text": "a short document"},
+        {"id": "over-tpm", "text": "word " * 30_000},
+        {"id": "over-window", "text": "word " * 140_000},
+    ]
+    source = write_jsonl(tmp_path / "in.jsonl", records)
+    out = tmp_path / "out.jsonl"
+    done = await llmbatch(
+        "run",
+        source,
+        "-o",
+        out,
+        "--provider",
+        sim.base_url,
+        "--prompt",
+        TEMPLATE,
+        "--id-field",
+        "id",
+        "--rpm",
+        "1000",
+        "--tpm",
+        "100000000",
+        "--max-tokens",
+        "16",
+        cwd=tmp_path,
+        seconds=60,
+    )
+    assert 1 == done.code, done.stderr
+    lines = {r["key"]: r for r in read_jsonl(out)}
+    assert "ok" == lines["small"]["status"]
+    assert "RequestTooLarge" == lines["over-tpm"]["error"]["type"]
+    assert 1 == lines["over-tpm"]["error"]["attempts"]
+    assert "ContextLengthExceeded" == lines["over-window"]["error"]["type"]
+    assert "context window of 128,000" in lines["over-window"]["error"]["message"]
+    assert 2 == sim.stats().requests

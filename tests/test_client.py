@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -9,14 +10,16 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
-from tenacity import stop_after_attempt
+from tenacity import stop_after_attempt, wait_fixed
 
 from llmbatch.client import LLMClient, build_request
 from llmbatch.client import map as llm_map
 from llmbatch.config import LimiterSettings
 from llmbatch.errors import (
     AuthenticationFailed,
+    ConnectionFailed,
     ProviderUnavailable,
+    ProviderUnreachable,
     QuotaExhausted,
     RateLimited,
 )
@@ -30,6 +33,7 @@ from llmbatch.providers.openai import OpenAIProvider
 from llmbatch.retry import RetryPolicy
 from llmbatch.testing import FakeClock, Simulator
 from llmbatch.testing._content import content_tag
+from llmbatch.testing._faults import Fault, RequestInfo
 from llmbatch.testing.pytest_plugin import SimulatorFactory
 
 
@@ -498,3 +502,179 @@ async def test_a_failing_limiter_update_keeps_the_paid_answer(clock: FakeClock) 
     warnings = [e for e in logs if e["event"] == "limits.feedback_failed"]
     assert [("observe", "ConnectionError")] == [(e["step"], e["error_type"]) for e in warnings]
     assert "hunter2" not in str(warnings)
+
+
+# -- a fatal stop keeps what the provider accepted; a provider that is gone -------------
+
+
+async def test_quota_exhausted_mid_run_keeps_every_answer_the_provider_accepted(
+    clock: FakeClock,
+) -> None:
+    """The key's quota runs out after 30 accepted requests while 20 are in flight
+    (latencies 0.5-1.5 s, virtual time, real HTTP through the openai SDK). The batch
+    stops at the first quota error, but every request the provider had accepted is
+    awaited: all 30 answers are kept (before, those still in flight were cancelled
+    and paid for again by a rerun), nothing new is sent after the stop, and the
+    items not answered are not marked failed by the client."""
+
+    def quota_after_30(info: RequestInfo) -> Fault | None:
+        if info.nth > 30:
+            return Fault(status=429, error_type="insufficient_quota")
+        return None
+
+    async with Simulator(
+        ttft=1.0, jitter=0.5, seed=7, script=quota_after_30, clock=clock.time
+    ) as sim:
+        async with OpenAIProvider(base_url=sim.base_url, api_key="sk-sim") as provider:
+            with pytest.raises(BatchFailed) as info:
+                await llm_map(
+                    "{item}",
+                    [f"document {i}" for i in range(100)],
+                    model="gpt-4o-mini",
+                    provider=provider,
+                    max_tokens=16,
+                    limits=Limits(rpm=100_000),
+                    max_concurrency=20,
+                )
+        stats = sim.stats()
+    assert info.value.reason == "fatal"
+    assert info.value.result is not None
+    answered = info.value.result.ok
+    assert 30 == stats.ok == len(answered)
+    for response in answered:
+        assert response.text.startswith("[")
+    sent_after_stop = stats.requests - 30  # the quota errors: requests already out
+    assert sent_after_stop <= 20
+    assert all(
+        e.error_type in ("QuotaExhausted", "CancelledError") for e in info.value.result.errors
+    )
+
+
+def refused(request: Request) -> str:
+    raise ConnectionFailed("connection failed: [Errno 111] Connection refused", connect=True)
+
+
+async def test_an_unreachable_provider_stops_the_batch_within_seconds(clock: FakeClock) -> None:
+    """Every connection is refused: instead of 500 items x 6 attempts over minutes, the
+    client raises ProviderUnreachable (fatal) after a short streak of failed
+    connections spanning a couple of seconds; the items are not failed one by one."""
+    provider = FakeProvider(refused)
+    client = LLMClient(provider, model="m", sleep=clock.sleep)
+    started = clock.time()
+    with pytest.raises(BatchFailed) as info:
+        await client.map([Request.from_prompt(f"item {i}") for i in range(500)], max_concurrency=8)
+    assert "ProviderUnreachable" == info.value.error.error_type
+    assert "Connection refused" in info.value.error.message
+    assert clock.time() - started < 30
+    assert len(provider.calls) < 100
+    assert info.value.result is not None
+    failed = [e for e in info.value.result.errors if e.error_type == "ConnectionFailed"]
+    assert [] == failed
+
+
+async def test_one_item_whose_every_attempt_fails_to_connect_is_the_provider_gone(
+    clock: FakeClock,
+) -> None:
+    """One item alone (concurrency 1): when all its attempts fail to connect, with
+    nothing answered in between, the error is ProviderUnreachable, not that item's
+    ConnectionFailed (a record marked failed that a rerun would not send again)."""
+    client = LLMClient(
+        FakeProvider(refused),
+        model="m",
+        sleep=clock.sleep,
+        retry=RetryPolicy(stop=stop_after_attempt(3)),
+    )
+    with pytest.raises(ProviderUnreachable):
+        await client.complete("hello")
+
+
+async def test_a_short_blip_of_refused_connections_is_ridden_out(clock: FakeClock) -> None:
+    """Six refused connections within a second, then the server is back: the items
+    are retried and answered; nothing stops."""
+    refusals = 6
+
+    def flaky(request: Request) -> str:
+        nonlocal refusals
+        if refusals > 0:
+            refusals -= 1
+            return refused(request)
+        return echo(request)
+
+    client = LLMClient(
+        FakeProvider(flaky),
+        model="m",
+        sleep=clock.sleep,
+        retry=RetryPolicy(wait=wait_fixed(0.1), stop=stop_after_attempt(6)),
+    )
+    result = await client.map([Request.from_prompt(f"item {i}") for i in range(6)])
+    assert 6 == result.succeeded
+
+
+async def test_the_client_times_out_a_hung_request_by_default(clock: FakeClock) -> None:
+    """With no timeout given, an attempt waits DEFAULT_TIMEOUT (120 s), not the SDK's
+    600 s, then counts as a retried Timeout; ``timeout=`` and the retry policy's
+    attempt_timeout change it."""
+    from llmbatch.client import DEFAULT_TIMEOUT
+
+    hung = 1
+
+    async def hang_once(request: Request) -> str:
+        nonlocal hung
+        if hung:
+            hung -= 1
+            await asyncio.sleep(3600)
+        return echo(request)
+
+    client = LLMClient(FakeProvider(hang_once), model="m", sleep=clock.sleep)
+    started = clock.time()
+    response = await client.complete("hi")
+    assert (2, DEFAULT_TIMEOUT) == (response.attempts, 120.0)
+    assert DEFAULT_TIMEOUT <= clock.time() - started < DEFAULT_TIMEOUT + 5
+    assert 30.0 == LLMClient(FakeProvider(echo), timeout=30.0).timeout
+    assert 5.0 == LLMClient(FakeProvider(echo), retry=RetryPolicy(attempt_timeout=5.0)).timeout
+    assert LLMClient(FakeProvider(echo), timeout=None).timeout is None
+
+
+async def test_a_models_configured_timeout_applies_unless_the_client_sets_one() -> None:
+    """The profile's ``timeout`` bounds that model's attempts; an explicit client
+    ``timeout`` wins over it."""
+    from llmbatch.config import ModelProfile
+
+    profiles = {"fake/slow": ModelProfile(provider="fake", model="slow", timeout=900.0)}
+    configured = LLMClient(FakeProvider(echo), model="slow", profiles=profiles)
+    assert (900.0, 120.0) == (configured.timeout, configured.timeout_for("other"))
+    explicit = LLMClient(FakeProvider(echo), model="slow", profiles=profiles, timeout=10.0)
+    assert 10.0 == explicit.timeout
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        ("Summarize: {text}", ["text"]),
+        ("{title}: {text} ({title})", ["title", "text"]),
+        ("{doc[title]} and {doc.body!r:>{width}}", ["doc", "width"]),
+        ("literal {{braces}} only", []),
+    ],
+)
+def test_template_fields(template: str, expected: list[str]) -> None:
+    """The record fields a template names, once each, in order."""
+    from llmbatch.client import template_fields
+
+    assert expected == template_fields(template)
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("Summarize: {text", "malformed"),
+        ("a } b", "malformed"),
+        ("{} and {0}", "positional field"),
+        ("{text!x}", "unknown conversion"),
+    ],
+)
+def test_template_fields_refuses_what_no_record_can_fill(template: str, message: str) -> None:
+    """A malformed template, or a positional field, is one clear ValueError."""
+    from llmbatch.client import template_fields
+
+    with pytest.raises(ValueError, match=message):
+        template_fields(template)

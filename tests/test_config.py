@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from llmbatch.config import (
 from llmbatch.errors import redact
 from llmbatch.limits import Limits
 from llmbatch.models import Usage
+from llmbatch.providers.local import DEFAULT_MODEL, DEFAULT_N_CTX, LocalProvider
 
 
 def test_builtin_profile_and_unknown_model() -> None:
@@ -32,6 +34,62 @@ def test_builtin_profile_and_unknown_model() -> None:
     )
     unknown = profile_for("openai", "my-finetune", profiles=BUILTIN_PROFILES)
     assert (True, None) == (unknown.limits.learn, unknown.input_price)
+
+
+@pytest.mark.parametrize(
+    ("name", "window"),
+    [
+        ("openai/gpt-4o-mini", 128_000),
+        ("openai/gpt-4o", 128_000),
+        ("openai/gpt-4.1", 1_047_576),
+        ("openai/gpt-4.1-mini", 1_047_576),
+        ("openai/text-embedding-3-small", 8_191),
+        ("openai/text-embedding-3-large", 8_191),
+        ("anthropic/claude-haiku-4-5", 200_000),
+        ("anthropic/claude-sonnet-4-5", 200_000),
+        (f"local/{DEFAULT_MODEL}", DEFAULT_N_CTX),
+    ],
+)
+def test_builtin_context_windows(name: str, window: int) -> None:
+    """Every built-in profile knows its model's context window (the local model's is the
+    window LocalProvider gives llama.cpp by default); a model without one has None."""
+    assert window == BUILTIN_PROFILES[name].context_window
+    assert profile_for("openai", "my-finetune", profiles=BUILTIN_PROFILES).context_window is None
+
+
+def test_the_local_window_is_the_providers_default_n_ctx() -> None:
+    """The local profile's window follows LocalProvider's n_ctx default, not a copy of it."""
+    default = inspect.signature(LocalProvider).parameters["n_ctx"].default
+    assert (DEFAULT_N_CTX, DEFAULT_N_CTX) == (
+        default,
+        BUILTIN_PROFILES[f"local/{DEFAULT_MODEL}"].context_window,
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "name", "window"),
+    [
+        ('[models."openai/gpt-4o-mini"]\ncontext_window = 64000\n', "openai/gpt-4o-mini", 64_000),
+        ('[models."vllm/llama-3-8b"]\ncontext_window = 8192\n', "vllm/llama-3-8b", 8_192),
+        ('[models."openai/gpt-4o"]\nrpm = 7\n', "openai/gpt-4o", 128_000),
+    ],
+)
+def test_toml_sets_the_context_window(tmp_path: Path, text: str, name: str, window: int) -> None:
+    """``context_window`` is set in llmbatch.toml like the prices; other settings keep it."""
+    config = tmp_path / "llmbatch.toml"
+    config.write_text(text)
+    profile = load_profiles(config)[name]
+    assert (window, int) == (profile.context_window, type(profile.context_window))
+
+
+def test_environment_json_sets_the_context_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LLMBATCH_PROFILES sets it too, as a whole number."""
+    config = tmp_path / "llmbatch.toml"
+    config.write_text('[models."openai/gpt-4o"]\ncontext_window = 64000\n')
+    monkeypatch.setenv("LLMBATCH_PROFILES", '{"openai/gpt-4o": {"context_window": 32000}}')
+    assert 32_000 == load_profiles(config)["openai/gpt-4o"].context_window
 
 
 @pytest.mark.parametrize(
@@ -76,6 +134,10 @@ def test_toml_overrides_and_adds_models(tmp_path: Path) -> None:
         ('[models."gpt-4o"]\nrpm = 5\n', "model names are 'provider/model'"),
         ('[models."openai/x"]\napi_key = "sk-123"\n', "unknown settings"),
         ('[models."openai/x"]\nrpm = 0\n', "Limits.rpm must be positive"),
+        ('[models."openai/x"]\ncontext_window = 0\n', "context_window .*at least 1"),
+        ('[models."openai/x"]\ncontext_window = 1.5e5\n', "context_window .* whole number"),
+        ('[models."openai/x"]\ncontext_window = "128k"\n', "context_window .* whole number"),
+        ('[models."openai/x"]\ncontext_window = true\n', "context_window .* whole number"),
     ],
 )
 def test_bad_toml_is_a_clear_error(tmp_path: Path, text: str, message: str) -> None:
@@ -265,3 +327,27 @@ def test_a_client_reads_the_configuration_file_once(
         client.limiter_settings.url,
         client.profile("m").limits.rpm,
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[models."openai/o3"]\ntimeout = 600\n', 600.0),
+        ('[models."openai/o3"]\ntimeout = 2.5\n', 2.5),
+        ('[models."openai/o3"]\nrpm = 10\n', None),
+    ],
+)
+def test_toml_sets_a_models_timeout(tmp_path: Path, text: str, expected: float | None) -> None:
+    """A model's ``timeout`` (seconds one attempt may wait) is set in llmbatch.toml."""
+    config = tmp_path / "llmbatch.toml"
+    config.write_text(text)
+    assert expected == load_profiles(config)["openai/o3"].timeout
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", '"slow"', "true"])
+def test_a_bad_timeout_is_refused(tmp_path: Path, bad: str) -> None:
+    """A timeout that is not a positive number is a clear configuration error."""
+    config = tmp_path / "llmbatch.toml"
+    config.write_text(f'[models."openai/o3"]\ntimeout = {bad}\n')
+    with pytest.raises(ValueError, match="timeout for 'openai/o3' must be a positive number"):
+        load_profiles(config)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from llmbatch.io import FORMATS, Record, count_records, detect_format, read_records
 
@@ -381,6 +382,95 @@ def test_folder_source_for_current_directory(
     (record,) = _read(".")
     assert "a.txt" == record.key
     assert not record.source.startswith("/")
+
+
+_MIXED = {
+    "a.txt": b"alpha",
+    "b.png": b"\x89PNG",
+    "c/d.bin": b"\x00",
+    "c/e.PNG": b"\x89PNG",
+    "c/README": b"no suffix",
+    "f.md": b"# f",
+}
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        (
+            _MIXED,
+            [
+                {
+                    "event": "io.skipped_files",
+                    "log_level": "info",
+                    "folder": "docs",
+                    "count": 4,
+                    "suffixes": {"(none)": 1, ".bin": 1, ".png": 2},
+                    "examples": ["b.png", "c/README", "c/d.bin"],
+                    "reads": [".md", ".rst", ".text", ".txt"],
+                },
+                {
+                    "event": "io.skipped_file",
+                    "log_level": "debug",
+                    "folder": "docs",
+                    "path": "b.png",
+                },
+                {
+                    "event": "io.skipped_file",
+                    "log_level": "debug",
+                    "folder": "docs",
+                    "path": "c/README",
+                },
+                {
+                    "event": "io.skipped_file",
+                    "log_level": "debug",
+                    "folder": "docs",
+                    "path": "c/d.bin",
+                },
+                {
+                    "event": "io.skipped_file",
+                    "log_level": "debug",
+                    "folder": "docs",
+                    "path": "c/e.PNG",
+                },
+            ],
+        ),
+        ({"a.txt": b"alpha", "B.MD": b"# b"}, []),  # nothing skipped: nothing said
+    ],
+)
+def test_folder_logs_the_files_it_skips(
+    tmp_path: Path, files: dict[str, bytes], expected: list[dict[str, Any]]
+) -> None:
+    """Reading a folder logs one info summary of the files it skips (count, suffixes,
+    the first names) and one debug event per skipped file; text files are still read."""
+    root = _folder(tmp_path / "docs", files)
+    with capture_logs() as logs:
+        records = _read(root)
+    assert expected == logs
+    assert sorted(n for n in files if n.lower().endswith((".txt", ".md"))) == [
+        r.key for r in records
+    ]
+
+
+def test_a_folder_of_skipped_files_only_says_so_once_per_read(tmp_path: Path) -> None:
+    """A folder with nothing to read yields no record but logs why, once per read;
+    counting its records logs nothing (a read that follows will)."""
+    root = _folder(tmp_path / "docs", {"scan.pdf": b"%PDF", "photo.jpg": b"\xff\xd8"})
+    with capture_logs() as logs:
+        assert 0 == count_records(root)
+        assert [] == _read(root)
+        assert [] == _read(root)
+    summaries = [(e["count"], e["suffixes"]) for e in logs if e["event"] == "io.skipped_files"]
+    assert [(2, {".jpg": 1, ".pdf": 1})] * 2 == summaries
+
+
+def test_count_records_of_a_folder_counts_its_text_files_without_reading_them(
+    tmp_path: Path,
+) -> None:
+    """A folder's count is its text files, an undecodable one included (it becomes an
+    error record)."""
+    root = _folder(tmp_path / "docs", {**_MIXED, "bad.txt": b"caf\xe9"})
+    assert len(_read(root)) == count_records(root) == 3
 
 
 # -- keys ------------------------------------------------------------------------------

@@ -270,8 +270,9 @@ async def test_a_rerun_after_a_batch_cancel_stores_what_it_ran_once_and_sends_on
             online = replace(spec, mode="online")
             reports = [await run_job(online, client), await run_job(online, client)]
             stats = sim.stats()
-    assert [(9, 1, 0), (0, 0, 10)] == [
-        (r.progress.done, r.progress.failed, r.progress.reused) for r in reports
+    assert [(9, 1, 0, 0), (0, 0, 9, 1)] == [
+        (r.progress.done, r.progress.failed, r.progress.reused, r.progress.failed_earlier)
+        for r in reports
     ]
     assert (0, 2, 9, 1, 7) == (
         stats.ok,
@@ -293,3 +294,28 @@ async def test_a_rerun_after_a_batch_cancel_stores_what_it_ran_once_and_sends_on
     answers = {line["key"]: line["answer"][:10] for line in lines if line["status"] == "ok"}
     expected = {f"doc-{i}": f"[{content_tag(f'Summarize: doc {i}')}]" for i in range(10) if i != 1}
     assert expected == answers
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"output": "in.jsonl"}, "is the input file"),
+        ({"errors": "in.jsonl"}, "is the input file"),
+        ({"store": "in.jsonl"}, "is the input file"),
+        ({"input": "out.jsonl.partial"}, "temporary file"),
+        ({"errors": "out.jsonl"}, "same file"),
+        ({"store": "out.jsonl"}, "same file"),
+    ],
+)
+def test_check_paths_refuses_to_write_over_the_input(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, changes: dict[str, str], message: str
+) -> None:
+    """Nothing a job writes may be its input, nor two of its files the same one."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in.jsonl").write_text('{"text": "a"}\n')
+    (tmp_path / "out.jsonl.partial").write_text('{"text": "a"}\n')
+    options: dict[str, Any] = {"input": "in.jsonl", "output": "out.jsonl", "model": "m"}
+    spec = JobSpec(**{**options, **changes})
+    with pytest.raises(ValueError, match=message):
+        spec.check_paths()
+    JobSpec(**options).check_paths()  # the plain paths are fine

@@ -10,16 +10,23 @@ it for real, and as briefly as they can.
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
+from llmbatch.client import LLMClient
+from llmbatch.errors import LimiterUnavailable, redact
+from llmbatch.failure import is_fatal
 from llmbatch.limits import Limits, RequestTooLarge
 from llmbatch.limits_redis import RedisRateLimiter
+from llmbatch.models import Request, Response
+from llmbatch.providers.fake import FakeProvider
 
 pytestmark = pytest.mark.redis
 
@@ -622,4 +629,225 @@ async def test_nested_async_with_releases_each_its_own_permit(redis: Redis) -> N
     assert after is not None
     assert 0.0 == after.outstanding_before["rpm"]
     after.release()
+    await shared.flush()
+
+
+# -- a Redis that cannot be used: one fatal error, before any request ---------------------
+
+#: a password that must never show in a message
+SECRET = "limiter-SECRET-pw-31d7"
+
+
+def dead_url(password: str | None = SECRET) -> str:
+    """A redis:// URL of a port on 127.0.0.1 where nothing listens (bound, then freed)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    secret = "" if password is None else f":{password}@"
+    return f"redis://{secret}127.0.0.1:{port}/0"
+
+
+def other_password(url: str, password: str | None) -> str:
+    """*url* of the password-protected server, with *password* (``None``: none) instead."""
+    host = url.rpartition("@")[2]
+    return f"redis://{host}" if password is None else f"redis://:{password}@{host}"
+
+
+@pytest.mark.parametrize("call", ["acquire", "check"])
+@pytest.mark.parametrize(
+    ("server", "problem", "cause", "advice"),
+    [
+        (
+            "nothing listens",
+            "cannot be reached",
+            "Connection refused",
+            "start Redis or run without --limiter-url",
+        ),
+        (
+            "wrong password",
+            "refuses the password",
+            "invalid username-password pair",
+            "check the password in the limiter URL (--limiter-url)",
+        ),
+        (
+            "no password",
+            "requires a password",
+            "the limiter URL gives none",
+            "put the password in the limiter URL (--limiter-url)",
+        ),
+    ],
+    ids=["nothing listens", "wrong password", "no password"],
+)
+async def test_a_redis_that_cannot_be_used_is_one_fatal_error(
+    redis_password_url: str,
+    redis_password: str,
+    server: str,
+    problem: str,
+    cause: str,
+    advice: str,
+    call: str,
+) -> None:
+    """acquire() and check() on a Redis that is not there, or that refuses the password,
+    raise LimiterUnavailable at once (fatal: the job stops) naming the server, its
+    password hidden, and why; the redis-py error is its cause."""
+    url = {
+        "nothing listens": dead_url(),
+        "wrong password": other_password(redis_password_url, SECRET),
+        "no password": other_password(redis_password_url, None),
+    }[server]
+    shared = RedisRateLimiter.from_url(url, Limits(rpm=60), quota=fresh())
+    try:
+        with pytest.raises(LimiterUnavailable) as caught:
+            async with asyncio.timeout(10):  # fails fast: never a hang
+                await (shared.acquire() if call == "acquire" else shared.check())
+    finally:
+        await shared.aclose()
+    message = str(caught.value)
+    where = redact(url)
+    expected = f"the shared rate limiter at {where} {problem} ({cause}"
+    assert expected == message[: len(expected)]
+    assert message.endswith(f"): no request is sent without its permit; {advice}"), message
+    assert [] == [s for s in (SECRET, redis_password) if s in message or s in repr(caught.value)]
+    assert is_fatal(caught.value)
+    assert isinstance(caught.value.__cause__, redis_errors.RedisError)
+    assert 0 == shared.statistics().waiting
+
+
+@pytest.mark.parametrize(
+    ("failure", "expected"),
+    [
+        (
+            redis_errors.TimeoutError("Timeout reading from socket"),
+            "cannot be reached (Timeout reading from socket)",
+        ),
+        (
+            # what redis-py raises for a refused connection: the OS says it best
+            redis_errors.ConnectionError("Error 111 connecting to 127.0.0.1:1."),
+            "cannot be reached (Connection refused)",
+        ),
+        (
+            redis_errors.NoScriptError("No matching script. Please use EVAL."),
+            "fails (No matching script. Please use EVAL)",
+        ),
+        (
+            redis_errors.ResponseError("OOM command not allowed when used memory > 'maxmemory'."),
+            "fails (OOM command not allowed when used memory > 'maxmemory')",
+        ),
+        (
+            # as an older redis-py raises it, to a client that sends no password
+            redis_errors.ResponseError("NOAUTH Authentication required."),
+            "requires a password (the limiter URL gives none)",
+        ),
+    ],
+    ids=["timeout", "refused", "noscript", "oom", "noauth"],
+)
+async def test_every_redis_error_while_acquiring_is_limiter_unavailable(
+    redis: Redis, redis_url: str, failure: Exception, expected: str
+) -> None:
+    """Whatever redis-py raises while a permit is asked for (a timeout, a script that
+    reloading cannot bring back, a server out of memory) becomes LimiterUnavailable."""
+    shared = limiter(redis, fresh(), rpm=60)
+
+    async def failing(**call: Any) -> Any:
+        if isinstance(failure, redis_errors.ConnectionError):
+            raise failure from ConnectionRefusedError(111, "Connect call failed")
+        raise failure
+
+    shared._acquire_script = failing  # type: ignore[assignment]
+    with pytest.raises(LimiterUnavailable) as caught:
+        await shared.acquire()
+    where = redis_url.rpartition("/")[0]  # the client's host, port and db
+    assert str(caught.value).startswith(f"the shared rate limiter at {where}/0 {expected}: ")
+    assert failure is caught.value.__cause__
+
+
+async def test_an_error_not_from_redis_is_not_disguised(redis: Redis) -> None:
+    """A bug in the limiter's own code stays what it is: only Redis's errors are
+    LimiterUnavailable."""
+    shared = limiter(redis, fresh(), rpm=60)
+
+    async def buggy(**call: Any) -> Any:
+        raise KeyError("a bug")
+
+    shared._acquire_script = buggy  # type: ignore[assignment]
+    with pytest.raises(KeyError):
+        await shared.acquire()
+
+
+@pytest.mark.parametrize("call", ["acquire", "check"])
+async def test_a_script_redis_refuses_is_limiter_unavailable(redis: Redis, call: str) -> None:
+    """A script the server refuses to compile fails check() and acquire() as
+    LimiterUnavailable: reloading it cannot help."""
+    shared = limiter(redis, fresh(), rpm=60)
+    shared._acquire_script = redis.register_script("this is not lua")
+    with pytest.raises(LimiterUnavailable, match=r" fails \(Error compiling script"):
+        await (shared.acquire() if call == "acquire" else shared.check())
+
+
+@pytest.mark.parametrize("server", ["open", "with a password"])
+async def test_check_passes_on_a_usable_redis_and_loads_the_scripts(
+    redis: Redis, redis_url: str, redis_password_url: str, server: str
+) -> None:
+    """check() on a live server (with the right password too) passes, and leaves the
+    scripts loaded for the first acquire."""
+    url = redis_url if server == "open" else redis_password_url
+    shared = RedisRateLimiter.from_url(url, Limits(rpm=60), quota=fresh())
+    try:
+        await shared.check()
+        scripts = [shared._acquire_script, shared._adjust_script, shared._release_script]
+        assert [True] * 3 == await shared._redis.script_exists(*(s.sha for s in scripts))
+        assert (await shared.try_acquire())[1] is not None
+    finally:
+        await shared.aclose()
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [("", 5.0), ("?socket_connect_timeout=0.5", 0.5)],
+)
+async def test_from_url_waits_a_few_seconds_for_a_connection(query: str, expected: float) -> None:
+    """A limiter from a URL gives up connecting after 5 s (a host that drops packets
+    must not hang the job for minutes), unless the URL says otherwise."""
+    shared = RedisRateLimiter.from_url(dead_url() + query, Limits(rpm=60), quota=fresh())
+    options = shared._redis.connection_pool.connection_kwargs
+    await shared.aclose()
+    assert expected == options["socket_connect_timeout"]
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (f"http://:{SECRET}@127.0.0.1:6379/0", "redis://, rediss://, unix://"),
+        ("redis://127.0.0.1:notaport/0", "Port could not be cast"),
+    ],
+)
+def test_from_url_refuses_a_url_that_is_not_redis(url: str, expected: str) -> None:
+    """A URL of another scheme, or with a port that is not a number, is a ValueError that
+    names it (its password hidden)."""
+    with pytest.raises(ValueError, match="is not a Redis URL") as caught:
+        RedisRateLimiter.from_url(url, Limits(rpm=60), quota=fresh())
+    assert expected in str(caught.value)
+    assert SECRET not in str(caught.value)
+
+
+async def test_an_answer_is_kept_when_redis_fails_after_its_permit(redis: Redis) -> None:
+    """Redis failing between the permit and the feedback (observe) does not lose the
+    answer, already paid for: the client logs the failed feedback and returns it."""
+    shared = limiter(redis, fresh(), rpm=60)
+
+    async def gone(**call: Any) -> Any:
+        raise redis_errors.ConnectionError("Connection closed by server.")
+
+    shared._adjust_script = gone  # type: ignore[assignment]
+
+    def answer(request: Request) -> Response:
+        return Response(text="kept", headers={"x-ratelimit-remaining-requests": "5"})
+
+    client = LLMClient(FakeProvider(answer), model="m", limiter=shared)
+    with capture_logs() as logs:
+        response = await client.complete("hello")
+    await client.aclose()
+    assert "kept" == response.text
+    failed = [(e["step"], e["error_type"]) for e in logs if e["event"] == "limits.feedback_failed"]
+    assert [("observe", "ConnectionError")] == failed
     await shared.flush()

@@ -364,3 +364,123 @@ async def test_on_result_sees_every_item_as_it_finishes() -> None:
     )
     assert sorted(i for i, _ in seen) == list(range(6))
     assert dict(seen) == dict(enumerate(result.results))
+
+
+class Wire:
+    """Items that put a request "on the wire" (``request_sent``) and wait for its
+    answer, released by the test; item 0 fails fatally once items 1 and 2 are out."""
+
+    def __init__(self) -> None:
+        self.answer = asyncio.Event()
+        self.out: set[int] = set()
+        self.both_out = asyncio.Event()
+        self.waiting = asyncio.Event()
+        self.attempts: dict[int, int] = {}
+
+    async def __call__(self, item: int) -> str:
+        ctx = current_item()
+        assert ctx is not None
+        if item == 0:
+            await self.both_out.wait()
+            await self.waiting.wait()
+            raise FatalError("the key was revoked")
+        if item in (1, 2):
+            self.attempts[item] = self.attempts.get(item, 0) + 1
+            ctx.request_sent()
+            self.out.add(item)
+            if self.out == {1, 2}:
+                self.both_out.set()
+            await self.answer.wait()
+            if item == 2:
+                ctx.request_failed()
+                raise ConnectionError("reset while reading the answer")
+            return f"answer {item}"
+        self.waiting.set()
+        await asyncio.Event().wait()  # item 3 waits for a permit that never comes
+        raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("on_error", ["collect", "fail_fast"])
+async def test_an_abort_lets_requests_at_the_provider_finish_and_keeps_their_answers(
+    on_error: str,
+) -> None:
+    """A fatal error stops the batch: nothing new starts and the item waiting for a
+    permit is cancelled, but the requests already at the provider finish. Item 1's
+    answer (accepted, maybe billed) is kept; item 2's request fails and is not tried
+    again: it ends cut short (``cancelled``), like an item never run, not as failed."""
+    wire = Wire()
+    batch = asyncio.ensure_future(run_batch(wire, range(6), max_concurrency=4, on_error=on_error))
+    await wire.both_out.wait()
+    for _ in range(10):  # the abort happens; the requests are still out
+        await asyncio.sleep(0)
+    assert not batch.done()
+    wire.answer.set()
+    with pytest.raises(BatchFailed) as info:
+        await batch
+    assert info.value.reason == "fatal"
+    assert info.value.result is not None
+    results = info.value.result.results
+    assert "answer 1" == results[1]
+    assert [(0, "FatalError", False), (2, "CancelledError", True), (3, "CancelledError", True)] == [
+        (e.index, e.error_type, e.cancelled) for e in info.value.result.errors
+    ]
+    stopped = results[2]
+    assert isinstance(stopped, ItemError)
+    assert "reset while reading the answer" in stopped.message
+    assert {1: 1, 2: 1} == wire.attempts
+    assert 2 == info.value.not_started
+
+
+async def test_a_streamed_abort_yields_the_answers_of_requests_at_the_provider() -> None:
+    """The same under stream_batch: item 1's answer is yielded before the abort is
+    raised; item 2 (failed after the abort) and item 3 (cancelled) are not yielded."""
+    wire = Wire()
+    seen: list[tuple[int, object]] = []
+
+    async def consume() -> None:
+        async with stream_batch(wire, range(6), max_concurrency=4, on_error="collect") as out:
+            async for outcome in out:
+                seen.append((outcome.index, outcome.value))
+
+    task = asyncio.ensure_future(consume())
+    await wire.both_out.wait()
+    for _ in range(10):
+        await asyncio.sleep(0)
+    wire.answer.set()
+    with pytest.raises(BatchFailed):
+        await task
+    assert [0, 1] == sorted(index for index, _ in seen)
+    assert (1, "answer 1") in seen
+
+
+async def test_a_permanent_error_after_the_abort_stays_that_items_error() -> None:
+    """A request let finish that the provider rejects as bad (a permanent error) is a
+    real failure of that item, recorded as such, not as cut short."""
+    from llmbatch.errors import BadRequest
+
+    gate = asyncio.Event()
+    out = asyncio.Event()
+
+    async def fn(item: int) -> str:
+        ctx = current_item()
+        assert ctx is not None
+        if item == 0:
+            await out.wait()
+            raise FatalError("quota")
+        ctx.request_sent()
+        out.set()
+        await gate.wait()
+        ctx.request_failed()
+        raise BadRequest("the prompt is invalid")
+
+    batch = asyncio.ensure_future(run_batch(fn, range(2), max_concurrency=2, on_error="collect"))
+    await out.wait()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    gate.set()
+    with pytest.raises(BatchFailed) as info:
+        await batch
+    assert info.value.result is not None
+    assert [("FatalError", False), ("BadRequest", False)] == [
+        (e.error_type, e.cancelled) for e in info.value.result.errors
+    ]

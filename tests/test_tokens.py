@@ -14,10 +14,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from llmbatch import tokens
+from llmbatch.errors import BadRequest, ContextLengthExceeded
 from llmbatch.tokens import (
     TokenCounter,
     TokenizerUnavailable,
     admission_estimate,
+    check_context_window,
     count_messages,
     count_text,
     encoding_for_model,
@@ -252,3 +254,93 @@ def test_offline_child_does_catch_a_download(tmp_path: Path) -> None:
         "network refused by the test" in child.stderr,
         child.stdout,
     )
+
+
+HELLO = "hello " * 200  # 1,200 bytes, 208 prompt tokens for gpt-4o-mini
+PARROTS = "\U0001f99c" * 100  # 100 characters, 400 bytes, 307 prompt tokens (3 each)
+TOO_LONG = "more than the model's context window of"
+
+
+@pytest.mark.parametrize(
+    ("content", "max_tokens", "window", "counted", "error"),
+    [
+        # fits by the byte bound: nothing tokenized
+        ("Summarize this.", 1000, 128_000, False, None),
+        ("\u65e5\u672c\u8a9e" * 100, 50, 1000, False, None),  # 900 bytes of CJK + 50 fit
+        # no window known: nothing checked, however long
+        ("x" * 1_000_000, 10, None, False, None),
+        # the byte bound is exceeded, the count fits
+        (HELLO, 50, 600, True, None),
+        ("Gr\u00fc\u00dfe, Zo\u00eb! " * 50, 100, 500, True, None),  # 750 bytes, 260 tokens
+        (HELLO, 392, 600, True, None),  # exactly the window: 208 + 392
+        # exceeds
+        (
+            HELLO,
+            393,
+            600,
+            True,
+            "the prompt has about 208 tokens and max_tokens is 393: "
+            f"{TOO_LONG} 600 tokens (shorten the document or lower max_tokens)",
+        ),
+        (
+            PARROTS,  # by characters it would seem to fit (100 + 10 < 200): bytes do not
+            10,
+            200,
+            True,
+            f"the prompt has about 307 tokens and max_tokens is 10: {TOO_LONG} 200 tokens",
+        ),
+        (
+            HELLO,
+            None,
+            100,
+            True,
+            f"the prompt has about 208 tokens: {TOO_LONG} 100 tokens (shorten the document)",
+        ),
+    ],
+)
+def test_check_context_window(
+    monkeypatch: pytest.MonkeyPatch,
+    content: str,
+    max_tokens: int | None,
+    window: int | None,
+    counted: bool,
+    error: str | None,
+) -> None:
+    """Prompt tokens + max_tokens beyond the window is ContextLengthExceeded; the
+    tokenizer runs only when the UTF-8 byte bound cannot already tell that it fits."""
+    calls: list[int] = []
+    original = TokenCounter.count_messages
+
+    def spy(self: TokenCounter, messages: Any) -> int:
+        calls.append(1)
+        return original(self, messages)
+
+    monkeypatch.setattr(TokenCounter, "count_messages", spy)
+    messages = [{"role": "user", "content": content}]
+    if error is None:
+        check_context_window(messages, max_tokens=max_tokens, window=window, model="gpt-4o-mini")
+    else:
+        with pytest.raises(ContextLengthExceeded) as info:
+            check_context_window(
+                messages, max_tokens=max_tokens, window=window, model="gpt-4o-mini"
+            )
+        assert error in info.value.message
+        assert ("gpt-4o-mini", True) == (info.value.model, isinstance(info.value, BadRequest))
+    assert counted == bool(calls)
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "user", "content": HELLO}],
+        [{"role": "user", "content": PARROTS}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "\u00e9" * 999}],
+        [{"role": "user", "name": "alice-the-analyst", "content": "x"}],
+        [{"role": "user", "content": [{"type": "text", "text": "\u4e2d\u6587 " * 300}]}],
+        [{"role": "user", "content": ""}],
+    ],
+)
+def test_the_byte_bound_never_undercounts(messages: list[dict[str, Any]]) -> None:
+    """The shortcut is safe: the bytes-based bound is never below the tokenizer's count,
+    so a request it lets through always fits."""
+    assert tokens._byte_bound(messages) >= count_messages(messages, "gpt-4o-mini")

@@ -2,24 +2,34 @@
 
 Needs the ``anthropic`` extra (``pip install 'llmbatch[anthropic]'``).
 
-=========================================================  =============================
-status / error type                                        llmbatch error
-=========================================================  =============================
-429 ``rate_limit_error``                                   :class:`RateLimited`
-529 ``overloaded_error``, 5xx ``api_error``, 408/409        :class:`ProviderUnavailable`
-401 ``authentication_error``, 403 ``permission_error``     :class:`AuthenticationFailed`
-``billing_error``, "credit balance is too low"             :class:`QuotaExhausted`
-404 ``not_found_error``                                    :class:`NotFound`
-400 "prompt is too long"                                   :class:`ContextLengthExceeded`
-400 ``invalid_request_error``, 413 ``request_too_large``   :class:`BadRequest`
-timeout                                                    :class:`Timeout`
-connection error, unreadable body                          :class:`ConnectionFailed`
-=========================================================  =============================
+======================================================  ========================================
+status / error type                                     llmbatch error
+======================================================  ========================================
+429 ``rate_limit_error`` that can never succeed         :class:`RequestTooLarge` (never retried)
+429 ``rate_limit_error``                                :class:`RateLimited`
+529 ``overloaded_error``, 5xx ``api_error``, 408/409    :class:`ProviderUnavailable`
+401 ``authentication_error``, 403 ``permission_error``  :class:`AuthenticationFailed`
+``billing_error``, "credit balance is too low"          :class:`QuotaExhausted`
+404 ``not_found_error``                                 :class:`NotFound`
+400 "prompt is too long"                                :class:`ContextLengthExceeded`
+400 ``invalid_request_error``                           :class:`BadRequest`
+413 ``request_too_large`` (the HTTP body's size)        :class:`BadRequest`
+timeout                                                 :class:`Timeout`
+connection never established                            :class:`ConnectionFailed`, connect=True
+connection lost, unreadable body                        :class:`ConnectionFailed`, connect=False
+======================================================  ========================================
+
+A 429 whose message says the request "can never succeed" asks for more than the whole
+per-minute bucket (the limit and the request's size, "rate limit of 50,000 input tokens
+per minute (80,000 requested)", become ``capacity``, ``dimension`` and ``requested``):
+waiting cannot help. Anthropic's 413 ``request_too_large`` is different: the HTTP body
+exceeds the endpoint's size limit, a malformed request rather than a rate limit.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -41,12 +51,14 @@ from llmbatch.errors import (
     ProviderUnavailable,
     QuotaExhausted,
     RateLimited,
+    RequestTooLarge,
     Timeout,
     key_hint,
 )
 from llmbatch.limits import key_fingerprint
 from llmbatch.models import Request, Response, Usage
 from llmbatch.providers.base import Admission, AsyncClosing
+from llmbatch.providers.openai import never_connected
 from llmbatch.retry import parse_retry_after
 from llmbatch.tokens import admission_estimate
 
@@ -62,6 +74,31 @@ __all__ = [
 
 #: Anthropic requires max_tokens; this is used when a request sets none
 DEFAULT_MAX_TOKENS = 1024
+
+_NEVER = re.compile(r"\bcan never (?:succeed|be admitted|fit)\b", re.IGNORECASE)
+_LIMIT_OF = re.compile(
+    r"rate limit of ([\d,]+) (input tokens|output tokens|tokens|requests) per minute"
+)
+_REQUESTED = re.compile(r"\(([\d,]+) requested\)")
+_DIMENSIONS = {
+    "input tokens": "input_tpm",
+    "output tokens": "output_tpm",
+    "tokens": "tpm",
+    "requests": "rpm",
+}
+
+
+def _too_large(message: str, context: dict[str, Any]) -> RequestTooLarge:
+    """:class:`RequestTooLarge` from a 429 that says the request can never succeed."""
+    limit = _LIMIT_OF.search(message)
+    requested = _REQUESTED.search(message)
+    return RequestTooLarge(
+        _DIMENSIONS[limit.group(2)] if limit else None,
+        float(requested.group(1).replace(",", "")) if requested else None,
+        float(limit.group(1).replace(",", "")) if limit else None,
+        message=message,
+        **{**context, "retry_after": None},
+    )
 
 
 def classify_anthropic_status(
@@ -90,6 +127,8 @@ def classify_anthropic_status(
         context["retry_after"] = None
         return QuotaExhausted(f"{message} (add credit or use another key)", **context)
     if status == 429 or kind == "rate_limit_error":
+        if _NEVER.search(message):
+            return _too_large(message, context)
         return RateLimited(message, **context)
     if status in (401, 403) or kind in ("authentication_error", "permission_error"):
         return AuthenticationFailed(message, **context)
@@ -108,6 +147,14 @@ def classify_anthropic_error(
     """Translate an exception raised by the ``anthropic`` SDK into :mod:`llmbatch.errors`."""
     if isinstance(exc, LLMBatchError):
         return exc
+    if isinstance(exc, anthropic.APIConnectionError) and never_connected(exc):
+        # APITimeoutError included: a connect timeout sent nothing either.
+        return ConnectionFailed(
+            f"could not connect: {exc.__cause__ or exc}",
+            connect=True,
+            provider=provider,
+            model=model,
+        )
     if isinstance(exc, anthropic.APITimeoutError):
         return Timeout("the request timed out", provider=provider, model=model)
     if isinstance(exc, anthropic.APIConnectionError):

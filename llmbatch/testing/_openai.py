@@ -134,6 +134,9 @@ class _OpenAI(Endpoint):
     def rate_limited(self, rejection: Rejection, model: str) -> ApiError:
         unit = _UNITS[rejection.name, rejection.period]
         if rejection.too_large:
+            # As OpenAI sends it: no retry-after, and no x-should-retry: false either
+            # (real servers do not reliably send it), so only the message says it can
+            # never pass.
             return ApiError(
                 429,
                 f"Request too large for {model} in organization {ORGANIZATION} on {unit}: "
@@ -141,7 +144,6 @@ class _OpenAI(Endpoint):
                 f"tokens must be reduced in order to run successfully. {_LIMITS_URL}",
                 type=rejection.name,
                 code="rate_limit_exceeded",
-                headers={"x-should-retry": "false"},
             )
         return ApiError(
             429,

@@ -3,21 +3,27 @@ through LLMClient against the simulator."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anthropic
+import httpx2
 import pytest
 
 from llmbatch.client import LLMClient
 from llmbatch.errors import (
     AuthenticationFailed,
     BadRequest,
+    ConnectionFailed,
     ContextLengthExceeded,
     LLMBatchError,
     NotFound,
     ProviderUnavailable,
     QuotaExhausted,
     RateLimited,
+    RequestTooLarge,
+    Timeout,
 )
 from llmbatch.limits import Limits, RateLimiter
 from llmbatch.models import Request
@@ -28,6 +34,7 @@ from llmbatch.providers.anthropic import (
 )
 from llmbatch.testing import FakeClock, Fault, Simulator
 from llmbatch.testing._content import content_tag
+from llmbatch.testing._faults import FaultKind
 
 
 def body(kind: str, message: str) -> dict[str, Any]:
@@ -66,6 +73,17 @@ def body(kind: str, message: str) -> dict[str, Any]:
         ),
         (400, body("invalid_request_error", "max_tokens: field required"), {}, BadRequest, None),
         (413, body("request_too_large", "Request exceeds the maximum size"), {}, BadRequest, None),
+        (
+            429,
+            body(
+                "rate_limit_error",
+                "This request would exceed your organization's rate limit of 5 input tokens "
+                "per minute (9 requested) and can never succeed.",
+            ),
+            {"x-should-retry": "false"},
+            RequestTooLarge,
+            None,
+        ),
     ],
 )
 def test_classify_anthropic_status(
@@ -140,3 +158,111 @@ async def test_client_with_anthropic_paces_itpm_and_otpm(clock: FakeClock) -> No
     ] == [True] * 80
     assert {} == dict(stats.rate_limited)
     assert all(r.usage.input_tokens > 0 and r.usage.output_tokens > 0 for r in result.ok)
+
+
+NEVER = "and can never succeed. Please reduce the prompt length or the maximum tokens requested."
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        (
+            "This request would exceed your organization's rate limit of 50,000 input tokens "
+            f"per minute (80,000 requested) {NEVER}",
+            ("input_tpm", 80_000.0, 50_000.0),
+        ),
+        (
+            "This request would exceed your organization's rate limit of 8,000 output tokens "
+            f"per minute (20,000 requested) {NEVER}",
+            ("output_tpm", 20_000.0, 8_000.0),
+        ),
+        ("This request is larger than any rate limit and can never succeed.", (None, None, None)),
+    ],
+)
+def test_a_429_that_can_never_succeed_is_request_too_large(
+    message: str, expected: tuple[str | None, float | None, float | None]
+) -> None:
+    """A 429 saying the request can never succeed is RequestTooLarge (never retried, no
+    retry hint, even with a retry-after), its bucket and numbers from the message."""
+    error = classify_anthropic_status(
+        429, body("rate_limit_error", message), {"retry-after": "60"}, model="claude-haiku-4-5"
+    )
+    assert isinstance(error, RequestTooLarge)
+    assert expected == (error.dimension, error.requested, error.capacity)
+    assert (None, message) == (error.retry_after, error.message)
+
+
+REQUEST = httpx2.Request("POST", "http://127.0.0.1:9/v1/messages")
+
+
+def raised(outer: BaseException, cause: BaseException) -> BaseException:
+    outer.__cause__ = cause
+    return outer
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected", "connect"),
+    [
+        (
+            raised(anthropic.APIConnectionError(request=REQUEST), httpx2.ConnectError("refused")),
+            ConnectionFailed,
+            True,
+        ),
+        (
+            raised(anthropic.APITimeoutError(request=REQUEST), httpx2.ConnectTimeout("timed out")),
+            ConnectionFailed,
+            True,
+        ),
+        (
+            raised(anthropic.APITimeoutError(request=REQUEST), httpx2.ReadTimeout("timed out")),
+            Timeout,
+            None,
+        ),
+        (
+            raised(anthropic.APIConnectionError(request=REQUEST), httpx2.ReadError("reset")),
+            ConnectionFailed,
+            False,
+        ),
+    ],
+)
+def test_connect_failures_are_told_apart(
+    exc: BaseException, expected: type[LLMBatchError], connect: bool | None
+) -> None:
+    """Only a connection never established is ``connect=True``."""
+    error = classify_anthropic_error(exc, model="claude-haiku-4-5")
+    assert (expected, connect) == (type(error), getattr(error, "connect", None))
+
+
+@pytest.mark.parametrize(
+    ("fault", "connect"),
+    [(None, True), ("reset", False), ("malformed", False)],
+)
+async def test_connect_failures_over_http(fault: FaultKind | None, connect: bool) -> None:
+    """Through the provider and the real SDK: a port where nothing listens (no fault) is
+    ``connect=True``; a simulator that accepts, then resets or sends a truncated body,
+    is ``connect=False``."""
+    async with Simulator(script=[Fault(nth=1, kind=fault)] if fault else []) as sim:
+        url = sim.url
+        if fault is None:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+        async with AnthropicProvider(base_url=url, api_key="sk-ant-test-key") as provider:
+            with pytest.raises(ConnectionFailed) as info:
+                await provider.complete(Request.from_prompt("hi", model="m", max_tokens=8))
+    assert connect is info.value.connect
+
+
+async def test_a_request_larger_than_itpm_is_sent_once_and_never_retried(
+    clock: FakeClock,
+) -> None:
+    """A prompt larger than the whole ITPM, through LLMClient with its default retry
+    policy and no limits known in advance: one request, then RequestTooLarge, no wait."""
+    async with Simulator(itpm=1000, clock=clock.time) as sim:
+        provider = AnthropicProvider(base_url=sim.url, api_key="sk-ant-test-key")
+        async with LLMClient(provider, model="claude-haiku-4-5", max_tokens=16, profiles={}) as c:
+            with pytest.raises(RequestTooLarge) as info:
+                await c.complete(Request.from_prompt("lorem ipsum " * 800))
+        requests = sim.stats().requests
+    assert (1, "input_tpm", 1000.0) == (requests, info.value.dimension, info.value.capacity)
+    assert 10.0 == clock.time()

@@ -3,13 +3,20 @@ raised by real HTTP against the simulator."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
+import socket
+import ssl
+from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx2
 import openai
 import pytest
 
 from llmbatch import run_batch
+from llmbatch.client import LLMClient
 from llmbatch.errors import (
     AuthenticationFailed,
     BadRequest,
@@ -21,12 +28,19 @@ from llmbatch.errors import (
     ProviderUnavailable,
     QuotaExhausted,
     RateLimited,
+    RequestTooLarge,
     Timeout,
 )
 from llmbatch.failure import BatchFailed
-from llmbatch.providers.openai import classify_openai_error, classify_openai_status
+from llmbatch.models import Request
+from llmbatch.providers.openai import (
+    OpenAIProvider,
+    classify_openai_error,
+    classify_openai_status,
+)
 from llmbatch.retry import RetryPolicy
 from llmbatch.testing import FakeClock, Fault, Simulator
+from llmbatch.testing._faults import FaultKind
 
 
 def body(message: str, type_: str | None, code: str | None) -> dict[str, Any]:
@@ -81,6 +95,20 @@ def body(message: str, type_: str | None, code: str | None) -> dict[str, Any]:
         (
             429,
             body("Request too large for gpt-4o-mini", "tokens", "rate_limit_exceeded"),
+            {"x-should-retry": "false"},
+            RequestTooLarge,
+            None,
+        ),
+        (
+            429,
+            body("Request too large for gpt-4o-mini", "tokens", "rate_limit_exceeded"),
+            {"x-ratelimit-reset-tokens": "6m0s"},
+            RequestTooLarge,
+            None,
+        ),
+        (
+            429,
+            body("This request cannot be retried", "requests", "rate_limit_exceeded"),
             {"x-should-retry": "false"},
             BadRequest,
             None,
@@ -344,3 +372,221 @@ async def test_fatal_errors_stop_a_job_after_one_request(options: dict[str, Any]
     assert [] == clock.sleeps
     assert requests == info.value.error.index + 1
     assert 1000 - requests == info.value.not_started
+
+
+ORG = "in organization org-abc on"
+TAIL = "The input or output tokens must be reduced in order to run successfully."
+
+
+@pytest.mark.parametrize(
+    ("message", "headers", "expected"),
+    [
+        (
+            f"Request too large for gpt-4o-mini {ORG} tokens per min (TPM): "
+            f"Limit 30000, Requested 50000. {TAIL}",
+            {},
+            ("tpm", 50_000.0, 30_000.0),
+        ),
+        (
+            f"Request too large for gpt-4o-mini {ORG} tokens per min (TPM): "
+            f"Limit 30000, Requested 50000. {TAIL}",
+            {"x-should-retry": "false", "retry-after": "20"},
+            ("tpm", 50_000.0, 30_000.0),
+        ),
+        (
+            f"Request too large for gpt-4o {ORG} requests per min (RPM): Limit 3, Requested 5.",
+            {},
+            ("rpm", 5.0, 3.0),
+        ),
+        (
+            f"Request too large for gpt-4o {ORG} tokens per day (TPD): "
+            f"Limit 90000, Requested 100000. {TAIL}",
+            {},
+            ("tpd", 100_000.0, 90_000.0),
+        ),
+        (
+            "Request too large for gpt-4.1 on tokens per min. Limit: 30,000, Requested: 45,500.",
+            {},
+            ("tpm", 45_500.0, 30_000.0),
+        ),
+        ("Request too large.", {}, (None, None, None)),
+    ],
+)
+def test_request_too_large_is_permanent_and_says_which_bucket(
+    message: str, headers: dict[str, str], expected: tuple[str | None, float | None, float | None]
+) -> None:
+    """OpenAI's "Request too large" 429 can never pass, whatever x-should-retry says: it is
+    RequestTooLarge with no retry hint, its bucket and numbers taken from the message."""
+    error = classify_openai_status(
+        429, body(message, "tokens", "rate_limit_exceeded"), headers, model="gpt-4o-mini"
+    )
+    assert isinstance(error, RequestTooLarge)
+    assert expected == (error.dimension, error.requested, error.capacity)
+    assert (None, 429, message) == (error.retry_after, error.status_code, error.message)
+
+
+def raised(outer: BaseException, *causes: BaseException) -> BaseException:
+    """*outer* as the SDK raises it: from the first cause, itself from the next..."""
+    for exc, cause in itertools.pairwise([outer, *causes]):
+        exc.__cause__ = cause
+    return outer
+
+
+REQUEST = httpx2.Request("POST", "http://127.0.0.1:9/v1/chat/completions")
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected", "connect"),
+    [
+        (
+            raised(
+                openai.APIConnectionError(request=REQUEST),
+                httpx2.ConnectError("All connection attempts failed"),
+                ConnectionRefusedError(111, "Connection refused"),
+            ),
+            ConnectionFailed,
+            True,
+        ),
+        (
+            raised(
+                openai.APIConnectionError(request=REQUEST),
+                httpx2.ConnectError("[Errno -2] Name or service not known"),
+                socket.gaierror(-2, "Name or service not known"),
+            ),
+            ConnectionFailed,
+            True,
+        ),
+        (
+            raised(
+                openai.APIConnectionError(request=REQUEST),
+                httpx2.ConnectError("[SSL: CERTIFICATE_VERIFY_FAILED]"),
+                ssl.SSLCertVerificationError("certificate verify failed"),
+            ),
+            ConnectionFailed,
+            True,
+        ),
+        (
+            raised(openai.APITimeoutError(request=REQUEST), httpx2.ConnectTimeout("timed out")),
+            ConnectionFailed,
+            True,
+        ),
+        (
+            raised(openai.APIConnectionError(request=REQUEST), ConnectionRefusedError()),
+            ConnectionFailed,
+            True,
+        ),
+        (
+            raised(openai.APITimeoutError(request=REQUEST), httpx2.ReadTimeout("timed out")),
+            Timeout,
+            None,
+        ),
+        (
+            raised(
+                openai.APIConnectionError(request=REQUEST),
+                httpx2.ReadError("connection reset"),
+                ConnectionResetError(104, "Connection reset by peer"),
+            ),
+            ConnectionFailed,
+            False,
+        ),
+        (
+            raised(
+                openai.APIConnectionError(request=REQUEST),
+                httpx2.RemoteProtocolError("peer closed connection"),
+            ),
+            ConnectionFailed,
+            False,
+        ),
+        (openai.APIConnectionError(request=REQUEST), ConnectionFailed, False),
+    ],
+)
+def test_connect_failures_are_told_apart(
+    exc: BaseException, expected: type[LLMBatchError], connect: bool | None
+) -> None:
+    """Only a connection never established (refused, DNS, TLS, connect timeout, found
+    anywhere in the cause chain) is ``connect=True``; a read timeout stays Timeout, and
+    a reset or protocol error mid-response is ``connect=False``."""
+    error = classify_openai_error(exc, model="gpt-4o-mini")
+    assert (expected, connect) == (type(error), getattr(error, "connect", None))
+
+
+def free_port() -> int:
+    """A 127.0.0.1 port where nothing listens (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+async def test_nothing_listening_is_a_connect_failure() -> None:
+    """The real SDK against a port where nothing listens: ConnectionFailed, connect=True."""
+    with pytest.raises(openai.APIConnectionError) as info:
+        async with openai.AsyncOpenAI(
+            base_url=f"http://127.0.0.1:{free_port()}/v1", api_key="sk-test", max_retries=0
+        ) as client:
+            await client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+            )
+    error = classify_openai_error(info.value, model="gpt-4o-mini")
+    assert (ConnectionFailed, True) == (type(error), getattr(error, "connect", None))
+
+
+@pytest.fixture
+async def plain_tcp_server() -> AsyncIterator[int]:
+    """A server that answers any connection with plain HTTP bytes: an https client's TLS
+    handshake with it fails."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    async with server:
+        yield server.sockets[0].getsockname()[1]
+
+
+async def test_a_failed_tls_handshake_is_a_connect_failure(plain_tcp_server: int) -> None:
+    """https to a server that does not speak TLS fails in the handshake: nothing was
+    sent, so ConnectionFailed with connect=True."""
+    with pytest.raises(openai.APIConnectionError) as info:
+        async with openai.AsyncOpenAI(
+            base_url=f"https://127.0.0.1:{plain_tcp_server}/v1", api_key="sk-test", max_retries=0
+        ) as client:
+            await client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+            )
+    error = classify_openai_error(info.value, model="gpt-4o-mini")
+    assert (ConnectionFailed, True) == (type(error), getattr(error, "connect", None))
+
+
+@pytest.mark.parametrize("kind", ["reset", "malformed"])
+async def test_a_connection_lost_after_connecting_is_not_a_connect_failure(
+    kind: FaultKind,
+) -> None:
+    """The simulator accepts, then resets mid-body or sends a truncated body: the request
+    reached the server, so ConnectionFailed with connect=False."""
+    async with Simulator(script=[Fault(nth=1, kind=kind)]) as sim:
+        with pytest.raises((openai.OpenAIError, ValueError)) as info:
+            await call(sim)
+    error = classify_openai_error(info.value, model="gpt-4o-mini")
+    assert (ConnectionFailed, False) == (type(error), getattr(error, "connect", None))
+
+
+async def test_a_request_larger_than_tpm_is_sent_once_and_never_retried() -> None:
+    """A prompt larger than the whole TPM, through LLMClient with its default retry policy
+    and no limits known in advance: the server answers "Request too large" (without
+    x-should-retry, as OpenAI does), the client raises RequestTooLarge and the server
+    saw exactly one request, with no wait."""
+    clock = FakeClock()
+    with clock.patch_loop():
+        async with Simulator(tpm=1000, clock=clock.time) as sim:
+            provider = OpenAIProvider(base_url=sim.base_url, api_key="sk-test-0123")
+            async with LLMClient(provider, model="gpt-4o-mini", max_tokens=16, profiles={}) as c:
+                with pytest.raises(RequestTooLarge) as info:
+                    await c.complete(Request.from_prompt("lorem ipsum " * 800))
+            requests = sim.stats().requests
+    assert (1, "tpm", 1000.0) == (requests, info.value.dimension, info.value.capacity)
+    assert info.value.requested is not None
+    assert info.value.requested > 1000
+    assert 0.0 == clock.time()

@@ -208,11 +208,14 @@ async def test_otpm_actual_ignores_max_tokens(make_client: MakeClient) -> None:
 
 
 async def test_itpm_request_too_large(make_client: MakeClient) -> None:
-    """Input beyond the whole ITPM can never pass: 429 marked ``x-should-retry: false``."""
+    """Input beyond the whole ITPM can never pass: a 429 marked ``x-should-retry: false``
+    whose message names the limit and the request and says it can never succeed."""
     _, _, client = await make_client(itpm=5)
     with pytest.raises(anthropic.RateLimitError) as info:
         await client.messages.create(model=MODEL, max_tokens=10, messages=USER)
     assert "false" == info.value.response.headers["x-should-retry"]
+    assert "rate limit of 5 input tokens per minute (" in info.value.message
+    assert "requested) and can never succeed." in info.value.message
 
 
 async def test_unknown_key_is_authentication_error(make_client: MakeClient) -> None:

@@ -252,3 +252,33 @@ async def test_unknown_api_key_is_401_and_never_echoed(simulator_factory: Simula
     assert "invalid_api_key" == info.value.code
     assert "sk-secret" not in info.value.response.text
     assert "sk-good" not in repr(sim)
+
+
+@pytest.mark.parametrize(
+    ("limits", "max_tokens", "unit"),
+    [
+        ({"tpm": 1000}, 5000, "tokens per min (TPM): Limit 1000, Requested "),
+        ({"tpd": 1000}, 5000, "tokens per day (TPD): Limit 1000, Requested "),
+    ],
+)
+async def test_request_too_large_is_sent_as_openai_sends_it(
+    simulator_factory: SimulatorFactory, limits: dict[str, int], max_tokens: int, unit: str
+) -> None:
+    """More than a whole bucket is OpenAI's "Request too large" 429: type and code as for
+    a rate limit, the bucket and numbers in the message, and neither ``retry-after`` nor
+    ``x-should-retry: false`` (real servers do not reliably send it: only the message
+    says the request can never pass)."""
+    sim = await simulator_factory(**limits)
+    async with openai.AsyncOpenAI(base_url=sim.base_url, api_key="sk", max_retries=0) as client:
+        with pytest.raises(openai.RateLimitError) as info:
+            await client.chat.completions.create(
+                model="gpt-4o-mini", messages=USER, max_tokens=max_tokens
+            )
+    error = info.value
+    assert isinstance(error.body, dict)
+    message = str(error.body["message"])
+    assert ("tokens", "rate_limit_exceeded") == (error.type, error.code)
+    assert message.startswith("Request too large for gpt-4o-mini in organization")
+    assert unit in message
+    assert "x-should-retry" not in error.response.headers
+    assert "retry-after" not in error.response.headers
