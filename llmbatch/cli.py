@@ -17,6 +17,7 @@ Exit codes (``llmbatch run``):
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 from llmbatch.batchapi import uncollected_keys
+from llmbatch.client import USE_DEFAULT, LLMClient
 from llmbatch.config import (
     LimiterSettings,
     config_file,
@@ -216,6 +218,16 @@ def _limits_for(
     return limits.copy(**changes) if changes else limits
 
 
+def _describe_concurrency(client: LLMClient) -> str:
+    """The in-flight target in force and why (adaptive unless --concurrency)."""
+    target = client.statistics().in_flight_target
+    if target is None:
+        return "?"
+    if client.max_concurrency is not None:
+        return target.reason
+    return f"follows the limits and the latency, starting at {target.limit} ({target.reason})"
+
+
 def _describe_limits(limits: Limits) -> str:
     shown = [
         f"{name}={value}"
@@ -379,8 +391,8 @@ def _template(template: str | None, prompt_file: IO[str] | None) -> str:
 )
 @click.option(
     "--log-json",
-    type=click.File("a", encoding="utf-8"),
-    help="Also write the log as JSON lines to this file.",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also append the log as JSON lines to this file.",
 )
 @click.option(
     "--progress-interval",
@@ -400,9 +412,7 @@ def run(**options: Any) -> None:
     checkpointed as they finish: rerun the same command after a crash or Ctrl-C and
     only the rest is sent.
     """
-    configure_logging(
-        verbose=options["verbose"], quiet=options["quiet"], log_json=options["log_json"]
-    )
+    configure_logging(verbose=options["verbose"], quiet=options["quiet"], log_json=None)
     choice = choose_provider(options["provider"], options["model"])
     spec = JobSpec(
         input=options["input"],
@@ -427,8 +437,14 @@ def run(**options: Any) -> None:
         deadline=options["deadline"] * 3600 if options["deadline"] is not None else None,
         poll_interval=options["poll_interval"],
     )
+    log_json: Path | None = options["log_json"]
     _check_input(spec)
-    _check_writable(spec)
+    _check_writable(spec, {"the JSON log": log_json} if log_json is not None else {})
+    if log_json is not None:
+        # opened only now: a path that is the input must not be appended to first
+        log_file = log_json.open("a", encoding="utf-8")
+        atexit.register(log_file.close)
+        configure_logging(verbose=options["verbose"], quiet=options["quiet"], log_json=log_file)
     limits = _limits_for(choice, options["rpm"], options["tpm"], options["concurrency"])
     try:
         quotas = limiter_settings(url=options["limiter_url"])
@@ -470,10 +486,10 @@ def _check_input(spec: JobSpec) -> None:
         raise click.BadParameter(str(exc), param_hint="--prompt") from None
 
 
-def _check_writable(spec: JobSpec) -> None:
+def _check_writable(spec: JobSpec, others: Mapping[str, Path]) -> None:
     """Nothing the run writes may replace its input (exit 2 before anything is written)."""
     try:
-        spec.check_paths()
+        spec.check_paths(others)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
 
@@ -488,13 +504,16 @@ async def _run(
     quotas: LimiterSettings,
     attempt_timeout: float | None = None,
 ) -> int:
-    from llmbatch.client import USE_DEFAULT, LLMClient
-
     console = Console(stderr=True)
     records = list(spec.records()) if spec.input == "-" else None  # stdin is read once
+    if records is not None:
+        try:
+            spec.check_template(records)
+        except ValueError as exc:
+            console.print(f"[red]error:[/] {exc}")
+            return EXIT_ABORTED
     progress = JobProgress(total=len(records) if records is not None else _count(spec))
-    concurrency = limits.max_concurrency or 32
-    spec = _replace(spec, max_concurrency=concurrency)
+    spec = _replace(spec, max_concurrency=limits.max_concurrency)
     try:
         store = Store(spec.store_path)
     except LLMBatchError as exc:
@@ -508,6 +527,7 @@ async def _run(
         limits=limits,
         limiter_url=quotas,
         timeout=USE_DEFAULT if attempt_timeout is None else attempt_timeout,
+        max_concurrency=limits.max_concurrency,
     )
     try:
         # A shared quota that cannot be used stops the run before any request.
@@ -527,6 +547,7 @@ async def _run(
         model=spec.model,
         limits=_describe_limits(limits),
         quotas=quotas.describe(),
+        concurrency=_describe_concurrency(client),
         timeout=client.timeout,
         records=progress.total,
         store=str(spec.store_path),
@@ -654,11 +675,13 @@ def _snapshot(progress: JobProgress, client: Any, model: str) -> dict[str, Any]:
         "done": progress.done + progress.reused,
         "failed": progress.failed + progress.invalid,
         "in_flight": progress.in_flight,
+        "in_flight_target": stats.in_flight_target.limit if stats.in_flight_target else None,
+        "in_flight_reason": stats.in_flight_target.reason if stats.in_flight_target else None,
         "retries": max(0, stats.attempts - progress.done - progress.failed - progress.in_flight),
         "rpm": round(per_minute, 1),
         "tpm": round(tokens_per_minute),
-        "rpm_limit": limiter.capacity.get("rpm"),
-        "tpm_limit": limiter.capacity.get("tpm"),
+        "rpm_limit": limiter.limits.get("rpm"),
+        "tpm_limit": limiter.limits.get("tpm"),
         "rate_limited": limiter.rate_limited,
         # what other spenders of the same key are seen to take (another process)
         "others_rpm": round(limiter.others.get("rpm", 0.0), 1),
@@ -676,7 +699,7 @@ def _live_view(progress: JobProgress, client: Any, model: str) -> Table:
         f"[bold]{s['finished']}/{total}[/] records",
         f"[green]{s['done']} ok[/]",
         f"[red]{s['failed']} failed[/]",
-        f"{s['in_flight']} in flight",
+        f"{s['in_flight']} in flight (target {s['in_flight_target']})",
         f"{s['retries']} retries",
         f"ETA {eta}",
     )
@@ -688,6 +711,7 @@ def _live_view(progress: JobProgress, client: Any, model: str) -> Table:
         f"others on this key: {s['others_rpm']:.0f} req/min" if s["others_rpm"] else "",
         "",
     )
+    table.add_row(f"[dim]in-flight target: {s['in_flight_reason']}[/]", "", "", "", "", "")
     return table
 
 
@@ -739,7 +763,8 @@ def _print_summary(
     table.add_row("pending", str(counts.pending))
     stats = client.statistics()
     table.add_row(
-        "this run", f"{progress.sent} sent, {stats.attempts} attempts, {_seconds(seconds)}"
+        "this run",
+        f"{progress.sent} records started, {stats.requests} requests sent, {_seconds(seconds)}",
     )
     table.add_row("tokens (job)", f"{summary.input_tokens} in, {summary.output_tokens} out")
     table.add_row("cost (job)", _money(summary.cost))

@@ -36,6 +36,7 @@ from typing import Any, TypeVar, overload
 import structlog
 
 from llmbatch.batchapi import Journal, batch_backend, run_batch_api
+from llmbatch.concurrency import SAFETY_CAP, InFlight, InFlightTarget
 from llmbatch.config import (
     LimiterSettings,
     ModelProfile,
@@ -50,6 +51,7 @@ from llmbatch.errors import (
     LLMBatchError,
     ProviderUnreachable,
     RateLimited,
+    TransientError,
     redact,
 )
 from llmbatch.failure import (
@@ -62,7 +64,7 @@ from llmbatch.failure import (
     Skip,
     failure_strategy,
 )
-from llmbatch.limits import Limits, get_limiter, quota_name
+from llmbatch.limits import Limits, get_limiter, quota_name, request_rate
 from llmbatch.models import Embedding, EmbeddingRequest, Request, Response, Usage
 from llmbatch.providers.base import AsyncClosing, Provider
 from llmbatch.retry import (
@@ -74,13 +76,16 @@ from llmbatch.retry import (
 )
 from llmbatch.routing import choose_route
 from llmbatch.runner import (
-    DEFAULT_MAX_CONCURRENCY,
     BatchStream,
     current_item,
     run_batch,
     stream_batch,
 )
-from llmbatch.tokens import check_context_window, openai_admission_estimate
+from llmbatch.tokens import (
+    check_context_window,
+    openai_admission_estimate,
+    prompt_token_bound,
+)
 
 AnyRequest = Request | EmbeddingRequest
 Answer = Response | Embedding
@@ -110,9 +115,17 @@ class ClientStatistics:
     attempts: int
     usage: Usage
     cost: float | None
+    #: requests that reached the provider (attempts that got a permit and were sent)
+    requests: int = 0
+    #: requests in flight now, and the target they are held to (and why)
+    in_flight: int = 0
+    in_flight_target: InFlightTarget | None = None
 
 
 logger = structlog.get_logger("llmbatch.client")
+
+#: the output a request without ``max_tokens`` is budgeted for (OpenAI's reservation)
+DEFAULT_MAX_OUTPUT = 4096
 
 #: seconds one attempt may wait for the provider's answer when nothing else is set (the
 #: SDKs wait 600 s: a hung request would hold a slot for ten minutes)
@@ -131,28 +144,36 @@ USE_DEFAULT = _Unset()
 
 
 class _Reachability:
-    """Tells a provider that is gone from a few failed requests.
+    """Tells a provider that is gone (or broken) from a few failed requests, so that
+    the job stops with one clear error instead of failing every item after minutes of
+    retries (the items stay pending: a rerun sends them).
 
-    A failed *connection* (refused, DNS, TLS: :attr:`ConnectionFailed.connect`) says
-    nothing about the item, only about the provider. When ``MIN_FAILURES`` of them come
-    in a row, across the whole client, with no answer in between and over at least
-    ``MIN_SECONDS`` (so a blip of a second is ridden out), the provider counts as
-    unreachable: the job stops with one clear error instead of failing every item
-    after minutes of retries.
+    Two rules:
+
+    * a failed *connection* (refused, DNS, TLS: :attr:`ConnectionFailed.connect`) says
+      nothing about the item, only about the provider: ``MIN_FAILURES`` of them in a
+      row across the client, no answer in between, over at least ``MIN_SECONDS`` (a
+      blip of a second is ridden out), and the provider is unreachable;
+    * an item whose every attempt failed transiently (timeouts, 5xx, resets; not
+      rate limits), while not one request of the client was answered since its first
+      attempt, failed because of the provider: the provider is unusable.
     """
 
     MIN_FAILURES = 5
     MIN_SECONDS = 2.0
 
-    __slots__ = ("first", "streak")
+    __slots__ = ("first", "last_answer", "streak")
 
     def __init__(self) -> None:
         self.streak = 0
         self.first = 0.0
+        #: the loop time of the last answer (-inf: none yet)
+        self.last_answer = -math.inf
 
-    def answered(self) -> None:
-        """A response arrived: the provider is there."""
+    def answered(self, now: float) -> None:
+        """A response arrived at *now*: the provider is there."""
         self.streak = 0
+        self.last_answer = now
 
     def failed(self, now: float) -> bool:
         """A connection failed at *now*; whether the provider now counts as gone."""
@@ -164,12 +185,14 @@ class _Reachability:
 
 def template_fields(template: str) -> list[str]:
     """The record fields a ``str.format`` prompt template names, in order, once each
-    (``"{doc[title]}"`` and ``"{doc.title}"`` name ``doc``).
+    (``"{doc[title]}"`` names ``doc``).
 
     Raises:
         ValueError: the template is malformed (a stray ``{`` or ``}``, an unknown
-            ``!`` conversion) or has positional fields (``{}``, ``{0}``), which a record
-            cannot fill. The message says how to write literal braces.
+            ``!`` conversion), has positional fields (``{}``, ``{0}``), which a record
+            cannot fill, or reads attributes (``{text.upper}`` would put a method's
+            repr, with its memory address, in the prompt). The message says how to
+            write literal braces.
     """
     names: list[str] = []
     try:
@@ -182,6 +205,11 @@ def template_fields(template: str) -> list[str]:
         if name is None:
             continue
         field = name.split(".")[0].split("[")[0]
+        if "." in name:
+            raise ValueError(
+                f"the prompt template reads an attribute in {{{name}}}: name a field (or "
+                "an item of a nested one, {doc[title]}), not an attribute"
+            )
         if field == "" or field.isdigit():
             raise ValueError(
                 f"the prompt template has a positional field {{{name}}}: name a field of "
@@ -263,12 +291,17 @@ class LLMClient(AsyncClosing):
             see :mod:`llmbatch.config`). The client closes the Redis connections it opens.
         retry: the :class:`~llmbatch.retry.RetryPolicy` (default: 6 attempts).
         on_error: the failure strategy of :meth:`map`.
-        max_concurrency: requests in flight at most in :meth:`map`.
+        max_concurrency: requests in flight at most: a hard cap. Default: none; the
+            number in flight follows the limits (the rate they allow times the
+            measured latency, with a margin; see :mod:`llmbatch.concurrency`), within
+            a safety cap of 2,048.
         sleep: how retries wait (injectable for tests).
         profiles: model profiles (default: built-ins overridden by ``llmbatch.toml``).
-        max_cost: a budget in USD; once spent, new calls raise
-            :class:`~llmbatch.errors.BudgetExhausted` (fatal: the batch stops, keeping
-            what finished). Calls in flight when it is reached still complete.
+        max_cost: a budget in USD that is never exceeded: each call reserves what it
+            may cost at most (its prompt's bytes as tokens, ``max_tokens`` of output,
+            at the model's prices) while it runs, and a call that would not fit what is
+            left raises :class:`~llmbatch.errors.BudgetExhausted` instead of starting
+            (fatal: the batch stops, keeping what finished).
         timeout: seconds one attempt may wait for the provider's answer before it
             counts as a (retried) :class:`~llmbatch.errors.Timeout`; the wait for a
             rate-limit permit is not part of it. Default: the retry policy's
@@ -292,7 +325,7 @@ class LLMClient(AsyncClosing):
         limiter_url: str | LimiterSettings | None = None,
         retry: RetryPolicy | None = None,
         on_error: OnError | str | FailureStrategy = OnError.FAIL_FAST,
-        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        max_concurrency: int | None = None,
         sleep: Callable[[float], Any] = asyncio.sleep,
         profiles: Mapping[str, ModelProfile] | None = None,
         max_cost: float | None = None,
@@ -330,6 +363,9 @@ class LLMClient(AsyncClosing):
             raise ValueError(f"timeout must be positive seconds or None, not {timeout!r}")
         self._timeout = timeout
         self._reach = _Reachability()
+        self._gate = InFlight(max_concurrency, name=f"{provider.name}/{model or ''}")
+        #: mean admission cost per request, by unit (what turns token limits into a rate)
+        self._mean_cost: dict[str, float] = {}
         self.on_error = on_error
         self.max_concurrency = max_concurrency
         self._sleep = sleep
@@ -344,6 +380,9 @@ class LLMClient(AsyncClosing):
         self._failed = 0
         self._usage = Usage()
         self._cost: float | None = None
+        #: the most the calls in flight may still cost (see ``max_cost``)
+        self._reserved = 0.0
+        self._requests = 0
         #: seconds before the first status check of a Batch API batch (then backing off)
         self.batch_poll_interval = 15.0
 
@@ -423,6 +462,9 @@ class LLMClient(AsyncClosing):
             attempts=self.retry_log.attempts,
             usage=self._usage,
             cost=self._cost,
+            requests=self._requests,
+            in_flight=self._gate.in_flight,
+            in_flight_target=self._gate.target,
         )
 
     async def complete(self, request: Request | str) -> Response:
@@ -452,14 +494,7 @@ class LLMClient(AsyncClosing):
     async def _answer(self, request: EmbeddingRequest) -> Embedding: ...
     async def _answer(self, request: AnyRequest) -> Answer:
         request = self._with_defaults(request)
-        if self.max_cost is not None and (self._cost or 0.0) >= self.max_cost:
-            raise BudgetExhausted(
-                f"the budget of ${self.max_cost:.4f} is spent (${self._cost or 0.0:.4f}): "
-                "raise max_cost to continue",
-                provider=self.provider.name,
-                model=request.model,
-                item_key=request.key,
-            )
+        reserved = self._reserve_budget(request)
         try:
             if isinstance(request, Request):
                 # A prompt that can never fit the model fails here, without a request.
@@ -475,7 +510,36 @@ class LLMClient(AsyncClosing):
             exc.item_key = exc.item_key or request.key
             exc.provider = exc.provider or self.provider.name
             raise
+        finally:
+            self._reserved -= reserved
         return self.account(request, response)
+
+    def _reserve_budget(self, request: AnyRequest) -> float:
+        """Reserve the most *request* may cost against ``max_cost``; what was reserved.
+
+        Raises:
+            BudgetExhausted: it does not fit what is left (spent and reserved by the
+                calls in flight counted).
+        """
+        if self.max_cost is None:
+            return 0.0
+        spent = (self._cost or 0.0) + self._reserved
+        if isinstance(request, EmbeddingRequest):
+            usage = Usage(input_tokens=len(request.input.encode()) + 1)
+        else:
+            output = (request.max_tokens or DEFAULT_MAX_OUTPUT) * request.n
+            usage = Usage(input_tokens=prompt_token_bound(request.messages), output_tokens=output)
+        bound = self.profile(request.model or "").cost(usage) or 0.0
+        if spent + bound > self.max_cost + 1e-12:
+            raise BudgetExhausted(
+                f"the budget of ${self.max_cost:.4f} is spent or reserved (${spent:.4f}; "
+                f"this call may cost up to ${bound:.4f}): raise max_cost to continue",
+                provider=self.provider.name,
+                model=request.model,
+                item_key=request.key,
+            )
+        self._reserved += bound
+        return bound
 
     @overload
     def _with_defaults(self, request: Request) -> Request: ...
@@ -501,6 +565,7 @@ class LLMClient(AsyncClosing):
 
     async def _call_with_retry(self, request: AnyRequest) -> Answer:
         attempts = 0
+        started = asyncio.get_running_loop().time()
 
         def on_attempt(number: int) -> None:
             nonlocal attempts
@@ -522,13 +587,13 @@ class LLMClient(AsyncClosing):
             exc.item_key = exc.item_key or request.key
             exc.attempt = attempts
             if (
-                isinstance(exc, ConnectionFailed)
-                and exc.connect
+                isinstance(exc, TransientError)
+                and not isinstance(exc, RateLimited)
                 and attempts >= 2
-                and self._reach.streak >= min(attempts, _Reachability.MIN_FAILURES)
+                and self._reach.last_answer < started
             ):
-                # Every attempt of this item failed to connect and nothing was answered
-                # meanwhile: the provider is gone, not this item.
+                # Every attempt of this item failed and nothing at all was answered
+                # meanwhile: the provider is gone or broken, not this item.
                 raise self._unreachable(exc) from exc
             raise
         return replace(response, attempts=attempts)
@@ -544,23 +609,36 @@ class LLMClient(AsyncClosing):
         # Embedding requests reach only providers with embed(), whose rules accept them.
         provider: Any = self.provider
         cost = provider.admission(request, model)
-        permit = await limiter.acquire(**cost)
-        if item is not None:
-            item.request_sent()  # from here an abort lets the request finish
-        try:
-            response: Answer = await self._send(provider, request)
-        except BaseException as exc:
+        mean = self._mean_cost
+        for unit, amount in cost.items():
+            mean[unit] = amount if unit not in mean else mean[unit] + 0.05 * (amount - mean[unit])
+        gate = self._gate
+        async with gate:
+            permit = await limiter.acquire(**cost)
+            self._requests += 1
             if item is not None:
-                item.request_failed()
-            if isinstance(exc, RateLimited):
-                dimension = {"requests": "rpm", "tokens": "tpm"}.get(exc.kind or "")
-                await _feedback(limiter, "on_rate_limited", exc.retry_after, dimension=dimension)
-            elif isinstance(exc, ConnectionFailed) and exc.connect:
-                self._check_reachable(exc)
-            raise
-        finally:
-            permit.release()
-        self._reach.answered()
+                item.request_sent()  # from here an abort lets the request finish
+            loop = asyncio.get_running_loop()
+            sent = loop.time()
+            try:
+                response: Answer = await self._send(provider, request)
+            except BaseException as exc:
+                if item is not None:
+                    item.request_failed()
+                if isinstance(exc, RateLimited):
+                    dimension = {"requests": "rpm", "tokens": "tpm"}.get(exc.kind or "")
+                    await _feedback(
+                        limiter, "on_rate_limited", exc.retry_after, dimension=dimension
+                    )
+                elif isinstance(exc, ConnectionFailed) and exc.connect:
+                    self._check_reachable(exc)
+                raise
+            finally:
+                permit.release()
+            gate.observe(loop.time() - sent)
+        self._reach.answered(loop.time())
+        if gate.cap is None and gate.due():
+            gate.resize(request_rate(limiter.statistics().limits, mean))
         if response.headers:
             await _feedback(limiter, "observe", response.headers, permit)
         actual = provider.settlement(request, response)
@@ -580,12 +658,20 @@ class LLMClient(AsyncClosing):
         if self._reach.failed(asyncio.get_running_loop().time()):
             raise self._unreachable(exc) from exc
 
-    def _unreachable(self, exc: ConnectionFailed) -> ProviderUnreachable:
+    def _unreachable(self, exc: TransientError) -> ProviderUnreachable:
+        if isinstance(exc, ConnectionFailed) and exc.connect:
+            what = (
+                f"cannot reach the provider ({self.provider!r}): {self._reach.streak} "
+                "connections failed in a row with no answer in between"
+            )
+        else:
+            what = (
+                f"the provider ({self.provider!r}) answered nothing but errors: every "
+                f"attempt of an item failed and no request was answered meanwhile"
+            )
         return ProviderUnreachable(
-            f"cannot reach the provider ({self.provider!r}): {self._reach.streak} "
-            f"connections failed in a row with no answer in between (last: "
-            f"{exc.message}). Stopping: requests not answered stay pending; rerun "
-            "once the server is reachable",
+            f"{what} (last: {type(exc).__name__}: {exc.message}). Stopping: requests "
+            "not answered stay pending; rerun once the server works again",
             provider=exc.provider,
             model=exc.model,
             item_key=exc.item_key,
@@ -712,7 +798,7 @@ class LLMClient(AsyncClosing):
         return await run_batch(
             answer,
             requests,
-            max_concurrency=max_concurrency or self.max_concurrency,
+            max_concurrency=max_concurrency or self.max_concurrency or SAFETY_CAP,
             on_error=strategy,
             key=_request_key,
         )
@@ -854,6 +940,7 @@ def _item_answerer(
     retry: RetryPolicy | None,
     max_cost: float | None,
     key: Callable[[Any], str | None] | None,
+    max_concurrency: int | None = None,
 ) -> _Answerer:
     """The :class:`_Answerer` (OpenAI from the environment when no provider is given)."""
     owned = provider is None
@@ -868,6 +955,7 @@ def _item_answerer(
         limits=limits,
         retry=retry,
         max_cost=max_cost,
+        max_concurrency=max_concurrency,
     )
     return _Answerer(provider, owned, client, template, system, key)
 
@@ -883,7 +971,7 @@ async def map(  # shadows builtins.map inside this module only: llmbatch.map is 
     limits: Limits | None = None,
     retry: RetryPolicy | None = None,
     on_error: OnError | str | FailureStrategy = OnError.COLLECT,
-    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    max_concurrency: int | None = None,
     key: Callable[[Any], str | None] | None = None,
     max_cost: float | None = None,
     on_result: Callable[[int, Response | ItemError], None] | None = None,
@@ -907,7 +995,9 @@ async def map(  # shadows builtins.map inside this module only: llmbatch.map is 
         retry: the retry policy.
         on_error: the failure strategy (default ``"collect"``: every item ends as a
             result or an ItemError, in input order).
-        max_concurrency: requests in flight at most.
+        max_concurrency: requests in flight at most (a hard cap). Default: as many as
+            the limits allow: their rate times the measured latency, with a margin
+            (see :mod:`llmbatch.concurrency`).
         key: a function naming each item (recorded on its errors).
         max_cost: a budget in USD: once spent, no new item starts and the batch ends
             with :class:`~llmbatch.failure.BatchFailed` (reason ``"fatal"``) carrying
@@ -937,6 +1027,7 @@ async def map(  # shadows builtins.map inside this module only: llmbatch.map is 
         retry=retry,
         max_cost=max_cost,
         key=key,
+        max_concurrency=max_concurrency,
     )
     try:
         if mode != "online":
@@ -954,7 +1045,7 @@ async def map(  # shadows builtins.map inside this module only: llmbatch.map is 
         return await run_batch(
             answerer,
             items,
-            max_concurrency=max_concurrency,
+            max_concurrency=max_concurrency or SAFETY_CAP,
             on_error=on_error,
             key=key,
             on_result=on_result,
@@ -973,7 +1064,7 @@ async def _map_routed(
     deadline: float | None,
     prefer: str | None,
     journal: Journal | None,
-    max_concurrency: int,
+    max_concurrency: int | None,
 ) -> BatchResult[Response]:
     """:func:`map` with ``mode="batch"`` or ``"auto"``: every prompt is built first (a
     bad item is its own error), the valid requests go where the route says, and the
@@ -1025,7 +1116,7 @@ def imap(
     limits: Limits | None = None,
     retry: RetryPolicy | None = None,
     on_error: OnError | str | FailureStrategy = OnError.COLLECT,
-    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    max_concurrency: int | None = None,
     key: Callable[[Any], str | None] | None = None,
     max_cost: float | None = None,
 ) -> BatchStream[Response]:
@@ -1045,9 +1136,14 @@ def imap(
         retry=retry,
         max_cost=max_cost,
         key=key,
+        max_concurrency=max_concurrency,
     )
     stream: BatchStream[Response] = stream_batch(
-        answerer, items, max_concurrency=max_concurrency, on_error=on_error, key=key
+        answerer,
+        items,
+        max_concurrency=max_concurrency or SAFETY_CAP,
+        on_error=on_error,
+        key=key,
     )
     stream.call_on_close(answerer.aclose)
     return stream

@@ -120,7 +120,8 @@ def _profile(
     return ModelProfile(
         provider=provider,
         model=model,
-        limits=Limits(**limits),
+        # a starting estimate: the limits the provider reports for the key replace it
+        limits=Limits(learn=True, **limits),
         input_price=prices[0],
         output_price=prices[1],
         context_window=window,
@@ -133,7 +134,8 @@ _LOCAL_N_CTX = 2048
 
 
 #: Conservative defaults (first usage tier; list prices in USD per 1M tokens, late 2026).
-#: Your account's real limits arrive in the response headers and correct these downward.
+#: They are starting estimates: the limits the provider reports for your key in its
+#: response headers replace them, higher or lower (``Limits.learn``).
 BUILTIN_PROFILES: Mapping[str, ModelProfile] = {
     f"{p.provider}/{p.model}": p
     for p in (
@@ -218,7 +220,7 @@ def _from_table(name: str, table: Mapping[str, Any], base: ModelProfile | None) 
     profile = base or ModelProfile(provider=provider, model=model)
     limit_changes = {k: v for k, v in table.items() if k in _LIMIT_FIELDS}
     if limit_changes:
-        start = profile.limits if base is not None else Limits()
+        start = profile.limits if base is not None else Limits(learn=True)
         profile = replace(profile, limits=start.copy(**limit_changes))
     price_changes: dict[str, Any] = {
         k: int(v) if k in ("batch_min_items", "context_window") else float(v)

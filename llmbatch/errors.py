@@ -20,7 +20,7 @@
     │   ├── NotFound                   404: no such model or endpoint
     │   ├── QuotaExhausted             insufficient_quota and other billing errors
     │   ├── BudgetExhausted            the job's own max_cost was reached
-    │   ├── ProviderUnreachable        no connection to the provider, item after item
+    │   ├── ProviderUnreachable        no connection (or only errors) from the provider
     │   └── LimiterUnavailable         the shared rate limiter (Redis) cannot be used
     └── BatchFailed                    a batch was aborted (see llmbatch.failure)
 
@@ -264,9 +264,10 @@ class BudgetExhausted(FatalError):
 
 class ProviderUnreachable(FatalError):
     """The provider could not be reached (connection refused, DNS, TLS) on several
-    attempts in a row, across items, with no answer in between: the job stops at once
-    instead of failing every item slowly. Items not answered stay pending, so a rerun
-    once the server is back sends them."""
+    attempts in a row, across items, with no answer in between; or it answered nothing
+    but errors (timeouts, 5xx) to every attempt of an item while not one request was
+    answered. The job stops instead of failing every item slowly. Items not answered
+    stay pending, so a rerun once the server works again sends them."""
 
 
 class LimiterUnavailable(FatalError):

@@ -237,11 +237,14 @@ def _parquet_rows(path: str | Path, stdin: TextIO) -> Iterator[_Row]:
 
 def _folder_files(root: Path) -> tuple[list[Path], list[Path]]:
     """The files under *root*, sorted: those a folder input reads (by suffix, in any
-    case), and those it skips."""
+    case), and those it skips (other suffixes, and hidden files and folders such as
+    ``.DS_Store`` or ``.git/``)."""
     read: list[Path] = []
     skipped: list[Path] = []
     for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        (read if file.suffix.lower() in TEXT_SUFFIXES else skipped).append(file)
+        hidden = any(part.startswith(".") for part in file.relative_to(root).parts)
+        usable = not hidden and file.suffix.lower() in TEXT_SUFFIXES
+        (read if usable else skipped).append(file)
     return read, skipped
 
 

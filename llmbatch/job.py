@@ -31,7 +31,7 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, TextIO
@@ -40,6 +40,7 @@ import structlog
 
 from llmbatch.batchapi import batch_backend, run_batch_api, uncollected_keys
 from llmbatch.client import LLMClient, build_request, estimated_usage, template_fields
+from llmbatch.concurrency import SAFETY_CAP
 from llmbatch.errors import FatalError, LLMBatchError
 from llmbatch.failure import BatchFailed, ItemError, OnError, failure_strategy, is_fatal
 from llmbatch.io import Record, read_records
@@ -89,7 +90,8 @@ class JobSpec:
         retry_failed: send items that failed in an earlier run again.
         store: the checkpoint file (default: ``OUTPUT.llmbatch.sqlite``).
         errors: also write the error records to this JSONL file.
-        max_concurrency: requests in flight at most.
+        max_concurrency: requests in flight at most (``None``: as the client's limits
+            allow; see :mod:`llmbatch.concurrency`).
         mode: ``"online"``, ``"batch"`` (the provider's Batch API, half price) or
             ``"auto"`` (see :mod:`llmbatch.routing`). Not part of the fingerprint: both
             give the same answers. Batches in flight from an earlier run are always
@@ -118,7 +120,7 @@ class JobSpec:
     retry_failed: bool = False
     store: str | Path | None = None
     errors: str | Path | None = None
-    max_concurrency: int = 32
+    max_concurrency: int | None = None
     mode: str = "online"
     deadline: float | None = None
     prefer: str | None = None
@@ -152,11 +154,12 @@ class JobSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "on_error", OnError(str(self.on_error).replace("-", "_")))
 
-    def check_paths(self) -> None:
+    def check_paths(self, others: Mapping[str, str | Path] | None = None) -> None:
         """Refuse paths that would make the job write over its own input.
 
-        The output, the errors file, the checkpoint and their temporary files must
-        each be another file than the input (compared as files: links, ``./`` and
+        The output, the errors file, the checkpoint, their temporary files and *others*
+        (more files the caller writes, by name: ``{"the JSON log": path}``) must each be
+        another file than the input (compared as files: links, ``./`` and
         case-insensitive file systems included) and than each other, and none may lie
         inside a folder input. Checked before anything is written.
 
@@ -164,6 +167,7 @@ class JobSpec:
             ValueError: naming the two paths that clash.
         """
         written = {"the output": Path(self.output), "the checkpoint": self.store_path}
+        written.update({name: Path(path) for name, path in (others or {}).items()})
         if self.errors is not None:
             written["the errors file"] = Path(self.errors)
         for name in ("the output", "the errors file"):
@@ -484,7 +488,7 @@ async def run_job(
         stream = stream_batch(
             answer,
             feed,
-            max_concurrency=spec.max_concurrency,
+            max_concurrency=spec.max_concurrency or SAFETY_CAP,
             on_error=failure_strategy(spec.on_error),
             key=_prepared_key,
         )

@@ -60,6 +60,7 @@ __all__ = [
     "plausible_limit",
     "quota_name",
     "refunds",
+    "request_rate",
     "send_lag",
 ]
 
@@ -89,14 +90,28 @@ class Limits:
         output_tpm: output tokens per minute (Anthropic OTPM).
         rpd: requests per day.
         tpd: tokens per day.
-        max_concurrency: requests in flight at most.
-        initial_fill: share of each bucket available at start (the server's state is
-            unknown until its first headers arrive, which then set the level exactly).
+        max_concurrency: requests in flight at most (a hard cap; ``None``: in-flight
+            requests follow the rate limits, see :class:`~llmbatch.client.LLMClient`).
+        initial_fill: share of each bucket available at start. ``None`` (the default)
+            is a slow start: at most ``slow_start`` seconds of the limit (and half the
+            bucket) go out before the server's first headers say how full its bucket
+            really is, which then set the level exactly. A key whose limit is enforced
+            over a few seconds (OpenAI: limits "may be quantized") holds only that much
+            at once, so a bigger first burst would be answered with 429s; a full-minute
+            bucket is used at once all the same, as soon as the first answer shows it.
+        slow_start: seconds of the limit the first burst may take (``initial_fill=None``).
         refund_unused: give back reserved tokens a response did not use. ``None`` (the
             default) follows the provider's rule, which the client passes on settling:
             OpenAI keeps its reservation, Anthropic counts the tokens actually used (so
             an unused ``max_tokens`` reservation comes back). ``True``/``False`` force it.
-        learn: learn missing limits from response headers (see :meth:`auto`).
+        learn: treat these limits as a starting estimate: the limits the server
+            reports in its headers replace them, higher or lower, and missing ones are
+            learned (see :meth:`auto`; model profiles are such estimates). ``False``
+            (limits given explicitly) never raises them; a lower limit the server
+            reports still wins, as pacing above it only earns 429s.
+        learn_burst: learn how much the server's bucket holds from the ``remaining``
+            it reports, and never burst beyond it (a per-minute limit enforced over
+            a few seconds holds a few seconds' worth).
         aimd: adapt the concurrency cap (additive increase, halve on 429) while no rate
             limit is known.
         headroom: fraction of each learned or configured limit to stay under (0.0-0.5):
@@ -121,9 +136,11 @@ class Limits:
     rpd: float | None = None
     tpd: float | None = None
     max_concurrency: int | None = None
-    initial_fill: float = 0.5
+    initial_fill: float | None = None
+    slow_start: float = 1.0
     refund_unused: bool | None = None
     learn: bool = False
+    learn_burst: bool = True
     aimd: bool = False
     headroom: float = 0.0
     reserve: float = 0.0025
@@ -136,10 +153,12 @@ class Limits:
                 raise ValueError(f"Limits.{name} must be positive, not {value!r}")
         if self.max_concurrency is not None and self.max_concurrency < 1:
             raise ValueError(f"Limits.max_concurrency must be >= 1, not {self.max_concurrency!r}")
-        if not 0.0 <= self.initial_fill <= 1.0:
+        if self.initial_fill is not None and not 0.0 <= self.initial_fill <= 1.0:
             raise ValueError(
-                f"Limits.initial_fill must be within [0, 1], not {self.initial_fill!r}"
+                f"Limits.initial_fill must be within [0, 1] or None, not {self.initial_fill!r}"
             )
+        if not self.slow_start > 0:
+            raise ValueError(f"Limits.slow_start must be positive, not {self.slow_start!r}")
         if not 0.0 <= self.headroom <= 0.5:
             raise ValueError(f"Limits.headroom must be within [0, 0.5], not {self.headroom!r}")
         if not 0.0 <= self.reserve <= 0.5:
@@ -155,6 +174,17 @@ class Limits:
     def copy(self, **changes: Any) -> Limits:
         """A copy with *changes* applied."""
         return replace(self, **changes)
+
+    def start_fill(self, limit: float, period: float) -> float:
+        """The share of a bucket of *limit* units per *period* seconds available at
+        start: ``initial_fill``, or the slow start (``slow_start`` seconds of a
+        per-minute limit, at most half the bucket; half of a per-day one, whose
+        quota is not enforced over seconds)."""
+        if self.initial_fill is not None:
+            return self.initial_fill
+        if period > MINUTE:
+            return 0.5
+        return min(0.5, self.slow_start / period)
 
 
 # -- header parsing --------------------------------------------------------------------
@@ -283,13 +313,44 @@ class _Bucket(AsyncLimiter):
     ``time_period``. The level may exceed ``max_rate`` (debt from settling or a 429).
     """
 
-    __slots__ = ("name",)
+    __slots__ = ("burst", "name", "period")
 
     def __init__(self, name: str, max_rate: float, time_period: float, fill: float) -> None:
         super().__init__(max_rate, time_period)
         self.name = name
+        #: the period the limit is stated for (60 s, a day): the capacity may be less
+        #: than a period's worth (:meth:`learn_burst`), the rate stays limit / period
+        self.period = time_period
+        #: what the server's bucket is seen to hold at most (``None``: a full period)
+        self.burst: float | None = None
         self._leak()
         self._level = max_rate * (1.0 - fill)
+
+    @property
+    def limit(self) -> float:
+        """The limit: units the server grants per :attr:`period`."""
+        return round(self.nominal_rate * self.period, 6)  # no float noise in the figure
+
+    def _shape(self, rate: float, capacity: float) -> None:
+        """Refill at *rate* units per second (less what others spend), hold *capacity*."""
+        self._leak()
+        external = self.external
+        self.max_rate = capacity
+        self.time_period = capacity / rate
+        self.set_external(external)
+
+    def learn_burst(self, seen: float) -> bool:
+        """The server's bucket holds at least *seen* units: never hold more than the
+        most it is seen to hold (when that is less than a period's worth). Whether the
+        capacity changed."""
+        if self.burst is not None and seen <= self.burst:
+            return False
+        self.burst = seen
+        capacity = min(self.limit, seen)
+        if abs(capacity - self.max_rate) < 0.5:
+            return False
+        self._shape(self.nominal_rate, capacity)
+        return True
 
     def _leak(self) -> None:
         try:
@@ -331,8 +392,9 @@ class _Bucket(AsyncLimiter):
         return self.max_rate - self.level
 
     def time_until(self, amount: float) -> float:
-        """Seconds until *amount* fits (0 when it fits now)."""
-        missing = self.level + amount - self.max_rate
+        """Seconds until *amount* fits (0 when it fits now). An amount beyond the
+        capacity (a learned burst smaller than the request) fits an empty bucket."""
+        missing = self.level + min(amount, self.max_rate) - self.max_rate
         return 0.0 if missing <= 1e-9 else missing / self._rate_per_sec
 
     def take(self, amount: float, *, transit: float = 0.0) -> None:
@@ -356,15 +418,19 @@ class _Bucket(AsyncLimiter):
         self._leak()
         self._level = max(0.0, self.max_rate - amount)
 
-    def resize(self, max_rate: float) -> None:
-        """Change the capacity (and the refill rate with it), keeping what is in use."""
-        external = self.external
-        self.max_rate = max_rate
-        self.set_external(external)
+    def resize(self, limit: float) -> None:
+        """Change the limit (the refill rate, and the capacity with it unless a smaller
+        burst was learned), keeping what is in use."""
+        capacity = limit if self.burst is None else min(limit, self.burst)
+        self._shape(limit / self.period, capacity)
 
 
 #: at most this share of a bucket's refill is ever left to other spenders
 _EXTERNAL_CEILING = 0.9
+#: a first answer showing less than this share of the limit left (with our requests in
+#: flight counted back) means a bucket smaller than the period's limit; more may be
+#: another spender on a full-period bucket, which is not taken for a small bucket
+_BURST_EVIDENCE = 0.5
 
 
 class _ExternalSpend:
@@ -567,6 +633,9 @@ class LimiterStatistics:
     capacity: dict[str, float]
     #: units per minute others are seen to spend of each dimension (the headers show it)
     others: dict[str, float] = field(default_factory=dict)
+    #: the limit of each dimension, per its period (``capacity`` is what a bucket holds
+    #: at once: less when the server enforces the limit over a shorter period)
+    limits: dict[str, float] = field(default_factory=dict)
 
 
 def plausible_limit(dimension: str, limit: float, permit: Permit | None = None) -> bool:
@@ -583,6 +652,22 @@ def plausible_limit(dimension: str, limit: float, permit: Permit | None = None) 
         if limit < permit.units.get(unit, 0.0):
             return False
     return True
+
+
+def request_rate(limits: Mapping[str, float], mean_cost: Mapping[str, float]) -> float | None:
+    """Requests per second the per-minute *limits* allow (``{"rpm": 10_000, "tpm": ...}``,
+    as :attr:`LimiterStatistics.limits` gives them) for requests costing *mean_cost*
+    per unit (``{"tokens": 900}``), or ``None`` when none binds. Per-day limits are a
+    budget, not a pace, and do not count."""
+    rates: list[float] = []
+    for dim, limit in limits.items():
+        unit, period = _DIMENSIONS[dim]
+        if period > MINUTE:
+            continue
+        cost = 1.0 if unit == "requests" else mean_cost.get(unit, 0.0)
+        if cost > 0:
+            rates.append(limit / period / cost)
+    return min(rates) if rates else None
 
 
 def send_lag(permit: Permit, processing: float | None, now: float) -> float:
@@ -680,7 +765,8 @@ class RateLimiter:
     def _add_bucket(self, dimension: str, capacity: float) -> None:
         _, period = _DIMENSIONS[dimension]
         effective = capacity * (1.0 - self.limits.headroom)
-        self._buckets[dimension] = _Bucket(dimension, effective, period, self.limits.initial_fill)
+        fill = self.limits.start_fill(effective, period)
+        self._buckets[dimension] = _Bucket(dimension, effective, period, fill)
 
     def __repr__(self) -> str:
         levels = ", ".join(
@@ -706,8 +792,8 @@ class RateLimiter:
         cost = {dim: units[unit] for dim, (unit, _) in _DIMENSIONS.items() if dim in self._buckets}
         for dim, amount in cost.items():
             bucket = self._buckets[dim]
-            if amount > bucket.max_rate:
-                raise RequestTooLarge(dim, amount, bucket.max_rate)
+            if amount > bucket.limit:
+                raise RequestTooLarge(dim, amount, bucket.limit)
         return cost
 
     def _loop_time(self) -> float:
@@ -716,6 +802,10 @@ class RateLimiter:
     def _delay(self, cost: Mapping[str, float]) -> float:
         """Seconds until *cost* fits every bucket and the cooldown is over (0: now)."""
         delay = max(0.0, self._paused_until - self._loop_time())
+        if self._acquired == 0 and not self._synced and self.limits.initial_fill is None:
+            # The very first request goes at once, even beyond a slow start's small
+            # fill: nothing is known until the server answers one.
+            return delay
         for dim, amount in cost.items():
             bucket = self._buckets[dim]
             cushion = bucket.max_rate * self.limits.reserve
@@ -882,14 +972,21 @@ class RateLimiter:
             permit.admitted_by = by if permit.admitted_by is None else min(permit.admitted_by, by)
         if not info:
             return
+        if self.limits.learn and info.limits and not self._synced:
+            self._drop_unreported(info)
         for dim, limit in info.limits.items():
-            if not self.limits.learn:
+            bucket = self._buckets.get(dim)
+            if bucket is None and not self.limits.learn:
                 continue
+            effective = limit * (1.0 - self.limits.headroom)
+            if bucket is not None and (
+                abs(bucket.limit - effective) <= 0.5
+                or (effective > bucket.limit and not self.limits.learn)
+            ):
+                continue  # the same; or higher than a limit given explicitly
             if not plausible_limit(dim, limit, permit):
                 logger.debug("limits.implausible", limiter=self.name, dimension=dim, limit=limit)
                 continue
-            effective = limit * (1.0 - self.limits.headroom)
-            bucket = self._buckets.get(dim)
             if bucket is None:
                 self._add_bucket(dim, limit)
                 self._learned.append(dim)
@@ -897,13 +994,23 @@ class RateLimiter:
                 if self.limits.aimd:
                     # The buckets pace from now on: the probing cap has done its job.
                     self._cap = float(self.limits.max_concurrency or 0) or None
-            elif abs(bucket.max_rate - effective) > 0.5:
+            else:
+                logger.info(
+                    "limits.adopted",
+                    limiter=self.name,
+                    dimension=dim,
+                    limit=limit,
+                    was=round(bucket.limit / (1.0 - self.limits.headroom)),
+                    detail="the limit the server reports for this key replaces the one "
+                    + ("configured" if self.limits.learn else "given"),
+                )
                 bucket.resize(effective)
-                logger.info("limits.learned", limiter=self.name, dimension=dim, limit=limit)
         for dim, server_left in info.remaining.items():
             bucket = self._buckets.get(dim)
             if bucket is None:
                 continue
+            if self.limits.learn_burst:
+                self._learn_burst(bucket, dim, server_left, permit)
             if permit is not None and dim in permit.available_after:
                 # What the server has left right after admitting this request, against
                 # what we believed right after taking its permit, net of the corrections
@@ -956,6 +1063,52 @@ class RateLimiter:
             if permit is not None and permit.acquired_at is not None and dim in permit.taken_at:
                 self._estimate_external(bucket, permit, server_left)
         self._notify()
+
+    def _drop_unreported(self, info: RateLimitHeaders) -> None:
+        """The first headers of a server that reports its limits: a per-minute limit of
+        the estimate (a profile) that it does not report is not one it enforces (an
+        OpenAI-compatible server without a token limit), so it no longer paces."""
+        for dim in [d for d in self._buckets if d in _MINUTE_DIMENSIONS]:
+            if dim not in info.limits and dim not in info.remaining:
+                del self._buckets[dim]
+                logger.info(
+                    "limits.dropped",
+                    limiter=self.name,
+                    dimension=dim,
+                    detail="the server reports its limits but not this one: not paced",
+                )
+
+    def _learn_burst(
+        self, bucket: _Bucket, dim: str, server_left: float, permit: Permit | None
+    ) -> None:
+        """How much the server's bucket holds, from its ``remaining``: at least one more
+        than it ever reported left. The first answer (after a slow start, the server's
+        bucket is as full as it will be) tells: when even that plus everything that may
+        have reached the server since (our requests in flight) is well short of the
+        limit, the limit is enforced over a shorter period, so hold no more than that.
+        Later answers only ever raise it (the server showed more left); a low
+        ``remaining`` later on is spending, not a smaller bucket."""
+        seen = server_left + 1.0
+        if bucket.burst is None and dim in self._synced:
+            return  # not judged at the first answer: a full period's bucket
+        if bucket.burst is not None and seen <= bucket.burst:
+            return
+        unit = _DIMENSIONS[dim][0]
+        in_flight = self._outstanding_units[unit]
+        if permit is not None and not permit.released:
+            in_flight -= permit.units.get(unit, 0.0)
+        if bucket.burst is None and seen + max(0.0, in_flight) >= _BURST_EVIDENCE * bucket.limit:
+            return  # a full period's bucket, as far as can be told
+        if bucket.learn_burst(seen):
+            logger.info(
+                "limits.burst",
+                limiter=self.name,
+                dimension=dim,
+                holds=round(bucket.max_rate),
+                limit=round(bucket.limit),
+                detail="the server's bucket holds less than a minute of the limit: "
+                "bursts are kept within it",
+            )
 
     def _estimate_external(self, bucket: _Bucket, permit: Permit, server_left: float) -> None:
         """Update what others are seen to spend of *bucket*'s quota, and leave it to them."""
@@ -1062,6 +1215,7 @@ class RateLimiter:
             available={d: b.available for d, b in self._buckets.items()},
             capacity={d: b.max_rate for d, b in self._buckets.items()},
             others={d: b.external * 60 for d, b in self._buckets.items() if b.external},
+            limits={d: b.limit for d, b in self._buckets.items()},
         )
 
 

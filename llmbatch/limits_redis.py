@@ -74,6 +74,9 @@ __all__ = ["RedisRateLimiter"]
 
 logger = structlog.get_logger("llmbatch.limits")
 
+#: where a limiter URL comes from, for error messages
+_WHERE_CONFIGURED = "--limiter-url, LLMBATCH_LIMITER_URL, [limiter] url"
+
 #: the units a request is counted in (a dimension charges one of them)
 _UNITS = ("requests", "tokens", "input_tokens", "output_tokens")
 
@@ -502,6 +505,7 @@ class RedisRateLimiter:
             if value is not None:
                 self._set_capacity(dim, value)
         self._learned_text = ""
+        self._update_failures = 0
         self._learned: list[str] = []
         self._acquire_script = redis.register_script(_ACQUIRE)
         self._adjust_script = redis.register_script(_ADJUST)
@@ -616,17 +620,17 @@ class RedisRateLimiter:
         ):
             if password:
                 problem = "refuses the password"
-                advice = "check the password in the limiter URL (--limiter-url)"
+                advice = "check the password in the limiter URL (" + _WHERE_CONFIGURED + ")"
             else:
                 # redis-py's words for this are about its HELLO handshake
                 problem, cause = "requires a password", "the limiter URL gives none"
-                advice = "put the password in the limiter URL (--limiter-url)"
+                advice = "put the password in the limiter URL (" + _WHERE_CONFIGURED + ")"
         elif isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError | OSError):
             problem = "cannot be reached"
-            advice = "start Redis or run without --limiter-url"
+            advice = "start Redis, or stop sharing the quota (" + _WHERE_CONFIGURED + ")"
         elif isinstance(exc, redis_errors.RedisError):
             problem = "fails"  # a script refused, out of memory, a read-only replica...
-            advice = "check the Redis server and its log, or run without --limiter-url"
+            advice = "check the Redis server and its log, or stop sharing the quota"
         else:
             return None
         return LimiterUnavailable(
@@ -645,6 +649,10 @@ class RedisRateLimiter:
         dims = ", ".join(f"{d}={c:,.0f}" for d, c in self._capacity.items()) or "unlimited"
         return f"<RedisRateLimiter {self._key} {dims} in_flight={self._in_flight}>"
 
+    def _fill(self, dim: str) -> float:
+        """The share of *dim*'s bucket available when Redis first creates it."""
+        return self.limits.start_fill(self._capacity[dim], _DIMENSIONS[dim][1])
+
     def _set_capacity(self, dim: str, limit: float) -> None:
         capacity = limit * (1.0 - self.limits.headroom)
         self._capacity[dim] = capacity
@@ -652,11 +660,13 @@ class RedisRateLimiter:
 
     def _adopt(self, text: str) -> None:
         """Pace at the limits the quota has learned (from this or another process)."""
-        if text == self._learned_text or not self.limits.learn:
+        if text == self._learned_text:
             return
         self._learned_text = text
         for dim, limit in _parse_learned(text).items():
             capacity = limit * (1.0 - self.limits.headroom)
+            if not self._may_adopt(dim, capacity):
+                continue
             if abs(self._capacity.get(dim, -1.0) - capacity) > 0.5:
                 if dim not in self._capacity:
                     self._learned.append(dim)
@@ -664,13 +674,20 @@ class RedisRateLimiter:
                 self._available.setdefault(dim, capacity)
                 logger.info("limits.learned", limiter=self.name, dimension=dim, limit=limit)
 
+    def _may_adopt(self, dim: str, capacity: float) -> bool:
+        """Whether a limit the server reports replaces ours: always when ours is an
+        estimate (``Limits.learn``); when ours was given explicitly, only if lower."""
+        if self.limits.learn:
+            return True
+        return dim in self._capacity and capacity < self._capacity[dim] - 0.5
+
     def _dimension_args(self, amounts: Mapping[str, float]) -> list[Any]:
         args: list[Any] = [len(amounts)]
         for dim, amount in amounts.items():
             capacity = self._capacity[dim]
             cushion = capacity * self.limits.reserve
             transit = self._rates[dim] * self.limits.transit
-            args += [dim, capacity, self._rates[dim], amount, self.limits.initial_fill, cushion]
+            args += [dim, capacity, self._rates[dim], amount, self._fill(dim), cushion]
             args.append(transit)
         return args
 
@@ -772,7 +789,7 @@ class RedisRateLimiter:
         charges = _taken(reply, cost)[4]
         args: list[Any] = [self._ttl, lease, len(charges)]
         for dim, charge in charges.items():
-            args += [dim, self._capacity[dim], self._rates[dim], self.limits.initial_fill, charge]
+            args += [dim, self._capacity[dim], self._rates[dim], self._fill(dim), charge]
         await self._call(self._release_script, [self._key, self._leases, self._counted], args)
         self._changed.set()
 
@@ -871,12 +888,30 @@ class RedisRateLimiter:
 
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        """A background update ended; a failure (Redis gone mid-run) is logged once,
+        not left for asyncio to report as a never-retrieved exception per task: the
+        leases it could not release expire on their own."""
+        self._tasks.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        self._update_failures += 1
+        if self._update_failures == 1:
+            exc = task.exception()
+            logger.warning(
+                "limits.update_failed",
+                limiter=self.name,
+                error=redact(f"{type(exc).__name__}: {exc}"),
+                detail="the shared limiter could not record a release or settlement; "
+                "its leases expire on their own",
+            )
 
     async def flush(self) -> None:
         """Wait for background Redis updates (releases, settlements) to complete."""
         while self._tasks:
-            await asyncio.gather(*list(self._tasks))
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def _adjust(
         self,
@@ -888,7 +923,7 @@ class RedisRateLimiter:
     ) -> dict[str, float]:
         args: list[Any] = [mode, pause, self._ttl, self.limits.reserve, len(values)]
         for dim, value in values.items():
-            args += [dim, self._capacity[dim], self._rates[dim], self.limits.initial_fill, value]
+            args += [dim, self._capacity[dim], self._rates[dim], self._fill(dim), value]
             if permit is not None and dim in permit.available_after:
                 args += [
                     permit.available_after[dim],
@@ -912,11 +947,13 @@ class RedisRateLimiter:
             dim: limit
             for dim, limit in info.limits.items()
             if abs(self._capacity.get(dim, -1.0) - limit * (1.0 - self.limits.headroom)) > 0.5
+            and self._may_adopt(dim, limit * (1.0 - self.limits.headroom))
             and plausible_limit(dim, limit, permit)
         }
         if not new:
             return set()
-        args: list[Any] = [self._ttl, self.limits.initial_fill, len(new)]
+        fill = min(self.limits.start_fill(limit, _DIMENSIONS[dim][1]) for dim, limit in new.items())
+        args: list[Any] = [self._ttl, fill, len(new)]
         for dim, limit in new.items():
             unit = _DIMENSIONS[dim][0]
             own = 0.0
@@ -941,7 +978,7 @@ class RedisRateLimiter:
         """
         info = headers if isinstance(headers, RateLimitHeaders) else RateLimitHeaders.parse(headers)
         started: set[str] = set()
-        if self.limits.learn and info.limits:
+        if info.limits:
             started = await self._learn(info, permit)
         left = {
             d: float(v)
@@ -1027,4 +1064,5 @@ class RedisRateLimiter:
             learned=tuple(self._learned),
             available=dict(self._available),
             capacity=dict(self._capacity),
+            limits=dict(self._capacity),
         )

@@ -51,6 +51,7 @@ __all__ = [
     "encoding_for_model",
     "get_encoding",
     "openai_admission_estimate",
+    "prompt_token_bound",
 ]
 
 logger = structlog.get_logger("llmbatch.tokens")
@@ -232,7 +233,7 @@ def _utf8_length(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
-def _byte_bound(messages: Iterable[Mapping[str, Any]]) -> int:
+def prompt_token_bound(messages: Iterable[Mapping[str, Any]]) -> int:
     """An upper bound of :meth:`TokenCounter.count_messages` that needs no tokenizer.
 
     Every token of a byte-level BPE encoding stands for at least one byte of UTF-8, so a
@@ -285,7 +286,7 @@ def check_context_window(
     if not isinstance(messages, list | tuple):
         messages = list(messages)  # read twice: by the bound, then maybe by the counter
     reserved = max_tokens or 0
-    if _byte_bound(messages) + reserved <= window:
+    if prompt_token_bound(messages) + reserved <= window:
         return
     prompt = TokenCounter.for_model(model).count_messages(messages)
     if prompt + reserved <= window:

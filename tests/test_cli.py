@@ -1130,7 +1130,7 @@ async def test_a_dead_provider_stops_the_run_at_once_and_the_rerun_continues(
     assert 2 == first.code, first.stderr
     assert "cannot reach the provider" in first.stderr
     assert ["pending"] * 50 == [r["status"] for r in read_jsonl(out)]
-    found = re.search(r"(\d+) sent, (\d+) attempts", first.stderr)
+    found = re.search(r"(\d+) records started, (\d+) requests sent", first.stderr)
     assert found is not None, first.stderr
     assert int(found.group(2)) < 60  # 4 at a time, a few attempts each: not 50 x 6
     second = await llmbatch(*args, "--provider", simulator.base_url, cwd=tmp_path)
@@ -1315,3 +1315,87 @@ async def test_too_large_prompts_fail_alone_without_retries(
     assert "ContextLengthExceeded" == lines["over-window"]["error"]["type"]
     assert "context window of 128,000" in lines["over-window"]["error"]["message"]
     assert 2 == sim.stats().requests
+
+
+async def test_the_budget_is_never_exceeded_with_requests_in_flight(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """``--max-cost`` with many requests allowed at once: each reserves what it may
+    cost at most while it runs, so the job stops before the budget, never after
+    (exit 2, the rest pending), however many are in flight."""
+    source = write_jsonl(tmp_path / "in.jsonl", docs(60))
+    out = tmp_path / "out.jsonl"
+    budget = 0.0005  # gpt-4o-mini: ~$0.00016 a request at most with --max-tokens 256
+    done = await llmbatch(
+        *run_args(simulator, source, out, "--max-cost", str(budget), "--concurrency", "64"),
+        cwd=tmp_path,
+    )
+    assert 2 == done.code, done.stderr
+    assert "BudgetExhausted" in done.stderr
+    lines = read_jsonl(out)
+    spent = sum(r.get("cost") or 0.0 for r in lines)
+    assert 0 < spent <= budget
+    assert {"ok", "pending"} == {r["status"] for r in lines}
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--prompt", "S: {text.upper}"], "reads an attribute"),
+        (["--log-json", "in.jsonl"], "is the input file"),
+    ],
+)
+async def test_what_would_resend_or_damage_the_input_forever_is_refused(
+    simulator: Simulator, tmp_path: Path, extra: list[str], message: str
+) -> None:
+    """A template reading an attribute (its prompt would carry a memory address, so
+    no answer would ever match it again) and a JSON log appended to the input are
+    usage errors: exit 2, the input untouched, nothing sent."""
+    source = write_jsonl(tmp_path / "in.jsonl", docs(5))
+    before = source.read_bytes()
+    args = ["run", "in.jsonl", "-o", "out.jsonl", "--provider", simulator.base_url, *extra]
+    done = await llmbatch(*args, cwd=tmp_path)
+    assert 2 == done.code, done.stderr
+    assert message in done.stderr
+    assert before == source.read_bytes()
+    assert 0 == simulator.stats().requests
+
+
+async def test_a_template_error_on_stdin_is_one_usage_error(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """stdin is read once, then the template is checked: one error, exit 2, nothing
+    sent and nothing stored as failed."""
+    lines = "".join(json.dumps(d) + "\n" for d in docs(30))
+    done = await llmbatch(
+        "run",
+        "-",
+        "-o",
+        "out.jsonl",
+        "--provider",
+        simulator.base_url,
+        "--prompt",
+        "S: {txt}",
+        cwd=tmp_path,
+        stdin=lines,
+    )
+    assert 2 == done.code, done.stderr
+    assert "did you mean {text}" in done.stderr
+    assert 0 == simulator.stats().requests
+
+
+async def test_a_provider_answering_only_errors_stops_the_run(
+    simulator_factory: SimulatorFactory, tmp_path: Path
+) -> None:
+    """Every request answered 503: once an item has used all its attempts with not one
+    request answered meanwhile, the run stops (exit 2) with the records pending, not
+    failed, so the rerun sends them when the server works again."""
+    sim = await simulator_factory(errors={503: 1.0})
+    source = write_jsonl(tmp_path / "in.jsonl", docs(20))
+    out = tmp_path / "out.jsonl"
+    done = await llmbatch(
+        *run_args(sim, source, out, "--concurrency", "4"), cwd=tmp_path, seconds=90
+    )
+    assert 2 == done.code, done.stderr
+    assert "answered nothing but errors" in done.stderr
+    assert {"pending"} == {r["status"] for r in read_jsonl(out)}

@@ -204,18 +204,26 @@ async def test_usage_cost_and_budget_stop(clock: FakeClock) -> None:
     profile = ModelProfile(provider="fake", model="m", input_price=1000.0, output_price=1000.0)
     provider = FakeProvider(lambda request: "x" * 400)  # 100 output tokens
     client = LLMClient(
-        provider, model="m", profiles={"fake/m": profile}, max_cost=0.5, sleep=clock.sleep
+        provider,
+        model="m",
+        max_tokens=100,
+        profiles={"fake/m": profile},
+        max_cost=0.5,
+        sleep=clock.sleep,
     )
     first = await client.complete("hello there")  # 2 + 100 tokens at $1000/M
     assert 0.102 == pytest.approx(first.cost)
     with pytest.raises(BatchFailed) as info:
-        await client.map([Request.from_prompt(f"item {i}") for i in range(50)], max_concurrency=1)
+        await client.map([Request.from_prompt(f"item {i}") for i in range(50)], max_concurrency=8)
     assert "BudgetExhausted" == info.value.error.error_type
     assert info.value.result is not None
     stats = client.statistics()
-    assert 5 == stats.succeeded  # 0.102 x 5 = 0.51: the sixth call never starts
+    # Each call reserves its bound, (17 prompt bytes + 100) tokens = $0.117, while in
+    # flight: 0.102 + 3 x 0.1015 + 0.117 = 0.52 > 0.5, so a fourth never starts, even
+    # with 8 allowed at once. The budget is never exceeded.
+    assert 4 == stats.succeeded
     assert stats.cost is not None
-    assert stats.cost >= 0.5
+    assert 0.4 < stats.cost <= 0.5
 
 
 async def test_imap_streams_outcomes_with_their_index(clock: FakeClock) -> None:
@@ -313,10 +321,15 @@ async def test_map_honours_max_cost(clock: FakeClock, monkeypatch: pytest.Monkey
             model="m",
             provider=provider,
             max_cost=0.3,
-            max_concurrency=1,
+            max_tokens=100,
+            max_concurrency=8,
         )
     assert "BudgetExhausted" == info.value.error.error_type
-    assert 3 == len(provider.calls)  # 0.101 x 3 >= 0.3: the fourth never starts
+    # each call may cost up to ~$0.117 (prompt bytes + max_tokens): the third would not
+    # fit what is left, even with 8 allowed at once; the budget is never exceeded
+    assert 2 == len(provider.calls)
+    assert info.value.result is not None
+    assert sum(r.cost or 0.0 for r in info.value.result.ok) <= 0.3
 
 
 async def test_embeddings_online_and_through_the_batch_api_agree() -> None:
@@ -473,7 +486,7 @@ async def test_the_client_settles_by_the_providers_refund_rule(
 ) -> None:
     """With default limits, the unused part of a reservation comes back only for a
     provider whose rule says so."""
-    limiter = RateLimiter(Limits(output_tpm=10_000, transit=0.0))
+    limiter = RateLimiter(Limits(output_tpm=10_000, initial_fill=0.5, transit=0.0))
     client = LLMClient(provider_class(echo), model="m", limiter=limiter, sleep=clock.sleep)
     await client.complete("hello")
     assert 5_000.0 - kept == pytest.approx(limiter.statistics().available["output_tpm"])
@@ -652,7 +665,7 @@ async def test_a_models_configured_timeout_applies_unless_the_client_sets_one() 
     [
         ("Summarize: {text}", ["text"]),
         ("{title}: {text} ({title})", ["title", "text"]),
-        ("{doc[title]} and {doc.body!r:>{width}}", ["doc", "width"]),
+        ("{doc[title]} and {doc[body]!r:>{width}}", ["doc", "width"]),
         ("literal {{braces}} only", []),
     ],
 )
@@ -670,6 +683,7 @@ def test_template_fields(template: str, expected: list[str]) -> None:
         ("a } b", "malformed"),
         ("{} and {0}", "positional field"),
         ("{text!x}", "unknown conversion"),
+        ("{text.upper}", "reads an attribute"),
     ],
 )
 def test_template_fields_refuses_what_no_record_can_fill(template: str, message: str) -> None:
@@ -678,3 +692,26 @@ def test_template_fields_refuses_what_no_record_can_fill(template: str, message:
 
     with pytest.raises(ValueError, match=message):
         template_fields(template)
+
+
+async def test_with_no_cap_the_requests_in_flight_follow_the_limits(clock: FakeClock) -> None:
+    """RPM 10,000 and ~1 s answers, no max_concurrency: far more than the old fixed 64
+    requests are in flight (Little's law sizes it), so 2,000 requests take seconds of
+    virtual time, not 2,000 / 64 = 31 s; no 429, every answer its own."""
+    async with Simulator(rpm=10_000, ttft=1.0, jitter=0.1, seed=2, clock=clock.time) as sim:
+        async with OpenAIProvider(base_url=sim.base_url, api_key="sk-sim") as provider:
+            client = LLMClient(provider, model="gpt-4o-mini", max_tokens=16)
+            started = clock.time()
+            result = await client.map(
+                [Request.from_prompt(f"document {i}") for i in range(2000)], on_error="collect"
+            )
+            took = clock.time() - started
+            target = client.statistics().in_flight_target
+        stats = sim.stats()
+    assert 2000 == result.succeeded
+    assert {} == dict(stats.rate_limited)
+    assert stats.max_concurrent > 64
+    assert took < 8.0
+    assert target is not None
+    assert target.rate == pytest.approx(10_000 / 60)
+    assert "req/s" in target.reason

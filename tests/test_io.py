@@ -608,3 +608,17 @@ def test_count_records_rejects_unknown_format(tmp_path: Path) -> None:
     path = _write(tmp_path / "docs.jsonl", '"a"\n')
     with pytest.raises(ValueError, match="unknown input format"):
         count_records(path, format="xml")
+
+
+def test_hidden_files_and_folders_are_skipped(tmp_path: Path) -> None:
+    """Hidden files (``.notes.txt``) and anything in a hidden folder (``.git/``) are not
+    documents: skipped, and said so."""
+    root = _folder(
+        tmp_path / "docs",
+        {"a.txt": b"alpha", ".notes.txt": b"hidden", ".git/HEAD.txt": b"ref", "b/c.md": b"c"},
+    )
+    with capture_logs() as logs:
+        keys = [r.key for r in _read(root)]
+    assert ["a.txt", "b/c.md"] == keys
+    summary = next(e for e in logs if e["event"] == "io.skipped_files")
+    assert 2 == summary["count"]

@@ -184,13 +184,39 @@ async def test_rpm_admits_a_full_bucket_then_paces(clock: FakeClock) -> None:
 
 
 async def test_initial_fill_limits_the_first_burst(clock: FakeClock) -> None:
-    """With the default half-full start, half the RPM is available at once."""
-    limiter = RateLimiter(Limits(rpm=60, reserve=0.0))
+    """With a half-full start, half the RPM is available at once."""
+    limiter = RateLimiter(Limits(rpm=60, initial_fill=0.5, reserve=0.0))
     for _ in range(30):
         (await limiter.acquire()).release()
     assert 1000.0 == clock.time()
     (await limiter.acquire()).release()
     assert 1001.0 == pytest.approx(clock.time())
+
+
+@pytest.mark.parametrize(
+    ("limits", "at_once"),
+    [
+        (Limits(rpm=600, reserve=0.0, transit=0.0), 10),  # one second of 600/min
+        (Limits(rpm=10_000, reserve=0.0, transit=0.0), 166),
+        (Limits(rpm=600, slow_start=3.0, reserve=0.0, transit=0.0), 30),
+        (Limits(rpm=60, slow_start=45.0, reserve=0.0, transit=0.0), 30),  # at most half
+        (Limits(rpd=1000, reserve=0.0, transit=0.0), 500),  # per day: half, as before
+    ],
+)
+async def test_the_default_start_is_slow(clock: FakeClock, limits: Limits, at_once: int) -> None:
+    """Before the server's first headers, only ``slow_start`` seconds of each limit
+    (1 s by default; at most half the bucket) go out at once: a key whose limit is
+    enforced over a few seconds never gets a burst its bucket cannot hold. The rest
+    comes at the refill rate (or as soon as headers show more is left)."""
+    limiter = RateLimiter(limits)
+    sent = 0
+    while True:
+        permit = await limiter.acquire()
+        if clock.time() > 1000.0:
+            break
+        sent += 1
+        permit.release()
+    assert at_once == sent
 
 
 async def test_reserve_keeps_a_cushion_but_not_the_rate(clock: FakeClock) -> None:
@@ -256,7 +282,7 @@ async def test_a_first_request_bigger_than_the_starting_fill_waits_then_goes(
 ) -> None:
     """TPM 10,000 starting half full: a 6,000-token request waits for the missing 1,000
     (plus the cushion) at 10,000 a minute, then goes; it never waits forever."""
-    limiter = RateLimiter(Limits(tpm=10_000, transit=0.0))
+    limiter = RateLimiter(Limits(tpm=10_000, initial_fill=0.5, transit=0.0))
     permit = await limiter.acquire(tokens=6_000)
     assert 1000.0 + (1_000 + 25) * 60 / 10_000 == pytest.approx(clock.time())
     assert permit.cost == {"tpm": 6_000.0}
@@ -661,7 +687,9 @@ async def test_refunds_follow_the_providers_rule_unless_configured(
 ) -> None:
     """500 output tokens reserved, 50 used: the 450 come back when the provider's rule
     says so (given on settling), unless Limits.refund_unused decides."""
-    limiter = RateLimiter(Limits(output_tpm=10_000, refund_unused=configured, transit=0.0))
+    limiter = RateLimiter(
+        Limits(output_tpm=10_000, initial_fill=0.5, refund_unused=configured, transit=0.0)
+    )
     permit = await limiter.acquire(output_tokens=500)
     permit.settle(output_tokens=50, refund=provider_rule)
     assert available == pytest.approx(limiter.statistics().available["output_tpm"])
@@ -733,7 +761,7 @@ async def test_statistics_report_waits_and_the_cooldown(clock: FakeClock) -> Non
 async def test_waits_cooldowns_and_learned_limits_are_logged(clock: FakeClock) -> None:
     """Structured events: limits.waited (a wait over a second), limits.cooldown (a 429),
     limits.learned (a limit adopted from the headers)."""
-    limiter = RateLimiter(Limits.auto(max_concurrency=8))
+    limiter = RateLimiter(Limits.auto(max_concurrency=8, learn_burst=False))
     with capture_logs() as logs:
         permit = await limiter.acquire()
         limiter.observe(openai_headers(0, 9_000, rpm=60, tpm=10_000), permit)
@@ -823,7 +851,7 @@ async def test_lift_excludes_refill_during_the_send_lag(
 ) -> None:
     """The server refilled between our acquire and its admission, as our bucket did since:
     a lift never counts that refill twice."""
-    limiter = RateLimiter(Limits(rpm=600, reserve=0.0))  # half full: 300
+    limiter = RateLimiter(Limits(rpm=600, initial_fill=0.5, reserve=0.0))  # half full: 300
     permit = await limiter.acquire()  # 299 left after it
     await asyncio.sleep(1.0)  # the response arrives a second later; we refilled 10 (309)
     headers = openai_headers(500, 0, tpm=1)  # the server had 201 more than we believed
@@ -847,3 +875,79 @@ def test_send_lag(headers: dict[str, str], expected: float) -> None:
     permit = Permit(RateLimiter.__new__(RateLimiter), {}, {}, {}, acquired_at=100.0)
     processing = RateLimitHeaders.parse(headers).processing
     assert expected == pytest.approx(send_lag(permit, processing, now=101.0))
+
+
+# -- the server's limits win; the server's burst --------------------------------------
+
+
+def rpm_headers(limit: int, left: int) -> dict[str, str]:
+    return {"x-ratelimit-limit-requests": str(limit), "x-ratelimit-remaining-requests": str(left)}
+
+
+@pytest.mark.parametrize(
+    ("limits", "reported", "expected"),
+    [
+        # a profile (a starting estimate) follows the key's real limit, both ways
+        (Limits(rpm=500, learn=True, transit=0.0), 10_000, 10_000.0),
+        (Limits(rpm=5_000, learn=True, transit=0.0), 3_000, 3_000.0),
+        # a limit given explicitly is never raised, but a lower one reported wins
+        (Limits(rpm=5_000, transit=0.0), 10_000, 5_000.0),
+        (Limits(rpm=20_000, transit=0.0), 10_000, 10_000.0),
+        # an implausible report (0 or 1, as servers now and then send) changes nothing
+        (Limits(rpm=500, learn=True, transit=0.0), 1, 500.0),
+    ],
+)
+async def test_reported_limits_replace_estimates_and_lower_explicit_ones(
+    clock: FakeClock, limits: Limits, reported: int, expected: float
+) -> None:
+    """The limit the server reports for the key replaces a profile's estimate (higher or
+    lower) and says so once in the log; an explicit limit is only ever lowered."""
+    limiter = RateLimiter(limits)
+    permit = await limiter.acquire()
+    with capture_logs() as logs:
+        limiter.observe(rpm_headers(reported, max(reported - 1, 0)), permit)
+        limiter.observe(rpm_headers(reported, max(reported - 2, 0)), permit)
+    assert expected == limiter.statistics().limits["rpm"]
+    adopted = [e for e in logs if e["event"] == "limits.adopted"]
+    assert (1 if expected == reported else 0) == len(adopted)
+
+
+async def test_a_bucket_of_a_few_seconds_is_learned_from_the_first_answers(
+    clock: FakeClock,
+) -> None:
+    """RPM 10,000 enforced over 6 s (the server's bucket holds 1,000). The slow start
+    sends one second's worth (166); the first answer says 990 are left, which with
+    everything in flight is far below a minute's worth: the local bucket holds no
+    more than 991 from then on, and refills at the full rate. Later answers raise it
+    only when the server shows more left; a low count later is spending."""
+    limiter = RateLimiter(Limits(rpm=10_000, reserve=0.0, transit=0.0))
+    permits = [await limiter.acquire() for _ in range(166)]
+    assert 1000.0 == clock.time()  # the slow start: one second of the limit at once
+    with capture_logs() as logs:
+        limiter.observe(rpm_headers(10_000, 990), permits[0])
+    stats = limiter.statistics()
+    assert (991.0, 10_000.0) == (stats.capacity["rpm"], stats.limits["rpm"])
+    assert ["limits.burst"] == [e["event"] for e in logs if e["event"] == "limits.burst"]
+    limiter.observe(rpm_headers(10_000, 995), permits[1])
+    assert 996.0 == limiter.statistics().capacity["rpm"]
+    limiter.observe(rpm_headers(10_000, 10), permits[2])
+    assert 996.0 == limiter.statistics().capacity["rpm"]
+    for permit in permits:
+        permit.release()
+    clock.advance(60.0)  # idle for a minute: never more than the server's bucket
+    assert 996.0 == pytest.approx(limiter.statistics().available["rpm"])
+    started = clock.time()
+    for _ in range(996 + 1000):
+        (await limiter.acquire()).release()
+    assert 6.0 == pytest.approx(clock.time() - started, abs=0.01)  # then 166.7/s
+
+
+async def test_a_full_minute_bucket_is_used_at_once(clock: FakeClock) -> None:
+    """RPM 600 with a full-minute bucket: the first answer shows it (589 left with the
+    slow start's 10 in flight), so the whole minute's worth may go at once."""
+    limiter = RateLimiter(Limits(rpm=600, reserve=0.0, transit=0.0))
+    permits = [await limiter.acquire() for _ in range(10)]
+    limiter.observe(rpm_headers(600, 589), permits[0])
+    stats = limiter.statistics()
+    assert 600.0 == stats.capacity["rpm"]
+    assert 580.0 == pytest.approx(stats.available["rpm"], abs=1)

@@ -149,7 +149,9 @@ async def test_settle_charges_the_shared_bucket(redis: Redis) -> None:
 async def test_request_too_large_and_key_hygiene(redis: Redis) -> None:
     """Oversized requests fail at once; keys are namespaced and expire."""
     quota = fresh()
-    shared = RedisRateLimiter(redis, Limits(tpm=100), quota=quota, namespace="ns1")
+    shared = RedisRateLimiter(
+        redis, Limits(tpm=100, initial_fill=0.5), quota=quota, namespace="ns1"
+    )
     with pytest.raises(RequestTooLarge, match="needs 101 tpm"):
         await shared.try_acquire(tokens=101)
     assert (await shared.try_acquire(tokens=10))[1] is not None
@@ -268,7 +270,7 @@ async def test_first_headers_raise_a_half_full_start_later_ones_by_what_is_certa
 ) -> None:
     """A shared bucket starts half full; the first server headers lift it to the server's
     level; a later report of more left lifts only by what in-flight permits cannot explain."""
-    shared = RedisRateLimiter(redis, Limits(rpm=600), quota=fresh())
+    shared = RedisRateLimiter(redis, Limits(rpm=600, initial_fill=0.5), quota=fresh())
     permit = (await shared.try_acquire())[1]
     assert permit is not None
     assert 299 == pytest.approx(permit.available_after["rpm"], abs=1)
@@ -311,7 +313,7 @@ async def test_a_full_shared_bucket_charges_the_transit_once(redis: Redis) -> No
     ("limits", "tokens", "first_wait"),
     [
         (Limits(rpm=120, initial_fill=0.0, transit=0.0), 0, 0.65),  # 1 + cushion at 2/s
-        (Limits(tpm=10_000, transit=0.0), 6_000, 6.15),  # 1,025 missing at 166.7/s
+        (Limits(tpm=10_000, initial_fill=0.5, transit=0.0), 6_000, 6.15),  # 1,025 at 166.7/s
     ],
 )
 async def test_a_refused_first_request_starts_the_bucket_all_the_same(
@@ -653,6 +655,9 @@ def other_password(url: str, password: str | None) -> str:
     return f"redis://{host}" if password is None else f"redis://:{password}@{host}"
 
 
+WHERE = "--limiter-url, LLMBATCH_LIMITER_URL, [limiter] url"
+
+
 @pytest.mark.parametrize("call", ["acquire", "check"])
 @pytest.mark.parametrize(
     ("server", "problem", "cause", "advice"),
@@ -661,19 +666,19 @@ def other_password(url: str, password: str | None) -> str:
             "nothing listens",
             "cannot be reached",
             "Connection refused",
-            "start Redis or run without --limiter-url",
+            f"start Redis, or stop sharing the quota ({WHERE})",
         ),
         (
             "wrong password",
             "refuses the password",
             "invalid username-password pair",
-            "check the password in the limiter URL (--limiter-url)",
+            f"check the password in the limiter URL ({WHERE})",
         ),
         (
             "no password",
             "requires a password",
             "the limiter URL gives none",
-            "put the password in the limiter URL (--limiter-url)",
+            f"put the password in the limiter URL ({WHERE})",
         ),
     ],
     ids=["nothing listens", "wrong password", "no password"],
@@ -791,7 +796,7 @@ async def test_check_passes_on_a_usable_redis_and_loads_the_scripts(
     """check() on a live server (with the right password too) passes, and leaves the
     scripts loaded for the first acquire."""
     url = redis_url if server == "open" else redis_password_url
-    shared = RedisRateLimiter.from_url(url, Limits(rpm=60), quota=fresh())
+    shared = RedisRateLimiter.from_url(url, Limits(rpm=60, initial_fill=0.5), quota=fresh())
     try:
         await shared.check()
         scripts = [shared._acquire_script, shared._adjust_script, shared._release_script]

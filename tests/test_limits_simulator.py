@@ -141,8 +141,8 @@ async def test_headers_reveal_another_client_spending_the_key(clock: FakeClock) 
         seen.append(limiter.statistics().others.get("rpm", 0.0))
 
     async with Simulator(rpm=60, clock=clock.time) as sim:
-        limiter = RateLimiter(Limits(rpm=60))
-        other = RateLimiter(Limits(rpm=30))  # the other process, on its own budget
+        limiter = RateLimiter(Limits(rpm=60, initial_fill=0.5))
+        other = RateLimiter(Limits(rpm=30, initial_fill=0.5))  # the other process
         runs = await asyncio.gather(drive(sim, limiter, 120), drive(sim, other, 60), probe())
     assert (120, 60) == (runs[0].ok, runs[1].ok)
     assert limiter.statistics().header_corrections > 1

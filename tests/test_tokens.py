@@ -343,4 +343,4 @@ def test_check_context_window(
 def test_the_byte_bound_never_undercounts(messages: list[dict[str, Any]]) -> None:
     """The shortcut is safe: the bytes-based bound is never below the tokenizer's count,
     so a request it lets through always fits."""
-    assert tokens._byte_bound(messages) >= count_messages(messages, "gpt-4o-mini")
+    assert tokens.prompt_token_bound(messages) >= count_messages(messages, "gpt-4o-mini")

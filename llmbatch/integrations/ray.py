@@ -275,7 +275,14 @@ class LLMBatchUDF:
                 from llmbatch.providers.openai import OpenAIProvider
 
                 made = OpenAIProvider(base_url=base_url)
-            return LLMClient(made, model=model, max_tokens=max_tokens, limiter=limiter, retry=retry)
+            return LLMClient(
+                made,
+                model=model,
+                max_tokens=max_tokens,
+                limiter=limiter,
+                retry=retry,
+                max_concurrency=max_concurrency,
+            )
 
         self.client = self._run(build())
 
