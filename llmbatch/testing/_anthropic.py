@@ -200,7 +200,7 @@ class Messages(Endpoint):
         return model, prompt_tokens, max_tokens
 
     def answer(self, body: dict[str, Any], prompt_tokens: int, token: str) -> Answer:
-        message = anthropic_message(body, message_id=f"msg_{token}")
+        message = anthropic_message(body, message_id=f"msg_{token}", input_tokens=prompt_tokens)
         produced = message["usage"]["output_tokens"]
         if not body.get("stream"):
             return Answer([dumps(message)], produced, streaming=False)

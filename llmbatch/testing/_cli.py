@@ -9,6 +9,7 @@ start it with ``--port 0`` and read where it listens; it serves until SIGINT or 
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from typing import Any
 
@@ -44,6 +45,12 @@ def _status_fractions(
 @click.option("--tpd", type=int, help="OpenAI tokens per day.")
 @click.option("--itpm", type=int, help="Anthropic input tokens per minute.")
 @click.option("--otpm", type=int, help="Anthropic output tokens per minute.")
+@click.option(
+    "--bucket-seconds",
+    type=float,
+    help="Enforce per-minute limits over buckets holding this many seconds' worth "
+    "(OpenAI's quantized limits; e.g. 6: RPM 10000 bursts 1000).",
+)
 @click.option(
     "--otpm-reservation",
     type=click.Choice(["max_tokens", "actual"]),
@@ -107,6 +114,22 @@ async def _serve(config: SimulatorConfig) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     async with Simulator(config) as sim:
+        _collect_less_often()
         click.echo(sim.base_url)
         click.echo(f"serving {config!r}; Ctrl-C stops", err=True)
         await stop.wait()
+
+
+def _collect_less_often() -> None:
+    """Tune the garbage collector for a process that only serves.
+
+    Every open connection keeps objects alive (its protocol, transport, handler task),
+    and each request allocates a few hundred more. At the default thresholds the
+    collector runs every 700 allocations and keeps re-scanning the older generations:
+    with 2,000 connections open that was about a quarter of the server's CPU. What
+    start-up allocated is frozen out of the collector's sight, and the young generation
+    takes 50,000 allocations before a pass: the cycles left in between amount to a few
+    megabytes.
+    """
+    gc.freeze()
+    gc.set_threshold(50_000, 10, 10)

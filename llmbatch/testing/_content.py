@@ -120,9 +120,9 @@ def completion_plan(
     prompt = last_user_text(body.get("messages") or ())
     tag = content_tag(prompt)
     limit = body.get("max_completion_tokens") or body.get("max_tokens") or default_max_tokens
-    natural = 16 + int(tag, 16) % 32
-    n = max(1, min(natural, int(limit)))
     seed = int(tag, 16)
+    natural = 16 + seed % 32
+    n = max(1, min(natural, int(limit)))
     words = [f"[{tag}]"] + [_WORDS[(seed >> (i % 24) ^ i) % len(_WORDS)] for i in range(1, n)]
     text = " ".join(words)
     response_format = body.get("response_format")
@@ -165,9 +165,13 @@ def openai_chat_completion(
     }
 
 
-def anthropic_message(body: Mapping[str, Any], *, message_id: str) -> dict[str, Any]:
-    """A Messages API ``message`` object answering *body*."""
+def anthropic_message(
+    body: Mapping[str, Any], *, message_id: str, input_tokens: int | None = None
+) -> dict[str, Any]:
+    """A Messages API ``message`` object answering *body* (``input_tokens``: the estimate,
+    if the caller has it already)."""
     text, tokens, truncated = completion_plan(body)
+    input_tokens = estimate_tokens(body) if input_tokens is None else input_tokens
     return {
         "id": message_id,
         "type": "message",
@@ -176,7 +180,7 @@ def anthropic_message(body: Mapping[str, Any], *, message_id: str) -> dict[str, 
         "content": [{"type": "text", "text": text}],
         "stop_reason": "max_tokens" if truncated else "end_turn",
         "stop_sequence": None,
-        "usage": {"input_tokens": estimate_tokens(body), "output_tokens": tokens},
+        "usage": {"input_tokens": input_tokens, "output_tokens": tokens},
     }
 
 

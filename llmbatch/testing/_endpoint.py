@@ -31,9 +31,13 @@ if TYPE_CHECKING:
 __all__ = ["Answer", "ApiError", "Endpoint", "dumps", "retry_headers"]
 
 
+#: one encoder for every body (``json.dumps`` with ``separators`` builds one per call)
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def dumps(payload: Any) -> bytes:
     """Compact JSON bytes, as the providers send them."""
-    return json.dumps(payload, separators=(",", ":")).encode()
+    return _ENCODER.encode(payload).encode()
 
 
 def retry_headers(seconds: float, *, milliseconds: bool = True) -> dict[str, str]:

@@ -3,7 +3,7 @@
 A request is admitted only if *every* bucket holds its cost; then every bucket is
 charged at once. Otherwise nothing is admitted and the rejection reports the first
 bucket that fell short (requests before tokens, per-minute before per-day), except that
-a cost larger than a bucket's whole capacity wins: that request can never pass.
+a cost larger than a bucket's whole limit wins: that request can never pass.
 
 What a rejected request still costs is the ``charge_rejected`` policy:
 
@@ -15,6 +15,11 @@ What a rejected request still costs is the ``charge_rejected`` policy:
 A charge can push a bucket below zero; that debt refills before anything else passes.
 The ``retry_after`` of a rejection is computed *after* that charge: the time until
 the same request would be admitted if nothing else arrived.
+
+With ``bucket_seconds`` set, every per-minute bucket holds only that many seconds' worth
+of its limit (at least one unit) and still refills at the per-minute rate: OpenAI's
+"quantized" limits. A cost is too large only beyond the per-minute limit; a cost beyond
+the smaller bucket but within the limit waits for a full bucket and leaves it in debt.
 """
 
 from __future__ import annotations
@@ -39,8 +44,9 @@ class Rejection:
         name: the bucket that fell short: ``"requests"``, ``"tokens"``,
             ``"input_tokens"`` or ``"output_tokens"``.
         period: that bucket's period in seconds (60 or 86400).
-        limit: its capacity.
-        used: units in use before this request (capacity minus level).
+        limit: its limit per period (what the message reports, whatever the bucket holds).
+        used: the limit minus what the bucket held before this request (see
+            :attr:`TokenBucket.used <llmbatch.testing._buckets.TokenBucket.used>`).
         requested: what this request asked of it.
         retry_after: seconds until the request would pass; ``inf`` if it never can.
     """
@@ -54,7 +60,7 @@ class Rejection:
 
     @property
     def too_large(self) -> bool:
-        """Whether the request exceeds the bucket's whole capacity."""
+        """Whether the request exceeds the bucket's whole limit (and can never pass)."""
         return math.isinf(self.retry_after)
 
 
@@ -64,12 +70,24 @@ class Quota:
     Args:
         limits: ``(name, period, limit)`` triples in the order rejections are checked.
         now: the clock reading at creation; buckets start full.
+        bucket_seconds: if set, per-minute buckets hold this many seconds' worth of
+            their limit (at least 1 unit), refilled at the per-minute rate.
     """
 
-    __slots__ = ("_buckets",)
+    __slots__ = ("_buckets", "_by_name")
 
-    def __init__(self, limits: Sequence[tuple[str, float, int]], now: float) -> None:
-        self._buckets = [(name, TokenBucket(limit, period, now)) for name, period, limit in limits]
+    def __init__(
+        self,
+        limits: Sequence[tuple[str, float, int]],
+        now: float,
+        *,
+        bucket_seconds: float | None = None,
+    ) -> None:
+        self._buckets: list[tuple[str, TokenBucket]] = []
+        for name, period, limit in limits:
+            capacity = _capacity(limit, period, bucket_seconds)
+            self._buckets.append((name, TokenBucket(limit, period, now, capacity=capacity)))
+        self._by_name = {(name, bucket.period): bucket for name, bucket in self._buckets}
 
     def __repr__(self) -> str:
         inner = ", ".join(f"{name}={bucket!r}" for name, bucket in self._buckets)
@@ -77,10 +95,7 @@ class Quota:
 
     def bucket(self, name: str, period: float = MINUTE) -> TokenBucket | None:
         """The bucket called *name* with *period*, if this quota has one."""
-        for bucket_name, bucket in self._buckets:
-            if bucket_name == name and bucket.period == period:
-                return bucket
-        return None
+        return self._by_name.get((name, period))
 
     def admit(
         self, costs: Mapping[str, int], now: float, charge_rejected: ChargeRejected
@@ -126,3 +141,10 @@ class Quota:
                 bucket.give(delta)
             else:
                 bucket.take(-delta)
+
+
+def _capacity(limit: int, period: float, bucket_seconds: float | None) -> float | None:
+    """What a bucket holds: ``bucket_seconds`` of a per-minute limit, at least 1 unit."""
+    if bucket_seconds is None or period != MINUTE:
+        return None
+    return min(float(limit), max(1.0, limit * bucket_seconds / MINUTE))

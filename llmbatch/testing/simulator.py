@@ -100,6 +100,16 @@ class SimulatorConfig:
         tpd: OpenAI tokens per day.
         itpm: Anthropic input tokens per minute.
         otpm: Anthropic output tokens per minute.
+        bucket_seconds: enforce every per-minute limit (``rpm``, ``tpm``, ``itpm``,
+            ``otpm``) over a bucket holding only this many seconds' worth of it
+            (``limit x bucket_seconds / 60`` units, at least 1), still refilled at
+            ``limit / 60`` per second: OpenAI's "quantized" limits (RPM 10,000 with
+            ``bucket_seconds=6`` admits a burst of 1,000). Headers still report the
+            per-minute limit, and ``remaining``/``reset`` describe the smaller bucket; a
+            429's "Used" is the limit minus what that bucket holds. A request larger
+            than the bucket but within the limit passes when the bucket is full and
+            leaves it in debt. Per-day limits are unaffected. ``None``: each bucket
+            holds a whole minute's worth.
         otpm_reservation: ``"max_tokens"`` reserves ``max_tokens`` against OTPM and refunds
             the unused part; ``"actual"`` charges the output produced, afterwards.
         charge_rejected: what a request rejected with 429 still costs: ``"request"``
@@ -134,6 +144,7 @@ class SimulatorConfig:
     tpd: int | None = None
     itpm: int | None = None
     otpm: int | None = None
+    bucket_seconds: float | None = None
     otpm_reservation: Literal["max_tokens", "actual"] = "max_tokens"
     charge_rejected: ChargeRejected = "request"
     insufficient_quota: bool | Collection[str] = False
@@ -160,6 +171,11 @@ class SimulatorConfig:
             value = getattr(self, name)
             check(name, value is None or value >= 1, "None or a positive integer")
         check("context_window", self.context_window >= 1, "a positive integer")
+        check(
+            "bucket_seconds",
+            self.bucket_seconds is None or 0 < self.bucket_seconds <= 60,
+            "None or within (0, 60]",
+        )
         check("otpm_reservation", self.otpm_reservation in ("max_tokens", "actual"), "known")
         check("charge_rejected", self.charge_rejected in ("request", "full", "none"), "known")
         check("ttft", self.ttft >= 0, ">= 0")
@@ -503,7 +519,9 @@ class Simulator:
         slot = (endpoint.provider, api_key, model)
         quota = self._quotas.get(slot)
         if quota is None:
-            quota = self._quotas[slot] = Quota(endpoint.limits, now)
+            quota = self._quotas[slot] = Quota(
+                endpoint.limits, now, bucket_seconds=self._config.bucket_seconds
+            )
         return quota
 
     async def _enter(self) -> None:

@@ -204,3 +204,139 @@ def test_settle_refunds_or_charges(delta: int, expected: float) -> None:
     quota.admit({"requests": 1, "tokens": 10}, 0.0, "none")
     quota.settle("tokens", delta)
     assert expected == quota.bucket("tokens").level  # type: ignore[union-attr]
+
+
+# -- quantized limits: a per-minute limit enforced over a shorter bucket ---------------------
+
+
+def _short_quota(**limits: int) -> Quota:
+    """Per-minute buckets holding 6 s of their limit; per-day ones are unchanged."""
+    specs = [(name, MINUTE, limit) for name, limit in limits.items()]
+    return Quota(specs, now=0.0, bucket_seconds=6)
+
+
+def test_a_6_second_bucket_admits_a_tenth_of_the_rpm_at_once() -> None:
+    """RPM 10,000 over a 6 s bucket: exactly 1,000 pass at once, the next one is refused."""
+    quota = _short_quota(requests=10_000)
+    for _ in range(1000):
+        assert quota.admit({"requests": 1}, 0.0, "none") is None
+    rejection = quota.admit({"requests": 1}, 0.0, "none")
+    assert rejection is not None
+    # Limit - Used is what the bucket has left (0), as the remaining header says
+    assert ("requests", 10_000, 10_000, 1) == (
+        rejection.name,
+        rejection.limit,
+        rejection.used,
+        rejection.requested,
+    )
+    assert 0.006 == pytest.approx(rejection.retry_after)  # one request at 10,000/60 per s
+
+
+def test_a_6_second_bucket_refills_at_the_per_minute_rate() -> None:
+    """After the burst it refills at 10,000/60 = 166.67 requests/s, never beyond 1,000."""
+    quota = _short_quota(requests=10_000)
+    bucket = quota.bucket("requests")
+    assert bucket is not None
+    for _ in range(1000):
+        quota.admit({"requests": 1}, 0.0, "none")
+    admitted = 0
+    while quota.admit({"requests": 1}, 1.0, "none") is None:
+        admitted += 1
+    assert 166 == admitted  # 166.67 dripped in during 1 s
+    assert 0.67 == pytest.approx(bucket.level, abs=0.01)
+    assert (1000 - 2 / 3) * 0.006 == pytest.approx(bucket.until_full())  # 6 s less 0.67 req
+    bucket.refill(3600.0)
+    assert (1000.0, 1000) == (bucket.level, bucket.remaining)
+
+
+@pytest.mark.parametrize(
+    ("limit", "bucket_seconds", "expected_capacity"),
+    [
+        (10_000, 6, 1000.0),
+        (1_000_000, 6, 100_000.0),
+        (10_000, 60, 10_000.0),
+        (10_000, 0.5, 10_000 / 120),
+        (60, 1, 1.0),
+        (5, 6, 1.0),  # half a request: at least one
+        (3, 0.1, 1.0),
+    ],
+)
+def test_bucket_seconds_sets_the_capacity_of_per_minute_buckets(
+    limit: int, bucket_seconds: float, expected_capacity: float
+) -> None:
+    """A per-minute bucket holds ``limit x bucket_seconds / 60`` units, at least one."""
+    quota = Quota([("tokens", MINUTE, limit)], now=0.0, bucket_seconds=bucket_seconds)
+    bucket = quota.bucket("tokens")
+    assert bucket is not None
+    # it starts full
+    assert pytest.approx((expected_capacity, expected_capacity, limit)) == (
+        bucket.capacity,
+        bucket.level,
+        bucket.limit,
+    )
+
+
+def test_per_day_buckets_ignore_bucket_seconds() -> None:
+    """RPD/TPD keep a whole day's worth."""
+    quota = Quota([("requests", MINUTE, 600), ("requests", DAY, 1000)], 0.0, bucket_seconds=6)
+    minute, day = quota.bucket("requests"), quota.bucket("requests", DAY)
+    assert minute is not None
+    assert day is not None
+    assert (60.0, 1000.0) == (minute.capacity, day.capacity)
+
+
+def test_without_bucket_seconds_a_bucket_holds_its_whole_limit() -> None:
+    """``bucket_seconds=None`` (and 60) is a whole minute's bucket, as before."""
+    for bucket_seconds in (None, 60):
+        quota = Quota([("requests", MINUTE, 3)], 0.0, bucket_seconds=bucket_seconds)
+        for _ in range(3):
+            assert quota.admit({"requests": 1}, 0.0, "request") is None
+        rejection = quota.admit({"requests": 1}, 0.0, "request")
+        assert rejection is not None
+        assert (3, 3, 40.0) == (rejection.limit, rejection.used, rejection.retry_after)
+        assert "<TokenBucket -1.000/3 per 60s>" == repr(quota.bucket("requests"))
+
+
+def test_tokens_in_a_short_bucket() -> None:
+    """TPM 100,000 over 6 s holds 10,000 tokens; Used is the limit minus what is left."""
+    quota = _short_quota(requests=10_000, tokens=100_000)
+    assert quota.admit({"requests": 1, "tokens": 6000}, 0.0, "request") is None
+    rejection = quota.admit({"requests": 1, "tokens": 6000}, 0.0, "request")
+    assert rejection is not None
+    assert ("tokens", 100_000, 96_000, 6000) == (
+        rejection.name,
+        rejection.limit,
+        rejection.used,
+        rejection.requested,
+    )
+    # 2,000 tokens missing at 100,000/60 per second
+    assert 1.2 == pytest.approx(rejection.retry_after)
+
+
+def test_a_cost_beyond_the_short_bucket_needs_it_full_and_leaves_debt() -> None:
+    """25,000 tokens (within TPM 100,000, beyond its 10,000 bucket) pass only when the bucket
+    is full, and the debt makes the next request wait for 25,000 tokens' worth of time."""
+    quota = _short_quota(tokens=100_000)
+    bucket = quota.bucket("tokens")
+    assert bucket is not None
+    assert quota.admit({"tokens": 1}, 0.0, "none") is None  # no longer full
+    rejection = quota.admit({"tokens": 25_000}, 0.0, "none")
+    assert rejection is not None
+    assert not rejection.too_large
+    assert 0.0006 == pytest.approx(rejection.retry_after)
+    assert quota.admit({"tokens": 25_000}, 0.0006, "none") is None
+    assert pytest.approx((-15_000.0, 0)) == (bucket.level, bucket.remaining)
+    assert 15.0 == pytest.approx(bucket.until_full())  # 25,000 tokens at 100,000/min
+    assert 15_001 * 0.0006 == pytest.approx(bucket.wait(1))
+    too_large = quota.admit({"tokens": 100_001}, 100.0, "none")
+    assert too_large is not None
+    assert too_large.too_large
+
+
+def test_short_bucket_repr_and_validation() -> None:
+    """The repr says what a smaller bucket holds; a capacity outside [1, limit] is refused."""
+    bucket = TokenBucket(10_000, MINUTE, now=0.0, capacity=1000)
+    assert "<TokenBucket 1000.000/10000 per 60s holding 1000>" == repr(bucket)
+    for capacity in (0.5, 10_001):
+        with pytest.raises(ValueError, match="capacity"):
+            TokenBucket(10_000, MINUTE, now=0.0, capacity=capacity)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import subprocess
 import sys
 from typing import Any
@@ -15,7 +16,7 @@ from click.testing import CliRunner
 from openai.types.chat import ChatCompletionMessageParam
 
 import llmbatch.testing
-from llmbatch.testing import BatchSimConfig, Simulator, SimulatorConfig
+from llmbatch.testing import BatchSimConfig, Simulator, SimulatorConfig, _cli
 from llmbatch.testing._cli import serve_sim
 from llmbatch.testing.pytest_plugin import SimulatorFactory
 
@@ -95,12 +96,21 @@ def test_options_override_a_config() -> None:
         {"charge_rejected": "double"},
         {"context_window": 0},
         {"max_in_flight": 0},
+        {"bucket_seconds": 0},
+        {"bucket_seconds": -6},
+        {"bucket_seconds": 61},
     ],
 )
 def test_invalid_config(options: dict[str, Any]) -> None:
     """Nonsense settings fail at construction with the field's name."""
     with pytest.raises(ValueError, match=next(iter(options))):
         SimulatorConfig(**options)
+
+
+@pytest.mark.parametrize("bucket_seconds", [None, 0.001, 6, 60])
+def test_bucket_seconds_within_a_minute(bucket_seconds: float | None) -> None:
+    """Any bucket from a sliver of a second up to the whole minute is allowed."""
+    assert bucket_seconds == SimulatorConfig(bucket_seconds=bucket_seconds).bucket_seconds
 
 
 def test_public_names() -> None:
@@ -302,6 +312,38 @@ def test_cli_rejects_bad_options() -> None:
     runner = CliRunner()
     assert 2 == runner.invoke(serve_sim, ["--rpm", "0"]).exit_code
     assert 2 == runner.invoke(serve_sim, ["--error", "500"]).exit_code
+    assert 2 == runner.invoke(serve_sim, ["--bucket-seconds", "0"]).exit_code
+    assert 2 == runner.invoke(serve_sim, ["--bucket-seconds", "six"]).exit_code
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [([], None), (["--bucket-seconds", "6"], 6.0), (["--bucket-seconds", "0.5"], 0.5)],
+)
+def test_cli_bucket_seconds(
+    monkeypatch: pytest.MonkeyPatch, args: list[str], expected: float | None
+) -> None:
+    """``--bucket-seconds`` reaches the configuration the server runs with."""
+    served: list[SimulatorConfig] = []
+
+    async def serve(config: SimulatorConfig) -> None:
+        served.append(config)
+
+    monkeypatch.setattr(_cli, "_serve", serve)
+    result = CliRunner().invoke(serve_sim, ["--rpm", "10000", *args])
+    assert 0 == result.exit_code, result.output
+    assert [(10_000, expected)] == [(c.rpm, c.bucket_seconds) for c in served]
+
+
+def test_the_cli_process_collects_garbage_less_often() -> None:
+    """The served process freezes what start-up allocated and raises the thresholds."""
+    thresholds = gc.get_threshold()
+    try:
+        _cli._collect_less_often()
+        assert (50_000, gc.get_freeze_count() > 0) == (gc.get_threshold()[0], True)
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
 
 
 async def test_python_m_serves_until_terminated() -> None:

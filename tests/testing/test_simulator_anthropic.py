@@ -159,6 +159,52 @@ async def test_rate_limit_headers_and_rfc3339_resets(make_client: MakeClient) ->
     assert 1 == sim.stats().ok
 
 
+async def test_quantized_buckets_report_the_limit_and_burst_a_tenth(
+    make_client: MakeClient,
+) -> None:
+    """With ``bucket_seconds=6`` RPM/ITPM/OTPM buckets hold 6 s of their limit: the headers
+    keep the per-minute limits, ``remaining`` counts down the short buckets, and RPM 600
+    lets exactly 60 through at once, then 10 per second."""
+    _, clock, client = await make_client(
+        rpm=600, itpm=60_000, otpm=12_000, bucket_seconds=6, charge_rejected="none"
+    )
+    raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=500, messages=USER)
+    headers = raw.headers
+    prefix = "anthropic-ratelimit-"
+    assert [
+        ("600", "59"),
+        ("60000", str(6_000 - INPUT)),
+        ("12000", "700"),  # 1,200 held, 500 reserved
+        ("12000", "700"),  # the tightest token bucket
+    ] == [
+        (headers[f"{prefix}{kind}-limit"], headers[f"{prefix}{kind}-remaining"])
+        for kind in ("requests", "input-tokens", "output-tokens", "tokens")
+    ]
+    for _ in range(59):
+        await client.messages.create(model=MODEL, max_tokens=10, messages=USER)
+    with pytest.raises(anthropic.RateLimitError) as info:
+        await client.messages.create(model=MODEL, max_tokens=10, messages=USER)
+    body = info.value.body
+    assert isinstance(body, dict)
+    assert "rate limit of 600 requests per minute" in body["error"]["message"]
+    assert "1" == info.value.response.headers["retry-after"]  # 0.1 s, in whole seconds
+    clock.advance(0.1)
+    await client.messages.create(model=MODEL, max_tokens=10, messages=USER)
+
+
+async def test_quantized_itpm_rejects_beyond_the_short_bucket(make_client: MakeClient) -> None:
+    """ITPM 600 over 6 s holds 60 input tokens: a second prompt waits for the refill."""
+    _, clock, client = await make_client(itpm=600, bucket_seconds=6, charge_rejected="none")
+    long: list[MessageParam] = [{"role": "user", "content": "x" * 160}]  # 40 tokens + 4
+    await client.messages.create(model=MODEL, max_tokens=10, messages=long)
+    with pytest.raises(anthropic.RateLimitError) as info:
+        await client.messages.create(model=MODEL, max_tokens=10, messages=long)
+    assert "rate limit of 600 input tokens per minute" in str(info.value.body)
+    assert "3" == info.value.response.headers["retry-after"]  # 28 tokens at 10/s: 2.8 s
+    clock.advance(2.8)
+    await client.messages.create(model=MODEL, max_tokens=10, messages=long)
+
+
 async def test_rpm_429_is_a_rate_limit_error(make_client: MakeClient) -> None:
     """Past RPM: 429 ``rate_limit_error`` with ``retry-after``, counted as an Anthropic 429."""
     sim, clock, client = await make_client(rpm=2, charge_rejected="none")

@@ -5,15 +5,18 @@ The clock only moves when a test advances it, so "exactly at the limit" is exact
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
 from llmbatch.testing import FakeClock, Simulator
+from llmbatch.testing._buckets import go_duration
 from llmbatch.testing._content import estimate_tokens
 from llmbatch.testing.pytest_plugin import SimulatorFactory
 
@@ -284,3 +287,100 @@ async def test_admissions_per_second_follow_the_clock(make_rig: MakeRig) -> None
     rig.clock.advance(3)
     await rig.chat()
     assert {0: 2, 1: 1, 4: 1} == dict(rig.sim.stats().admissions_per_second)
+
+
+# -- quantized limits (bucket_seconds) -----------------------------------------------------------
+
+
+async def _burst(rig: Rig, count: int) -> list[int]:
+    """Send *count* chat requests one after another (a lean client: the burst happens at
+    one instant of the fake clock anyway); return their statuses."""
+    body = {"model": MODEL, "messages": USER, "max_tokens": 1}
+    headers = {"Authorization": "Bearer sk-test"}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        statuses = []
+        for _ in range(count):
+            async with session.post(f"{rig.sim.base_url}/chat/completions", json=body) as reply:
+                await reply.read()
+                statuses.append(reply.status)
+    return statuses
+
+
+async def test_a_6_second_bucket_admits_exactly_1000_then_refills_at_166_per_second(
+    make_rig: MakeRig,
+) -> None:
+    """RPM 10,000 enforced over 6 s: a burst of exactly 1,000 at once, then 10,000/60 per
+    second; the 429 still speaks of the per-minute limit."""
+    rig = await make_rig(rpm=10_000, bucket_seconds=6, charge_rejected="none")
+    assert [200] * 1000 == await _burst(rig, 1000)
+    error = await rig.rejected(max_tokens=1)
+    assert "requests" == error.type
+    assert (
+        "on requests per min (RPM): Limit 10000, Used 10000, Requested 1. "
+        "Please try again in 6ms." in _message(error)
+    )
+    assert ("1", "6") == (
+        error.response.headers["retry-after"],
+        error.response.headers["retry-after-ms"],
+    )
+    rig.clock.advance(0.3)  # 0.3 s x 166.67/s = 50 requests
+    assert [200] * 50 + [429] == await _burst(rig, 51)
+    assert 1050 == rig.sim.stats().ok
+
+
+@pytest.mark.parametrize(
+    ("bucket_seconds", "remaining"),
+    [(None, "9999"), (60, "9999"), (6, "999"), (0.6, "99")],
+)
+async def test_headers_report_the_limit_and_the_short_buckets_remaining(
+    make_rig: MakeRig, bucket_seconds: float | None, remaining: str
+) -> None:
+    """``limit`` stays the per-minute limit; ``remaining`` and ``reset`` describe the bucket
+    actually enforced (one request refills in 6 ms at 10,000/min, whatever it holds)."""
+    rig = await make_rig(rpm=10_000, bucket_seconds=bucket_seconds)
+    headers = await rig.raw_chat(max_tokens=1)
+    assert ("10000", remaining, "6ms") == (
+        headers["x-ratelimit-limit-requests"],
+        headers["x-ratelimit-remaining-requests"],
+        headers["x-ratelimit-reset-requests"],
+    )
+
+
+async def test_tpm_in_a_6_second_bucket(make_rig: MakeRig) -> None:
+    """TPM 100,000 over 6 s holds 10,000 tokens: headers and the 429 body say so."""
+    rig = await make_rig(tpm=100_000, bucket_seconds=6)
+    first = PROMPT + 6000
+    headers = await rig.raw_chat(max_tokens=6000)
+    assert ("100000", str(10_000 - first), go_duration(first * 60 / 100_000)) == (
+        headers["x-ratelimit-limit-tokens"],
+        headers["x-ratelimit-remaining-tokens"],
+        headers["x-ratelimit-reset-tokens"],
+    )
+    error = await rig.rejected(max_tokens=6000)
+    # Used is the limit minus what the bucket holds: Limit - Used is the remaining header
+    used = 100_000 - (10_000 - first)
+    wait = (first - (10_000 - first)) * 60 / 100_000
+    assert (
+        f"on tokens per min (TPM): Limit 100000, Used {used}, Requested {first}. "
+        f"Please try again in {go_duration(wait)}." in _message(error)
+    )
+    assert str(math.ceil(wait * 1000)) == error.response.headers["retry-after-ms"]
+    rig.clock.advance(wait)
+    await rig.chat(max_tokens=6000)
+
+
+async def test_a_request_beyond_the_short_bucket_passes_when_it_is_full(
+    make_rig: MakeRig,
+) -> None:
+    """20,000 tokens fit TPM 100,000 but not its 10,000-token bucket: they pass on a full
+    bucket and leave it in debt; only more than the per-minute limit is too large."""
+    rig = await make_rig(tpm=100_000, bucket_seconds=6)
+    headers = await rig.raw_chat(max_tokens=20_000)
+    assert ("0", go_duration((PROMPT + 20_000) * 60 / 100_000)) == (
+        headers["x-ratelimit-remaining-tokens"],
+        headers["x-ratelimit-reset-tokens"],
+    )
+    await rig.rejected(max_tokens=1)
+    error = await rig.rejected(max_tokens=100_000)
+    assert _message(error).startswith(f"Request too large for {MODEL}")
+    assert "Limit 100000, Requested" in _message(error)
