@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -69,7 +70,14 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "rpm": {"rpm": 600},
     "tpm": {"tpm": 600_000, "long": True},
     "rpm+500s": {"rpm": 600, "errors": {500: 0.1}},
+    # high usage tiers: per-minute limits enforced over a few seconds (OpenAI: limits
+    # "may be quantized"), with a token limit reported as OpenAI does
+    "rpm 10k / 6 s": {"rpm": 10_000, "tpm": 10_000_000, "bucket": 6.0, "items": 5_000},
+    "rpm 30k / 2 s": {"rpm": 30_000, "tpm": 150_000_000, "bucket": 2.0, "items": 15_000},
 }
+HIGH_TIERS = ("rpm 10k / 6 s", "rpm 30k / 2 s")
+for _name, _scenario in SCENARIOS.items():
+    _scenario["name"] = _name
 
 
 def messages(i: int, scenario: dict[str, Any] | None = None) -> list[dict[str, str]]:
@@ -99,6 +107,8 @@ def simulator(scenario: dict[str, Any]) -> Iterator[str]:
     for name in ("rpm", "tpm"):
         if name in scenario:
             args += [f"--{name}", str(scenario[name])]
+    if "bucket" in scenario:
+        args += ["--bucket-seconds", str(scenario["bucket"])]
     for status, fraction in scenario.get("errors", {}).items():
         args += ["--error", f"{status}={fraction}"]
     process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
@@ -122,7 +132,7 @@ def server_stats(root: str) -> dict[str, Any]:
 async def llmbatch_run(
     root: str,
     items: range,
-    limits: Limits,
+    limits: Limits | None,
     scenario: dict[str, Any],
     *,
     limiter_url: str | LimiterSettings = "memory",
@@ -135,7 +145,8 @@ async def llmbatch_run(
         provider, model=MODEL, max_tokens=MAX_TOKENS, limits=limits, limiter_url=limiter_url
     ) as client:
         start = time.perf_counter()
-        result = await client.map(requests, on_error="collect", max_concurrency=256)
+        # default arguments: no max_concurrency (in flight follows the limits)
+        result = await client.map(requests, on_error="collect")
         out.seconds = time.perf_counter() - start
     for request, answer in zip(requests, result.results, strict=True):
         if isinstance(answer, Response):
@@ -177,22 +188,64 @@ async def naive_run(
     return out
 
 
+def cli_run(root: str, items: int, scenario: dict[str, Any]) -> Outcome:
+    """``llmbatch run`` as a user types it: ``--rpm``/``--tpm``, no ``--concurrency``.
+    Timed from the process start, less a ``--limit 0`` run of the same command
+    (interpreter, imports, the tokenizer, the empty output: not a rate cost)."""
+    out = Outcome()
+    with tempfile.TemporaryDirectory() as folder:
+        source = f"{folder}/in.jsonl"
+        with open(source, "w", encoding="utf-8") as f:
+            for i in range(items):
+                text = messages(i, scenario)[0]["content"]
+                f.write(json.dumps({"id": str(i), "text": text}) + "\n")
+
+        def command(output: str, *extra: str) -> float:
+            args = [sys.executable, "-m", "llmbatch", "run", source, "-o", output]
+            args += ["--provider", f"{root}/v1", "--model", MODEL, "--prompt", "{text}"]
+            args += ["--id-field", "id", "--max-tokens", str(MAX_TOKENS), "-q"]
+            for name in ("rpm", "tpm"):
+                if name in scenario:
+                    args += [f"--{name}", str(scenario[name])]
+            env = {**os.environ, "OPENAI_API_KEY": "sk-bench"}
+            start = time.perf_counter()
+            subprocess.run([*args, *extra], env=env, check=False, capture_output=True)
+            return time.perf_counter() - start
+
+        start_up = command(f"{folder}/empty.jsonl", "--limit", "0")
+        out.seconds = command(f"{folder}/out.jsonl") - start_up
+        with open(f"{folder}/out.jsonl", encoding="utf-8") as f:
+            lines = [json.loads(line) for line in f]
+    for i, line in enumerate(lines):
+        if line["status"] != "ok":
+            out.failed += line["status"] == "error"
+            continue
+        tag = content_tag(messages(i, scenario)[0]["content"])
+        good = str(line["answer"]).startswith(f"[{tag}]")
+        out.ok += good
+        out.wrong += not good
+    return out
+
+
 # -- four processes sharing a Redis quota ------------------------------------------------
 
 
 async def redis_worker(
-    root: str, redis_url: str, first: int, count: int, start_at: float, auto: bool
+    root: str, redis_url: str, first: int, count: int, start_at: float, kind: str
 ) -> None:
+    auto = kind.startswith("auto")
+    scenario = SCENARIOS[kind.split(":", 1)[1]]
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     warm_up()
     # Quotas kept in Redis, as llmbatch.toml's [limiter] url would say: one per run.
     quotas = LimiterSettings(url=redis_url, namespace=f"bench-{start_at:.0f}")
-    limits = Limits.auto(max_concurrency=256) if auto else Limits(rpm=600)
+    explicit = Limits(**{k: v for k, v in scenario.items() if k in ("rpm", "tpm")})
+    limits = Limits.auto() if auto else explicit
     await asyncio.sleep(max(0.0, start_at - time.time()))
     if time.time() > start_at + 0.05:
         print(f"worker started late by {time.time() - start_at:.2f} s", file=sys.stderr)
     out = await llmbatch_run(
-        root, range(first, first + count), limits, SCENARIOS["rpm"], limiter_url=quotas
+        root, range(first, first + count), limits, scenario, limiter_url=quotas
     )
     finished = time.time()
     report = {"ok": out.ok, "failed": out.failed, "wrong": out.wrong, "finished": finished}
@@ -225,7 +278,9 @@ def redis_server() -> Iterator[str]:
             process.wait(timeout=10)
 
 
-def four_processes(root: str, items: int, *, auto: bool = False) -> Outcome:
+def four_processes(
+    root: str, items: int, scenario: dict[str, Any], *, auto: bool = False
+) -> Outcome:
     with redis_server() as redis_url:
         start_at = time.time() + 6.0  # let every process import and warm up first
         share = items // 4
@@ -240,7 +295,7 @@ def four_processes(root: str, items: int, *, auto: bool = False) -> Outcome:
                     str(k * share),
                     str(share),
                     str(start_at),
-                    "auto" if auto else "explicit",
+                    ("auto:" if auto else "explicit:") + scenario["name"],
                 ],
                 stdout=subprocess.PIPE,
                 text=True,
@@ -268,12 +323,13 @@ def least_possible(scenario: dict[str, Any], items: int, admitted: int | None = 
         attempts = admitted
     if "rpm" in scenario:
         rpm = scenario["rpm"]
-        return LATENCY + max(0.0, attempts - rpm) / (rpm / 60)
+        burst = rpm * scenario.get("bucket", 60.0) / 60  # what the server holds at once
+        return float(LATENCY + max(0.0, attempts - burst) / (rpm / 60))
     tpm = scenario["tpm"]
     charged = sum(
         estimate_tokens({"messages": messages(i, scenario)}) + MAX_TOKENS for i in range(items)
     )
-    return LATENCY + max(0.0, charged - tpm) / (tpm / 60)
+    return float(LATENCY + max(0.0, charged - tpm) / (tpm / 60))
 
 
 def warm_up() -> None:
@@ -286,19 +342,27 @@ def run(name: str, scenario: dict[str, Any], items: int) -> Outcome:
     warm_up()
     with simulator(scenario) as root:
         explicit = Limits(**{k: v for k, v in scenario.items() if k in ("rpm", "tpm")})
-        auto = Limits.auto(max_concurrency=256)
+        auto = Limits.auto()
         if name == "llmbatch":
             out = asyncio.run(llmbatch_run(root, range(items), explicit, scenario))
         elif name == "llmbatch auto":
             out = asyncio.run(llmbatch_run(root, range(items), auto, scenario))
         elif name == "llmbatch 4 procs redis":
-            out = four_processes(root, items)
+            out = four_processes(root, items, scenario)
         elif name == "llmbatch 4 procs redis auto":
-            out = four_processes(root, items, auto=True)
+            out = four_processes(root, items, scenario, auto=True)
+        elif name == "llmbatch profile":
+            # no limits argument: gpt-4o-mini's built-in first-tier profile (500 RPM)
+            out = asyncio.run(llmbatch_run(root, range(items), None, scenario))
+        elif name == "llmbatch run":
+            out = cli_run(root, items, scenario)
         elif name == "gather":
             out = asyncio.run(naive_run(root, range(items), None, scenario))
+        elif name.startswith("semaphore("):
+            size = int(name.removeprefix("semaphore(").removesuffix(")"))
+            out = asyncio.run(naive_run(root, range(items), size, scenario))
         else:
-            out = asyncio.run(naive_run(root, range(items), 32, scenario))
+            raise ValueError(name)
         out.stats = server_stats(root)
     return out
 
@@ -312,18 +376,20 @@ def main() -> None:
     parser.add_argument("--scenario", choices=list(SCENARIOS), action="append")
     parser.add_argument("--client", action="append", help="only these contenders")
     parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--high", action="store_true", help="the high-tier scenarios (RPM 10,000 and 30,000)"
+    )
     args = parser.parse_args()
     if args.worker:
         root, redis_url, first, count, start_at, kind = args.worker
-        asyncio.run(
-            redis_worker(root, redis_url, int(first), int(count), float(start_at), kind == "auto")
-        )
+        asyncio.run(redis_worker(root, redis_url, int(first), int(count), float(start_at), kind))
         return
 
-    table = Table(title=f"{args.items:,} requests, max_tokens {MAX_TOKENS}, ~{LATENCY:g} s latency")
+    table = Table(title=f"max_tokens {MAX_TOKENS}, ~{LATENCY:g} s latency, default arguments")
     for column in (
         "scenario",
         "client",
+        "items",
         "wall s",
         "least s",
         "efficiency",
@@ -337,29 +403,38 @@ def main() -> None:
     ):
         table.add_column(column, justify="left" if column in ("scenario", "client") else "right")
     console = Console(width=180)
-    for scenario_name in args.scenario or list(SCENARIOS):
+    chosen = args.scenario or [n for n in SCENARIOS if n not in HIGH_TIERS]
+    if args.high:
+        chosen = list(HIGH_TIERS)
+    for scenario_name in chosen:
         scenario = SCENARIOS[scenario_name]
+        items = scenario.get("items", args.items)
         contenders = ["llmbatch", "llmbatch auto"]
-        if scenario_name == "rpm":
+        if scenario_name in HIGH_TIERS:
+            contenders += ["llmbatch profile", "llmbatch run"]
+        if scenario_name in ("rpm", "rpm 30k / 2 s"):
             contenders += ["llmbatch 4 procs redis", "llmbatch 4 procs redis auto"]
         if not args.quick:
             contenders += ["gather", "semaphore(32)"]
+            if scenario_name in HIGH_TIERS:
+                contenders.append("semaphore(512)")
         if args.client:
             contenders = [c for c in contenders if c in args.client]
         for name in contenders:
-            out = run(name, scenario, args.items)
+            out = run(name, scenario, items)
             stats = out.stats
             rate_limited = sum(stats.get("rate_limited", {}).values())
-            lost = args.items - out.ok - out.failed - out.wrong
+            lost = items - out.ok - out.failed - out.wrong
             # A run that answered every item: its own fault draws; otherwise the expected.
             admitted = int(stats.get("requests", 0)) - rate_limited
-            least = least_possible(scenario, args.items, admitted if out.ok == args.items else None)
+            least = least_possible(scenario, items, admitted if out.ok == items else None)
             # Efficiency only means something when every item was answered: a client
             # that gives up on items is fast for nothing.
-            efficiency = f"{least / out.seconds:.3f}" if out.ok == args.items else "-"
+            efficiency = f"{least / out.seconds:.3f}" if out.ok == items else "-"
             table.add_row(
                 scenario_name,
                 name,
+                f"{items:,}",
                 f"{out.seconds:.1f}",
                 f"{least:.1f}",
                 efficiency,

@@ -64,7 +64,7 @@ from llmbatch.failure import (
     Skip,
     failure_strategy,
 )
-from llmbatch.limits import Limits, get_limiter, quota_name, request_rate
+from llmbatch.limits import Limits, get_limiter, quota_name, request_burst, request_rate
 from llmbatch.models import Embedding, EmbeddingRequest, Request, Response, Usage
 from llmbatch.providers.base import AsyncClosing, Provider
 from llmbatch.retry import (
@@ -613,6 +613,9 @@ class LLMClient(AsyncClosing):
         for unit, amount in cost.items():
             mean[unit] = amount if unit not in mean else mean[unit] + 0.05 * (amount - mean[unit])
         gate = self._gate
+        if not gate.sized and gate.cap is None:
+            # sized from the limits before the first request (then from its latencies)
+            self._size_in_flight(limiter)
         async with gate:
             permit = await limiter.acquire(**cost)
             self._requests += 1
@@ -638,7 +641,7 @@ class LLMClient(AsyncClosing):
             gate.observe(loop.time() - sent)
         self._reach.answered(loop.time())
         if gate.cap is None and gate.due():
-            gate.resize(request_rate(limiter.statistics().limits, mean))
+            self._size_in_flight(limiter)
         if response.headers:
             await _feedback(limiter, "observe", response.headers, permit)
         actual = provider.settlement(request, response)
@@ -651,6 +654,14 @@ class LLMClient(AsyncClosing):
             refund=getattr(provider, "refunds_unused", False),
         )
         return response
+
+    def _size_in_flight(self, limiter: Any) -> None:
+        """Size the in-flight target from what the limiter's limits allow now."""
+        stats = limiter.statistics()
+        self._gate.resize(
+            request_rate(stats.limits, self._mean_cost),
+            request_burst(stats.capacity, self._mean_cost),
+        )
 
     def _check_reachable(self, exc: ConnectionFailed) -> None:
         """Count a failed connection; raise :class:`ProviderUnreachable` (fatal) once

@@ -58,17 +58,20 @@ def in_flight_target(
     rate: float | None,
     latency: float,
     *,
+    burst: float = 0.0,
     cap: int | None = None,
     margin: float = MARGIN,
     floor: int = FLOOR,
     ceiling: int = SAFETY_CAP,
 ) -> InFlightTarget:
     """The number of requests to keep in flight: ``rate x latency x margin`` (Little's
-    law), within ``[floor, ceiling]``; an explicit *cap* wins.
+    law), plus the *burst* the buckets allow at once (so that a full bucket can be
+    spent at once), within ``[floor, ceiling]``; an explicit *cap* wins.
 
     Args:
         rate: requests per second the limits allow (``None``: unknown or unlimited).
         latency: seconds per request (measured, or :data:`START_LATENCY`).
+        burst: requests the buckets hold at once.
         cap: an explicit ``max_concurrency`` (a hard cap).
         margin: headroom over Little's law.
         floor: the least target.
@@ -80,9 +83,11 @@ def in_flight_target(
         return InFlightTarget(
             ceiling, None, latency, f"no rate limit known: the safety cap ({ceiling})"
         )
-    wanted = math.ceil(rate * latency * margin)
+    wanted = math.ceil(rate * latency * margin + burst)
     limit = min(ceiling, max(floor, wanted))
     reason = f"{rate:.1f} req/s x {latency:.2f} s latency x {margin:g}"
+    if burst >= 1:
+        reason += f" + a burst of {burst:.0f}"
     if limit == ceiling and wanted > ceiling:
         reason += f" = {wanted}, held to the safety cap"
     elif limit == floor and wanted < floor:
@@ -111,6 +116,8 @@ class InFlight:
         self._latencies: collections.deque[float] = collections.deque(maxlen=self.WINDOW)
         self._since_sized = 0
         self._rate: float | None = None
+        #: whether :meth:`resize` was called once (before: the safety cap)
+        self.sized = False
         self.target = in_flight_target(None, START_LATENCY, cap=cap)
         self.in_flight = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -135,14 +142,15 @@ class InFlight:
         """Whether enough was learned since the last sizing to size again (cheap)."""
         return self._since_sized >= 16 or (self._since_sized > 0 and len(self._latencies) < 16)
 
-    def resize(self, rate: float | None) -> None:
-        """Size the target for *rate* requests per second and the measured latency;
-        logs a target that changed by more than a quarter."""
+    def resize(self, rate: float | None, burst: float = 0.0) -> None:
+        """Size the target for *rate* requests per second (and *burst* at once) and the
+        measured latency; logs a target that changed by more than a quarter."""
         self._since_sized = 0
         self._rate = rate
+        self.sized = True
         if self.cap is not None:
             return
-        target = in_flight_target(rate, self.latency)
+        target = in_flight_target(rate, self.latency, burst=burst)
         before = self.target.limit
         self.target = target
         if abs(target.limit - before) > before / 4:

@@ -31,11 +31,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
+import functools
 import hashlib
 import math
 import re
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from types import TracebackType
@@ -60,6 +61,7 @@ __all__ = [
     "plausible_limit",
     "quota_name",
     "refunds",
+    "request_burst",
     "request_rate",
     "send_lag",
 ]
@@ -72,8 +74,10 @@ DAY = 86_400.0
 #: correction looks back over (older ones in flight count as uncertain in full)
 _RECENT = 4096
 _SCAN = 1024
-#: the concurrency cap AIMD probes upward from while no rate limit is known
+#: the concurrency cap AIMD probes upward from while no rate limit is known, and the most
+#: it grows to unless ``max_concurrency`` says otherwise
 _AIMD_START = 8
+_AIMD_CEILING = 64
 
 
 # -- configuration ---------------------------------------------------------------------
@@ -167,8 +171,10 @@ class Limits:
             raise ValueError(f"Limits.transit must be within [0, 60] s, not {self.transit!r}")
 
     @classmethod
-    def auto(cls, *, max_concurrency: int = 64, **overrides: Any) -> Limits:
-        """Limits learned from the provider's headers, with AIMD until they are known."""
+    def auto(cls, *, max_concurrency: int | None = None, **overrides: Any) -> Limits:
+        """Limits learned from the provider's headers, with AIMD until they are known
+        (probing from 8 requests in flight up to *max_concurrency*, default 64; once
+        limits are known, they pace, and *max_concurrency* stays a cap only if given)."""
         return cls(max_concurrency=max_concurrency, learn=True, aimd=True, **overrides)
 
     def copy(self, **changes: Any) -> Limits:
@@ -349,7 +355,11 @@ class _Bucket(AsyncLimiter):
         capacity = min(self.limit, seen)
         if abs(capacity - self.max_rate) < 0.5:
             return False
+        available = self.available
         self._shape(self.nominal_rate, capacity)
+        # What may be taken now stays as it was, within the smaller bucket (what is "in
+        # use" of a bigger one says nothing about this one).
+        self.set_available(min(available, capacity))
         return True
 
     def _leak(self) -> None:
@@ -654,6 +664,20 @@ def plausible_limit(dimension: str, limit: float, permit: Permit | None = None) 
     return True
 
 
+def request_burst(capacity: Mapping[str, float], mean_cost: Mapping[str, float]) -> float:
+    """Requests the per-minute buckets hold at once (:attr:`LimiterStatistics.capacity`)
+    for requests costing *mean_cost* per unit; 0 when none is known."""
+    bursts: list[float] = []
+    for dim, held in capacity.items():
+        unit, period = _DIMENSIONS[dim]
+        if period > MINUTE:
+            continue
+        cost = 1.0 if unit == "requests" else mean_cost.get(unit, 0.0)
+        if cost > 0:
+            bursts.append(held / cost)
+    return min(bursts) if bursts else 0.0
+
+
 def request_rate(limits: Mapping[str, float], mean_cost: Mapping[str, float]) -> float | None:
     """Requests per second the per-minute *limits* allow (``{"rpm": 10_000, "tpm": ...}``,
     as :attr:`LimiterStatistics.limits` gives them) for requests costing *mean_cost*
@@ -735,8 +759,9 @@ class RateLimiter:
         self._cap: float | None = (
             float(self.limits.max_concurrency) if self.limits.max_concurrency else None
         )
-        if self._cap is not None and self.limits.aimd and not self._buckets:
-            self._cap = min(self._cap, _AIMD_START)  # probe upward from a modest start
+        if self.limits.aimd and not self._buckets:
+            # probe upward from a modest start
+            self._cap = min(self._cap or float(_AIMD_CEILING), _AIMD_START)
         self._in_flight = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._changed: asyncio.Event | None = None
@@ -761,6 +786,15 @@ class RateLimiter:
         before = bucket.available
         bucket.set_available(min(bucket.max_rate, before + delta))
         self._adjusted[bucket.name] -= bucket.available - before
+
+    def _reshape(self, bucket: _Bucket, change: Callable[[], object]) -> object:
+        """Apply *change* (a new limit or capacity) to *bucket*, and count what it made
+        available as a correction: an answer to a permit taken before it must not lift
+        the bucket again by the same amount."""
+        before = bucket.available
+        result = change()
+        self._adjusted[bucket.name] -= bucket.available - before
+        return result
 
     def _add_bucket(self, dimension: str, capacity: float) -> None:
         _, period = _DIMENSIONS[dimension]
@@ -930,7 +964,7 @@ class RateLimiter:
                 bucket.give_back(-difference)
                 self._refunded[dim] += bucket.available - before
         if self.limits.aimd and self._cap is not None and not self._buckets:
-            ceiling = float(self.limits.max_concurrency or 64)
+            ceiling = float(self.limits.max_concurrency or _AIMD_CEILING)
             self._cap = min(ceiling, self._cap + 1.0 / self._cap)
         self._notify()
 
@@ -1004,7 +1038,7 @@ class RateLimiter:
                     detail="the limit the server reports for this key replaces the one "
                     + ("configured" if self.limits.learn else "given"),
                 )
-                bucket.resize(effective)
+                self._reshape(bucket, functools.partial(bucket.resize, effective))
         for dim, server_left in info.remaining.items():
             bucket = self._buckets.get(dim)
             if bucket is None:
@@ -1099,7 +1133,7 @@ class RateLimiter:
             in_flight -= permit.units.get(unit, 0.0)
         if bucket.burst is None and seen + max(0.0, in_flight) >= _BURST_EVIDENCE * bucket.limit:
             return  # a full period's bucket, as far as can be told
-        if bucket.learn_burst(seen):
+        if self._reshape(bucket, lambda: bucket.learn_burst(seen)):
             logger.info(
                 "limits.burst",
                 limiter=self.name,

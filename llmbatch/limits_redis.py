@@ -54,6 +54,7 @@ import structlog
 
 from llmbatch.errors import LimiterUnavailable, RequestTooLarge, redact
 from llmbatch.limits import (
+    _AIMD_CEILING,
     _AIMD_START,
     _DIMENSIONS,
     _MINUTE_DIMENSIONS,
@@ -730,7 +731,7 @@ class RedisRateLimiter:
             lease = uuid.uuid4().hex
             args: list[Any] = [
                 self._ttl,
-                self.limits.max_concurrency or 0,
+                self.limits.max_concurrency or (_AIMD_CEILING if self._probing() else 0),
                 lease,
                 self._lease_seconds,
                 1 if self.limits.aimd else 0,
@@ -870,11 +871,13 @@ class RedisRateLimiter:
 
     def _probing(self) -> bool:
         """Whether the shared AIMD cap is in force (``aimd`` and no limit known yet)."""
-        return self.limits.aimd and not self._capacity and bool(self.limits.max_concurrency)
+        return self.limits.aimd and not self._capacity
 
     async def _aimd(self, direction: str) -> None:
         reply = await self._call(
-            self._aimd_script, [self._key], [direction, self.limits.max_concurrency, self._ttl]
+            self._aimd_script,
+            [self._key],
+            [direction, self.limits.max_concurrency or _AIMD_CEILING, self._ttl],
         )
         self._aimd_cap = float(reply)
 
@@ -1045,7 +1048,11 @@ class RedisRateLimiter:
         of (its own 429s, and the pauses Redis refused or answered it with)."""
         cap: float | None = float(self.limits.max_concurrency or 0) or None
         if self._probing():
-            cap = self._aimd_cap if self._aimd_cap is not None else min(cap or 0, _AIMD_START)
+            cap = (
+                self._aimd_cap
+                if self._aimd_cap is not None
+                else min(cap or _AIMD_CEILING, _AIMD_START)
+            )
         cooldown = 0.0
         try:
             cooldown = max(0.0, self._paused_until - asyncio.get_running_loop().time())

@@ -715,3 +715,40 @@ async def test_with_no_cap_the_requests_in_flight_follow_the_limits(clock: FakeC
     assert target is not None
     assert target.rate == pytest.approx(10_000 / 60)
     assert "req/s" in target.reason
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        pytest.param(Limits(rpm=10_000, tpm=10_000_000), id="explicit"),
+        pytest.param(None, id="profile"),  # gpt-4o-mini's built-in 500 RPM estimate
+    ],
+)
+async def test_a_high_tier_key_with_a_six_second_bucket_runs_at_its_limit(
+    clock: FakeClock, limits: Limits | None
+) -> None:
+    """RPM 10,000 enforced over 6 s (the server holds 1,000 at once), ~1 s answers,
+    default arguments. Whether the limits are given, learned, or start from the
+    model's 500 RPM profile: no 429, and 2,000 requests take close to the least
+    possible time, 1 s + (2,000 - 1,000) / 166.7 per s = 7 s (virtual): at most the
+    round trip that tells the limits (~1 s, its refill lost) more."""
+    async with Simulator(
+        rpm=10_000,
+        tpm=10_000_000,
+        bucket_seconds=6,
+        ttft=1.0,
+        jitter=0.1,
+        seed=2,
+        clock=clock.time,
+    ) as sim:
+        async with OpenAIProvider(base_url=sim.base_url, api_key="sk-sim") as provider:
+            client = LLMClient(provider, model="gpt-4o-mini", max_tokens=128, limits=limits)
+            started = clock.time()
+            result = await client.map(
+                [Request.from_prompt(f"document {i}") for i in range(2000)], on_error="collect"
+            )
+            took = clock.time() - started
+        stats = sim.stats()
+    assert 2000 == result.succeeded
+    assert {} == dict(stats.rate_limited)
+    assert took < 7.0 + 1.2

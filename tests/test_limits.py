@@ -558,7 +558,8 @@ async def test_auto_learns_limits_from_headers(clock: FakeClock) -> None:
     stats = limiter.statistics()
     assert ({"rpm": 60.0, "tpm": 10_000.0}, ("rpm", "tpm")) == (stats.capacity, stats.learned)
     assert {"rpm": 59.0, "tpm": 9_900.0} == stats.available
-    assert 64.0 == stats.concurrency_cap  # the AIMD probe (8) is lifted once limits are known
+    # the AIMD probe (8) is lifted once limits are known: they pace, no fixed cap
+    assert stats.concurrency_cap is None
 
 
 async def test_without_learn_reported_limits_are_ignored(clock: FakeClock) -> None:
