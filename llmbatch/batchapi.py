@@ -37,8 +37,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import structlog
-
+from llmbatch._log import get_logger
 from llmbatch.errors import (
     BadRequest,
     BatchExpired,
@@ -71,7 +70,7 @@ __all__ = [
     "uncollected_keys",
 ]
 
-logger = structlog.get_logger("llmbatch.batchapi")
+logger = get_logger("llmbatch.batchapi")
 
 AnyRequest = Request | EmbeddingRequest
 Outcome = Response | Embedding | LLMBatchError

@@ -35,6 +35,7 @@ import structlog
 from rich.console import Console
 from rich.table import Table
 
+from llmbatch._log import get_logger
 from llmbatch.batchapi import uncollected_keys
 from llmbatch.client import USE_DEFAULT, LLMClient
 from llmbatch.config import (
@@ -59,7 +60,7 @@ DEFAULT_MODELS = {"openai": "gpt-4o-mini", "anthropic": "claude-haiku-4-5"}
 EXIT_OK, EXIT_FAILED_ITEMS, EXIT_ABORTED = 0, 1, 2
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
-logger = structlog.get_logger("llmbatch.cli")
+logger = get_logger("llmbatch.cli")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,8 +33,7 @@ from collections.abc import (
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar, overload
 
-import structlog
-
+from llmbatch._log import get_logger
 from llmbatch.batchapi import Journal, batch_backend, run_batch_api
 from llmbatch.concurrency import SAFETY_CAP, InFlight, InFlightTarget
 from llmbatch.config import (
@@ -122,7 +121,7 @@ class ClientStatistics:
     in_flight_target: InFlightTarget | None = None
 
 
-logger = structlog.get_logger("llmbatch.client")
+logger = get_logger("llmbatch.client")
 
 #: the output a request without ``max_tokens`` is budgeted for (OpenAI's reservation)
 DEFAULT_MAX_OUTPUT = 4096

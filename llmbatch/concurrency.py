@@ -20,11 +20,11 @@ import collections
 import math
 from dataclasses import dataclass
 
-import structlog
+from llmbatch._log import get_logger
 
 __all__ = ["SAFETY_CAP", "InFlight", "InFlightTarget", "in_flight_target"]
 
-logger = structlog.get_logger("llmbatch.concurrency")
+logger = get_logger("llmbatch.concurrency")
 
 #: the most requests in flight when nothing else bounds them (and the most items the
 #: scheduler holds at once): thousands of requests, a few MB of prompts

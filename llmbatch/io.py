@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-import structlog
+from llmbatch._log import get_logger
 
 __all__ = ["FORMATS", "Record", "count_records", "detect_format", "read_records"]
 
@@ -45,7 +45,7 @@ TEXT_SUFFIXES = frozenset({".txt", ".md", ".rst", ".text"})
 #: how many skipped files the summary event names
 _EXAMPLES = 3
 
-logger = structlog.get_logger("llmbatch.io")
+logger = get_logger("llmbatch.io")
 
 
 @dataclass(frozen=True, slots=True)

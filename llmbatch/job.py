@@ -36,8 +36,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, TextIO
 
-import structlog
-
+from llmbatch._log import get_logger
 from llmbatch.batchapi import batch_backend, run_batch_api, uncollected_keys
 from llmbatch.client import LLMClient, build_request, estimated_usage, template_fields
 from llmbatch.concurrency import SAFETY_CAP
@@ -60,7 +59,7 @@ __all__ = [
     "write_output",
 ]
 
-logger = structlog.get_logger("llmbatch.job")
+logger = get_logger("llmbatch.job")
 
 #: the prompt when none is given: summarize the record's ``text`` field
 DEFAULT_TEMPLATE = "Summarize the following document in one or two sentences.\n\n{text}"

@@ -42,9 +42,9 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, ClassVar, Protocol
 
-import structlog
 from aiolimiter import AsyncLimiter
 
+from llmbatch._log import get_logger
 from llmbatch.errors import RequestTooLarge
 
 __all__ = [
@@ -66,7 +66,7 @@ __all__ = [
     "send_lag",
 ]
 
-logger = structlog.get_logger("llmbatch.limits")
+logger = get_logger("llmbatch.limits")
 
 MINUTE = 60.0
 DAY = 86_400.0

@@ -50,8 +50,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
+from llmbatch._log import get_logger
 from llmbatch.errors import LimiterUnavailable, RequestTooLarge, redact
 from llmbatch.limits import (
     _AIMD_CEILING,
@@ -73,7 +72,7 @@ if TYPE_CHECKING:
 
 __all__ = ["RedisRateLimiter"]
 
-logger = structlog.get_logger("llmbatch.limits")
+logger = get_logger("llmbatch.limits")
 
 #: where a limiter URL comes from, for error messages
 _WHERE_CONFIGURED = "--limiter-url, LLMBATCH_LIMITER_URL, [limiter] url"

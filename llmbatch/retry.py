@@ -38,7 +38,6 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-import structlog
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -51,6 +50,7 @@ from tenacity.retry import retry_base
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
+from llmbatch._log import get_logger
 from llmbatch.errors import RateLimited, Timeout, TransientError
 from llmbatch.runner import current_item
 
@@ -66,7 +66,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-logger = structlog.get_logger("llmbatch.retry")
+logger = get_logger("llmbatch.retry")
 
 
 def parse_retry_after(headers: Mapping[str, str], *, now: datetime | None = None) -> float | None:

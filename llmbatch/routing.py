@@ -18,14 +18,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
-
+from llmbatch._log import get_logger
 from llmbatch.config import ModelProfile
 from llmbatch.models import Usage
 
 __all__ = ["BATCH_WINDOW", "MODES", "Route", "choose_route"]
 
-logger = structlog.get_logger("llmbatch.routing")
+logger = get_logger("llmbatch.routing")
 
 #: the providers' batch completion window, in seconds
 BATCH_WINDOW = 24 * 3600.0

@@ -32,11 +32,11 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-import structlog
 import tiktoken
 import tiktoken.model
 import tiktoken_ext.openai_public as openai_public
 
+from llmbatch._log import get_logger
 from llmbatch.errors import ContextLengthExceeded, LLMBatchError
 
 __all__ = [
@@ -54,7 +54,7 @@ __all__ = [
     "prompt_token_bound",
 ]
 
-logger = structlog.get_logger("llmbatch.tokens")
+logger = get_logger("llmbatch.tokens")
 
 #: encodings llmbatch can build without the network
 OFFLINE_ENCODINGS = ("cl100k_base", "o200k_base", "o200k_harmony")
