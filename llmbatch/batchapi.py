@@ -21,9 +21,12 @@ is collected like any other once the provider has ended it: the requests it ran
 before the cancel were delivered and billed, so their results are kept, and only
 those it never ran are submitted again.
 
-Backends: :class:`OpenAIBatchBackend` (``/v1/files`` + ``/v1/batches``; one model per
-file, ≤ 50,000 requests and ≤ 200 MB) and :class:`AnthropicBatchBackend` (Message
-Batches; ≤ 100,000 requests or 256 MB), built by ``provider.batch()``.
+This module is what every Batch API has in common: the :class:`BatchBackend` protocol,
+the journal, the lifecycle and the custom ids. Each provider's module owns its backend
+(:class:`~llmbatch.providers.openai.OpenAIBatchBackend`: ``/v1/files`` + ``/v1/batches``,
+one model per file, ≤ 50,000 requests and ≤ 200 MB;
+:class:`~llmbatch.providers.anthropic.AnthropicBatchBackend`: Message Batches,
+≤ 100,000 requests or 256 MB), built by ``provider.batch()`` (:class:`SupportsBatch`).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from llmbatch._log import get_logger
 from llmbatch.errors import (
@@ -48,21 +51,15 @@ from llmbatch.errors import (
 from llmbatch.models import Embedding, EmbeddingRequest, Request, Response
 from llmbatch.store import StoredBatch
 
-if TYPE_CHECKING:
-    import anthropic
-    import openai
-
-    from llmbatch.providers.anthropic import AnthropicProvider
-    from llmbatch.providers.openai import OpenAIProvider
-
 __all__ = [
-    "AnthropicBatchBackend",
+    "AnyRequest",
     "BatchBackend",
     "BatchLimits",
     "BatchStatus",
     "Journal",
     "MemoryJournal",
-    "OpenAIBatchBackend",
+    "Outcome",
+    "SupportsBatch",
     "batch_backend",
     "cancel_batches",
     "custom_id_for",
@@ -158,10 +155,19 @@ class BatchBackend(Protocol):
         ...
 
 
-def batch_backend(provider: Any) -> BatchBackend | None:
+@runtime_checkable
+class SupportsBatch(Protocol):
+    """A provider with a Batch API: its module owns the backend (OpenAI's in
+    :mod:`llmbatch.providers.openai`, Anthropic's in :mod:`llmbatch.providers.anthropic`)."""
+
+    def batch(self) -> BatchBackend:
+        """This provider's Batch API."""
+        ...
+
+
+def batch_backend(provider: object) -> BatchBackend | None:
     """The Batch API of *provider*, or ``None`` if it has none."""
-    make = getattr(provider, "batch", None)
-    return make() if callable(make) else None
+    return provider.batch() if isinstance(provider, SupportsBatch) else None
 
 
 class Journal(Protocol):
@@ -647,228 +653,3 @@ async def cancel_batches(backend: BatchBackend, journal: Journal) -> list[str]:
     if failures:
         raise failures[0]
     return cancelled
-
-
-# -- OpenAI ----------------------------------------------------------------------------
-
-
-class OpenAIBatchBackend:
-    """OpenAI's Batch API: a JSONL file uploaded to ``/v1/files``, a ``/v1/batches`` job."""
-
-    limits = BatchLimits(max_requests=50_000, max_bytes=200 * 1024 * 1024, one_model=True)
-
-    def __init__(
-        self,
-        provider: OpenAIProvider,
-        client: openai.AsyncOpenAI,
-        *,
-        limits: BatchLimits | None = None,
-    ) -> None:
-        self.provider = provider
-        self.name = provider.name
-        self._client = client
-        if limits is not None:
-            self.limits = limits
-
-    def line(self, custom_id: str, request: AnyRequest) -> dict[str, Any]:
-        """``{"custom_id", "method", "url", "body"}`` (chat completions or embeddings)."""
-        if isinstance(request, EmbeddingRequest):
-            return {
-                "custom_id": custom_id,
-                "method": "POST",
-                "url": "/v1/embeddings",
-                "body": self.provider.embedding_params(request),
-            }
-        return {
-            "custom_id": custom_id,
-            "method": "POST",
-            "url": "/v1/chat/completions",
-            "body": self.provider.chat_params(request),
-        }
-
-    async def submit(self, lines: Sequence[Mapping[str, Any]], *, model: str | None) -> str:
-        """Upload the lines and create the batch."""
-        import openai
-
-        from llmbatch.providers.openai import classify_openai_error
-
-        content = "".join(json.dumps(line) + "\n" for line in lines).encode()
-        try:
-            uploaded = await self._client.files.create(
-                file=("llmbatch.jsonl", content), purpose="batch"
-            )
-            batch = await self._client.batches.create(
-                input_file_id=uploaded.id,
-                endpoint=lines[0]["url"] if lines else "/v1/chat/completions",
-                completion_window="24h",
-                metadata={"created_by": "llmbatch"},
-            )
-        except openai.OpenAIError as exc:
-            raise classify_openai_error(exc, provider=self.name, model=model) from exc
-        return batch.id
-
-    async def status(self, batch_id: str) -> BatchStatus:
-        """The batch's status; ``failed`` with its validation errors."""
-        batch = await self._call(self._client.batches.retrieve(batch_id))
-        counts = batch.request_counts
-        count_map = (
-            {"total": counts.total, "completed": counts.completed, "failed": counts.failed}
-            if counts is not None
-            else {}
-        )
-        if batch.status == "failed":
-            errors = [
-                f"{e.code}: {e.message}" + (f" (line {e.line})" if e.line else "")
-                for e in (batch.errors.data or [] if batch.errors else [])
-            ]
-            retryable = any(
-                e.code == "token_limit_exceeded"
-                for e in (batch.errors.data or [] if batch.errors else [])
-            )
-            return BatchStatus(
-                batch_id, "failed", batch.status, count_map, tuple(errors), retryable
-            )
-        state = "ended" if batch.status in ("completed", "expired", "cancelled") else "running"
-        return BatchStatus(batch_id, state, batch.status, count_map)
-
-    async def results(self, batch_id: str) -> AsyncIterator[tuple[str, Any]]:
-        """The output file's lines, then the error file's."""
-        batch = await self._call(self._client.batches.retrieve(batch_id))
-        for file_id in (batch.output_file_id, batch.error_file_id):
-            if not file_id:
-                continue
-            content = await self._call(self._client.files.content(file_id))
-            for text in content.text.splitlines():
-                if text.strip():
-                    line = json.loads(text)
-                    yield str(line.get("custom_id")), line
-
-    def outcome(self, raw: Any, request: AnyRequest) -> Outcome:
-        """A chat.completion (200), the classified error of another status, or
-        :class:`BatchExpired` for ``batch_expired`` / ``batch_cancelled``."""
-        import openai
-
-        from llmbatch.providers.openai import (
-            chat_response,
-            classify_openai_status,
-            embedding_response,
-        )
-
-        response = raw.get("response")
-        error = raw.get("error")
-        if not response:
-            code = (error or {}).get("code")
-            message = (error or {}).get("message") or "no response"
-            if code in ("batch_expired", "batch_cancelled"):
-                return BatchExpired(message, provider=self.name, model=request.model)
-            return BadRequest(f"{code}: {message}", provider=self.name, model=request.model)
-        status = int(response.get("status_code") or 0)
-        body = response.get("body") or {}
-        if status != 200:
-            return classify_openai_status(status, body, {}, provider=self.name, model=request.model)
-        if isinstance(request, EmbeddingRequest):
-            result = openai.types.CreateEmbeddingResponse.model_validate(body)
-            return embedding_response(result, request, request_id=response.get("request_id"))
-        completion = openai.types.chat.ChatCompletion.model_validate(body)
-        return chat_response(completion, request, request_id=response.get("request_id"))
-
-    async def cancel(self, batch_id: str) -> None:
-        """Cancel the batch (already-finished requests stay billed and delivered)."""
-        await self._call(self._client.batches.cancel(batch_id))
-
-    async def _call(self, awaitable: Awaitable[Any]) -> Any:
-        import openai
-
-        from llmbatch.providers.openai import classify_openai_error
-
-        try:
-            return await awaitable
-        except openai.OpenAIError as exc:
-            raise classify_openai_error(exc, provider=self.name) from exc
-
-
-# -- Anthropic -------------------------------------------------------------------------
-
-
-class AnthropicBatchBackend:
-    """Anthropic's Message Batches: the requests in one call, results as JSON lines."""
-
-    limits = BatchLimits(max_requests=100_000, max_bytes=256 * 1024 * 1024, one_model=False)
-
-    def __init__(
-        self,
-        provider: AnthropicProvider,
-        client: anthropic.AsyncAnthropic,
-        *,
-        limits: BatchLimits | None = None,
-    ) -> None:
-        self.provider = provider
-        self.name = provider.name
-        self._client = client
-        if limits is not None:
-            self.limits = limits
-
-    def line(self, custom_id: str, request: AnyRequest) -> dict[str, Any]:
-        """``{"custom_id", "params"}``."""
-        if isinstance(request, EmbeddingRequest):
-            raise BadRequest("Anthropic has no embeddings API", provider=self.name)
-        return {"custom_id": custom_id, "params": self.provider.message_params(request)}
-
-    async def submit(self, lines: Sequence[Mapping[str, Any]], *, model: str | None) -> str:
-        """Create the message batch."""
-        batch = await self._call(self._client.messages.batches.create(requests=list(lines)))  # type: ignore[arg-type]
-        return str(batch.id)
-
-    async def status(self, batch_id: str) -> BatchStatus:
-        """``ended`` once Anthropic says so (counts stay 0 until then, as documented)."""
-        batch = await self._call(self._client.messages.batches.retrieve(batch_id))
-        counts = batch.request_counts
-        count_map = {
-            "processing": counts.processing,
-            "succeeded": counts.succeeded,
-            "errored": counts.errored,
-            "canceled": counts.canceled,
-            "expired": counts.expired,
-        }
-        state = "ended" if batch.processing_status == "ended" else "running"
-        return BatchStatus(batch_id, state, batch.processing_status, count_map)
-
-    async def results(self, batch_id: str) -> AsyncIterator[tuple[str, Any]]:
-        """The results file's entries."""
-        stream = await self._call(self._client.messages.batches.results(batch_id))
-        async for entry in stream:
-            yield entry.custom_id, entry.result
-
-    def outcome(self, raw: Any, request: AnyRequest) -> Outcome:
-        """The message, the classified error, or :class:`BatchExpired` for
-        ``canceled`` / ``expired`` entries."""
-        from llmbatch.providers.anthropic import classify_anthropic_status, message_response
-
-        kind = getattr(raw, "type", None)
-        if kind == "succeeded" and isinstance(request, Request):
-            return message_response(raw.message, request, request_id=None)
-        if kind in ("canceled", "expired"):
-            return BatchExpired(
-                f"the request was {kind} before it ran", provider=self.name, model=request.model
-            )
-        error: Any = getattr(raw, "error", None)
-        body: dict[str, Any] = error.model_dump() if hasattr(error, "model_dump") else {}
-        inner = body.get("error") or {}
-        status = {"overloaded_error": 529, "api_error": 500, "rate_limit_error": 429}.get(
-            str(inner.get("type")), 400
-        )
-        return classify_anthropic_status(status, body, {}, provider=self.name, model=request.model)
-
-    async def cancel(self, batch_id: str) -> None:
-        """Cancel the batch."""
-        await self._call(self._client.messages.batches.cancel(batch_id))
-
-    async def _call(self, awaitable: Awaitable[Any]) -> Any:
-        import anthropic
-
-        from llmbatch.providers.anthropic import classify_anthropic_error
-
-        try:
-            return await awaitable
-        except anthropic.AnthropicError as exc:
-            raise classify_anthropic_error(exc, provider=self.name) from exc

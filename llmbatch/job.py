@@ -38,22 +38,26 @@ from typing import IO, Any, TextIO
 
 from llmbatch._log import get_logger
 from llmbatch.batchapi import batch_backend, run_batch_api, uncollected_keys
-from llmbatch.client import LLMClient, build_request, estimated_usage, template_fields
+from llmbatch.client import LLMClient, build_request, template_fields
 from llmbatch.concurrency import SAFETY_CAP
+from llmbatch.config import ModelProfile, profile_for
 from llmbatch.errors import FatalError, LLMBatchError
 from llmbatch.failure import BatchFailed, ItemError, OnError, failure_strategy, is_fatal
 from llmbatch.io import Record, read_records
-from llmbatch.models import Embedding, Request, Response
-from llmbatch.routing import choose_route
+from llmbatch.limits import Limits
+from llmbatch.models import Embedding, Request, Response, Usage
+from llmbatch.routing import estimated_usage, plan
 from llmbatch.runner import stream_batch
 from llmbatch.store import Store, StoredItem, error_record
 
 __all__ = [
     "DEFAULT_TEMPLATE",
+    "Estimate",
     "JobProgress",
     "JobReport",
     "JobSpec",
     "OutputCounts",
+    "estimate_job",
     "prepare",
     "run_job",
     "write_output",
@@ -516,13 +520,12 @@ def _batch_route(
             "collecting them",
         )
         return True
-    requests = [p.request for p in pending if p.request is not None]
-    route = choose_route(
+    route = plan(
         spec.mode,
+        [p.request for p in pending if p.request is not None],
         provider=client.provider,
         profile=client.profile(spec.model),
-        items=len(requests),
-        usage=estimated_usage(requests, spec.max_tokens),
+        default_max_tokens=spec.max_tokens,
         deadline=spec.deadline,
         prefer=spec.prefer,
     )
@@ -771,3 +774,111 @@ class _AtomicFile:
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self.partial, self.path)
+
+
+# -- the estimate ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """What a job would send and cost (``llmbatch estimate``, ``--dry-run``).
+
+    Attributes:
+        records: input records.
+        invalid: records that cannot become requests.
+        already_done: records the checkpoint already answers (not sent again).
+        to_send: requests the job would send.
+        input_tokens: their prompts' tokens (:func:`~llmbatch.routing.estimated_usage`).
+        max_output_tokens: their output at most (``max_tokens`` x requests).
+        cost_online: USD at most online (``None``: prices unknown).
+        cost_batch: USD at most through the Batch API.
+        minutes_at_limits: the least time the limits allow, in minutes.
+        binding_limit: the limit that sets that time.
+        encoding: the tokenizer counted with (and whether it is exact for the model).
+    """
+
+    records: int
+    invalid: int
+    already_done: int
+    to_send: int
+    input_tokens: int
+    max_output_tokens: int
+    cost_online: float | None
+    cost_batch: float | None
+    minutes_at_limits: float | None
+    binding_limit: str | None
+    encoding: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-serializable form."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+def estimate_job(
+    spec: JobSpec,
+    limits: Limits,
+    *,
+    profile: ModelProfile | None = None,
+    samples: int = 0,
+) -> tuple[Estimate, list[Request]]:
+    """Count a job's records, tokens, cost and time at *limits*, calling nothing.
+
+    Args:
+        spec: the job (its checkpoint, if any, says what is already done).
+        limits: the limits the run would pace at.
+        profile: the model's prices (default: ``spec.provider``/``spec.model``'s profile).
+        samples: how many of the first requests to return, to show them.
+    """
+    from llmbatch.tokens import TokenCounter, admission_estimate
+
+    counter = TokenCounter.for_model(spec.model)
+    done: set[str] = set()
+    if spec.store_path.exists():
+        with Store(spec.store_path) as store:
+            if store.fingerprint() == spec.fingerprint():
+                done = {item.key for item in store.items("done")}
+    records = invalid = already = 0
+    admitted = 0
+    requests: list[Request] = []
+    usage = Usage()
+    for record in spec.records():
+        records += 1
+        ready = prepare(spec, record)
+        if ready.request is None:
+            invalid += 1
+            continue
+        if record.key in done:
+            already += 1
+            continue
+        if len(requests) < samples:
+            requests.append(ready.request)
+        usage = usage + estimated_usage([ready.request], spec.max_tokens, model=spec.model)
+        admitted += admission_estimate(ready.request.messages, spec.model)
+    to_send = records - invalid - already
+    max_out = usage.output_tokens
+    if profile is None:
+        profile = profile_for(spec.provider, spec.model)
+    minutes: dict[str, float] = {}
+    if limits.rpm:
+        minutes["rpm"] = to_send / limits.rpm
+    if limits.tpm:
+        minutes["tpm"] = (admitted + max_out) / limits.tpm
+    if limits.input_tpm:
+        minutes["input_tpm"] = admitted / limits.input_tpm
+    if limits.output_tpm:
+        minutes["output_tpm"] = max_out / limits.output_tpm
+    binding = max(minutes, key=lambda k: minutes[k]) if minutes else None
+    estimate = Estimate(
+        records=records,
+        invalid=invalid,
+        already_done=already,
+        to_send=to_send,
+        input_tokens=usage.input_tokens,
+        max_output_tokens=max_out,
+        cost_online=profile.cost(usage),
+        cost_batch=profile.cost(usage, batch=True),
+        minutes_at_limits=round(minutes[binding], 2) if binding else None,
+        binding_limit=binding,
+        encoding=counter.encoding + ("" if counter.exact else " (approximate)"),
+    )
+    return estimate, requests

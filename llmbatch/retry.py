@@ -51,8 +51,8 @@ from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
 from llmbatch._log import get_logger
+from llmbatch.context import current_item
 from llmbatch.errors import RateLimited, Timeout, TransientError
-from llmbatch.runner import current_item
 
 __all__ = [
     "RetryLog",

@@ -15,14 +15,31 @@ Otherwise, and always with ``prefer="speed"``, the job goes online.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from llmbatch._log import get_logger
+from llmbatch.batchapi import SupportsBatch
 from llmbatch.config import ModelProfile
-from llmbatch.models import Usage
+from llmbatch.models import EmbeddingRequest, Request, Usage
+from llmbatch.tokens import TokenCounter
 
-__all__ = ["BATCH_WINDOW", "MODES", "Route", "choose_route"]
+__all__ = [
+    "BATCH_WINDOW",
+    "MODES",
+    "Mode",
+    "Prefer",
+    "Route",
+    "choose_route",
+    "estimated_usage",
+    "plan",
+]
+
+#: how a job reaches the model
+Mode = Literal["online", "batch", "auto"]
+#: what ``mode="auto"`` favours
+Prefer = Literal["cost", "speed"]
 
 logger = get_logger("llmbatch.routing")
 
@@ -84,7 +101,7 @@ def choose_route(
         raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     if prefer not in (None, "cost", "speed"):
         raise ValueError(f"prefer must be 'cost' or 'speed', not {prefer!r}")
-    has_batch = callable(getattr(provider, "batch", None))
+    has_batch = isinstance(provider, SupportsBatch)
     name = getattr(provider, "name", type(provider).__name__)
     online = batch = None
     if usage is not None:
@@ -130,3 +147,53 @@ def choose_route(
         saving=route.saving,
     )
     return route
+
+
+def estimated_usage(
+    requests: Sequence[Request | EmbeddingRequest],
+    default_max_tokens: int | None,
+    *,
+    model: str | None = None,
+) -> Usage:
+    """A job's tokens, the one estimate behind every cost figure (the route's
+    comparison, a batch's budget bound, ``llmbatch estimate``): prompts counted with
+    the model's tokenizer (:class:`~llmbatch.tokens.TokenCounter`, offline; approximate
+    for models tiktoken does not know), output at the cap (``max_tokens`` x ``n``)."""
+    prompt = output = 0
+    counters: dict[str, TokenCounter] = {}
+    for request in requests:
+        name = request.model or model or ""
+        counter = counters.get(name)
+        if counter is None:
+            counter = counters[name] = TokenCounter.for_model(name)
+        if isinstance(request, EmbeddingRequest):
+            prompt += counter.count(request.input)
+            continue
+        prompt += counter.count_messages(request.messages)
+        output += (request.max_tokens or default_max_tokens or 0) * request.n
+    return Usage(input_tokens=prompt, output_tokens=output)
+
+
+def plan(
+    mode: str,
+    requests: Sequence[Request | EmbeddingRequest],
+    *,
+    provider: Any,
+    profile: ModelProfile,
+    default_max_tokens: int | None = None,
+    deadline: float | None = None,
+    prefer: str | None = None,
+) -> Route:
+    """The route of a job of *requests*: the one place where "online or batch?" is
+    decided, for :meth:`LLMClient.map <llmbatch.client.LLMClient.map>`,
+    :func:`llmbatch.map` and :func:`llmbatch.job.run_job` alike (see
+    :func:`choose_route`; the cost comparison uses :func:`estimated_usage`)."""
+    return choose_route(
+        mode,
+        provider=provider,
+        profile=profile,
+        items=len(requests),
+        usage=estimated_usage(requests, default_max_tokens),
+        deadline=deadline,
+        prefer=prefer,
+    )

@@ -21,12 +21,10 @@ import pytest
 
 import llmbatch
 from llmbatch.batchapi import (
-    AnthropicBatchBackend,
     BatchBackend,
     BatchLimits,
     BatchStatus,
     MemoryJournal,
-    OpenAIBatchBackend,
     batch_backend,
     cancel_batches,
     custom_id_for,
@@ -42,8 +40,8 @@ from llmbatch.errors import (
 )
 from llmbatch.failure import BatchFailed, ItemError
 from llmbatch.models import Embedding, EmbeddingRequest, Request, Response
-from llmbatch.providers.anthropic import AnthropicProvider
-from llmbatch.providers.openai import OpenAIProvider
+from llmbatch.providers.anthropic import AnthropicBatchBackend, AnthropicProvider
+from llmbatch.providers.openai import OpenAIBatchBackend, OpenAIProvider
 from llmbatch.store import Store
 from llmbatch.testing import FakeClock, Simulator
 from llmbatch.testing._content import content_tag

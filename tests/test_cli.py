@@ -1399,3 +1399,18 @@ async def test_a_provider_answering_only_errors_stops_the_run(
     assert 2 == done.code, done.stderr
     assert "answered nothing but errors" in done.stderr
     assert {"pending"} == {r["status"] for r in read_jsonl(out)}
+
+
+async def test_estimate_without_a_key_prices_the_named_model(tmp_path: Path) -> None:
+    """An estimate calls nothing, so it needs no key: ``--model gpt-4o-mini`` with no
+    key set is estimated at OpenAI's prices (the model's profile), not as the local
+    model at an unknown cost."""
+    write_jsonl(tmp_path / "in.jsonl", docs(10))
+    env = {k: v for k, v in cli_env().items() if not k.endswith("_API_KEY")}
+    done = await llmbatch(
+        "estimate", "in.jsonl", "--model", "gpt-4o-mini", "--as-json", cwd=tmp_path, env=env
+    )
+    assert 0 == done.code, done.stderr
+    report = json.loads(done.stdout)
+    assert report["cost_online"] is not None
+    assert report["cost_batch"] == pytest.approx(report["cost_online"] / 2)

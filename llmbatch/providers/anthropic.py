@@ -31,8 +31,10 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from typing import Any, Literal
+
+import httpx2
 
 try:
     import anthropic
@@ -41,9 +43,11 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "the Anthropic provider needs the 'anthropic' package: pip install 'llmbatch[anthropic]'"
     ) from exc
 
+from llmbatch.batchapi import AnyRequest, BatchLimits, BatchStatus, Outcome
 from llmbatch.errors import (
     AuthenticationFailed,
     BadRequest,
+    BatchExpired,
     ConnectionFailed,
     ContextLengthExceeded,
     LLMBatchError,
@@ -56,14 +60,10 @@ from llmbatch.errors import (
     key_hint,
 )
 from llmbatch.limits import key_fingerprint
-from llmbatch.models import Request, Response, Usage
-from llmbatch.providers.base import Admission, AsyncClosing
-from llmbatch.providers.openai import never_connected
+from llmbatch.models import EmbeddingRequest, Request, Response, Usage
+from llmbatch.providers.base import MAX_CONNECTIONS, Admission, AsyncClosing, never_connected
 from llmbatch.retry import parse_retry_after
 from llmbatch.tokens import admission_estimate
-
-if TYPE_CHECKING:
-    from llmbatch.batchapi import AnthropicBatchBackend
 
 __all__ = [
     "AnthropicProvider",
@@ -184,6 +184,9 @@ class AnthropicProvider(AsyncClosing):
         reserve_output: reserve ``max_tokens`` against OTPM at admission (Anthropic's
             earlier documented rule); ``False`` charges the output only when settled.
         name: the provider's name in limits and logs.
+        transport: ``"aiohttp"`` (the default: the SDK's aiohttp transport, far less CPU
+            per request) or ``"httpx"`` (the SDK's default); room for 2,048 connections
+            either way (see :func:`llmbatch.providers.openai.http_client`).
     """
 
     def __init__(
@@ -194,9 +197,19 @@ class AnthropicProvider(AsyncClosing):
         timeout: float = 600.0,
         reserve_output: bool = True,
         name: str = "anthropic",
+        transport: Literal["aiohttp", "httpx"] = "aiohttp",
     ) -> None:
+        limits = httpx2.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=100)
+        if transport == "aiohttp":
+            http: httpx2.AsyncClient = anthropic.DefaultAioHttpClient(
+                limits=limits, timeout=timeout
+            )
+        elif transport == "httpx":
+            http = anthropic.DefaultAsyncHttpxClient(limits=limits, timeout=timeout)
+        else:
+            raise ValueError(f"transport must be 'aiohttp' or 'httpx', not {transport!r}")
         self._client = anthropic.AsyncAnthropic(
-            api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0
+            api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0, http_client=http
         )
         self.name = name
         self.reserve_output = reserve_output
@@ -279,8 +292,6 @@ class AnthropicProvider(AsyncClosing):
 
     def batch(self) -> AnthropicBatchBackend:
         """This provider's Message Batches API (half price, its own quota)."""
-        from llmbatch.batchapi import AnthropicBatchBackend
-
         return AnthropicBatchBackend(self, self._client)
 
 
@@ -312,3 +323,84 @@ def message_response(
         key=request.key,
         headers=dict(headers or {}),
     )
+
+
+# -- the Batch API -------------------------------------------------------------------------
+
+
+class AnthropicBatchBackend:
+    """Anthropic's Message Batches: the requests in one call, results as JSON lines."""
+
+    limits = BatchLimits(max_requests=100_000, max_bytes=256 * 1024 * 1024, one_model=False)
+
+    def __init__(
+        self,
+        provider: AnthropicProvider,
+        client: anthropic.AsyncAnthropic,
+        *,
+        limits: BatchLimits | None = None,
+    ) -> None:
+        self.provider = provider
+        self.name = provider.name
+        self._client = client
+        if limits is not None:
+            self.limits = limits
+
+    def line(self, custom_id: str, request: AnyRequest) -> dict[str, Any]:
+        """``{"custom_id", "params"}``."""
+        if isinstance(request, EmbeddingRequest):
+            raise BadRequest("Anthropic has no embeddings API", provider=self.name)
+        return {"custom_id": custom_id, "params": self.provider.message_params(request)}
+
+    async def submit(self, lines: Sequence[Mapping[str, Any]], *, model: str | None) -> str:
+        """Create the message batch."""
+        batch = await self._call(self._client.messages.batches.create(requests=list(lines)))  # type: ignore[arg-type]
+        return str(batch.id)
+
+    async def status(self, batch_id: str) -> BatchStatus:
+        """``ended`` once Anthropic says so (counts stay 0 until then, as documented)."""
+        batch = await self._call(self._client.messages.batches.retrieve(batch_id))
+        counts = batch.request_counts
+        count_map = {
+            "processing": counts.processing,
+            "succeeded": counts.succeeded,
+            "errored": counts.errored,
+            "canceled": counts.canceled,
+            "expired": counts.expired,
+        }
+        state = "ended" if batch.processing_status == "ended" else "running"
+        return BatchStatus(batch_id, state, batch.processing_status, count_map)
+
+    async def results(self, batch_id: str) -> AsyncIterator[tuple[str, Any]]:
+        """The results file's entries."""
+        stream = await self._call(self._client.messages.batches.results(batch_id))
+        async for entry in stream:
+            yield entry.custom_id, entry.result
+
+    def outcome(self, raw: Any, request: AnyRequest) -> Outcome:
+        """The message, the classified error, or :class:`BatchExpired` for
+        ``canceled`` / ``expired`` entries."""
+        kind = getattr(raw, "type", None)
+        if kind == "succeeded" and isinstance(request, Request):
+            return message_response(raw.message, request, request_id=None)
+        if kind in ("canceled", "expired"):
+            return BatchExpired(
+                f"the request was {kind} before it ran", provider=self.name, model=request.model
+            )
+        error: Any = getattr(raw, "error", None)
+        body: dict[str, Any] = error.model_dump() if hasattr(error, "model_dump") else {}
+        inner = body.get("error") or {}
+        status = {"overloaded_error": 529, "api_error": 500, "rate_limit_error": 429}.get(
+            str(inner.get("type")), 400
+        )
+        return classify_anthropic_status(status, body, {}, provider=self.name, model=request.model)
+
+    async def cancel(self, batch_id: str) -> None:
+        """Cancel the batch."""
+        await self._call(self._client.messages.batches.cancel(batch_id))
+
+    async def _call(self, awaitable: Awaitable[Any]) -> Any:
+        try:
+            return await awaitable
+        except anthropic.AnthropicError as exc:
+            raise classify_anthropic_error(exc, provider=self.name) from exc

@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import socket
+import sys
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
-from llmbatch.models import Request, Response
+import httpx2
 
-__all__ = ["Admission", "AsyncClosing", "Provider"]
+from llmbatch.models import Embedding, EmbeddingRequest, Request, Response
+
+__all__ = [
+    "MAX_CONNECTIONS",
+    "Admission",
+    "AsyncClosing",
+    "Provider",
+    "SupportsEmbeddings",
+    "never_connected",
+]
+
+#: connections an SDK client may hold: as many requests as llmbatch keeps in flight
+#: (its safety cap; the SDKs' default pools hold 1,000, aiohttp's 100)
+MAX_CONNECTIONS = 2048
 
 
 class Admission(dict[str, float]):
@@ -75,3 +91,62 @@ class Provider(Protocol):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None: ...
+
+
+@runtime_checkable
+class SupportsEmbeddings(Protocol):
+    """A provider that embeds texts (OpenAI and compatible servers)."""
+
+    async def embed(self, request: EmbeddingRequest) -> Embedding:
+        """Embed one text; raise :mod:`llmbatch.errors` exceptions only."""
+        ...
+
+
+# -- telling a connection never made from one lost: for every SDK on httpx2/aiohttp ----
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """*exc* and the exceptions it was raised from or while handling, outermost first."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _connect_errors() -> tuple[type[BaseException], ...]:
+    """The exception classes that mean "no connection was established": httpx2's (the
+    SDKs' transport, which maps refused, DNS, TLS handshake and connect-timeout errors
+    onto them), legacy httpx's if a caller passed such a client, and refused or
+    unresolvable sockets raised bare by a custom transport."""
+    found: list[type[BaseException]] = [
+        httpx2.ConnectError,
+        httpx2.ConnectTimeout,
+        ConnectionRefusedError,
+        socket.gaierror,
+    ]
+    legacy = sys.modules.get("httpx")  # only if something imported it already
+    if legacy is not None:
+        found += [getattr(legacy, "ConnectError", httpx2.ConnectError)]
+        found += [getattr(legacy, "ConnectTimeout", httpx2.ConnectTimeout)]
+    return tuple(found)
+
+
+def never_connected(exc: BaseException) -> bool:
+    """Whether *exc* (an SDK's connection or timeout error) means the connection was
+    never established: refused, name not resolved, TLS handshake failed, or connect
+    timeout. Then nothing reached the server and the attempt cost nothing; a read
+    timeout, a connection reset mid-response or an unreadable body did reach it.
+
+    Walks ``__cause__``/``__context__``: the SDKs raise their ``APIConnectionError``
+    from httpx2's exception, itself raised from httpcore2's and the socket's.
+    """
+    errors = _connect_errors()
+    aiohttp = sys.modules.get("aiohttp")  # its errors can be in the chain only if loaded
+    for link in _chain(exc):
+        if aiohttp is not None and isinstance(link, aiohttp.ClientError):
+            # The aiohttp transport maps every lost connection, one dropped mid-answer
+            # included, onto httpx2.ConnectTimeout: aiohttp's own class tells.
+            return isinstance(link, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
+    return any(isinstance(link, errors) for link in _chain(exc))

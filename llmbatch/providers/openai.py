@@ -44,19 +44,18 @@ from __future__ import annotations
 import json
 import math
 import re
-import socket
-import sys
 import time
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from typing import Any, Literal
 
-import aiohttp
 import httpx2
 import openai
 
+from llmbatch.batchapi import AnyRequest, BatchLimits, BatchStatus, Outcome
 from llmbatch.errors import (
     AuthenticationFailed,
     BadRequest,
+    BatchExpired,
     ConnectionFailed,
     ContentFiltered,
     ContextLengthExceeded,
@@ -71,15 +70,13 @@ from llmbatch.errors import (
 )
 from llmbatch.limits import key_fingerprint, parse_go_duration
 from llmbatch.models import Embedding, EmbeddingRequest, Request, Response, Usage
-from llmbatch.providers.base import Admission, AsyncClosing
+from llmbatch.providers.base import MAX_CONNECTIONS, Admission, AsyncClosing, never_connected
 from llmbatch.retry import parse_retry_after
 from llmbatch.tokens import openai_admission_estimate
 
-if TYPE_CHECKING:
-    from llmbatch.batchapi import OpenAIBatchBackend
-
 __all__ = [
     "DEFAULT_MAX_TOKENS",
+    "OpenAIBatchBackend",
     "OpenAIProvider",
     "chat_response",
     "classify_openai_error",
@@ -132,52 +129,6 @@ def _too_large(message: str, context: dict[str, Any]) -> RequestTooLarge:
     )
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """*exc* and the exceptions it was raised from or while handling, outermost first."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
-
-
-def _connect_errors() -> tuple[type[BaseException], ...]:
-    """The exception classes that mean "no connection was established": httpx2's (the
-    SDKs' transport, which maps refused, DNS, TLS handshake and connect-timeout errors
-    onto them), legacy httpx's if a caller passed such a client, and refused or
-    unresolvable sockets raised bare by a custom transport."""
-    found: list[type[BaseException]] = [
-        httpx2.ConnectError,
-        httpx2.ConnectTimeout,
-        ConnectionRefusedError,
-        socket.gaierror,
-    ]
-    legacy = sys.modules.get("httpx")  # only if something imported it already
-    if legacy is not None:
-        found += [getattr(legacy, "ConnectError", httpx2.ConnectError)]
-        found += [getattr(legacy, "ConnectTimeout", httpx2.ConnectTimeout)]
-    return tuple(found)
-
-
-def never_connected(exc: BaseException) -> bool:
-    """Whether *exc* (an SDK's connection or timeout error) means the connection was
-    never established: refused, name not resolved, TLS handshake failed, or connect
-    timeout. Then nothing reached the server and the attempt cost nothing; a read
-    timeout, a connection reset mid-response or an unreadable body did reach it.
-
-    Walks ``__cause__``/``__context__``: the SDKs raise their ``APIConnectionError``
-    from httpx2's exception, itself raised from httpcore2's and the socket's.
-    """
-    errors = _connect_errors()
-    for link in _chain(exc):
-        if isinstance(link, aiohttp.ClientError):
-            # The aiohttp transport maps every lost connection, one dropped mid-answer
-            # included, onto httpx2.ConnectTimeout: aiohttp's own class tells.
-            return isinstance(link, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
-    return any(isinstance(link, errors) for link in _chain(exc))
-
-
 def _error_fields(body: Any) -> tuple[str, str | None, str | None]:
     """``(message, type, code)`` from an OpenAI (or Azure) error body."""
     error = body.get("error", body) if isinstance(body, Mapping) else None
@@ -190,10 +141,6 @@ def _error_fields(body: Any) -> tuple[str, str | None, str | None]:
         str(kind) if kind is not None else None,
         str(code) if code is not None else None,
     )
-
-
-#: connections an SDK client may hold: as many requests as llmbatch keeps in flight
-MAX_CONNECTIONS = 2048
 
 
 def http_client(transport: str, timeout: float) -> httpx2.AsyncClient:
@@ -436,8 +383,6 @@ class OpenAIProvider(AsyncClosing):
 
     def batch(self) -> OpenAIBatchBackend:
         """This provider's Batch API (half price, its own quota)."""
-        from llmbatch.batchapi import OpenAIBatchBackend
-
         return OpenAIBatchBackend(self, self._client)
 
 
@@ -499,3 +444,125 @@ def embedding_response(
         key=request.key,
         headers=dict(headers or {}),
     )
+
+
+# -- the Batch API ----------------------------------------------------------------------------
+
+
+class OpenAIBatchBackend:
+    """OpenAI's Batch API: a JSONL file uploaded to ``/v1/files``, a ``/v1/batches`` job."""
+
+    limits = BatchLimits(max_requests=50_000, max_bytes=200 * 1024 * 1024, one_model=True)
+
+    def __init__(
+        self,
+        provider: OpenAIProvider,
+        client: openai.AsyncOpenAI,
+        *,
+        limits: BatchLimits | None = None,
+    ) -> None:
+        self.provider = provider
+        self.name = provider.name
+        self._client = client
+        if limits is not None:
+            self.limits = limits
+
+    def line(self, custom_id: str, request: AnyRequest) -> dict[str, Any]:
+        """``{"custom_id", "method", "url", "body"}`` (chat completions or embeddings)."""
+        if isinstance(request, EmbeddingRequest):
+            return {
+                "custom_id": custom_id,
+                "method": "POST",
+                "url": "/v1/embeddings",
+                "body": self.provider.embedding_params(request),
+            }
+        return {
+            "custom_id": custom_id,
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": self.provider.chat_params(request),
+        }
+
+    async def submit(self, lines: Sequence[Mapping[str, Any]], *, model: str | None) -> str:
+        """Upload the lines and create the batch."""
+        content = "".join(json.dumps(line) + "\n" for line in lines).encode()
+        try:
+            uploaded = await self._client.files.create(
+                file=("llmbatch.jsonl", content), purpose="batch"
+            )
+            batch = await self._client.batches.create(
+                input_file_id=uploaded.id,
+                endpoint=lines[0]["url"] if lines else "/v1/chat/completions",
+                completion_window="24h",
+                metadata={"created_by": "llmbatch"},
+            )
+        except openai.OpenAIError as exc:
+            raise classify_openai_error(exc, provider=self.name, model=model) from exc
+        return batch.id
+
+    async def status(self, batch_id: str) -> BatchStatus:
+        """The batch's status; ``failed`` with its validation errors."""
+        batch = await self._call(self._client.batches.retrieve(batch_id))
+        counts = batch.request_counts
+        count_map = (
+            {"total": counts.total, "completed": counts.completed, "failed": counts.failed}
+            if counts is not None
+            else {}
+        )
+        if batch.status == "failed":
+            errors = [
+                f"{e.code}: {e.message}" + (f" (line {e.line})" if e.line else "")
+                for e in (batch.errors.data or [] if batch.errors else [])
+            ]
+            retryable = any(
+                e.code == "token_limit_exceeded"
+                for e in (batch.errors.data or [] if batch.errors else [])
+            )
+            return BatchStatus(
+                batch_id, "failed", batch.status, count_map, tuple(errors), retryable
+            )
+        state = "ended" if batch.status in ("completed", "expired", "cancelled") else "running"
+        return BatchStatus(batch_id, state, batch.status, count_map)
+
+    async def results(self, batch_id: str) -> AsyncIterator[tuple[str, Any]]:
+        """The output file's lines, then the error file's."""
+        batch = await self._call(self._client.batches.retrieve(batch_id))
+        for file_id in (batch.output_file_id, batch.error_file_id):
+            if not file_id:
+                continue
+            content = await self._call(self._client.files.content(file_id))
+            for text in content.text.splitlines():
+                if text.strip():
+                    line = json.loads(text)
+                    yield str(line.get("custom_id")), line
+
+    def outcome(self, raw: Any, request: AnyRequest) -> Outcome:
+        """A chat.completion (200), the classified error of another status, or
+        :class:`BatchExpired` for ``batch_expired`` / ``batch_cancelled``."""
+        response = raw.get("response")
+        error = raw.get("error")
+        if not response:
+            code = (error or {}).get("code")
+            message = (error or {}).get("message") or "no response"
+            if code in ("batch_expired", "batch_cancelled"):
+                return BatchExpired(message, provider=self.name, model=request.model)
+            return BadRequest(f"{code}: {message}", provider=self.name, model=request.model)
+        status = int(response.get("status_code") or 0)
+        body = response.get("body") or {}
+        if status != 200:
+            return classify_openai_status(status, body, {}, provider=self.name, model=request.model)
+        if isinstance(request, EmbeddingRequest):
+            result = openai.types.CreateEmbeddingResponse.model_validate(body)
+            return embedding_response(result, request, request_id=response.get("request_id"))
+        completion = openai.types.chat.ChatCompletion.model_validate(body)
+        return chat_response(completion, request, request_id=response.get("request_id"))
+
+    async def cancel(self, batch_id: str) -> None:
+        """Cancel the batch (already-finished requests stay billed and delivered)."""
+        await self._call(self._client.batches.cancel(batch_id))
+
+    async def _call(self, awaitable: Awaitable[Any]) -> Any:
+        try:
+            return await awaitable
+        except openai.OpenAIError as exc:
+            raise classify_openai_error(exc, provider=self.name) from exc

@@ -26,7 +26,7 @@ from llmbatch.testing._quota import Quota, Rejection
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from llmbatch.testing.simulator import SimulatorConfig
+    from llmbatch.testing._config import SimulatorConfig
 
 __all__ = ["Messages"]
 

@@ -1,0 +1,250 @@
+"""What the commands share: logging set-up, options, formatting, provider choice."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from collections.abc import MutableMapping
+from pathlib import Path
+from typing import IO, Any
+
+import click
+import structlog
+
+from llmbatch.client import LLMClient
+from llmbatch.config import (
+    load_profiles,
+    profile_for,
+)
+from llmbatch.errors import redact
+from llmbatch.io import FORMATS
+from llmbatch.job import DEFAULT_TEMPLATE, JobSpec
+from llmbatch.limits import Limits
+from llmbatch.providers import ProviderChoice, choose_provider
+from llmbatch.providers.base import Provider
+
+__all__ = ["configure_logging", "redact_secrets"]
+
+EXIT_OK, EXIT_FAILED_ITEMS, EXIT_ABORTED = 0, 1, 2
+EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+def redact_secrets(
+    logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: reduce anything shaped like an API key to its last 4 chars."""
+    for name, value in event_dict.items():
+        if isinstance(value, str):
+            event_dict[name] = redact(value)
+        elif isinstance(value, BaseException):
+            event_dict[name] = redact(str(value))
+    return event_dict
+
+
+class _Tee:
+    """Final structlog processor: one JSON line to *json_file* (if any), and the
+    human-readable rendering for stderr."""
+
+    def __init__(self, json_file: IO[str] | None, *, colors: bool) -> None:
+        self.json_file = json_file
+        self.console = structlog.dev.ConsoleRenderer(colors=colors)
+
+    def __call__(self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> str:
+        if self.json_file is not None:
+            self.json_file.write(json.dumps(dict(event_dict), default=str) + "\n")
+            self.json_file.flush()
+        return self.console(logger, method_name, event_dict)
+
+
+def configure_logging(*, verbose: int, quiet: bool, log_json: IO[str] | None) -> None:
+    """Send llmbatch's structlog events to stderr (and JSON lines to *log_json*)."""
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            redact_secrets,
+            _Tee(log_json, colors=sys.stderr.isatty()),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def choose(provider: str | None, model: str | None, *, calls: bool = True) -> ProviderChoice:
+    """:func:`llmbatch.providers.choose_provider`, its errors as usage errors."""
+    try:
+        return choose_provider(provider, model, calls=calls)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--provider") from None
+
+
+def open_provider(choice: ProviderChoice) -> Provider:
+    """:meth:`ProviderChoice.open`, its errors (a missing key) as usage errors."""
+    try:
+        return choice.open()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def limits_for(
+    choice: ProviderChoice, rpm: int | None, tpm: int | None, concurrency: int | None
+) -> Limits:
+    limits = profile_for(choice.name, choice.model, profiles=load_profiles()).limits
+    changes: dict[str, Any] = {}
+    if rpm is not None:
+        changes["rpm"] = rpm
+    if tpm is not None:
+        changes["tpm"] = tpm
+    if concurrency is not None:
+        changes["max_concurrency"] = concurrency
+    if changes and limits.learn:
+        # Explicit numbers: pace at them; headers may still lower them.
+        changes.setdefault("learn", False)
+        changes.setdefault("aimd", False)
+    return limits.copy(**changes) if changes else limits
+
+
+def describe_concurrency(client: LLMClient) -> str:
+    """The in-flight target in force and why (adaptive unless --concurrency)."""
+    target = client.statistics().in_flight_target
+    if target is None:
+        return "?"
+    if client.max_concurrency is not None:
+        return target.reason
+    return f"follows the limits and the latency, starting at {target.limit} ({target.reason})"
+
+
+def describe_limits(limits: Limits) -> str:
+    shown = [
+        f"{name}={value}"
+        for name in ("rpm", "tpm", "input_tpm", "output_tpm", "max_concurrency")
+        if (value := getattr(limits, name)) is not None
+    ]
+    if limits.learn:
+        shown.append("learned from headers")
+    return ", ".join(shown) or "none"
+
+
+INPUT = click.argument("input", type=click.Path(allow_dash=True, path_type=str))
+
+
+def request_options(f: Any) -> Any:
+    options = [
+        click.option(
+            "--prompt",
+            "template",
+            help="A str.format template over each record's fields (default: summarize {text}).",
+        ),
+        click.option(
+            "--prompt-file",
+            type=click.File("r", encoding="utf-8"),
+            help="Read the template from a file.",
+        ),
+        click.option("--system", help="A system prompt."),
+        click.option("--model", help="The model (default: the provider's usual one)."),
+        click.option(
+            "--provider", help="openai, anthropic, local, or an OpenAI-compatible base URL."
+        ),
+        click.option(
+            "--max-tokens",
+            type=click.IntRange(min=1),
+            default=256,
+            show_default=True,
+            help="Output cap per request.",
+        ),
+        click.option("--temperature", type=click.FloatRange(min=0.0), help="Sampling temperature."),
+        click.option(
+            "--json",
+            "json_mode",
+            is_flag=True,
+            help="Ask for a JSON object; the output keeps it parsed.",
+        ),
+        click.option(
+            "--format",
+            "input_format",
+            type=click.Choice(FORMATS),
+            help="Input format (default: from the suffix).",
+        ),
+        click.option(
+            "--id-field", help="The field that keys each record (default: a hash of the record)."
+        ),
+        click.option("--limit", type=click.IntRange(min=0), help="Only the first N records."),
+        click.option(
+            "--rpm",
+            type=click.IntRange(min=1),
+            help="Requests per minute (default: the model's profile).",
+        ),
+        click.option(
+            "--tpm",
+            type=click.IntRange(min=1),
+            help="Tokens per minute (default: the model's profile).",
+        ),
+        click.option(
+            "--concurrency", type=click.IntRange(min=1), help="Requests in flight at most."
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def template_of(template: str | None, prompt_file: IO[str] | None) -> str:
+    if template is not None and prompt_file is not None:
+        raise click.UsageError("give --prompt or --prompt-file, not both")
+    if prompt_file is not None:
+        return prompt_file.read()
+    return template or DEFAULT_TEMPLATE
+
+
+def limit_text(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def seconds_text(value: float | None) -> str:
+    if value is None:
+        return "?"
+    minutes, seconds = divmod(int(value), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def money(value: float | None) -> str:
+    return "?" if value is None else f"${value:.4f}"
+
+
+def store_path(target: Path) -> Path:
+    """The checkpoint of a run whose output (or checkpoint) is *target*; it must exist
+    (the output file itself need not: a run killed before writing it has only this)."""
+    path = (
+        target
+        if target.name.endswith(".sqlite")
+        else target.with_name(target.name + ".llmbatch.sqlite")
+    )
+    if not path.is_file():
+        raise click.BadParameter(
+            f"no checkpoint at {path} (a run started with --store keeps it there)",
+            param_hint="TARGET",
+        )
+    return path
+
+
+def check_input(spec: JobSpec) -> None:
+    """The input exists and can be read, and the prompt template fits its records
+    (a usage error, exit 2, rather than one error per record)."""
+    if spec.input != "-":
+        if not Path(spec.input).exists():
+            raise click.BadParameter(f"{spec.input} does not exist", param_hint="INPUT")
+        try:
+            next(spec.records(report_skipped=False), None)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="INPUT") from None
+    try:
+        # stdin is read once, by the run: only the template's own form is checked here
+        spec.check_template(spec.records(report_skipped=False) if spec.input != "-" else ())
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--prompt") from None

@@ -1,0 +1,110 @@
+"""``llmbatch estimate``: records, tokens, cost and time, calling nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from llmbatch._log import get_logger
+from llmbatch.cli._common import (
+    INPUT,
+    check_input,
+    choose,
+    configure_logging,
+    describe_limits,
+    limits_for,
+    money,
+    request_options,
+    seconds_text,
+    template_of,
+)
+from llmbatch.config import (
+    load_profiles,
+    profile_for,
+)
+from llmbatch.job import JobSpec, estimate_job
+from llmbatch.limits import Limits
+from llmbatch.providers import ProviderChoice
+
+__all__ = ["estimate"]
+
+logger = get_logger("llmbatch.cli")
+
+
+def _print_estimate(
+    spec: JobSpec,
+    choice: ProviderChoice,
+    limits: Limits,
+    *,
+    samples: int = 0,
+    as_json: bool = False,
+) -> None:
+    profile = profile_for(choice.name, spec.model, profiles=load_profiles())
+    estimate, shown = estimate_job(spec, limits, profile=profile, samples=samples)
+    if as_json:
+        click.echo(json.dumps(estimate.as_dict()))
+        return
+    console = Console()
+    table = Table(
+        title=f"estimate: {choice.name}/{spec.model}", show_header=False, title_justify="left"
+    )
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row(
+        "records",
+        f"{estimate.records} ({estimate.invalid} unusable, {estimate.already_done} already done)",
+    )
+    table.add_row("to send", str(estimate.to_send))
+    table.add_row("input tokens", f"{estimate.input_tokens} ({estimate.encoding})")
+    table.add_row("output tokens", f"at most {estimate.max_output_tokens} (max_tokens x records)")
+    table.add_row("cost online", f"at most {money(estimate.cost_online)}")
+    table.add_row("cost batch API", f"at most {money(estimate.cost_batch)}")
+    minutes = estimate.minutes_at_limits
+    at_limits = "unknown (no limits)"
+    if minutes is not None:
+        at_limits = f"{seconds_text(minutes * 60)} ({estimate.binding_limit} binds"
+        at_limits += f"; limits: {describe_limits(limits)})"
+    table.add_row("time at the limits", at_limits)
+    console.print(table)
+    for request in shown:
+        console.rule("first request" if request is shown[0] else "next request")
+        for message in request.messages:
+            console.print(f"{message['role']}: {message['content']}", markup=False, highlight=False)
+
+
+@click.command()
+@INPUT
+@request_options
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The run's output (to count what its checkpoint already holds).",
+)
+@click.option("--as-json", is_flag=True, help="Print the estimate as one JSON object.")
+def estimate(**options: Any) -> None:
+    """Count records, tokens, cost (online and batch) and time for INPUT, calling nothing."""
+    configure_logging(verbose=0, quiet=True, log_json=None)
+    choice = choose(options["provider"], options["model"], calls=False)
+    spec = JobSpec(
+        input=options["input"],
+        output=options["output"] or Path("-"),
+        template=template_of(options["template"], options["prompt_file"]),
+        model=choice.model,
+        provider=choice.name,
+        system=options["system"],
+        max_tokens=options["max_tokens"],
+        temperature=options["temperature"],
+        json_mode=options["json_mode"],
+        format=options["input_format"],
+        id_field=options["id_field"],
+        limit=options["limit"],
+    )
+    check_input(spec)
+    limits = limits_for(choice, options["rpm"], options["tpm"], options["concurrency"])
+    _print_estimate(spec, choice, limits, as_json=options["as_json"])

@@ -1,0 +1,496 @@
+"""``llmbatch run``: answer one prompt per record, resumably, with a live view."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from llmbatch._log import get_logger
+from llmbatch.batchapi import uncollected_keys
+from llmbatch.cli._common import (
+    EXIT_ABORTED,
+    EXIT_FAILED_ITEMS,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    INPUT,
+    check_input,
+    choose,
+    configure_logging,
+    describe_concurrency,
+    describe_limits,
+    limit_text,
+    limits_for,
+    money,
+    open_provider,
+    request_options,
+    seconds_text,
+    template_of,
+)
+from llmbatch.cli.estimate import _print_estimate
+from llmbatch.client import USE_DEFAULT, LLMClient
+from llmbatch.config import (
+    LimiterSettings,
+    config_file,
+    limiter_settings,
+)
+from llmbatch.errors import LimiterUnavailable, LLMBatchError, redact
+from llmbatch.io import count_records
+from llmbatch.job import JobProgress, JobSpec, run_job, write_output
+from llmbatch.limits import Limits
+from llmbatch.providers import ProviderChoice
+from llmbatch.store import JobMismatch, Store, StoredBatch
+
+__all__ = ["run"]
+
+logger = get_logger("llmbatch.cli")
+
+
+@click.command()
+@INPUT
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The JSONL file to write (one line per input record).",
+)
+@request_options
+@click.option(
+    "--on-error",
+    type=click.Choice(["fail-fast", "collect", "skip"]),
+    default="collect",
+    show_default=True,
+    help="What a failed record does to the run.",
+)
+@click.option(
+    "--max-cost", type=click.FloatRange(min=0.0), help="Stop once the job has spent this many USD."
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["online", "batch", "auto"]),
+    default="online",
+    show_default=True,
+    help="online, the provider's Batch API (half price, within 24 h), or auto.",
+)
+@click.option(
+    "--prefer",
+    type=click.Choice(["cost", "speed"]),
+    help="For --mode auto: take the Batch API for cost, or stay online for speed.",
+)
+@click.option(
+    "--deadline",
+    type=click.FloatRange(min=0.0),
+    help="For --mode auto: hours within which the answers are needed.",
+)
+@click.option(
+    "--poll-interval",
+    type=click.FloatRange(min=0.01),
+    default=15.0,
+    show_default=True,
+    help="Seconds before a batch's first status check (then backing off).",
+)
+@click.option(
+    "--limiter-url",
+    metavar="URL",
+    help="Share each quota with every process using it: redis://host:port/db "
+    "(default: $LLMBATCH_LIMITER_URL, [limiter] url, else this process only).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.0, min_open=True),
+    help="Seconds one attempt may wait for the provider's answer before it is retried "
+    "(default: the model profile's timeout in llmbatch.toml, else 120).",
+)
+@click.option(
+    "--retry-failed", is_flag=True, help="Send records that failed in an earlier run again."
+)
+@click.option("--fresh", is_flag=True, help="Discard the checkpoint and start over.")
+@click.option(
+    "--store",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The checkpoint file (default: OUTPUT.llmbatch.sqlite).",
+)
+@click.option(
+    "--errors",
+    "errors_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the error records to this file.",
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Show what would be sent and what it would cost; call nothing."
+)
+@click.option(
+    "--log-json",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also append the log as JSON lines to this file.",
+)
+@click.option(
+    "--progress-interval",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds between progress lines when stderr is not a terminal.",
+)
+@click.option("-v", "--verbose", count=True, help="Log more (debug events).")
+@click.option("-q", "--quiet", is_flag=True, help="Log only warnings and errors.")
+def run(**options: Any) -> None:
+    """Answer one prompt per record of INPUT and write OUTPUT.
+
+    INPUT is a JSONL, CSV or Parquet file, a folder of text files (one document
+    each: fields text, name, path) or - for JSON lines on stdin. Every record ends as
+    one line of OUTPUT, in input order: its answer, or its error. Finished records are
+    checkpointed as they finish: rerun the same command after a crash or Ctrl-C and
+    only the rest is sent.
+    """
+    configure_logging(verbose=options["verbose"], quiet=options["quiet"], log_json=None)
+    choice = choose(options["provider"], options["model"])
+    spec = JobSpec(
+        input=options["input"],
+        output=options["output"],
+        template=template_of(options["template"], options["prompt_file"]),
+        model=choice.model,
+        provider=choice.name,
+        system=options["system"],
+        max_tokens=options["max_tokens"],
+        temperature=options["temperature"],
+        json_mode=options["json_mode"],
+        format=options["input_format"],
+        id_field=options["id_field"],
+        limit=options["limit"],
+        on_error=options["on_error"],
+        max_cost=options["max_cost"],
+        retry_failed=options["retry_failed"],
+        store=options["store"],
+        errors=options["errors_path"],
+        mode=options["mode"],
+        prefer=options["prefer"],
+        deadline=options["deadline"] * 3600 if options["deadline"] is not None else None,
+        poll_interval=options["poll_interval"],
+    )
+    log_json: Path | None = options["log_json"]
+    check_input(spec)
+    _check_writable(spec, {"the JSON log": log_json} if log_json is not None else {})
+    if log_json is not None:
+        # opened only now: a path that is the input must not be appended to first
+        log_file = log_json.open("a", encoding="utf-8")
+        atexit.register(log_file.close)
+        configure_logging(verbose=options["verbose"], quiet=options["quiet"], log_json=log_file)
+    limits = limits_for(choice, options["rpm"], options["tpm"], options["concurrency"])
+    try:
+        quotas = limiter_settings(url=options["limiter_url"])
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--limiter-url") from None
+    if options["dry_run"]:
+        _print_estimate(spec, choice, limits, samples=2)
+        return
+    if choice.note:
+        logger.warning("provider.default", detail=choice.note)
+    code = asyncio.run(
+        _run(
+            spec,
+            choice,
+            limits,
+            fresh=options["fresh"],
+            interval=options["progress_interval"],
+            quotas=quotas,
+            attempt_timeout=options["timeout"],
+        )
+    )
+    sys.exit(code)
+
+
+def _check_writable(spec: JobSpec, others: Mapping[str, Path]) -> None:
+    """Nothing the run writes may replace its input (exit 2 before anything is written)."""
+    try:
+        spec.check_paths(others)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+async def _run(
+    spec: JobSpec,
+    choice: ProviderChoice,
+    limits: Limits,
+    *,
+    fresh: bool,
+    interval: float,
+    quotas: LimiterSettings,
+    attempt_timeout: float | None = None,
+) -> int:
+    console = Console(stderr=True)
+    records = list(spec.records()) if spec.input == "-" else None  # stdin is read once
+    if records is not None:
+        try:
+            spec.check_template(records)
+        except ValueError as exc:
+            console.print(f"[red]error:[/] {exc}")
+            return EXIT_ABORTED
+    progress = JobProgress(total=len(records) if records is not None else _count(spec))
+    spec = _replace(spec, max_concurrency=limits.max_concurrency)
+    try:
+        store = Store(spec.store_path)
+    except LLMBatchError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return EXIT_ABORTED
+    provider = open_provider(choice)
+    client = LLMClient(
+        provider,
+        model=spec.model,
+        max_tokens=spec.max_tokens,
+        limits=limits,
+        limiter_url=quotas,
+        timeout=USE_DEFAULT if attempt_timeout is None else attempt_timeout,
+        max_concurrency=limits.max_concurrency,
+    )
+    try:
+        # A shared quota that cannot be used stops the run before any request.
+        await client.check_limiter(spec.model)
+    except LimiterUnavailable as exc:
+        console.print(f"[red]error:[/] {exc}")
+        await client.aclose()
+        store.close()
+        return EXIT_ABORTED
+    config = config_file()
+    logger.info(
+        "run.config",
+        profile=f"{choice.name}/{spec.model}",
+        config=str(config) if config is not None else "built-in profiles",
+        provider=choice.name,
+        base_url=choice.base_url,
+        model=spec.model,
+        limits=describe_limits(limits),
+        quotas=quotas.describe(),
+        concurrency=describe_concurrency(client),
+        timeout=client.timeout,
+        records=progress.total,
+        store=str(spec.store_path),
+    )
+    job = asyncio.ensure_future(
+        run_job(spec, client, store=store, progress=progress, fresh=fresh, records=records)
+    )
+    stopped_by: list[signal.Signals] = []
+
+    def on_signal(signum: signal.Signals) -> None:
+        if stopped_by:  # a second Ctrl-C: leave now; the store is already safe
+            os._exit(EXIT_INTERRUPTED[signum])
+        stopped_by.append(signum)
+        logger.warning(
+            "run.interrupted",
+            signal=signum.name,
+            detail="keeping what finished; rerun the same command to continue",
+        )
+        job.cancel()
+
+    loop = asyncio.get_running_loop()
+    for signum in EXIT_INTERRUPTED:
+        loop.add_signal_handler(signum, on_signal, signum)
+    started = time.monotonic()
+    aborted: str | None = None
+    try:
+        with _progress_display(console, progress, client, spec.model, interval):
+            try:
+                report = await job
+                aborted = report.aborted
+            except asyncio.CancelledError:
+                if not stopped_by:
+                    raise
+            except JobMismatch as exc:
+                console.print(f"[red]error:[/] {exc}")
+                return EXIT_ABORTED
+    finally:
+        for signum in EXIT_INTERRUPTED:
+            loop.remove_signal_handler(signum)
+        await client.aclose()
+        try:
+            counts = write_output(spec, store=store, records=records)
+        finally:
+            summary = store.summary()
+            # Batches still running, and cancelled ones whose finished part (already
+            # paid) is still to collect: a rerun picks both up.
+            pending = uncollected_keys(store)
+            in_flight = [
+                b
+                for b in store.batches("submitted", "cancelled")
+                if set(b.items.values()) & pending
+            ]
+            store.close()
+    _print_summary(
+        console,
+        spec,
+        progress,
+        counts,
+        summary,
+        client,
+        time.monotonic() - started,
+        aborted,
+        stopped_by,
+        in_flight,
+    )
+    if stopped_by:
+        return EXIT_INTERRUPTED[stopped_by[0]]
+    if aborted is not None:
+        return EXIT_ABORTED
+    return EXIT_FAILED_ITEMS if counts.failed or counts.skipped or counts.pending else EXIT_OK
+
+
+def _replace(spec: JobSpec, **changes: Any) -> JobSpec:
+    from dataclasses import replace
+
+    return replace(spec, **changes)
+
+
+def _count(spec: JobSpec) -> int | None:
+    n = count_records(spec.input, format=spec.format)
+    if n is not None and spec.limit is not None:
+        n = min(n, spec.limit)
+    return n
+
+
+@contextmanager
+def _progress_display(
+    console: Console, progress: JobProgress, client: Any, model: str, interval: float
+) -> Iterator[None]:
+    """A live display on a terminal; a log line every *interval* seconds otherwise.
+    Either way the numbers are read on the event loop (the client and its limiter
+    belong to it), by a task that lives as long as the ``with`` block."""
+    if console.is_terminal:
+        from rich.live import Live
+
+        live = Live(console=console, auto_refresh=False, transient=True)
+
+        async def redraw() -> None:
+            while True:
+                live.update(_live_view(progress, client, model), refresh=True)
+                await asyncio.sleep(0.25)
+
+        with live:
+            task = asyncio.ensure_future(redraw())
+            try:
+                yield
+            finally:
+                task.cancel()
+        return
+    task = asyncio.ensure_future(_log_progress(progress, client, model, interval))
+    try:
+        yield
+    finally:
+        task.cancel()
+
+
+def _snapshot(progress: JobProgress, client: Any, model: str) -> dict[str, Any]:
+    per_minute, tokens_per_minute = progress.rates()
+    stats = client.statistics()
+    limiter = client.limiter_for(model).statistics()
+    eta = progress.eta()
+    return {
+        "finished": progress.finished,
+        "total": progress.total,
+        "done": progress.done + progress.reused,
+        "failed": progress.failed + progress.invalid,
+        "in_flight": progress.in_flight,
+        "in_flight_target": stats.in_flight_target.limit if stats.in_flight_target else None,
+        "in_flight_reason": stats.in_flight_target.reason if stats.in_flight_target else None,
+        "retries": max(0, stats.attempts - progress.done - progress.failed - progress.in_flight),
+        "rpm": round(per_minute, 1),
+        "tpm": round(tokens_per_minute),
+        "rpm_limit": limiter.limits.get("rpm"),
+        "tpm_limit": limiter.limits.get("tpm"),
+        "rate_limited": limiter.rate_limited,
+        # what other spenders of the same key are seen to take (another process)
+        "others_rpm": round(limiter.others.get("rpm", 0.0), 1),
+        "cost": stats.cost,
+        "eta_seconds": round(eta, 1) if eta is not None else None,
+    }
+
+
+def _live_view(progress: JobProgress, client: Any, model: str) -> Table:
+    s = _snapshot(progress, client, model)
+    table = Table.grid(padding=(0, 2))
+    total = s["total"] if s["total"] is not None else "?"
+    eta = seconds_text(s["eta_seconds"])
+    table.add_row(
+        f"[bold]{s['finished']}/{total}[/] records",
+        f"[green]{s['done']} ok[/]",
+        f"[red]{s['failed']} failed[/]",
+        f"{s['in_flight']} in flight (target {s['in_flight_target']})",
+        f"{s['retries']} retries",
+        f"ETA {eta}",
+    )
+    table.add_row(
+        f"{s['rpm']:.0f}/{limit_text(s['rpm_limit'])} req/min",
+        f"{s['tpm']}/{limit_text(s['tpm_limit'])} tok/min",
+        f"{s['rate_limited']} 429s",
+        f"spent {money(s['cost'])}",
+        f"others on this key: {s['others_rpm']:.0f} req/min" if s["others_rpm"] else "",
+        "",
+    )
+    table.add_row(f"[dim]in-flight target: {s['in_flight_reason']}[/]", "", "", "", "", "")
+    return table
+
+
+async def _log_progress(progress: JobProgress, client: Any, model: str, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        logger.info("run.progress", **_snapshot(progress, client, model))
+
+
+def _print_summary(
+    console: Console,
+    spec: JobSpec,
+    progress: JobProgress,
+    counts: Any,
+    summary: Any,
+    client: Any,
+    seconds: float,
+    aborted: str | None,
+    stopped_by: list[signal.Signals],
+    in_flight: list[StoredBatch],
+) -> None:
+    table = Table(title="llmbatch run", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("records", str(counts.total))
+    table.add_row("ok", f"{counts.ok} ({progress.done} answered now, {progress.reused} earlier)")
+    failed_now = progress.failed + progress.invalid
+    failed = f"{counts.failed + counts.skipped} ({failed_now} now"
+    if progress.failed_earlier:
+        failed += f", {progress.failed_earlier} earlier: rerun with --retry-failed to send them"
+    failed += ")" + (" (left out: --on-error skip)" if counts.skipped else "")
+    table.add_row("failed", failed)
+    table.add_row("pending", str(counts.pending))
+    stats = client.statistics()
+    table.add_row(
+        "this run",
+        f"{progress.sent} records started, {stats.requests} requests sent, {seconds_text(seconds)}",
+    )
+    table.add_row("tokens (job)", f"{summary.input_tokens} in, {summary.output_tokens} out")
+    table.add_row("cost (job)", money(summary.cost))
+    table.add_row("output", str(spec.output) + (f"; errors: {spec.errors}" if spec.errors else ""))
+    table.add_row("checkpoint", str(spec.store_path))
+    console.print(table)
+    if aborted:
+        console.print(f"[red]aborted:[/] {redact(aborted)}")
+    if stopped_by:
+        console.print(
+            f"[yellow]interrupted[/]: rerun the same command to continue ({counts.pending} pending)"
+        )
+    elif counts.pending and not aborted:
+        console.print(f"{counts.pending} records pending: rerun to continue")
+    if in_flight:
+        console.print(
+            f"{len(in_flight)} batches keep running at the provider: rerun the same command "
+            "to collect them (nothing is submitted twice), or stop them with "
+            f"`llmbatch batch cancel {spec.output}`"
+        )
