@@ -5,15 +5,18 @@ submodule (``llmbatch.flow``, ``llmbatch.runner``, ``llmbatch.failure``,
 ``llmbatch.testing``, ``llmbatch.compat.pocketflow``).
 """
 
-from llmbatch.client import LLMClient, map
+from llmbatch.client import LLMClient, imap, map, map_sync
 from llmbatch.errors import (
     AuthenticationFailed,
     BadRequest,
     BatchExpired,
+    BudgetExhausted,
+    ConfigurationError,
     ConnectionFailed,
     ContentFiltered,
     ContextLengthExceeded,
     FatalError,
+    JobMismatch,
     LimiterUnavailable,
     LLMBatchError,
     NotFound,
@@ -24,6 +27,7 @@ from llmbatch.errors import (
     RateLimited,
     RequestTooLarge,
     Timeout,
+    TokenizerUnavailable,
     TransientError,
 )
 from llmbatch.failure import (
@@ -73,7 +77,9 @@ __all__ = [
     "BatchNode",
     "BatchResult",
     "BatchStream",
+    "BudgetExhausted",
     "CollectErrors",
+    "ConfigurationError",
     "ConnectionFailed",
     "ContentFiltered",
     "ContextLengthExceeded",
@@ -84,6 +90,7 @@ __all__ = [
     "FatalError",
     "Flow",
     "ItemError",
+    "JobMismatch",
     "LLMBatchError",
     "LLMClient",
     "LLMParallelBatchNode",
@@ -105,12 +112,15 @@ __all__ = [
     "RetryPolicy",
     "Skip",
     "Timeout",
+    "TokenizerUnavailable",
     "TransientError",
     "Usage",
     "__version__",
     "current_item",
     "get_limiter",
+    "imap",
     "map",
+    "map_sync",
     "run_batch",
     "stream_batch",
 ]

@@ -22,6 +22,9 @@
     │   ├── BudgetExhausted            the job's own max_cost was reached
     │   ├── ProviderUnreachable        no connection (or only errors) from the provider
     │   └── LimiterUnavailable         the shared rate limiter (Redis) cannot be used
+    ├── ConfigurationError             the job is set up wrong: fix the setup, then rerun
+    │   ├── JobMismatch                the store holds another job's results
+    │   └── TokenizerUnavailable       an encoding cannot be built offline
     └── BatchFailed                    a batch was aborted (see llmbatch.failure)
 
 Every error carries what is known of its context: ``provider``, ``model``,
@@ -41,10 +44,12 @@ __all__ = [
     "BadRequest",
     "BatchExpired",
     "BudgetExhausted",
+    "ConfigurationError",
     "ConnectionFailed",
     "ContentFiltered",
     "ContextLengthExceeded",
     "FatalError",
+    "JobMismatch",
     "LLMBatchError",
     "LimiterUnavailable",
     "NotFound",
@@ -55,6 +60,7 @@ __all__ = [
     "RateLimited",
     "RequestTooLarge",
     "Timeout",
+    "TokenizerUnavailable",
     "TransientError",
     "key_hint",
     "redact",
@@ -273,3 +279,23 @@ class ProviderUnreachable(FatalError):
 class LimiterUnavailable(FatalError):
     """The shared rate limiter cannot be used (its Redis server is unreachable, refuses
     the password, or fails): no request may be sent without its permit."""
+
+
+class ConfigurationError(LLMBatchError):
+    """The job is set up in a way that cannot work (a store of another job, a tokenizer
+    that cannot be built): no retry helps, fix the setup and run again."""
+
+
+class JobMismatch(ConfigurationError):
+    """The store holds the results of a different job (another prompt, model or
+    parameters): mixing them would silently corrupt the output.
+
+    Also importable from :mod:`llmbatch.store`, where it is raised.
+    """
+
+
+class TokenizerUnavailable(ConfigurationError):
+    """An encoding cannot be built offline (unknown name, or its data file is missing/corrupt).
+
+    Also importable from :mod:`llmbatch.tokens`, where it is raised.
+    """

@@ -14,7 +14,8 @@ copying them:
   :mod:`llmbatch.runner`: at most ``max_concurrency`` items in flight (default 64), input
   order kept, and a failure strategy ``on_error`` (``"fail_fast"`` default, ``"collect"``,
   ``"skip"``; see :mod:`llmbatch.failure`). Fail-fast cancels the siblings still running
-  and raises :class:`~llmbatch.failure.BatchFailed` with the partial results.
+  and raises :class:`~llmbatch.failure.BatchFailed` with the partial results
+  (:mod:`llmbatch.compat.pocketflow` raises the failing item's own exception instead).
 * The retry counter ``cur_retry`` belongs to the item being run (a context variable),
   not to the node that parallel items share.
 * After a parallel batch, ``self.batch_result`` (a
@@ -30,6 +31,7 @@ import asyncio
 import copy
 import time
 import warnings
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar
 from typing import Any
@@ -327,6 +329,17 @@ class _ParallelOptions:
         """The failure strategy's name."""
         return self.failure.on_error
 
+    async def _run_items(self, fn: Callable[[Any], Awaitable[Any]], items: Any) -> BatchResult[Any]:
+        """Run ``fn`` over *items* under this node's cap and failure strategy, and keep
+        the result in ``self.batch_result``. The one place the parallel variants reach
+        the runner: :mod:`llmbatch.compat.pocketflow` overrides it to change what an
+        abort raises."""
+        result = await run_batch(
+            fn, items, max_concurrency=self.max_concurrency, on_error=self.failure
+        )
+        self.batch_result = result
+        return result
+
 
 class AsyncParallelBatchNode(_ParallelOptions, AsyncNode, BatchNode):
     """An async node whose ``exec_async`` runs for many items at once, in input order.
@@ -359,10 +372,7 @@ class AsyncParallelBatchNode(_ParallelOptions, AsyncNode, BatchNode):
         return await AsyncNode._exec(self, item)
 
     async def _exec(self, items: Any) -> Any:
-        result = await run_batch(
-            self._exec_item, items, max_concurrency=self.max_concurrency, on_error=self.failure
-        )
-        self.batch_result = result
+        result = await self._run_items(self._exec_item, items)
         return result.for_post()
 
 
@@ -422,9 +432,7 @@ class AsyncParallelBatchFlow(_ParallelOptions, AsyncFlow, BatchFlow):
         async def run_one(batch_params: dict[str, Any]) -> Any:
             return await self._orch_async(shared, {**self.params, **batch_params})
 
-        self.batch_result = await run_batch(
-            run_one, prep_res, max_concurrency=self.max_concurrency, on_error=self.failure
-        )
+        await self._run_items(run_one, prep_res)
         return await self.post_async(shared, prep_res, None)
 
 

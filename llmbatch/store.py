@@ -26,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from llmbatch.errors import LLMBatchError, redact
+from llmbatch.errors import JobMismatch, redact
 from llmbatch.failure import ItemError
 from llmbatch.models import Response
 
@@ -72,11 +72,6 @@ CREATE TABLE IF NOT EXISTS batches (
     updated  REAL NOT NULL
 );
 """
-
-
-class JobMismatch(LLMBatchError):
-    """The store holds the results of a different job (another prompt, model or
-    parameters): mixing them would silently corrupt the output."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,7 @@ import tiktoken.model
 import tiktoken_ext.openai_public as openai_public
 
 from llmbatch._log import get_logger
-from llmbatch.errors import ContextLengthExceeded, LLMBatchError
+from llmbatch.errors import ContextLengthExceeded, TokenizerUnavailable
 
 __all__ = [
     "FALLBACK_ENCODING",
@@ -65,10 +65,6 @@ FALLBACK_ENCODING = "o200k_base"
 _TOKENS_PER_MESSAGE = 3
 _TOKENS_PER_NAME = 1
 _REPLY_PRIMING = 3
-
-
-class TokenizerUnavailable(LLMBatchError):
-    """An encoding cannot be built offline (unknown name, or its data file is missing/corrupt)."""
 
 
 def _offline_ranks(url: str, expected_hash: str | None = None) -> dict[bytes, int]:

@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+import llmbatch
+from llmbatch.errors import ConfigurationError
 from llmbatch.failure import ItemError
 from llmbatch.models import Response, Usage
 from llmbatch.store import (
@@ -171,6 +173,13 @@ def test_wrong_schema_version_raises_job_mismatch(path: Path) -> None:
         db.commit()
     with pytest.raises(JobMismatch, match=rf"\(schema 999, this one reads {SCHEMA_VERSION}\)"):
         Store(path)
+
+
+def test_job_mismatch_is_a_configuration_error_importable_from_the_store() -> None:
+    """JobMismatch lives in the error tree (a ConfigurationError) and is still importable
+    from llmbatch.store, where it is raised."""
+    assert JobMismatch is llmbatch.JobMismatch
+    assert issubclass(JobMismatch, ConfigurationError)
 
 
 # -- saving and reading items ----------------------------------------------------------

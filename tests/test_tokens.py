@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+import llmbatch
 from llmbatch import tokens
-from llmbatch.errors import BadRequest, ContextLengthExceeded
+from llmbatch.errors import BadRequest, ConfigurationError, ContextLengthExceeded
 from llmbatch.tokens import (
     TokenCounter,
     TokenizerUnavailable,
@@ -68,6 +69,13 @@ def test_unknown_encoding_is_a_clear_error() -> None:
     """Asking for an encoding with no offline data names the ones that exist."""
     with pytest.raises(TokenizerUnavailable, match="'r50k_base' is not available offline"):
         get_encoding("r50k_base")
+
+
+def test_tokenizer_unavailable_is_a_configuration_error_importable_from_tokens() -> None:
+    """TokenizerUnavailable lives in the error tree (a ConfigurationError) and is still
+    importable from llmbatch.tokens, where it is raised."""
+    assert TokenizerUnavailable is llmbatch.TokenizerUnavailable
+    assert issubclass(TokenizerUnavailable, ConfigurationError)
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,8 @@ The handler receives the :class:`~llmbatch.models.Request` and returns the text,
 :class:`~llmbatch.models.Response`, or raises an :mod:`llmbatch.errors` exception to
 simulate a failure (``raise RateLimited("slow down", retry_after=1)``). It may be a
 coroutine function. Usage is estimated from the texts when the handler gives text.
+
+Import it from :mod:`llmbatch.testing`, with the other test doubles.
 """
 
 from __future__ import annotations

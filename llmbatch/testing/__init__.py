@@ -1,6 +1,8 @@
 """Test doubles shipped with llmbatch, for its own tests and for yours.
 
 * :class:`FakeClock`: virtual time for code that takes ``clock``/``sleep`` or reads the loop's time.
+* :class:`FakeProvider`: a provider whose answers come from a function (``handler(request)``),
+  as httpx's ``MockTransport(handler)``; the same class as :mod:`llmbatch.providers.fake`'s.
 * :class:`Simulator`: a real OpenAI- and Anthropic-compatible HTTP server on 127.0.0.1
   with the providers' rate limits, faults and Batch APIs (configured by
   :class:`SimulatorConfig` and :class:`BatchSimConfig`; scripted faults are :class:`Fault`
@@ -9,7 +11,9 @@
   :mod:`llmbatch.testing.pytest_plugin`).
 
 The simulator names are imported on first use, so ``import llmbatch.testing`` (which the
-pytest plugin does in every test run) stays cheap and does not import ``aiohttp``.
+pytest plugin does in every test run) stays cheap and does not load the simulator's server.
+:class:`FakeProvider` is imported at once: it needs nothing that ``llmbatch`` has not
+imported already.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from llmbatch.providers.fake import FakeProvider
 from llmbatch.testing.clock import FakeClock
 
 if TYPE_CHECKING:
@@ -32,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BatchSimConfig",
     "FakeClock",
+    "FakeProvider",
     "Fault",
     "RequestInfo",
     "Simulator",
