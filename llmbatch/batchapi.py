@@ -49,7 +49,6 @@ from llmbatch.errors import (
     TransientError,
 )
 from llmbatch.models import Embedding, EmbeddingRequest, Request, Response
-from llmbatch.store import StoredBatch
 
 __all__ = [
     "AnyRequest",
@@ -59,6 +58,7 @@ __all__ = [
     "Journal",
     "MemoryJournal",
     "Outcome",
+    "StoredBatch",
     "SupportsBatch",
     "batch_backend",
     "cancel_batches",
@@ -168,6 +168,27 @@ class SupportsBatch(Protocol):
 def batch_backend(provider: object) -> BatchBackend | None:
     """The Batch API of *provider*, or ``None`` if it has none."""
     return provider.batch() if isinstance(provider, SupportsBatch) else None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBatch:
+    """A Batch API batch a journal recorded (the job's checkpoint store keeps them).
+
+    Attributes:
+        id: the provider's batch id.
+        provider: the provider's name.
+        status: ``"submitted"`` (results not collected yet), ``"collected"``,
+            ``"failed"`` (rejected as a whole) or ``"cancelled"``.
+        items: ``{custom_id: item key}`` of the requests it holds.
+        attempt: 1 for a first submission, more for resubmissions.
+    """
+
+    id: str
+    provider: str
+    status: str
+    items: dict[str, str]
+    attempt: int
+    created: float
 
 
 class Journal(Protocol):

@@ -26,6 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from llmbatch.batchapi import StoredBatch
 from llmbatch.errors import JobMismatch, redact
 from llmbatch.failure import ItemError
 from llmbatch.models import Response
@@ -98,27 +99,6 @@ class StoredItem:
     response: dict[str, Any] | None
     error: dict[str, Any] | None
     updated: float
-
-
-@dataclass(frozen=True, slots=True)
-class StoredBatch:
-    """A Batch API batch the job submitted.
-
-    Attributes:
-        id: the provider's batch id.
-        provider: the provider's name.
-        status: ``"submitted"`` (results not collected yet), ``"collected"``,
-            ``"failed"`` (rejected as a whole) or ``"cancelled"``.
-        items: ``{custom_id: item key}`` of the requests it holds.
-        attempt: 1 for a first submission, more for resubmissions.
-    """
-
-    id: str
-    provider: str
-    status: str
-    items: dict[str, str]
-    attempt: int
-    created: float
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from llmbatch._log import get_logger
-from llmbatch.batchapi import uncollected_keys
+from llmbatch.batchapi import StoredBatch, uncollected_keys
 from llmbatch.cli._common import (
     EXIT_ABORTED,
     EXIT_FAILED_ITEMS,
@@ -50,7 +50,7 @@ from llmbatch.io import count_records
 from llmbatch.job import JobProgress, JobSpec, run_job, write_output
 from llmbatch.limits import Limits
 from llmbatch.providers import ProviderChoice
-from llmbatch.store import JobMismatch, Store, StoredBatch
+from llmbatch.store import JobMismatch, Store
 
 __all__ = ["run"]
 
