@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "failure": 1,
     "retry": 1,
     "limits": 1,
+    "limits_redis": 1,
     "tokens": 1,
     "config": 1,
     "concurrency": 1,
