@@ -5,7 +5,8 @@ submodule (``llmbatch.flow``, ``llmbatch.runner``, ``llmbatch.failure``,
 ``llmbatch.testing``, ``llmbatch.compat.pocketflow``).
 """
 
-from llmbatch.client import LLMClient, imap, map, map_sync
+from llmbatch.api import imap, map, map_sync
+from llmbatch.client import LLMClient
 from llmbatch.errors import (
     AuthenticationFailed,
     BadRequest,

@@ -1,4 +1,4 @@
-"""``LLMClient``: the call path of one item, and the batch entry points.
+"""``LLMClient``: the call path of one item, and many items through one client.
 
 One call goes through a stack of small steps, outermost first::
 
@@ -11,14 +11,14 @@ One call goes through a stack of small steps, outermost first::
       provider.complete    the adapter: SDK call with max_retries=0, errors classified
 
 :meth:`LLMClient.map` runs many requests through :func:`llmbatch.runner.run_batch`
-(bounded, ordered, with the failure policy), and :func:`llmbatch.map` does it in one call
-from a prompt template and items.
+(bounded, ordered, with the failure policy) or the Batch API, as :func:`llmbatch.routing.plan`
+decides; :mod:`llmbatch.api` (``llmbatch.map``) does it in one call from a prompt
+template and items.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import math
 import string
 from collections.abc import (
@@ -54,18 +54,23 @@ from llmbatch.errors import (
     redact,
 )
 from llmbatch.failure import (
-    BatchFailed,
     BatchResult,
-    FailFast,
     FailureStrategy,
     ItemError,
     OnError,
-    Skip,
-    failure_strategy,
+    finish,
 )
-from llmbatch.limits import Limits, get_limiter, quota_name, request_burst, request_rate
+from llmbatch.limits import (
+    Limiter,
+    Limits,
+    RedisRateLimiter,
+    get_limiter,
+    quota_name,
+    request_burst,
+    request_rate,
+)
 from llmbatch.models import Embedding, EmbeddingRequest, Request, Response, Usage
-from llmbatch.providers.base import AsyncClosing, Provider
+from llmbatch.providers.base import Admission, AsyncClosing, Provider, SupportsEmbeddings
 from llmbatch.retry import (
     RetryLog,
     RetryPolicy,
@@ -73,18 +78,9 @@ from llmbatch.retry import (
     timed,
     wait_retry_after,
 )
-from llmbatch.routing import choose_route
-from llmbatch.runner import (
-    BatchStream,
-    current_item,
-    run_batch,
-    stream_batch,
-)
-from llmbatch.tokens import (
-    check_context_window,
-    openai_admission_estimate,
-    prompt_token_bound,
-)
+from llmbatch.routing import Mode, Prefer, plan
+from llmbatch.runner import aiterate, current_item, run_batch
+from llmbatch.tokens import check_context_window, prompt_token_bound
 
 AnyRequest = Request | EmbeddingRequest
 Answer = Response | Embedding
@@ -97,10 +93,6 @@ __all__ = [
     "ClientStatistics",
     "LLMClient",
     "build_request",
-    "estimated_usage",
-    "imap",
-    "map",
-    "map_sync",
     "template_fields",
 ]
 
@@ -255,21 +247,31 @@ def build_request(
     return Request.from_prompt(prompt, system=system, **options)
 
 
-async def _feedback(target: Any, method: str, *args: Any, **kwargs: Any) -> None:
-    """Tell the limiter what happened (headers, a 429, the usage): ``target.method(...)``,
-    awaited if it returns a coroutine (the Redis limiter). A failure here (the shared
-    limiter's server gone) is logged, never raised: the answer is paid for and kept."""
-    try:
-        result = getattr(target, method)(*args, **kwargs)
-        if asyncio.iscoroutine(result):
-            await result
-    except Exception as exc:
+class _Feedback:
+    """``with _Feedback("observe"): await limiter.observe(...)``: telling the limiter
+    what happened (headers, a 429, the usage). A failure there (the shared limiter's
+    server gone) is logged, never raised: the answer is paid for and kept."""
+
+    __slots__ = ("step",)
+
+    def __init__(self, step: str) -> None:
+        self.step = step
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> bool:
+        if not isinstance(exc, Exception):
+            return False  # none, or a cancellation: goes on
         logger.warning(
             "limits.feedback_failed",
-            step=method,
+            step=self.step,
             error_type=type(exc).__name__,
             error=redact(str(exc)),
         )
+        return True
 
 
 class LLMClient(AsyncClosing):
@@ -320,7 +322,7 @@ class LLMClient(AsyncClosing):
         model: str | None = None,
         max_tokens: int | None = None,
         limits: Limits | None = None,
-        limiter: Any = None,
+        limiter: Limiter | None = None,
         limiter_url: str | LimiterSettings | None = None,
         retry: RetryPolicy | None = None,
         on_error: OnError | str | FailureStrategy = OnError.FAIL_FAST,
@@ -344,7 +346,7 @@ class LLMClient(AsyncClosing):
         else:
             settings = limiter_settings(url=limiter_url)
         self.limiter_settings: LimiterSettings = settings
-        self._owned_limiters: list[tuple[asyncio.AbstractEventLoop, Any]] = []
+        self._owned_limiters: list[tuple[asyncio.AbstractEventLoop, Limiter]] = []
         policy = retry or RetryPolicy()
         if isinstance(policy.wait, wait_retry_after):
             # A 429 is waited out by the shared limiter's cooldown, not per item.
@@ -373,7 +375,7 @@ class LLMClient(AsyncClosing):
             self._profiles = dict(profiles)
         else:
             self._profiles = configured if configured is not None else load_profiles()
-        self._limiters: dict[str, tuple[asyncio.AbstractEventLoop, Any]] = {}
+        self._limiters: dict[str, tuple[asyncio.AbstractEventLoop, Limiter]] = {}
         self.max_cost = max_cost
         self._succeeded = 0
         self._failed = 0
@@ -409,7 +411,7 @@ class LLMClient(AsyncClosing):
         """The profile (limits, prices) of *model* on this client's provider."""
         return profile_for(self.provider.name, model, profiles=self._profiles)
 
-    def limiter_for(self, model: str) -> Any:
+    def limiter_for(self, model: str) -> Limiter:
         """The limiter this client uses for *model*."""
         if self._limiter is not None:
             return self._limiter
@@ -417,11 +419,9 @@ class LLMClient(AsyncClosing):
         loop = asyncio.get_running_loop()
         found = self._limiters.get(model)
         if found is None or found[0] is not loop:
-            limiter: Any
+            limiter: Limiter
             url = self.limiter_settings.url
             if url is not None:
-                from llmbatch.limits_redis import RedisRateLimiter
-
                 # The quota lives in Redis: every process naming it shares it.
                 limiter = RedisRateLimiter.from_url(
                     url,
@@ -448,10 +448,7 @@ class LLMClient(AsyncClosing):
         Raises:
             LimiterUnavailable: it cannot (fatal: no request may go without a permit).
         """
-        limiter = self.limiter_for(model or self.model or "")
-        check = getattr(limiter, "check", None)
-        if check is not None:
-            await check()
+        await self.limiter_for(model or self.model or "").check()
 
     def statistics(self) -> ClientStatistics:
         """Calls, attempts, tokens and money so far (cost ``None`` if prices are unknown)."""
@@ -483,9 +480,25 @@ class LLMClient(AsyncClosing):
         """
         if isinstance(request, str):
             request = EmbeddingRequest(input=request)
-        if not callable(getattr(self.provider, "embed", None)):
-            raise ValueError(f"the {self.provider.name} provider cannot embed")
+        self._embedder()
         return await self._answer(request)
+
+    def _embedder(self) -> SupportsEmbeddings:
+        """The provider as an embedder (its rate-limit rules take embeddings too)."""
+        if not isinstance(self.provider, SupportsEmbeddings):
+            raise ValueError(f"the {self.provider.name} provider cannot embed")
+        return self.provider
+
+    def _admission(self, request: AnyRequest, model: str) -> Admission:
+        if isinstance(request, EmbeddingRequest):
+            return self._embedder().admission(request, model)
+        return self.provider.admission(request, model)
+
+    def _settlement(self, request: AnyRequest, response: Answer) -> Admission:
+        if isinstance(request, EmbeddingRequest):
+            return self._embedder().settlement(request, response)
+        assert isinstance(response, Response)
+        return self.provider.settlement(request, response)
 
     @overload
     async def _answer(self, request: Request) -> Response: ...
@@ -605,9 +618,7 @@ class LLMClient(AsyncClosing):
             # (a flow making several calls per item): start nothing new.
             raise asyncio.CancelledError("the batch was aborted")
         limiter = self.limiter_for(model)
-        # Embedding requests reach only providers with embed(), whose rules accept them.
-        provider: Any = self.provider
-        cost = provider.admission(request, model)
+        cost = self._admission(request, model)
         mean = self._mean_cost
         for unit, amount in cost.items():
             mean[unit] = amount if unit not in mean else mean[unit] + 0.05 * (amount - mean[unit])
@@ -623,15 +634,14 @@ class LLMClient(AsyncClosing):
             loop = asyncio.get_running_loop()
             sent = loop.time()
             try:
-                response: Answer = await self._send(provider, request)
+                response: Answer = await self._send(request)
             except BaseException as exc:
                 if item is not None:
                     item.request_failed()
                 if isinstance(exc, RateLimited):
                     dimension = {"requests": "rpm", "tokens": "tpm"}.get(exc.kind or "")
-                    await _feedback(
-                        limiter, "on_rate_limited", exc.retry_after, dimension=dimension
-                    )
+                    with _Feedback("on_rate_limited"):
+                        await limiter.on_rate_limited(exc.retry_after, dimension=dimension)
                 elif isinstance(exc, ConnectionFailed) and exc.connect:
                     self._check_reachable(exc)
                 raise
@@ -642,19 +652,19 @@ class LLMClient(AsyncClosing):
         if gate.cap is None and gate.due():
             self._size_in_flight(limiter)
         if response.headers:
-            await _feedback(limiter, "observe", response.headers, permit)
-        actual = provider.settlement(request, response)
-        await _feedback(
-            permit,
-            "settle",
-            tokens=actual.get("tokens"),
-            input_tokens=actual.get("input_tokens"),
-            output_tokens=actual.get("output_tokens"),
-            refund=getattr(provider, "refunds_unused", False),
-        )
+            with _Feedback("observe"):
+                await limiter.observe(response.headers, permit)
+        actual = self._settlement(request, response)
+        with _Feedback("settle"):
+            permit.settle(
+                tokens=actual.get("tokens"),
+                input_tokens=actual.get("input_tokens"),
+                output_tokens=actual.get("output_tokens"),
+                refund=getattr(self.provider, "refunds_unused", False),
+            )
         return response
 
-    def _size_in_flight(self, limiter: Any) -> None:
+    def _size_in_flight(self, limiter: Limiter) -> None:
         """Size the in-flight target from what the limiter's limits allow now."""
         stats = limiter.statistics()
         self._gate.resize(
@@ -702,11 +712,15 @@ class LLMClient(AsyncClosing):
         configured = self.profile(model).timeout
         return configured if configured is not None else DEFAULT_TIMEOUT
 
-    async def _send(self, provider: Any, request: AnyRequest) -> Answer:
+    async def _send(self, request: AnyRequest) -> Answer:
         """One call to the provider, within :meth:`timeout_for` its model."""
-        call = provider.embed if isinstance(request, EmbeddingRequest) else provider.complete
+        call: Awaitable[Answer] = (
+            self._embedder().embed(request)
+            if isinstance(request, EmbeddingRequest)
+            else self.provider.complete(request)
+        )
         answer: Answer = await timed(
-            call(request),
+            call,
             self.timeout_for(request.model or ""),
             provider=self.provider.name,
             model=request.model,
@@ -719,9 +733,9 @@ class LLMClient(AsyncClosing):
         *,
         on_error: OnError | str | FailureStrategy | None = None,
         max_concurrency: int | None = None,
-        mode: str = "online",
+        mode: Mode = "online",
         deadline: float | None = None,
-        prefer: str | None = None,
+        prefer: Prefer | None = None,
         journal: Journal | None = None,
     ) -> BatchResult[Response]:
         """Answer many requests, in input order, under the failure policy.
@@ -754,16 +768,16 @@ class LLMClient(AsyncClosing):
         *,
         on_error: OnError | str | FailureStrategy | None = None,
         max_concurrency: int | None = None,
-        mode: str = "online",
+        mode: Mode = "online",
         deadline: float | None = None,
-        prefer: str | None = None,
+        prefer: Prefer | None = None,
         journal: Journal | None = None,
     ) -> BatchResult[Embedding]:
         """Embed many texts, in input order: :meth:`map` for embeddings, online or
         through the Batch API (same arguments)."""
 
         async def as_requests() -> AsyncIterator[EmbeddingRequest]:
-            async for item in _aiter(requests):
+            async for item in aiterate(requests):
                 yield EmbeddingRequest(input=item) if isinstance(item, str) else item
 
         return await self._map(
@@ -784,21 +798,22 @@ class LLMClient(AsyncClosing):
         *,
         on_error: OnError | str | FailureStrategy | None,
         max_concurrency: int | None,
-        mode: str,
+        mode: Mode,
         deadline: float | None,
-        prefer: str | None,
+        prefer: Prefer | None,
         journal: Journal | None,
     ) -> BatchResult[AnswerT]:
         strategy = on_error or self.on_error
         if mode != "online":
-            listed = [r async for r in _aiter(requests)]
+            listed = [r async for r in aiterate(requests)]
             model = next((r.model for r in listed if r.model), None) or self.model or ""
-            route = choose_route(
+            route = plan(
                 mode,
+                listed,
                 provider=self.provider,
                 profile=self.profile(model),
-                items=len(listed),
-                usage=estimated_usage(listed, self.max_tokens),
+                default_max_tokens=self.max_tokens,
+                model=model,
                 deadline=deadline,
                 prefer=prefer,
             )
@@ -845,7 +860,7 @@ class LLMClient(AsyncClosing):
         """Batch API outcomes as a :class:`BatchResult` in input order, priced at the
         batch discount, under the failure strategy (fail-fast raises
         :class:`~llmbatch.failure.BatchFailed` carrying everything)."""
-        results: list[Any] = []
+        results: list[Answer | ItemError] = []
         for index, (key, request) in enumerate(keyed):
             outcome = outcomes[key]
             if not isinstance(outcome, LLMBatchError):
@@ -854,13 +869,7 @@ class LLMClient(AsyncClosing):
                 self._failed += 1
                 outcome.item_key = outcome.item_key or request.key
                 results.append(ItemError.from_exception(index, outcome, key=request.key))
-        strategy = failure_strategy(on_error)
-        skip = isinstance(strategy, Skip)
-        result = BatchResult(results, on_error=OnError.SKIP if skip else OnError.COLLECT)
-        first = next((r for r in results if isinstance(r, ItemError)), None)
-        if first is not None and isinstance(strategy, FailFast):
-            raise BatchFailed(first, reason="fail_fast", result=result)
-        return result
+        return finish(results, on_error)
 
     @overload
     def account(
@@ -883,296 +892,3 @@ class LLMClient(AsyncClosing):
 
 def _request_key(request: AnyRequest) -> str | None:
     return request.key
-
-
-async def _aiter(items: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
-    if isinstance(items, AsyncIterable):
-        async for item in items:
-            yield item
-    else:
-        for item in items:
-            yield item
-
-
-def estimated_usage(requests: Sequence[AnyRequest], default_max_tokens: int | None) -> Usage:
-    """The job's tokens for a cost comparison: prompts by characters, output at the cap."""
-    prompt = output = 0
-    for request in requests:
-        if isinstance(request, EmbeddingRequest):
-            prompt += math.ceil(len(request.input) / 4)
-            continue
-        prompt += openai_admission_estimate(request.messages)
-        output += (request.max_tokens or default_max_tokens or 0) * request.n
-    return Usage(input_tokens=prompt, output_tokens=output)
-
-
-@dataclass(slots=True)
-class _Answerer:
-    """What :func:`map` and :func:`imap` share: the provider (``owned``: this call made it
-    and must close it), the client, and how an item becomes a request and an answer."""
-
-    provider: Provider
-    owned: bool
-    client: LLMClient
-    template: str | Callable[[Any], Request | str]
-    system: str | None
-    key: Callable[[Any], str | None] | None
-
-    def request(self, item: Any) -> Request:
-        """The request for *item* (raises KeyError/ValueError for a bad item)."""
-        request = build_request(self.template, item, system=self.system)
-        item_key = self.key(item) if self.key is not None else None
-        if item_key is not None and request.key is None:
-            request = replace(request, key=item_key)
-        return request
-
-    async def __call__(self, item: Any) -> Response:
-        return await self.client.complete(self.request(item))
-
-    async def aclose(self) -> None:
-        """Close what this call opened: shared-quota connections, and the provider if
-        the call created it."""
-        try:
-            await self.client._close_limiters()
-        finally:
-            if self.owned:
-                await self.provider.aclose()
-
-
-def _item_answerer(
-    template: str | Callable[[Any], Request | str],
-    *,
-    provider: Provider | None,
-    model: str,
-    system: str | None,
-    max_tokens: int | None,
-    limits: Limits | None,
-    retry: RetryPolicy | None,
-    max_cost: float | None,
-    key: Callable[[Any], str | None] | None,
-    max_concurrency: int | None = None,
-) -> _Answerer:
-    """The :class:`_Answerer` (OpenAI from the environment when no provider is given)."""
-    owned = provider is None
-    if provider is None:
-        from llmbatch.providers.openai import OpenAIProvider
-
-        provider = OpenAIProvider()
-    client = LLMClient(
-        provider,
-        model=model,
-        max_tokens=max_tokens,
-        limits=limits,
-        retry=retry,
-        max_cost=max_cost,
-        max_concurrency=max_concurrency,
-    )
-    return _Answerer(provider, owned, client, template, system, key)
-
-
-async def map(  # shadows builtins.map inside this module only: llmbatch.map is the API
-    template: str | Callable[[Any], Request | str],
-    items: Iterable[Any] | AsyncIterable[Any],
-    *,
-    model: str,
-    provider: Provider | None = None,
-    system: str | None = None,
-    max_tokens: int | None = None,
-    limits: Limits | None = None,
-    retry: RetryPolicy | None = None,
-    on_error: OnError | str | FailureStrategy = OnError.COLLECT,
-    max_concurrency: int | None = None,
-    key: Callable[[Any], str | None] | None = None,
-    max_cost: float | None = None,
-    on_result: Callable[[int, Response | ItemError], None] | None = None,
-    mode: str = "online",
-    deadline: float | None = None,
-    prefer: str | None = None,
-    journal: Journal | None = None,
-) -> BatchResult[Response]:
-    """Answer one prompt per item, in one call.
-
-    Args:
-        template: a ``str.format`` template over dict items (``"Summarize: {text}"``;
-            other items are ``{item}``), or a callable building a Request or a prompt.
-        items: the items (any iterable or async iterable; consumed lazily).
-        model: the model.
-        provider: the provider (default: OpenAI with ``OPENAI_API_KEY``); closed at the end
-            only if this call created it.
-        system: a system prompt for every request.
-        max_tokens: the output cap of every request.
-        limits: the quota's limits.
-        retry: the retry policy.
-        on_error: the failure strategy (default ``"collect"``: every item ends as a
-            result or an ItemError, in input order).
-        max_concurrency: requests in flight at most (a hard cap). Default: as many as
-            the limits allow: their rate times the measured latency, with a margin
-            (see :mod:`llmbatch.concurrency`).
-        key: a function naming each item (recorded on its errors).
-        max_cost: a budget in USD: once spent, no new item starts and the batch ends
-            with :class:`~llmbatch.failure.BatchFailed` (reason ``"fatal"``) carrying
-            what finished.
-        on_result: called with ``(index, Response or ItemError)`` as each item
-            finishes; persist there to keep finished work across a Ctrl-C (online).
-        mode: ``"online"``, ``"batch"`` (the provider's Batch API: half price, answers
-            within 24 h, the same result objects) or ``"auto"`` (see
-            :mod:`llmbatch.routing`; the choice and the saving are logged).
-        deadline: seconds within which the answers are needed (for ``"auto"``).
-        prefer: ``"cost"`` or ``"speed"`` (for ``"auto"``).
-        journal: records batch ids so that a rerun after a crash resumes polling
-            instead of paying again (a :class:`~llmbatch.store.Store`).
-
-    Returns:
-        A :class:`~llmbatch.failure.BatchResult` of :class:`Response`, in input order.
-        A prompt that cannot be built (empty document, missing field) is that item's
-        error, not the batch's.
-    """
-    answerer = _item_answerer(
-        template,
-        provider=provider,
-        model=model,
-        system=system,
-        max_tokens=max_tokens,
-        limits=limits,
-        retry=retry,
-        max_cost=max_cost,
-        key=key,
-        max_concurrency=max_concurrency,
-    )
-    try:
-        if mode != "online":
-            return await _map_routed(
-                answerer.client,
-                answerer.request,
-                items,
-                on_error=on_error,
-                mode=mode,
-                deadline=deadline,
-                prefer=prefer,
-                journal=journal,
-                max_concurrency=max_concurrency,
-            )
-        return await run_batch(
-            answerer,
-            items,
-            max_concurrency=max_concurrency or SAFETY_CAP,
-            on_error=on_error,
-            key=key,
-            on_result=on_result,
-        )
-    finally:
-        await answerer.aclose()
-
-
-async def _map_routed(
-    client: LLMClient,
-    item_request: Callable[[Any], Request],
-    items: Iterable[Any] | AsyncIterable[Any],
-    *,
-    on_error: OnError | str | FailureStrategy,
-    mode: str,
-    deadline: float | None,
-    prefer: str | None,
-    journal: Journal | None,
-    max_concurrency: int | None,
-) -> BatchResult[Response]:
-    """:func:`map` with ``mode="batch"`` or ``"auto"``: every prompt is built first (a
-    bad item is its own error), the valid requests go where the route says, and the
-    results come back in input order under the failure strategy."""
-    results: list[Response | ItemError | None] = []
-    requests: list[Request] = []
-    positions: list[int] = []
-    async for item in _aiter(items):
-        index = len(results)
-        try:
-            request = item_request(item)
-        except (KeyError, ValueError) as exc:
-            results.append(ItemError.from_exception(index, exc))
-            continue
-        results.append(None)
-        requests.append(request)
-        positions.append(index)
-    answered = await client.map(
-        requests,
-        on_error=OnError.COLLECT,
-        mode=mode,
-        deadline=deadline,
-        prefer=prefer,
-        journal=journal,
-        max_concurrency=max_concurrency,
-    )
-    for position, outcome in zip(positions, answered.results, strict=True):
-        if isinstance(outcome, ItemError):
-            outcome = replace(outcome, index=position)
-        results[position] = outcome
-    final = [r for r in results if r is not None]
-    strategy = failure_strategy(on_error)
-    skip = isinstance(strategy, Skip)
-    result = BatchResult(final, on_error=OnError.SKIP if skip else OnError.COLLECT)
-    first = next((r for r in final if isinstance(r, ItemError)), None)
-    if first is not None and isinstance(strategy, FailFast):
-        raise BatchFailed(first, reason="fail_fast", result=result)
-    return result
-
-
-def imap(
-    template: str | Callable[[Any], Request | str],
-    items: Iterable[Any] | AsyncIterable[Any],
-    *,
-    model: str,
-    provider: Provider | None = None,
-    system: str | None = None,
-    max_tokens: int | None = None,
-    limits: Limits | None = None,
-    retry: RetryPolicy | None = None,
-    on_error: OnError | str | FailureStrategy = OnError.COLLECT,
-    max_concurrency: int | None = None,
-    key: Callable[[Any], str | None] | None = None,
-    max_cost: float | None = None,
-) -> BatchStream[Response]:
-    """Like :func:`map`, for inputs that do not fit in memory: outcomes as they finish.
-
-    Use it as ``async with llmbatch.imap(...) as outcomes: async for o in outcomes`` —
-    each :class:`~llmbatch.runner.Outcome` has the item's input ``index`` and its
-    Response or ItemError; nothing is kept once handed out.
-    """
-    answerer = _item_answerer(
-        template,
-        provider=provider,
-        model=model,
-        system=system,
-        max_tokens=max_tokens,
-        limits=limits,
-        retry=retry,
-        max_cost=max_cost,
-        key=key,
-        max_concurrency=max_concurrency,
-    )
-    stream: BatchStream[Response] = stream_batch(
-        answerer,
-        items,
-        max_concurrency=max_concurrency or SAFETY_CAP,
-        on_error=on_error,
-        key=key,
-    )
-    stream.call_on_close(answerer.aclose)
-    return stream
-
-
-def map_sync(
-    template: str | Callable[[Any], Request | str],
-    items: Iterable[Any],
-    **options: Any,
-) -> BatchResult[Response]:
-    """:func:`map` for synchronous code, Jupyter included.
-
-    Without a running event loop it uses ``asyncio.run``; inside one (a notebook cell) it
-    runs the batch on a fresh loop in a worker thread and waits for it, so it never
-    nests loops. Takes the same keyword arguments as :func:`map`.
-    """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(map(template, items, **options))
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, map(template, items, **options)).result()

@@ -22,13 +22,14 @@ A :class:`~llmbatch.errors.FatalError` aborts the batch under every strategy.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 from llmbatch.errors import FatalError, LLMBatchError
 
 __all__ = [
+    "AbortReason",
     "BatchFailed",
     "BatchResult",
     "CollectErrors",
@@ -39,9 +40,13 @@ __all__ = [
     "OnError",
     "Skip",
     "failure_strategy",
+    "finish",
 ]
 
 T = TypeVar("T")
+
+#: why a batch was aborted (:attr:`BatchFailed.reason`)
+AbortReason = Literal["fail_fast", "max_failures", "max_failure_rate", "fatal"]
 
 
 class OnError(enum.StrEnum):
@@ -166,12 +171,12 @@ class BatchFailed(LLMBatchError):
         self,
         error: ItemError,
         *,
-        reason: str,
+        reason: AbortReason,
         result: BatchResult[Any] | None,
         not_started: int | None = None,
     ) -> None:
         self.error = error
-        self.reason = reason
+        self.reason: AbortReason = reason
         self.result = result
         #: items never started (known when the input has a length)
         self.not_started = not_started
@@ -209,7 +214,7 @@ class FailureStrategy:
     __slots__ = ()
     on_error: ClassVar[OnError]
 
-    def __call__(self, error: ItemError, counts: FailureCounts) -> str | None:
+    def __call__(self, error: ItemError, counts: FailureCounts) -> AbortReason | None:
         """Return the abort reason, or ``None`` to keep going."""
         raise NotImplementedError
 
@@ -220,7 +225,7 @@ class FailFast(FailureStrategy):
 
     on_error: ClassVar[OnError] = OnError.FAIL_FAST
 
-    def __call__(self, error: ItemError, counts: FailureCounts) -> str | None:
+    def __call__(self, error: ItemError, counts: FailureCounts) -> AbortReason | None:
         return "fail_fast"
 
 
@@ -239,7 +244,7 @@ class _Tolerant(FailureStrategy):
         if self.min_items_for_rate < 1:
             raise ValueError(f"min_items_for_rate must be >= 1, not {self.min_items_for_rate!r}")
 
-    def __call__(self, error: ItemError, counts: FailureCounts) -> str | None:
+    def __call__(self, error: ItemError, counts: FailureCounts) -> AbortReason | None:
         if self.max_failures is not None and counts.failed > self.max_failures:
             return "max_failures"
         if (
@@ -291,6 +296,31 @@ def failure_strategy(
         return FailFast()
     cls = CollectErrors if name is OnError.COLLECT else Skip
     return cls(max_failures=max_failures, max_failure_rate=max_failure_rate)
+
+
+def finish(
+    results: Sequence[T | ItemError], on_error: OnError | str | FailureStrategy
+) -> BatchResult[T]:
+    """The outcomes of a batch that ran to the end (a Batch API job, prompts that could
+    not be built) as a :class:`BatchResult`, judged by the strategy as if the items had
+    finished in input order: the first error that makes the strategy abort (any error
+    under fail-fast, the one that crosses a threshold otherwise) raises
+    :class:`BatchFailed` carrying the whole result.
+    """
+    strategy = failure_strategy(on_error)
+    result = BatchResult(
+        list(results),
+        on_error=OnError.SKIP if isinstance(strategy, Skip) else OnError.COLLECT,
+    )
+    failed = 0
+    for finished, outcome in enumerate(result.results, start=1):
+        if not isinstance(outcome, ItemError):
+            continue
+        failed += 1
+        reason = strategy(outcome, FailureCounts(finished=finished, failed=failed))
+        if reason is not None:
+            raise BatchFailed(outcome, reason=reason, result=result)
+    return result
 
 
 def is_fatal(exc: BaseException) -> bool:

@@ -46,7 +46,7 @@ from llmbatch.failure import BatchFailed, ItemError, OnError, failure_strategy, 
 from llmbatch.io import Record, read_records
 from llmbatch.limits import Limits
 from llmbatch.models import Embedding, Request, Response, Usage
-from llmbatch.routing import estimated_usage, plan
+from llmbatch.routing import Mode, Prefer, estimated_usage, plan
 from llmbatch.runner import stream_batch
 from llmbatch.store import Store, StoredItem, error_record
 
@@ -124,9 +124,9 @@ class JobSpec:
     store: str | Path | None = None
     errors: str | Path | None = None
     max_concurrency: int | None = None
-    mode: str = "online"
+    mode: Mode = "online"
     deadline: float | None = None
-    prefer: str | None = None
+    prefer: Prefer | None = None
     poll_interval: float = 15.0
 
     @property
@@ -526,6 +526,7 @@ def _batch_route(
         provider=client.provider,
         profile=client.profile(spec.model),
         default_max_tokens=spec.max_tokens,
+        model=spec.model,
         deadline=spec.deadline,
         prefer=spec.prefer,
     )
@@ -543,7 +544,7 @@ async def _answer_in_batches(
     requests = [p.request for p in pending if p.request is not None]
     if client.max_cost is not None:
         bound = client.profile(spec.model).cost(
-            estimated_usage(requests, spec.max_tokens), batch=True
+            estimated_usage(requests, spec.max_tokens, model=spec.model), batch=True
         )
         if bound is not None and bound > client.max_cost:
             return (

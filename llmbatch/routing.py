@@ -59,7 +59,7 @@ class Route:
         cost_batch: the same through the Batch API.
     """
 
-    mode: str
+    mode: Literal["online", "batch"]
     reason: str
     cost_online: float | None = None
     cost_batch: float | None = None
@@ -181,19 +181,21 @@ def plan(
     provider: Any,
     profile: ModelProfile,
     default_max_tokens: int | None = None,
+    model: str | None = None,
     deadline: float | None = None,
     prefer: str | None = None,
 ) -> Route:
     """The route of a job of *requests*: the one place where "online or batch?" is
     decided, for :meth:`LLMClient.map <llmbatch.client.LLMClient.map>`,
     :func:`llmbatch.map` and :func:`llmbatch.job.run_job` alike (see
-    :func:`choose_route`; the cost comparison uses :func:`estimated_usage`)."""
+    :func:`choose_route`; the cost comparison uses :func:`estimated_usage`, counting
+    with *model*'s tokenizer where a request names no model)."""
     return choose_route(
         mode,
         provider=provider,
         profile=profile,
         items=len(requests),
-        usage=estimated_usage(requests, default_max_tokens),
+        usage=estimated_usage(requests, default_max_tokens, model=model),
         deadline=deadline,
         prefer=prefer,
     )

@@ -33,6 +33,7 @@ from typing import Any, Generic, TypeVar
 from llmbatch.context import ItemContext, current_item, enter_item
 from llmbatch.errors import PermanentError
 from llmbatch.failure import (
+    AbortReason,
     BatchFailed,
     BatchResult,
     FailureCounts,
@@ -48,6 +49,7 @@ __all__ = [
     "BatchStream",
     "ItemContext",
     "Outcome",
+    "aiterate",
     "current_item",
     "run_batch",
     "stream_batch",
@@ -198,7 +200,7 @@ class _Batch(Generic[ItemT, T]):
                     self._on_result(index, error)
                 elif queue is not None:
                     await queue.put(Outcome(index, error))
-                reason = "fatal" if is_fatal(exc) else None
+                reason: AbortReason | None = "fatal" if is_fatal(exc) else None
                 reason = reason or self._strategy(
                     error, FailureCounts(self._finished, self._failed)
                 )
@@ -231,7 +233,7 @@ class _Batch(Generic[ItemT, T]):
         if self._results is not None:
             self._results[index] = error
 
-    def _abort_batch(self, error: ItemError, reason: str) -> None:
+    def _abort_batch(self, error: ItemError, reason: AbortReason) -> None:
         """Start no new item; cancel the items in flight, except those whose request is
         at the provider (it accepted the work and may bill it): they finish, their
         answers are kept, and they make no further attempt."""
@@ -280,6 +282,17 @@ class _Batch(Generic[ItemT, T]):
         for task in self._tasks:
             if not task.cancelled() and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]  # e.g. the input iterator failed
+
+
+async def aiterate(items: Iterable[ItemT] | AsyncIterable[ItemT]) -> AsyncIterator[ItemT]:
+    """*items*, whichever kind of iterable they are, as an async iterator (consumed
+    lazily, as :func:`run_batch` consumes them)."""
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item
 
 
 async def run_batch(

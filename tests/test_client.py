@@ -12,8 +12,8 @@ from redis.asyncio import Redis
 from structlog.testing import capture_logs
 from tenacity import stop_after_attempt, wait_fixed
 
+from llmbatch.api import map as llm_map
 from llmbatch.client import LLMClient, build_request
-from llmbatch.client import map as llm_map
 from llmbatch.config import LimiterSettings
 from llmbatch.errors import (
     AuthenticationFailed,
@@ -24,8 +24,7 @@ from llmbatch.errors import (
     RateLimited,
 )
 from llmbatch.failure import BatchFailed, ItemError
-from llmbatch.limits import Limits, RateLimiter, quota_name
-from llmbatch.limits_redis import RedisRateLimiter
+from llmbatch.limits import Limits, RateLimiter, RedisRateLimiter, quota_name
 from llmbatch.models import Request, Response
 from llmbatch.providers.base import Admission
 from llmbatch.providers.fake import FakeProvider
@@ -228,7 +227,7 @@ async def test_usage_cost_and_budget_stop(clock: FakeClock) -> None:
 
 async def test_imap_streams_outcomes_with_their_index(clock: FakeClock) -> None:
     """llmbatch.imap yields one outcome per item as it finishes, errors included."""
-    from llmbatch.client import imap
+    from llmbatch.api import imap
 
     outcomes = []
     async with imap("{item}", ["a", " ", "c"], model="m", provider=FakeProvider(echo)) as stream:
@@ -242,7 +241,7 @@ def test_map_sync_outside_and_inside_a_running_loop() -> None:
     """map_sync works from plain code and from inside a running loop (a notebook)."""
     import asyncio
 
-    from llmbatch.client import map_sync
+    from llmbatch.api import map_sync
 
     plain = map_sync("{item}", ["x", "y"], model="m", provider=FakeProvider(echo))
     assert ["echo: x", "echo: y"] == [r.text for r in plain.ok]
@@ -495,7 +494,7 @@ async def test_the_client_settles_by_the_providers_refund_rule(
 class BrokenFeedback(RateLimiter):
     """A limiter whose server went away after admitting the request."""
 
-    def observe(self, headers: Any, permit: Any = None) -> None:
+    async def observe(self, headers: Any, permit: Any = None) -> None:
         raise ConnectionError("redis://:hunter2-secret@cache:6379 is unreachable")
 
 

@@ -97,6 +97,10 @@ TESTING_ALL = [
 NOT_LIBRARY_ERRORS = {
     "llmbatch.testing._batchsim._Reject",
     "llmbatch.testing._endpoint.ApiError",
+    # the simulator's own reasons to answer 400 to a response_format or tool schema
+    "llmbatch.testing._schema.SchemaError",
+    "llmbatch.testing._schema._Unsupported",
+    "llmbatch.testing._structured.FormatError",
 }
 
 

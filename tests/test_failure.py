@@ -17,6 +17,7 @@ from llmbatch.failure import (
     OnError,
     Skip,
     failure_strategy,
+    finish,
 )
 
 
@@ -153,3 +154,49 @@ def test_batch_failed_message_names_the_item_and_progress() -> None:
     assert exc.result is partial
     streamed = BatchFailed(_error(5), reason="max_failures", result=None)
     assert "batch aborted (max_failures) at item 5: ValueError: bad 5" == str(streamed)
+
+
+def _outcomes(pattern: str) -> list[Any]:
+    """``"ok x ok"`` -> results with an ItemError where ``x`` is."""
+    return [
+        ItemError(index=i, key=None, error_type="BadRequest", message=f"bad {i}")
+        if kind == "x"
+        else f"answer {i}"
+        for i, kind in enumerate(pattern.split())
+    ]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "on_error", "aborted_at", "reason"),
+    [
+        ("ok ok ok", "fail_fast", None, None),
+        ("ok x ok x", "fail_fast", 1, "fail_fast"),
+        ("ok x ok x", "collect", None, None),
+        ("ok x ok x", CollectErrors(max_failures=1), 3, "max_failures"),
+        ("x ok x ok", Skip(max_failures=5), None, None),
+        ("ok x x x", Skip(max_failure_rate=0.5, min_items_for_rate=2), 2, "max_failure_rate"),
+    ],
+)
+def test_finish_judges_a_finished_batch_by_its_strategy(
+    pattern: str, on_error: Any, aborted_at: int | None, reason: str | None
+) -> None:
+    """A batch that ran to the end (a Batch API job) is judged as if its items had
+    finished in input order: the error where the strategy aborts raises BatchFailed
+    carrying every result; otherwise the result comes back whole."""
+    outcomes = _outcomes(pattern)
+    if aborted_at is None:
+        result = finish(outcomes, on_error)
+        assert outcomes == result.results
+        assert pattern.split().count("x") == result.failed
+        return
+    with pytest.raises(BatchFailed) as caught:
+        finish(outcomes, on_error)
+    assert (aborted_at, reason) == (caught.value.error.index, caught.value.reason)
+    assert caught.value.result is not None
+    assert outcomes == caught.value.result.results
+
+
+def test_finish_under_skip_hands_on_the_successes_only() -> None:
+    result = finish(_outcomes("ok x ok"), "skip")
+    assert ["answer 0", "answer 2"] == result.for_post()
+    assert [1] == [e.index for e in result.skipped]

@@ -65,13 +65,13 @@ async def drive(
                         run.rate_limited += 1
                         retry_after = float(exc.response.headers.get("retry-after", "1"))
                         kind = (exc.body or {}).get("type") if isinstance(exc.body, dict) else None
-                        limiter.on_rate_limited(
+                        await limiter.on_rate_limited(
                             retry_after, dimension="tpm" if kind == "tokens" else "rpm"
                         )
                         continue
                     finally:
                         permit.release()
-                    limiter.observe(raw.headers, permit)
+                    await limiter.observe(raw.headers, permit)
                     usage = raw.parse().usage
                     assert usage is not None
                     permit.settle(tokens=usage.prompt_tokens + max_tokens)
@@ -178,9 +178,11 @@ async def test_anthropic_input_and_output_token_limits(clock: FakeClock) -> None
                             )
                         except anthropic.RateLimitError as exc:
                             refused += 1
-                            limiter.on_rate_limited(float(exc.response.headers["retry-after"]))
+                            await limiter.on_rate_limited(
+                                float(exc.response.headers["retry-after"])
+                            )
                             continue
-                    limiter.observe(raw.headers, permit)
+                    await limiter.observe(raw.headers, permit)
                     usage = (await raw.parse()).usage
                     permit.settle(
                         input_tokens=usage.input_tokens, output_tokens=usage.output_tokens

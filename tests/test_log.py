@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent(
             raise ProviderUnavailable("overloaded")
         return "ok " + request.messages[-1]["content"]
 
-    result = llmbatch.client.map_sync(
+    result = llmbatch.map_sync(
         "{item}", [f"x{i}" for i in range(20)], model="m", provider=FakeProvider(handler),
         limits=llmbatch.Limits(rpm=6000), retry=RetryPolicy(wait=wait_fixed(0)),
     )

@@ -21,7 +21,7 @@ from llmbatch.failure import ItemError
 from llmbatch.models import Request, Response, Usage
 from llmbatch.providers.local import LocalProvider
 from llmbatch.providers.openai import OpenAIProvider
-from llmbatch.routing import BATCH_WINDOW, Route, choose_route
+from llmbatch.routing import BATCH_WINDOW, Prefer, Route, choose_route
 from llmbatch.testing import FakeClock
 from llmbatch.testing._content import content_tag
 from llmbatch.testing.pytest_plugin import SimulatorFactory
@@ -307,7 +307,7 @@ EAGER = ModelProfile(
 async def test_auto_mode_really_goes_both_ways(
     simulator_factory: SimulatorFactory,
     items: int,
-    prefer: str | None,
+    prefer: Prefer | None,
     deadline: float | None,
     expected: str,
 ) -> None:
@@ -353,4 +353,4 @@ async def test_batch_mode_through_the_client_needs_a_batch_api(tmp_path: Path) -
         with pytest.raises(ValueError, match="local provider has no Batch API"):
             await client.map(requests, mode="batch")
         with pytest.raises(ValueError, match="mode must be one of"):
-            await client.map(requests, mode="later")
+            await client.map(requests, mode="later")  # type: ignore[arg-type]

@@ -27,7 +27,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "llmbatch.integrations.pandas needs pandas: pip install 'llmbatch[pandas]'"
     ) from exc
 
-from llmbatch.client import map as llm_map
+from llmbatch.api import map as llm_map
 from llmbatch.failure import BatchResult, ItemError, OnError, failure_strategy
 from llmbatch.models import Request, Response
 

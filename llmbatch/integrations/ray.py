@@ -19,12 +19,14 @@
 Ray's own LLM processor limits ``qps`` per worker, so the real rate is qps x workers.
 Here every worker (a Ray actor running :class:`LLMBatchUDF`) takes its permits from one
 shared quota: the Redis limiter when ``redis_url`` is given
-(:class:`~llmbatch.limits_redis.RedisRateLimiter`), otherwise a named Ray actor
+(:class:`~llmbatch.limits.RedisRateLimiter`), otherwise a named Ray actor
 (:class:`QuotaActor`) that runs one :class:`~llmbatch.limits.RateLimiter` for the whole
-cluster. Each worker builds its client inside its own event loop (a thread it owns),
-once. Rows come back with ``llm_answer``, ``llm_error``, ``llm_input_tokens``,
-``llm_output_tokens`` and ``llm_cost`` columns; the failure policy applies per row, and
-a fatal error (a refused key, an exhausted quota) stops the dataset with its message.
+cluster, which workers reach through :class:`RayQuotaLimiter` (the
+:class:`~llmbatch.limits.Limiter` contract). Each worker builds its client inside its
+own event loop (a thread it owns), once. Rows come back with ``llm_answer``,
+``llm_error``, ``llm_input_tokens``, ``llm_output_tokens`` and ``llm_cost`` columns; the
+failure policy applies per row, and a fatal error (a refused key, an exhausted quota)
+stops the dataset with its message.
 """
 
 from __future__ import annotations
@@ -45,7 +47,16 @@ from llmbatch.client import LLMClient, build_request
 from llmbatch.errors import LLMBatchError
 from llmbatch.failure import BatchFailed, OnError, failure_strategy
 from llmbatch.integrations.pandas import result_frame
-from llmbatch.limits import LimiterStatistics, Limits, RateLimiter
+from llmbatch.limits import (
+    BucketPermit,
+    Limiter,
+    LimiterStatistics,
+    Limits,
+    Permit,
+    RateLimiter,
+    RateLimitHeaders,
+    RedisRateLimiter,
+)
 from llmbatch.models import Request
 from llmbatch.providers.base import Provider
 from llmbatch.retry import RetryPolicy
@@ -65,7 +76,7 @@ class QuotaActor:
     def __init__(self, limits: Mapping[str, Any]) -> None:
         self.limits = Limits(**limits)
         self._limiter: RateLimiter | None = None
-        self._permits: dict[int, Any] = {}
+        self._permits: dict[int, BucketPermit] = {}
         self._next = 0
 
     def _get(self) -> RateLimiter:
@@ -96,6 +107,13 @@ class QuotaActor:
         if permit is not None:
             permit.release()
 
+    def abandon(self, number: int) -> None:
+        """Permit *number* was granted to a wait that was cancelled meanwhile: release
+        it (what it took of the buckets stays spent, as for a request never answered)."""
+        permit = self._permits.pop(number, None)
+        if permit is not None:
+            permit.release()
+
     def settle(self, number: int, actual: Mapping[str, float], refund: bool | None = None) -> None:
         """The actual usage of a finished request (*refund*: the provider's rule)."""
         permit = self._permits.pop(number, None)
@@ -103,13 +121,15 @@ class QuotaActor:
             permit.release()
             permit.settle(**actual, refund=refund)
 
-    def observe(self, headers: Mapping[str, str], number: int | None = None) -> None:
+    async def observe(
+        self, headers: Mapping[str, str] | RateLimitHeaders, number: int | None = None
+    ) -> None:
         """A response's rate-limit headers."""
-        self._get().observe(headers, self._permits.get(number) if number else None)
+        await self._get().observe(headers, self._permits.get(number) if number else None)
 
-    def on_rate_limited(self, retry_after: float | None, dimension: str | None) -> None:
+    async def on_rate_limited(self, retry_after: float | None, dimension: str | None) -> None:
         """A 429: pause the whole cluster's quota."""
-        self._get().on_rate_limited(retry_after, dimension=dimension)
+        await self._get().on_rate_limited(retry_after, dimension=dimension)
 
     def statistics(self) -> LimiterStatistics:
         """The limiter's counters."""
@@ -145,7 +165,10 @@ def close_quota(name: str) -> bool:
     return True
 
 
-class _RayPermit:
+class _RayPermit(Permit):
+    """A permit of a :class:`QuotaActor`, known by its number there. Releasing and
+    settling are calls to the actor that nobody waits for (the contract's plain calls)."""
+
     __slots__ = ("_actor", "number", "released")
 
     def __init__(self, actor: Any, number: int) -> None:
@@ -153,22 +176,36 @@ class _RayPermit:
         self.number = number
         self.released = False
 
+    def __repr__(self) -> str:
+        return f"<RayPermit {self.number} released={self.released}>"
+
     def release(self) -> None:
         if not self.released:
             self.released = True
             self._actor.release.remote(self.number)
 
-    def settle(self, *, refund: bool | None = None, **actual: float | None) -> None:
+    def settle(
+        self,
+        *,
+        tokens: float | None = None,
+        input_tokens: float | None = None,
+        output_tokens: float | None = None,
+        refund: bool | None = None,
+    ) -> None:
+        actual = {"tokens": tokens, "input_tokens": input_tokens, "output_tokens": output_tokens}
         used = {k: v for k, v in actual.items() if v is not None}
         self._actor.settle.remote(self.number, used, refund)
 
 
-class RayQuotaLimiter:
-    """The limiter contract (``acquire``, ``observe``, ``on_rate_limited``,
-    ``statistics``) over a :class:`QuotaActor`, for :class:`~llmbatch.client.LLMClient`."""
+class RayQuotaLimiter(Limiter):
+    """The :class:`~llmbatch.limits.Limiter` contract over a :class:`QuotaActor`, for
+    :class:`~llmbatch.client.LLMClient`: ``acquire``, ``observe`` and ``on_rate_limited``
+    wait until the actor has done it; ``statistics`` blocks for its answer (not for the
+    event loop's hot path)."""
 
     def __init__(self, actor: Any) -> None:
         self._actor = actor
+        self._tasks: set[asyncio.Future[None]] = set()
 
     def __repr__(self) -> str:
         return f"<RayQuotaLimiter {self._actor}>"
@@ -182,12 +219,30 @@ class RayQuotaLimiter:
         output_tokens: float = 0,
     ) -> _RayPermit:
         """Wait for the cluster's quota."""
-        number = await self._actor.acquire.remote(requests, tokens, input_tokens, output_tokens)
+        call = self._actor.acquire.remote(requests, tokens, input_tokens, output_tokens)
+        try:
+            number = await call
+        except asyncio.CancelledError:
+            # The actor's wait goes on unless cancelled there too (then it takes
+            # nothing); should it have granted the permit just before, its number is
+            # on its way: release it.
+            ray.cancel(call)
+            self._background(self._give_back(call))
+            raise
         return _RayPermit(self._actor, number)
 
-    def observe(self, headers: Mapping[str, str], permit: _RayPermit | None = None) -> None:
-        """Forward a response's headers to the quota (fire and forget)."""
-        self._actor.observe.remote(dict(headers), permit.number if permit else None)
+    async def observe(
+        self, headers: Mapping[str, str] | RateLimitHeaders, permit: Permit | None = None
+    ) -> None:
+        """Forward a response's headers to the quota (waits until the actor has them).
+
+        Raises:
+            TypeError: *permit* was not issued by a :class:`RayQuotaLimiter`.
+        """
+        if permit is not None and not isinstance(permit, _RayPermit):
+            raise TypeError(f"{permit!r} is not a permit of {self!r}")
+        sent = headers if isinstance(headers, RateLimitHeaders) else dict(headers)
+        await self._actor.observe.remote(sent, permit.number if permit else None)
 
     async def on_rate_limited(
         self, retry_after: float | None = None, *, dimension: str | None = None
@@ -199,6 +254,25 @@ class RayQuotaLimiter:
         """The quota's counters (a blocking call: not for the event loop's hot path)."""
         stats: LimiterStatistics = ray.get(self._actor.statistics.remote())
         return stats
+
+    async def aclose(self) -> None:
+        """Wait for the permits of cancelled acquires to be given back (the actor itself
+        is the cluster's: :func:`close_quota` stops it)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def _give_back(self, call: Any) -> None:
+        """Release the permit of a cancelled acquire, if the actor granted it all the same."""
+        try:
+            number = await call
+        except ray.exceptions.RayError:
+            return  # cancelled at the actor (or the actor is gone): nothing was taken
+        await self._actor.abandon.remote(number)
+
+    def _background(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
 
 class LLMBatchUDF:
@@ -255,11 +329,9 @@ class LLMBatchUDF:
         settings = _limits_dict(limits)
 
         async def build() -> LLMClient:
-            limiter: Any
+            limiter: Limiter
             if redis_url is not None:
                 from redis.asyncio import Redis
-
-                from llmbatch.limits_redis import RedisRateLimiter
 
                 redis = Redis.from_url(redis_url)
                 limiter = RedisRateLimiter(

@@ -95,10 +95,21 @@ class Provider(Protocol):
 
 @runtime_checkable
 class SupportsEmbeddings(Protocol):
-    """A provider that embeds texts (OpenAI and compatible servers)."""
+    """A provider that embeds texts (OpenAI and compatible servers): its rate-limit
+    rules take embedding requests too."""
 
     async def embed(self, request: EmbeddingRequest) -> Embedding:
         """Embed one text; raise :mod:`llmbatch.errors` exceptions only."""
+        ...
+
+    def admission(self, request: Request | EmbeddingRequest, model: str) -> Admission:
+        """What *request* (a completion or an embedding) costs at admission."""
+        ...
+
+    def settlement(
+        self, request: Request | EmbeddingRequest, response: Response | Embedding
+    ) -> Admission:
+        """What the call finally cost against the limits."""
         ...
 
 

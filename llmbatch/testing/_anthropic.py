@@ -22,6 +22,13 @@ from llmbatch.testing._content import anthropic_message, estimate_tokens
 from llmbatch.testing._endpoint import Answer, ApiError, Endpoint, dumps, retry_headers
 from llmbatch.testing._faults import Fault
 from llmbatch.testing._quota import Quota, Rejection
+from llmbatch.testing._structured import (
+    FormatError,
+    Spoil,
+    anthropic_request_spec,
+    anthropic_spec,
+    plan_output,
+)
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -189,6 +196,10 @@ class Messages(Endpoint):
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
                 raise ApiError(400, f"messages.{i}.role: Input should be 'user' or 'assistant'")
+        try:
+            anthropic_request_spec(body)
+        except FormatError as error:
+            raise ApiError(400, error.message) from None
         prompt_tokens = estimate_tokens(body)
         window = self.config.context_window
         if prompt_tokens + max_tokens > window:
@@ -199,23 +210,34 @@ class Messages(Endpoint):
             )
         return model, prompt_tokens, max_tokens
 
-    def answer(self, body: dict[str, Any], prompt_tokens: int, token: str) -> Answer:
-        message = anthropic_message(body, message_id=f"msg_{token}", input_tokens=prompt_tokens)
+    def answer(
+        self, body: dict[str, Any], prompt_tokens: int, token: str, spoil: Spoil | None = None
+    ) -> Answer:
+        output = plan_output(body, anthropic_spec(body), faults=self.structured, spoil=spoil)
+        counted = output if output.outcome is not None else None
+        message = anthropic_message(
+            body, message_id=f"msg_{token}", input_tokens=prompt_tokens, output=output
+        )
         produced = message["usage"]["output_tokens"]
         if not body.get("stream"):
-            return Answer([dumps(message)], produced, streaming=False)
+            return Answer([dumps(message)], produced, streaming=False, output=counted)
         start = {**message, "content": [], "stop_reason": None}
         start["usage"] = {"input_tokens": message["usage"]["input_tokens"], "output_tokens": 1}
-        words = message["content"][0]["text"].split(" ")
+        block = message["content"][0]
+        if block["type"] == "tool_use":
+            # the input arrives as partial JSON, a few words at a time
+            opening = {**block, "input": {}}
+            pieces = dumps(block["input"]).decode().split(" ")
+            delta_type, field = "input_json_delta", "partial_json"
+        else:
+            opening = {"type": "text", "text": ""}
+            pieces = block["text"].split(" ")
+            delta_type, field = "text_delta", "text"
         events = [
             _event("message_start", {"type": "message_start", "message": start}),
             _event(
                 "content_block_start",
-                {
-                    "type": "content_block_start",
-                    "index": 0,
-                    "content_block": {"type": "text", "text": ""},
-                },
+                {"type": "content_block_start", "index": 0, "content_block": opening},
             ),
             _event("ping", {"type": "ping"}),
         ]
@@ -225,10 +247,10 @@ class Messages(Endpoint):
                 {
                     "type": "content_block_delta",
                     "index": 0,
-                    "delta": {"type": "text_delta", "text": word if i == 0 else " " + word},
+                    "delta": {"type": delta_type, field: piece if i == 0 else " " + piece},
                 },
             )
-            for i, word in enumerate(words)
+            for i, piece in enumerate(pieces)
         )
         events += [
             _event("content_block_stop", {"type": "content_block_stop", "index": 0}),
@@ -242,4 +264,4 @@ class Messages(Endpoint):
             ),
             _event("message_stop", {"type": "message_stop"}),
         ]
-        return Answer(events, produced, streaming=True)
+        return Answer(events, produced, streaming=True, output=counted)

@@ -36,7 +36,11 @@ state by advancing the clock::
   ``errored`` results. Output lines are shuffled deterministically (``shuffle_output``).
 
 Response bodies come from :mod:`llmbatch.testing._content`, so every output can be traced
-back to its input by the ``[content_tag]`` its text starts with.
+back to its input by the ``[content_tag]`` its text starts with. Requests that ask for JSON
+(``response_format``, a forced Anthropic tool, ``output_config.format``) get the same JSON
+as online (:mod:`llmbatch.testing._structured`), never spoiled: the online endpoints'
+``invalid_json``/``schema_violations`` fractions and scripts do not reach the batches; a
+malformed or refused output format fails that request with the online endpoint's 400.
 
 Scale: request bodies are streamed past the application's ``client_max_size`` up to the
 providers' limits (200 MB files, 256 MB Anthropic batches). Parsing, item building and
@@ -63,11 +67,17 @@ from typing import Any, TypeVar
 from aiohttp import BodyPartReader, web
 
 from llmbatch.testing._content import (
+    Output,
     anthropic_message,
-    completion_plan,
     embeddings_response,
     estimate_tokens,
     openai_chat_completion,
+)
+from llmbatch.testing._structured import (
+    FormatError,
+    anthropic_request_spec,
+    batch_output,
+    openai_request_spec,
 )
 
 __all__ = ["ORGANIZATION", "BatchBackend", "BatchSimConfig"]
@@ -327,9 +337,24 @@ def _is_positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def _output_tokens(body: Mapping[str, Any]) -> int:
-    """Completion tokens the simulated answer to a chat/messages *body* will have."""
-    return completion_plan(body)[1] * int(body.get("n") or 1)
+def _openai_output(body: Mapping[str, Any]) -> tuple[Output | None, dict[str, Any] | None]:
+    """``(what the model writes, None)`` for a chat *body*, or ``(None, the 400 body)``
+    when the online endpoint refuses its ``response_format``."""
+    try:
+        openai_request_spec(body)
+    except FormatError as error:
+        return None, _openai_error_body(error.message, param=error.param, code=error.code)
+    return batch_output(body, "openai"), None
+
+
+def _anthropic_output(params: Mapping[str, Any]) -> tuple[Output | None, str | None]:
+    """``(what the model writes, None)`` for Messages *params*, or ``(None, the 400
+    message)`` when the online endpoint refuses their tools or output format."""
+    try:
+        anthropic_request_spec(params)
+    except FormatError as error:
+        return None, error.message
+    return batch_output(params, "anthropic"), None
 
 
 # --------------------------------------------------------------------------------------
@@ -592,6 +617,9 @@ def _openai_items(
     for custom_id, body in requests:
         input_tokens = estimate_tokens(body)
         error = _openai_body_error(endpoint, body)
+        output: Output | None = None
+        if error is None and endpoint != "/v1/embeddings":
+            output, error = _openai_output(body)
         if error is not None:
             items.append(_Item(custom_id, body, input_tokens, 0, 400, error))
         elif _fails(config, batch_id, custom_id):
@@ -601,7 +629,7 @@ def _openai_items(
             )
             items.append(_Item(custom_id, body, input_tokens, 0, config.failure_status_code, error))
         else:
-            output_tokens = 0 if endpoint == "/v1/embeddings" else _output_tokens(body)
+            output_tokens = 0 if output is None else output.tokens * int(body.get("n") or 1)
             items.append(_Item(custom_id, body, input_tokens, output_tokens))
     return items
 
@@ -727,6 +755,7 @@ class _OpenAIBatch:
                     completion_id=answer_id,
                     created=int(s.item_done_at(index)),
                     prompt_tokens=item.input_tokens,
+                    output=batch_output(item.body, "openai"),
                 )
             response = {"status_code": 200, "request_id": request_id, "body": body}
             output.append(
@@ -834,8 +863,11 @@ def _anthropic_items(
         custom_id, params = entry["custom_id"], entry["params"]
         input_tokens = estimate_tokens(params)
         problem = _anthropic_param_error(params)
-        if problem is None and not _fails(config, batch_id, custom_id):
-            items.append(_Item(custom_id, params, input_tokens, _output_tokens(params)))
+        output: Output | None = None
+        if problem is None:
+            output, problem = _anthropic_output(params)
+        if output is not None and not _fails(config, batch_id, custom_id):
+            items.append(_Item(custom_id, params, input_tokens, output.tokens))
             continue
         kind, message = (
             ("invalid_request_error", problem)
@@ -907,7 +939,11 @@ class _AnthropicBatch:
                 message_id = _derived_id(self.id, index, "msg_")
                 result = {
                     "type": "succeeded",
-                    "message": anthropic_message(item.body, message_id=message_id),
+                    "message": anthropic_message(
+                        item.body,
+                        message_id=message_id,
+                        output=batch_output(item.body, "anthropic"),
+                    ),
                 }
             lines.append({"custom_id": item.custom_id, "result": result})
         return b"".join(_shuffled(_jsonl(lines), config, f"{self.id}:results"))

@@ -84,6 +84,20 @@ def _status_fractions(
 @click.option("--hang-seconds", type=float, default=3600.0, show_default=True)
 @click.option("--reset", type=float, default=0.0, show_default=True, help="Fraction reset.")
 @click.option("--malformed", type=float, default=0.0, show_default=True, help="Fraction garbled.")
+@click.option(
+    "--invalid-json",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Fraction of JSON answers (response_format, forced tools) sent as broken JSON.",
+)
+@click.option(
+    "--schema-violations",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Fraction of JSON answers sent as valid JSON that breaks the schema.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds faults and jitter.")
 @click.option("--batch/--no-batch", default=True, show_default=True, help="Serve the Batch APIs.")
 @click.option(

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from llmbatch.testing._batchsim import BatchSimConfig
 from llmbatch.testing._faults import Fault, FaultScript
 from llmbatch.testing._quota import ChargeRejected
+from llmbatch.testing._structured import StructuredFaults
 
 __all__ = ["DEFAULT_MODELS", "SimulatorConfig"]
 
@@ -68,6 +69,16 @@ class SimulatorConfig:
         hang_seconds: how long a hang lasts (make it longer than the client's timeout).
         reset: fraction of requests whose connection is reset mid-response.
         malformed: fraction of requests answered 200 with a truncated JSON body.
+        invalid_json: fraction of JSON answers (``response_format`` json_schema or
+            json_object, forced Anthropic tools, ``output_config.format``) sent as
+            unparseable JSON: cut short, or with a trailing comma.
+        schema_violations: fraction of JSON answers sent as valid JSON that breaks the
+            schema: a required property missing, or one of the wrong type.
+            Both are drawn per prompt from ``seed`` (the same prompt is always spoiled the
+            same way), never for a follow-up (a re-ask); a script can spoil any request
+            with ``Fault(kind="invalid_json" | "schema_violation", nth=...)``. Batch
+            API answers are never spoiled (:class:`BatchSimConfig` fails whole requests
+            instead, with ``failure_rate``).
         script: scripted faults (``Fault(nth=..., key=...)``) or a callable
             ``(RequestInfo) -> Fault | None``; consulted before the fractions.
         seed: seeds the fault draws and the jitter.
@@ -99,6 +110,8 @@ class SimulatorConfig:
     hang_seconds: float = 3600.0
     reset: float = 0.0
     malformed: float = 0.0
+    invalid_json: float = 0.0
+    schema_violations: float = 0.0
     script: FaultScript = ()
     seed: int = 0
     batch: BatchSimConfig | None = field(default_factory=BatchSimConfig)
@@ -137,6 +150,12 @@ class SimulatorConfig:
             sum(fractions) <= 1 + 1e-9,
             "fractions that, with hang/reset/malformed, sum to <= 1",
         )
+        structured = (self.invalid_json, self.schema_violations)
+        check(
+            "invalid_json",
+            all(0 <= p <= 1 for p in structured) and sum(structured) <= 1 + 1e-9,
+            "a fraction that, with schema_violations, sums to <= 1",
+        )
         # normalize to immutable values, so that the config stays a value
         object.__setattr__(self, "errors", MappingProxyType(errors))
         object.__setattr__(self, "models", tuple(self.models))
@@ -167,6 +186,10 @@ class SimulatorConfig:
         pairs += [(Fault(kind="hang"), self.hang), (Fault(kind="reset"), self.reset)]
         pairs.append((Fault(kind="malformed"), self.malformed))
         return pairs
+
+    def structured_faults(self) -> StructuredFaults:
+        """The fractions of JSON answers to spoil, with the seed that draws them."""
+        return StructuredFaults(self.invalid_json, self.schema_violations, self.seed)
 
 
 def _default(f: Field[Any]) -> Any:

@@ -4,6 +4,10 @@ Every response is a pure function of its request: the completion text starts wit
 ``[<tag>]`` where ``tag`` is :func:`content_tag` of the last user message, so a test can
 prove which input an output belongs to, and the same request always gets the same answer.
 The completion length is derived from the same hash and never exceeds ``max_tokens``.
+
+What the model writes is an :class:`Output`: :func:`text_output` for plain text, or
+:func:`llmbatch.testing._structured.plan_output` for JSON answers and tool calls; the
+body builders here wrap it in each provider's response object.
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
+    "Output",
     "anthropic_message",
     "completion_plan",
     "content_tag",
@@ -23,6 +29,10 @@ __all__ = [
     "estimate_tokens",
     "last_user_text",
     "openai_chat_completion",
+    "tagged_words",
+    "text_of",
+    "text_output",
+    "tool_use_id",
 ]
 
 #: what the simulator charges (and caps a completion at) when a request sets no max_tokens
@@ -62,7 +72,30 @@ def content_tag(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
 
 
-def _text_of(content: Any) -> str:
+@dataclass(frozen=True, slots=True)
+class Output:
+    """What the simulated model writes for one request (one choice).
+
+    Args:
+        text: the completion text (for a tool call: its input as JSON).
+        tokens: the output tokens it costs.
+        truncated: whether ``max_tokens`` cut it short.
+        tool: for a tool call, ``{"name": ..., "input": {...}}``; else None.
+        outcome: for a JSON answer, ``"valid"``, ``"invalid_json"``,
+            ``"schema_violation"`` or ``"truncated"``; None for plain text.
+        follow_up: whether the request continues a conversation after an answer
+            (an assistant turn followed by a user turn), as a re-ask does.
+    """
+
+    text: str
+    tokens: int
+    truncated: bool
+    tool: Mapping[str, Any] | None = None
+    outcome: str | None = None
+    follow_up: bool = False
+
+
+def text_of(content: Any) -> str:
     """Flatten OpenAI/Anthropic message content (a string or a list of parts) to text."""
     if isinstance(content, str):
         return content
@@ -79,7 +112,7 @@ def last_user_text(messages: Sequence[Mapping[str, Any]]) -> str:
     """The text of the last ``user`` message ('' when there is none)."""
     for message in reversed(messages):
         if message.get("role") == "user":
-            return _text_of(message.get("content"))
+            return text_of(message.get("content"))
     return ""
 
 
@@ -93,11 +126,11 @@ def estimate_tokens(body: Mapping[str, Any]) -> int:
     overhead = 0
     for message in body.get("messages") or ():
         if isinstance(message, Mapping):
-            chars += len(_text_of(message.get("content")))
+            chars += len(text_of(message.get("content")))
             overhead += 4
     system = body.get("system")
     if system is not None:
-        chars += len(_text_of(system))
+        chars += len(text_of(system))
         overhead += 4
     inputs = body.get("input", body.get("prompt"))
     if isinstance(inputs, str):
@@ -108,38 +141,50 @@ def estimate_tokens(body: Mapping[str, Any]) -> int:
     return max(1, math.ceil(chars / 4) + overhead)
 
 
+def tagged_words(tag: str) -> list[str]:
+    """The words of the natural (uncut) text answer for *tag*: ``[tag]`` and 15..46 more."""
+    seed = int(tag, 16)
+    natural = 16 + seed % 32
+    return [f"[{tag}]"] + [_WORDS[(seed >> (i % 24) ^ i) % len(_WORDS)] for i in range(1, natural)]
+
+
 def completion_plan(
     body: Mapping[str, Any], *, default_max_tokens: int = DEFAULT_MAX_TOKENS
 ) -> tuple[str, int, bool]:
     """``(text, completion_tokens, truncated)`` for a chat/messages request body.
 
     The natural length is 16..47 tokens (from the hash); ``max_tokens`` (or
-    ``max_completion_tokens``) truncates it, and ``truncated`` says so. With
-    ``response_format`` JSON mode the text is ``{"tag": ..., "words": [...]}``.
+    ``max_completion_tokens``) truncates it, and ``truncated`` says so. This is the plain
+    text answer: requests that ask for JSON are answered by
+    :func:`llmbatch.testing._structured.plan_output`.
     """
     prompt = last_user_text(body.get("messages") or ())
     tag = content_tag(prompt)
     limit = body.get("max_completion_tokens") or body.get("max_tokens") or default_max_tokens
-    seed = int(tag, 16)
-    natural = 16 + seed % 32
+    words = tagged_words(tag)
+    natural = len(words)
     n = max(1, min(natural, int(limit)))
-    words = [f"[{tag}]"] + [_WORDS[(seed >> (i % 24) ^ i) % len(_WORDS)] for i in range(1, n)]
-    text = " ".join(words)
-    response_format = body.get("response_format")
-    if isinstance(response_format, Mapping) and response_format.get("type") in (
-        "json_object",
-        "json_schema",
-    ):
-        # JSON mode: a JSON object carrying the same tag and words
-        text = json.dumps({"tag": tag, "words": words[1:]})
-    return text, n, n < natural
+    words = words[:n]
+    return " ".join(words), n, n < natural
+
+
+def text_output(body: Mapping[str, Any]) -> Output:
+    """The plain-text :class:`Output` for *body* (see :func:`completion_plan`)."""
+    return Output(*completion_plan(body))
 
 
 def openai_chat_completion(
-    body: Mapping[str, Any], *, completion_id: str, created: int, prompt_tokens: int | None = None
+    body: Mapping[str, Any],
+    *,
+    completion_id: str,
+    created: int,
+    prompt_tokens: int | None = None,
+    output: Output | None = None,
 ) -> dict[str, Any]:
-    """A ``chat.completion`` object answering *body* (``n`` choices, ``usage`` included)."""
-    text, tokens, truncated = completion_plan(body)
+    """A ``chat.completion`` object answering *body* (``n`` choices, ``usage`` included);
+    each choice says *output* (default: :func:`text_output`)."""
+    output = output or text_output(body)
+    text, tokens, truncated = output.text, output.tokens, output.truncated
     n = int(body.get("n") or 1)
     prompt_tokens = estimate_tokens(body) if prompt_tokens is None else prompt_tokens
     return {
@@ -165,22 +210,47 @@ def openai_chat_completion(
     }
 
 
+def tool_use_id(message_id: str) -> str:
+    """The ``toolu_…`` id of the tool call in the message *message_id*."""
+    return "toolu_" + hashlib.sha256(message_id.encode()).hexdigest()[:24]
+
+
 def anthropic_message(
-    body: Mapping[str, Any], *, message_id: str, input_tokens: int | None = None
+    body: Mapping[str, Any],
+    *,
+    message_id: str,
+    input_tokens: int | None = None,
+    output: Output | None = None,
 ) -> dict[str, Any]:
     """A Messages API ``message`` object answering *body* (``input_tokens``: the estimate,
-    if the caller has it already)."""
-    text, tokens, truncated = completion_plan(body)
+    if the caller has it already) with *output* (default: :func:`text_output`).
+
+    A tool call is one ``tool_use`` block with ``stop_reason: "tool_use"``, as when
+    ``tool_choice`` forces a tool (or ``"max_tokens"`` when cut short).
+    """
+    output = output or text_output(body)
     input_tokens = estimate_tokens(body) if input_tokens is None else input_tokens
+    content: dict[str, Any]
+    if output.tool is not None:
+        content = {
+            "type": "tool_use",
+            "id": tool_use_id(message_id),
+            "name": output.tool["name"],
+            "input": output.tool["input"],
+        }
+        stop_reason = "max_tokens" if output.truncated else "tool_use"
+    else:
+        content = {"type": "text", "text": output.text}
+        stop_reason = "max_tokens" if output.truncated else "end_turn"
     return {
         "id": message_id,
         "type": "message",
         "role": "assistant",
         "model": body.get("model"),
-        "content": [{"type": "text", "text": text}],
-        "stop_reason": "max_tokens" if truncated else "end_turn",
+        "content": [content],
+        "stop_reason": stop_reason,
         "stop_sequence": None,
-        "usage": {"input_tokens": input_tokens, "output_tokens": tokens},
+        "usage": {"input_tokens": input_tokens, "output_tokens": output.tokens},
     }
 
 

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from llmbatch.testing._config import SimulatorConfig
+    from llmbatch.testing._content import Output
+    from llmbatch.testing._structured import Spoil
 
 __all__ = ["Answer", "ApiError", "Endpoint", "dumps", "retry_headers"]
 
@@ -89,14 +91,23 @@ class Answer:
         chunks: the JSON body as one chunk, or the encoded server-sent events.
         completion_tokens: output tokens produced (for OTPM and the statistics).
         streaming: whether ``chunks`` are server-sent events.
+        output: what the model wrote, when the statistics count it (JSON answers).
     """
 
-    __slots__ = ("chunks", "completion_tokens", "streaming")
+    __slots__ = ("chunks", "completion_tokens", "output", "streaming")
 
-    def __init__(self, chunks: list[bytes], completion_tokens: int, *, streaming: bool) -> None:
+    def __init__(
+        self,
+        chunks: list[bytes],
+        completion_tokens: int,
+        *,
+        streaming: bool,
+        output: Output | None = None,
+    ) -> None:
         self.chunks = chunks
         self.completion_tokens = completion_tokens
         self.streaming = streaming
+        self.output = output
 
 
 class Endpoint(ABC):
@@ -117,6 +128,8 @@ class Endpoint(ABC):
         self.config = config
         #: the ``(name, period, limit)`` buckets of each (key, model) quota; empty = unlimited
         self.limits = self.bucket_specs(config)
+        #: the fractions of JSON answers to spoil
+        self.structured = config.structured_faults()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.path}>"
@@ -187,5 +200,13 @@ class Endpoint(ABC):
         """
 
     @abstractmethod
-    def answer(self, body: dict[str, Any], prompt_tokens: int, token: str) -> Answer:
-        """The successful answer to *body*; *token* makes the response id unique."""
+    def answer(
+        self, body: dict[str, Any], prompt_tokens: int, token: str, spoil: Spoil | None = None
+    ) -> Answer:
+        """The successful answer to *body*; *token* makes the response id unique.
+
+        Args:
+            spoil: a scripted ``"invalid_json"``/``"schema_violation"`` for a JSON answer
+                (ignored by requests that ask for no JSON). :meth:`validate` has already
+                refused the output formats the simulator cannot answer.
+        """

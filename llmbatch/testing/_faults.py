@@ -8,6 +8,11 @@ Two sources decide, in this order:
 2. **fractions**, for soak tests: each request draws once from ``random.Random(seed)``
    and fails with probability ``errors[status]``, ``hang``, ``reset`` or ``malformed``.
 
+Two kinds spoil the *content* of a JSON answer instead of the transport:
+``"invalid_json"`` and ``"schema_violation"`` (see :mod:`llmbatch.testing._structured`).
+They exist only in scripts (their fractions, ``invalid_json`` and ``schema_violations``,
+are drawn per prompt, apart from this plan); a request that asks for no JSON ignores them.
+
 The simulator consults the plan after a request passed authentication and validation
 (``nth`` counts only those), and applies the fault where the response would be sent,
 after the rate limiter and the simulated latency; a scripted ``status=429`` instead
@@ -23,8 +28,10 @@ from typing import Any, Literal, TypeAlias
 
 __all__ = ["Fault", "FaultKind", "FaultPlan", "FaultScript", "RequestInfo"]
 
-FaultKind: TypeAlias = Literal["error", "hang", "reset", "malformed"]
-_KINDS = ("error", "hang", "reset", "malformed")
+FaultKind: TypeAlias = Literal[
+    "error", "hang", "reset", "malformed", "invalid_json", "schema_violation"
+]
+_KINDS = ("error", "hang", "reset", "malformed", "invalid_json", "schema_violation")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -35,7 +42,11 @@ class Fault:
         kind: ``"error"`` answers ``status`` with the provider's error body; ``"hang"``
             holds the request for ``hang_seconds`` (past any sane client timeout);
             ``"reset"`` sends the headers and half the body, then aborts the connection;
-            ``"malformed"`` answers 200 with a truncated JSON body.
+            ``"malformed"`` answers 200 with a truncated JSON body. For requests that ask
+            for JSON (``response_format``, a forced Anthropic tool): ``"invalid_json"``
+            answers 200 with unparseable JSON in the message, ``"schema_violation"`` with
+            JSON that breaks the schema; both hit re-asks too, so scripting the re-ask's
+            ``nth`` makes the re-ask fail as well.
         status: the HTTP status of an ``"error"`` fault (400..599). A 429 gets the
             provider's rate-limit body (or the quota body, see ``error_type``).
         error_type: overrides the ``type`` in the error body; for an OpenAI 429 one of
@@ -65,7 +76,7 @@ class Fault:
 
     @property
     def label(self) -> str:
-        """The statistics' name for it: the status, or ``"hang"``/``"reset"``/``"malformed"``."""
+        """The statistics' name for it: the status, or the kind (``"hang"``, ``"reset"``, ...)."""
         return str(self.status) if self.kind == "error" else self.kind
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from llmbatch.testing._buckets import DAY, MINUTE, go_duration
 from llmbatch.testing._content import (
     DEFAULT_MAX_TOKENS,
-    completion_plan,
+    Output,
     embeddings_response,
     estimate_tokens,
     openai_chat_completion,
@@ -24,6 +24,13 @@ from llmbatch.testing._content import (
 from llmbatch.testing._endpoint import Answer, ApiError, Endpoint, dumps, retry_headers
 from llmbatch.testing._faults import Fault
 from llmbatch.testing._quota import Quota, Rejection
+from llmbatch.testing._structured import (
+    FormatError,
+    Spoil,
+    openai_request_spec,
+    openai_spec,
+    plan_output,
+)
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -256,6 +263,10 @@ class ChatCompletions(_OpenAI):
                     param=f"messages[{i}].role",
                     code="invalid_value",
                 )
+        try:
+            openai_request_spec(body)
+        except FormatError as error:
+            raise ApiError(400, error.message, param=error.param, code=error.code) from None
         max_tokens = _positive_int(body, "max_tokens")
         limit = _positive_int(body, "max_completion_tokens") or max_tokens
         n = _positive_int(body, "n", maximum=128) or 1
@@ -273,7 +284,12 @@ class ChatCompletions(_OpenAI):
             )
         return model, prompt_tokens, (limit or DEFAULT_MAX_TOKENS) * n
 
-    def answer(self, body: dict[str, Any], prompt_tokens: int, token: str) -> Answer:
+    def answer(
+        self, body: dict[str, Any], prompt_tokens: int, token: str, spoil: Spoil | None = None
+    ) -> Answer:
+        spec = openai_spec(body, check_strict=False)
+        output = plan_output(body, spec, faults=self.structured, spoil=spoil)
+        counted = output if output.outcome is not None else None
         completion_id = f"chatcmpl-{token}"
         if not body.get("stream"):
             payload = openai_chat_completion(
@@ -281,15 +297,20 @@ class ChatCompletions(_OpenAI):
                 completion_id=completion_id,
                 created=int(time.time()),
                 prompt_tokens=prompt_tokens,
+                output=output,
             )
             produced = payload["usage"]["completion_tokens"]
-            return Answer([dumps(payload)], produced, streaming=False)
-        return self._stream(body, prompt_tokens, completion_id)
+            return Answer([dumps(payload)], produced, streaming=False, output=counted)
+        answer = self._stream(body, prompt_tokens, completion_id, output)
+        answer.output = counted
+        return answer
 
     @staticmethod
-    def _stream(body: dict[str, Any], prompt_tokens: int, completion_id: str) -> Answer:
+    def _stream(
+        body: dict[str, Any], prompt_tokens: int, completion_id: str, output: Output
+    ) -> Answer:
         """``chat.completion.chunk`` events: a role chunk, one per word, a finish chunk."""
-        text, tokens, truncated = completion_plan(body)
+        text, tokens, truncated = output.text, output.tokens, output.truncated
         n = int(body.get("n") or 1)
         options = body.get("stream_options")
         usage = isinstance(options, dict) and bool(options.get("include_usage"))
@@ -351,5 +372,7 @@ class Embeddings(_OpenAI):
             )
         return model, estimate_tokens(body), 0
 
-    def answer(self, body: dict[str, Any], prompt_tokens: int, token: str) -> Answer:
+    def answer(
+        self, body: dict[str, Any], prompt_tokens: int, token: str, spoil: Spoil | None = None
+    ) -> Answer:
         return Answer([dumps(embeddings_response(body))], 0, streaming=False)

@@ -11,9 +11,21 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["Recorder", "SimulatorStats"]
+if TYPE_CHECKING:
+    from llmbatch.testing._content import Output
+
+__all__ = ["STRUCTURED_COUNTERS", "Recorder", "SimulatorStats"]
+
+#: the keys of ``SimulatorStats.structured``, always present
+STRUCTURED_COUNTERS = ("answered", "invalid_json", "schema_violations", "truncated", "follow_ups")
+#: which counter an :attr:`Output.outcome` bumps
+_OUTCOME_COUNTERS = {
+    "invalid_json": "invalid_json",
+    "schema_violation": "schema_violations",
+    "truncated": "truncated",
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -28,7 +40,8 @@ class SimulatorStats:
         rate_limited: 429 responses by kind: ``"requests"``, ``"tokens"``,
             ``"insufficient_quota"`` (OpenAI) and ``"anthropic"`` (any Anthropic limit).
         faults: injected faults by label: the status of an error fault, or
-            ``"hang"``, ``"reset"``, ``"malformed"``.
+            ``"hang"``, ``"reset"``, ``"malformed"`` (spoiled JSON answers are counted
+            in ``structured``, scripted or not).
         prompt_tokens: estimated prompt (input) tokens charged by admitted requests.
         completion_tokens_reserved: output tokens reserved at admission
             (``max_tokens`` or its default, times ``n``).
@@ -40,6 +53,11 @@ class SimulatorStats:
             clock, counted from the start.
         duplicates: successful answers to a request byte-identical to one answered
             successfully before (spend a client wasted).
+        structured: JSON answers sent (``response_format``, forced Anthropic tools,
+            ``output_config.format``): ``answered`` (all of them, spoiled ones included),
+            ``invalid_json`` and ``schema_violations`` (spoiled on purpose), ``truncated``
+            (cut at ``max_tokens``) and ``follow_ups`` (answers to a conversation that
+            continues after an answer: re-asks).
         batch: the batch backend's counters (empty when batches are off).
     """
 
@@ -55,6 +73,7 @@ class SimulatorStats:
     max_concurrent: int
     admissions_per_second: Mapping[int, int]
     duplicates: int
+    structured: Mapping[str, int]
     batch: Mapping[str, int]
 
     @property
@@ -116,6 +135,7 @@ class Recorder:
         "requests",
         "responses",
         "seen",
+        "structured",
     )
 
     def __init__(self) -> None:
@@ -137,6 +157,7 @@ class Recorder:
         self.duplicates = 0
         #: hashes of the request bodies answered successfully so far
         self.seen: set[int] = set()
+        self.structured: Counter[str] = Counter(dict.fromkeys(STRUCTURED_COUNTERS, 0))
 
     def answered(self, content_hash: int) -> None:
         """Note a successful answer to the request whose body hashes to *content_hash*."""
@@ -144,6 +165,15 @@ class Recorder:
             self.duplicates += 1
         else:
             self.seen.add(content_hash)
+
+    def structured_answer(self, output: Output) -> None:
+        """Count a JSON answer sent, by its outcome."""
+        counts = self.structured
+        counts["answered"] += 1
+        if output.outcome in _OUTCOME_COUNTERS:
+            counts[_OUTCOME_COUNTERS[output.outcome]] += 1
+        if output.follow_up:
+            counts["follow_ups"] += 1
 
     def snapshot(self, batch: Mapping[str, int]) -> SimulatorStats:
         """A frozen copy of the counters, with the batch backend's added."""
@@ -160,5 +190,6 @@ class Recorder:
             max_concurrent=self.max_concurrent,
             admissions_per_second=MappingProxyType(dict(self.admissions)),
             duplicates=self.duplicates,
+            structured=MappingProxyType(dict(self.structured)),
             batch=MappingProxyType(dict(batch)),
         )

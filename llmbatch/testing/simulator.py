@@ -30,6 +30,12 @@ Every online request goes through the same steps, in this order:
 7. **latency**: ``ttft + completion_tokens / tokens_per_second``, scaled by a seeded
    jitter, slept through the injected ``sleep``.
 8. **answer**, or the chosen fault: an error status, a hang, a reset or a malformed body.
+
+Requests that ask for JSON (OpenAI ``response_format``, Anthropic forced tools and
+``output_config.format``) get JSON valid for their schema, tagged with the prompt's
+``[content_tag]``, unless ``invalid_json``/``schema_violations`` or a scripted
+``Fault(kind="invalid_json" | "schema_violation")`` spoil it: see
+:mod:`llmbatch.testing._structured`; ``stats().structured`` counts them.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ from llmbatch.testing._faults import Fault, FaultPlan, RequestInfo
 from llmbatch.testing._openai import ChatCompletions, Embeddings
 from llmbatch.testing._quota import Quota
 from llmbatch.testing._stats import Recorder, SimulatorStats
+from llmbatch.testing._structured import SPOILS
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -232,8 +239,12 @@ class Simulator:
             body = _json_object(raw)
             model, prompt_tokens, reserved = endpoint.validate(body)
             fault = self._pick_fault(endpoint, api_key, model, body)
+            spoil = None
+            if fault is not None and fault.kind in SPOILS:
+                # not a transport fault: the answer itself is spoiled (see _structured)
+                spoil, fault = fault.kind, None
             quota = self._admit(endpoint, api_key, model, prompt_tokens, reserved, headers)
-            answer = endpoint.answer(body, prompt_tokens, token)
+            answer = endpoint.answer(body, prompt_tokens, token, spoil)
             await self._enter()
             try:
                 if fault is not None:
@@ -248,6 +259,8 @@ class Simulator:
             recorder.completion_tokens += produced
             recorder.responses[200] += 1
             recorder.answered(hash((endpoint.path, raw)))
+            if answer.output is not None:
+                recorder.structured_answer(answer.output)
             return response
         except ApiError as error:
             self._stamp(endpoint, headers, started)

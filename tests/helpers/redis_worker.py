@@ -15,8 +15,7 @@ import openai
 from redis.asyncio import Redis
 
 from llmbatch import run_batch
-from llmbatch.limits import Limits
-from llmbatch.limits_redis import RedisRateLimiter
+from llmbatch.limits import Limits, RedisRateLimiter
 
 
 async def main(base_url: str, redis_url: str, quota: str, rpm: int, count: int) -> None:

@@ -1,10 +1,10 @@
-"""Tests for llmbatch.limits, on virtual time (FakeClock.patch_loop): no test sleeps."""
+"""Tests for llmbatch.limits.memory (the in-process RateLimiter and the registry), on
+virtual time (FakeClock.patch_loop): no test sleeps."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -13,15 +13,10 @@ from structlog.testing import capture_logs
 from llmbatch.flow import AsyncParallelBatchNode
 from llmbatch.limits import (
     Limits,
-    Permit,
     RateLimiter,
-    RateLimitHeaders,
     RequestTooLarge,
     get_limiter,
     key_fingerprint,
-    parse_go_duration,
-    parse_reset,
-    send_lag,
 )
 from llmbatch.testing.clock import FakeClock
 
@@ -37,137 +32,6 @@ async def clock() -> AsyncIterator[FakeClock]:
 def full(**kwargs: Any) -> Limits:
     """A limiter that starts full and keeps no cushion, so counts are exact."""
     return Limits(initial_fill=1.0, reserve=0.0, transit=0.0, **kwargs)
-
-
-# -- parsing ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("6m0s", 360.0),
-        ("1m30s", 90.0),
-        ("120ms", 0.12),
-        ("0.5s", 0.5),
-        ("1s", 1.0),
-        ("1h2m3.5s", 3723.5),
-        ("7.66s", 7.66),
-        ("250us", 0.00025),
-        ("20", 20.0),
-        ("1.5", 1.5),
-        ("", None),
-        ("soon", None),
-        ("5m junk", None),
-        ("-3", None),
-    ],
-)
-def test_parse_go_duration(text: str, expected: float | None) -> None:
-    """Go-style durations (and bare seconds) parse; garbage gives None."""
-    assert parse_go_duration(text) == (None if expected is None else pytest.approx(expected))
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("2025-08-21T12:41:00Z", 60.0),
-        ("2025-08-21T12:40:00+00:00", 0.0),
-        ("2025-08-21T12:39:00Z", 0.0),  # in the past: now
-        ("1m0s", 60.0),
-        ("not a time", None),
-    ],
-)
-def test_parse_reset(text: str, expected: float | None) -> None:
-    """Resets are Go durations (OpenAI) or RFC 3339 instants (Anthropic)."""
-    now = datetime(2025, 8, 21, 12, 40, 0, tzinfo=UTC)
-    assert expected == parse_reset(text, now=now)
-
-
-def test_parse_openai_headers() -> None:
-    """OpenAI's x-ratelimit-* headers map to rpm/tpm, case-insensitively."""
-    info = RateLimitHeaders.parse(
-        {
-            "X-RateLimit-Limit-Requests": "60",
-            "x-ratelimit-limit-tokens": "150000",
-            "x-ratelimit-remaining-requests": "59",
-            "x-ratelimit-remaining-tokens": "149984",
-            "x-ratelimit-reset-requests": "1s",
-            "x-ratelimit-reset-tokens": "6m0s",
-        }
-    )
-    assert ({"rpm": 60, "tpm": 150000}, {"rpm": 59, "tpm": 149984}) == (info.limits, info.remaining)
-    assert {"rpm": 1.0, "tpm": 360.0} == info.resets
-
-
-@pytest.mark.parametrize(
-    ("project_left", "expected"),
-    [
-        (90_000, ({"tpm": 100_000}, {"tpm": 90_000}, {"tpm": 60.0})),  # the project binds
-        (149_000, ({"tpm": 150_000}, {"tpm": 140_000}, {"tpm": 6.0})),  # the organization
-    ],
-)
-def test_the_stricter_of_organization_and_project_token_limits_binds(
-    project_left: int, expected: tuple[dict[str, int], dict[str, int], dict[str, float]]
-) -> None:
-    """With a project-scoped limit OpenAI also sends x-ratelimit-*-project-tokens: the
-    limit with less remaining is the one read, its limit, remaining and reset together."""
-    info = RateLimitHeaders.parse(
-        {
-            "x-ratelimit-limit-tokens": "150000",
-            "x-ratelimit-remaining-tokens": "140000",
-            "x-ratelimit-reset-tokens": "6s",
-            "x-ratelimit-limit-project-tokens": "100000",
-            "x-ratelimit-remaining-project-tokens": str(project_left),
-            "x-ratelimit-reset-project-tokens": "1m0s",
-        }
-    )
-    assert expected == (info.limits, info.remaining, info.resets)
-
-
-def test_parse_anthropic_headers_and_garbage() -> None:
-    """Anthropic's headers map to rpm/input_tpm/output_tpm; odd values are skipped."""
-    now = datetime(2025, 8, 21, 12, 40, 0, tzinfo=UTC)
-    info = RateLimitHeaders.parse(
-        {
-            "anthropic-ratelimit-requests-limit": "50",
-            "anthropic-ratelimit-requests-remaining": "49",
-            "anthropic-ratelimit-requests-reset": "2025-08-21T12:40:02Z",
-            "anthropic-ratelimit-input-tokens-limit": "40000",
-            "anthropic-ratelimit-input-tokens-remaining": "many",
-            "anthropic-ratelimit-output-tokens-limit": "0",
-        },
-        now=now,
-    )
-    assert {"rpm": 50, "input_tpm": 40000} == info.limits
-    assert {"rpm": 49} == info.remaining
-    assert {"rpm": 2.0} == info.resets
-    assert not RateLimitHeaders.parse({"content-type": "application/json"})
-
-
-# -- configuration ------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"rpm": 0}, "Limits.rpm must be positive"),
-        ({"tpm": -5}, "Limits.tpm must be positive"),
-        ({"max_concurrency": 0}, "max_concurrency must be >= 1"),
-        ({"initial_fill": 1.5}, "initial_fill must be within"),
-        ({"headroom": 0.9}, "headroom must be within"),
-    ],
-)
-def test_limits_validation(kwargs: dict[str, Any], message: str) -> None:
-    """Nonsensical limits are refused when built."""
-    with pytest.raises(ValueError, match=message):
-        Limits(**kwargs)
-
-
-def test_limits_auto_and_copy() -> None:
-    """auto() learns from headers with AIMD; copy() tweaks without mutating."""
-    auto = Limits.auto(max_concurrency=16)
-    assert (True, True, 16) == (auto.learn, auto.aimd, auto.max_concurrency)
-    tweaked = auto.copy(rpm=100)
-    assert (None, 100) == (auto.rpm, tweaked.rpm)
 
 
 # -- acquiring ----------------------------------------------------------------------------
@@ -271,7 +135,7 @@ async def test_headers_give_back_the_transit_the_request_did_not_need(clock: Fak
     clock.advance(0.2)  # 2 refilled
     permit.release()
     # It reached the server 0.05 s after the permit (0.15 s of the 0.2 s were processing).
-    limiter.observe({**openai_headers(599, 0), "openai-processing-ms": "150"}, permit)
+    await limiter.observe({**openai_headers(599, 0), "openai-processing-ms": "150"}, permit)
     # 599 on the server after it, against 579 believed: 20 back, less 0.5 of refill,
     # which makes the bucket full, as the server's is by now (579 + 2 + 19.5, capped).
     assert 600.0 == pytest.approx(limiter.statistics().available["rpm"])
@@ -292,11 +156,11 @@ async def test_no_lift_right_after_a_429(clock: FakeClock) -> None:
     """After a 429, headers saying more is left do not undo the cooldown."""
     limiter = RateLimiter(full(rpm=600))
     permit = await limiter.acquire()
-    limiter.observe(openai_headers(599, 0, tpm=1), permit)  # synced
-    limiter.on_rate_limited(1.0, dimension="rpm")
+    await limiter.observe(openai_headers(599, 0, tpm=1), permit)  # synced
+    await limiter.on_rate_limited(1.0, dimension="rpm")
     level = limiter.statistics().available["rpm"]
     assert level < 0  # emptied: one second of refill owed
-    limiter.observe(openai_headers(500, 0, tpm=1), permit)
+    await limiter.observe(openai_headers(500, 0, tpm=1), permit)
     assert level == limiter.statistics().available["rpm"]
 
 
@@ -409,7 +273,7 @@ async def test_first_headers_set_the_level_up_or_down(clock: FakeClock) -> None:
     """The first headers replace the initial guess with the server's level."""
     limiter = RateLimiter(Limits(rpm=600, tpm=100_000))  # starts half full
     permit = await limiter.acquire(tokens=1000)
-    limiter.observe(openai_headers(599, 99_000), permit)
+    await limiter.observe(openai_headers(599, 99_000), permit)
     assert {"rpm": 599.0, "tpm": 99_000.0} == limiter.statistics().available
 
 
@@ -418,11 +282,11 @@ async def test_later_headers_drain_once_per_deficit(clock: FakeClock) -> None:
     limiter = RateLimiter(full(rpm=600, tpm=100_000))
     first = await limiter.acquire(tokens=1000)
     second = await limiter.acquire(tokens=1000)
-    limiter.observe(openai_headers(599, 99_000), first)  # first sync: agrees
+    await limiter.observe(openai_headers(599, 99_000), first)  # first sync: agrees
     # Someone else took 10,000 tokens; both responses report it.
-    limiter.observe(openai_headers(598 - 10, 98_000 - 10_000), second)
+    await limiter.observe(openai_headers(598 - 10, 98_000 - 10_000), second)
     third = await limiter.acquire(tokens=1000)
-    limiter.observe(openai_headers(587, 87_000), third)
+    await limiter.observe(openai_headers(587, 87_000), third)
     assert {"rpm": 587.0, "tpm": 87_000.0} == limiter.statistics().available
     assert 4 == limiter.statistics().header_corrections  # 2 at first sync + 2 drains
 
@@ -432,15 +296,15 @@ async def test_more_left_on_the_server_lifts_only_what_is_certain(clock: FakeClo
     unanswered may not have spent there yet."""
     limiter = RateLimiter(full(tpm=100_000))
     sync = await limiter.acquire(tokens=0)
-    limiter.observe(openai_headers(599, 100_000), sync)  # first sync: agrees
+    await limiter.observe(openai_headers(599, 100_000), sync)  # first sync: agrees
     first = await limiter.acquire(tokens=50_000)  # sent, no answer yet
     second = await limiter.acquire(tokens=10_000)
-    limiter.observe(openai_headers(598, 60_000), second)  # maybe before the first arrived
+    await limiter.observe(openai_headers(598, 60_000), second)  # maybe before the first arrived
     assert 40_000.0 == limiter.statistics().available["tpm"]  # 50,000 uncertain: no lift
     first.release()
     second.release()
     third = await limiter.acquire(tokens=10_000)
-    limiter.observe(openai_headers(597, 50_000), third)  # we believed 30,000
+    await limiter.observe(openai_headers(597, 50_000), third)  # we believed 30,000
     assert 50_000.0 == limiter.statistics().available["tpm"]
 
 
@@ -472,18 +336,18 @@ async def test_an_earlier_answer_makes_its_cost_certain(
     was taken no longer holds back the later permit's lift."""
     limiter = RateLimiter(full(tpm=100_000))
     sync = await limiter.acquire(tokens=0)
-    limiter.observe(openai_headers(599, 100_000), sync)
+    await limiter.observe(openai_headers(599, 100_000), sync)
     sync.release()
     first = await limiter.acquire(tokens=20_000)  # at 0.0 s
     clock.advance(0.1)
     second = await limiter.acquire(tokens=20_000)  # at 0.1 s; we believe 60,000 left
     clock.advance(1.0)
     first.release()
-    limiter.observe(processing_headers(80_000, first_processing), first)  # consistent
+    await limiter.observe(processing_headers(80_000, first_processing), first)  # consistent
     second.release()
     before = limiter.statistics().available["tpm"]
     # The server says 70,000 after admitting the second: ~10,000 more than we believed.
-    limiter.observe(processing_headers(70_000, 1.0), second)
+    await limiter.observe(processing_headers(70_000, 1.0), second)
     lift = 70_000 - second.available_after["tpm"] if lifted else 0.0
     assert before + lift == pytest.approx(limiter.statistics().available["tpm"], abs=1)
 
@@ -494,20 +358,20 @@ async def test_a_refund_is_not_counted_twice_by_a_later_lift(clock: FakeClock) -
     bucket has it already, so it lifts nothing more."""
     limiter = RateLimiter(full(tpm=100_000, refund_unused=True))
     sync = await limiter.acquire(tokens=0)
-    limiter.observe(openai_headers(599, 100_000), sync)
+    await limiter.observe(openai_headers(599, 100_000), sync)
     sync.release()
     first = await limiter.acquire(tokens=20_000)
     clock.advance(0.1)
     second = await limiter.acquire(tokens=20_000)
     clock.advance(1.0)
     first.release()
-    limiter.observe(processing_headers(80_000, 1.05), first)  # reached the server first
+    await limiter.observe(processing_headers(80_000, 1.05), first)  # reached the server first
     first.settle(tokens=19_200)  # 800 refunded, here and at the server
     second.release()
     before = limiter.statistics().available["tpm"]
     # The server refunded the first before admitting the second: 800 more than we had
     # believed right after taking the second.
-    limiter.observe(processing_headers(int(second.available_after["tpm"]) + 800, 1.0), second)
+    await limiter.observe(processing_headers(int(second.available_after["tpm"]) + 800, 1.0), second)
     assert before == pytest.approx(limiter.statistics().available["tpm"], abs=1)
 
 
@@ -516,21 +380,21 @@ async def test_permits_beyond_the_scan_count_in_full(
 ) -> None:
     """Earlier permits beyond the look-back window are treated as uncertain, even when
     answered: the lift is never bigger than what the window proves."""
-    import llmbatch.limits as limits_module
+    import llmbatch.limits.memory as memory
 
-    monkeypatch.setattr(limits_module, "_SCAN", 2)
+    monkeypatch.setattr(memory, "_SCAN", 2)
     limiter = RateLimiter(full(rpm=600))
     sync = await limiter.acquire()
-    limiter.observe(openai_headers(599, 0), sync)
+    await limiter.observe(openai_headers(599, 0), sync)
     sync.release()
     early = [await limiter.acquire() for _ in range(5)]  # 594 left
     clock.advance(0.1)
     for permit in early:
-        limiter.observe(openai_headers(594, 0), permit)  # answered, but kept in flight
+        await limiter.observe(openai_headers(594, 0), permit)  # answered, but kept in flight
     clock.advance(0.1)
     last = await limiter.acquire()  # 5 earlier permits in flight, the last 2 scanned
     believed = last.available_after["rpm"]
-    limiter.observe(openai_headers(int(believed) + 4, 0), last)  # 4 more than we think
+    await limiter.observe(openai_headers(int(believed) + 4, 0), last)  # 4 more than we think
     # The two scanned permits are certain; the three beyond the window count in full:
     # 4 - 3 = 1 lifted.
     assert believed + 1 == pytest.approx(limiter.statistics().available["rpm"], abs=0.01)
@@ -542,10 +406,10 @@ async def test_first_sync_is_not_fooled_by_reordering(clock: FakeClock) -> None:
     limiter = RateLimiter(Limits(rpm=600))  # half full: 300 available; the server has 600
     permits = [await limiter.acquire() for _ in range(300)]
     # The server admitted the 300th permit first: 599 left after it.
-    limiter.observe(openai_headers(599, 0), permits[-1])
+    await limiter.observe(openai_headers(599, 0), permits[-1])
     assert limiter.statistics().available["rpm"] <= 300.0  # truth: 600 - 300 sent
     # The 1st permit's response (admitted 300th: 300 left) is exact and lifts to the truth.
-    limiter.observe(openai_headers(300, 0), permits[0])
+    await limiter.observe(openai_headers(300, 0), permits[0])
     assert 300.0 == pytest.approx(limiter.statistics().available["rpm"], abs=1)
 
 
@@ -554,7 +418,7 @@ async def test_auto_learns_limits_from_headers(clock: FakeClock) -> None:
     limiter = RateLimiter(Limits.auto())
     assert {} == limiter.statistics().capacity
     permit = await limiter.acquire(tokens=100)
-    limiter.observe(openai_headers(59, 9_900, rpm=60, tpm=10_000), permit)
+    await limiter.observe(openai_headers(59, 9_900, rpm=60, tpm=10_000), permit)
     stats = limiter.statistics()
     assert ({"rpm": 60.0, "tpm": 10_000.0}, ("rpm", "tpm")) == (stats.capacity, stats.learned)
     assert {"rpm": 59.0, "tpm": 9_900.0} == stats.available
@@ -565,7 +429,7 @@ async def test_auto_learns_limits_from_headers(clock: FakeClock) -> None:
 async def test_without_learn_reported_limits_are_ignored(clock: FakeClock) -> None:
     """A limiter not told to learn keeps its configured limits."""
     limiter = RateLimiter(full(rpm=10))
-    limiter.observe(openai_headers(5, 5, rpm=60, tpm=10_000))
+    await limiter.observe(openai_headers(5, 5, rpm=60, tpm=10_000))
     assert {"rpm": 10.0} == limiter.statistics().capacity
 
 
@@ -573,7 +437,7 @@ async def test_429_pauses_everyone_then_resumes_at_the_refill_rate(clock: FakeCl
     """A 429 pauses every waiter until retry-after; then requests flow at the refill rate
     (the bucket is empty when the pause ends, so the first unit refills during second 5-6)."""
     limiter = RateLimiter(full(rpm=60))
-    limiter.on_rate_limited(5.0, dimension="rpm")
+    await limiter.on_rate_limited(5.0, dimension="rpm")
     times: list[float] = []
 
     async def request() -> None:
@@ -589,7 +453,7 @@ async def test_aimd_halves_on_429_and_grows_on_success(clock: FakeClock) -> None
     """Without known rate limits, the concurrency cap halves on 429 and creeps back up."""
     limiter = RateLimiter(Limits.auto(max_concurrency=64))
     assert 8.0 == limiter.statistics().concurrency_cap
-    limiter.on_rate_limited(1.0)
+    await limiter.on_rate_limited(1.0)
     assert 4.0 == limiter.statistics().concurrency_cap
     for _ in range(4):
         permit = await limiter.acquire()
@@ -602,10 +466,10 @@ async def test_a_burst_of_429s_halves_the_probing_cap_once(clock: FakeClock) -> 
     """Three 429s answered at once are one signal: the cap halves once, not to 1."""
     limiter = RateLimiter(Limits.auto(max_concurrency=64))
     for _ in range(3):
-        limiter.on_rate_limited(1.0)
+        await limiter.on_rate_limited(1.0)
     assert 4.0 == limiter.statistics().concurrency_cap
     clock.advance(1.5)  # that cooldown is over: the next 429 is news
-    limiter.on_rate_limited(1.0)
+    await limiter.on_rate_limited(1.0)
     assert 2.0 == limiter.statistics().concurrency_cap
 
 
@@ -614,11 +478,11 @@ async def test_aimd_leaves_the_cap_alone_once_limits_are_known(clock: FakeClock)
     but no longer halves the concurrency cap (nothing would raise it again)."""
     limiter = RateLimiter(Limits.auto(max_concurrency=64))
     permit = await limiter.acquire()
-    limiter.observe(openai_headers(59, 9_000, rpm=60, tpm=10_000), permit)
+    await limiter.observe(openai_headers(59, 9_000, rpm=60, tpm=10_000), permit)
     permit.release()
     assert 64.0 == limiter.statistics().concurrency_cap
     for _ in range(3):
-        limiter.on_rate_limited(0.5, dimension="rpm")
+        await limiter.on_rate_limited(0.5, dimension="rpm")
         clock.advance(1.0)
     assert (64.0, 3) == (
         limiter.statistics().concurrency_cap,
@@ -631,7 +495,7 @@ async def test_a_429_of_unknown_kind_spares_the_daily_buckets(clock: FakeClock) 
     per-minute buckets only: the day's quota is not thrown away."""
     limiter = RateLimiter(full(rpm=600, rpd=100_000))
     await limiter.acquire()
-    limiter.on_rate_limited(2.0)
+    await limiter.on_rate_limited(2.0)
     available = limiter.statistics().available
     assert -20.0 == pytest.approx(available["rpm"])  # empty, and 2 s of debt
     assert 100_000.0 - 1 == pytest.approx(available["rpd"])
@@ -654,7 +518,7 @@ async def test_implausible_limits_are_not_learned(
     limiter = RateLimiter(Limits.auto())
     permit = await limiter.acquire(tokens=cost)
     headers = {"x-ratelimit-limit-tokens": str(limit), "x-ratelimit-remaining-tokens": "0"}
-    limiter.observe(headers, permit)
+    await limiter.observe(headers, permit)
     assert learned == ("tpm" in limiter.statistics().capacity)
 
 
@@ -752,7 +616,7 @@ async def test_statistics_report_waits_and_the_cooldown(clock: FakeClock) -> Non
     await limiter.acquire(tokens=600)
     await limiter.acquire(tokens=120)  # 12 s
     await limiter.acquire(tokens=30)  # 3 s
-    limiter.on_rate_limited(5.0, dimension="tpm")
+    await limiter.on_rate_limited(5.0, dimension="tpm")
     stats = limiter.statistics()
     waits = (stats.waited_seconds, stats.max_wait_seconds, stats.cooldown_remaining)
     assert pytest.approx((15.0, 12.0, 5.0)) == waits
@@ -765,10 +629,10 @@ async def test_waits_cooldowns_and_learned_limits_are_logged(clock: FakeClock) -
     limiter = RateLimiter(Limits.auto(max_concurrency=8, learn_burst=False))
     with capture_logs() as logs:
         permit = await limiter.acquire()
-        limiter.observe(openai_headers(0, 9_000, rpm=60, tpm=10_000), permit)
+        await limiter.observe(openai_headers(0, 9_000, rpm=60, tpm=10_000), permit)
         permit.release()
         await limiter.acquire()  # the bucket is empty: ~1 s for one request at 60/min
-        limiter.on_rate_limited(2.0, dimension="rpm")
+        await limiter.on_rate_limited(2.0, dimension="rpm")
     events = [(e["event"], e.get("dimension")) for e in logs if e["event"].startswith("limits")]
     assert [
         ("limits.learned", "rpm"),
@@ -858,24 +722,8 @@ async def test_lift_excludes_refill_during_the_send_lag(
     headers = openai_headers(500, 0, tpm=1)  # the server had 201 more than we believed
     if processing_ms is not None:
         headers["openai-processing-ms"] = processing_ms
-    limiter.observe(headers, permit)
+    await limiter.observe(headers, permit)
     assert expected == pytest.approx(limiter.statistics().available["rpm"], abs=0.01)
-
-
-@pytest.mark.parametrize(
-    ("headers", "expected"),
-    [
-        ({"openai-processing-ms": "900"}, 0.1),
-        ({"OpenAI-Processing-Ms": "1500"}, 0.0),  # never negative
-        ({"openai-processing-ms": "soon"}, 1.0),
-        ({}, 1.0),
-    ],
-)
-def test_send_lag(headers: dict[str, str], expected: float) -> None:
-    """The send lag is the time to the response minus the server's processing time."""
-    permit = Permit(RateLimiter.__new__(RateLimiter), {}, {}, {}, acquired_at=100.0)
-    processing = RateLimitHeaders.parse(headers).processing
-    assert expected == pytest.approx(send_lag(permit, processing, now=101.0))
 
 
 # -- the server's limits win; the server's burst --------------------------------------
@@ -906,8 +754,8 @@ async def test_reported_limits_replace_estimates_and_lower_explicit_ones(
     limiter = RateLimiter(limits)
     permit = await limiter.acquire()
     with capture_logs() as logs:
-        limiter.observe(rpm_headers(reported, max(reported - 1, 0)), permit)
-        limiter.observe(rpm_headers(reported, max(reported - 2, 0)), permit)
+        await limiter.observe(rpm_headers(reported, max(reported - 1, 0)), permit)
+        await limiter.observe(rpm_headers(reported, max(reported - 2, 0)), permit)
     assert expected == limiter.statistics().limits["rpm"]
     adopted = [e for e in logs if e["event"] == "limits.adopted"]
     assert (1 if expected == reported else 0) == len(adopted)
@@ -925,13 +773,13 @@ async def test_a_bucket_of_a_few_seconds_is_learned_from_the_first_answers(
     permits = [await limiter.acquire() for _ in range(166)]
     assert 1000.0 == clock.time()  # the slow start: one second of the limit at once
     with capture_logs() as logs:
-        limiter.observe(rpm_headers(10_000, 990), permits[0])
+        await limiter.observe(rpm_headers(10_000, 990), permits[0])
     stats = limiter.statistics()
     assert (991.0, 10_000.0) == (stats.capacity["rpm"], stats.limits["rpm"])
     assert ["limits.burst"] == [e["event"] for e in logs if e["event"] == "limits.burst"]
-    limiter.observe(rpm_headers(10_000, 995), permits[1])
+    await limiter.observe(rpm_headers(10_000, 995), permits[1])
     assert 996.0 == limiter.statistics().capacity["rpm"]
-    limiter.observe(rpm_headers(10_000, 10), permits[2])
+    await limiter.observe(rpm_headers(10_000, 10), permits[2])
     assert 996.0 == limiter.statistics().capacity["rpm"]
     for permit in permits:
         permit.release()
@@ -948,7 +796,45 @@ async def test_a_full_minute_bucket_is_used_at_once(clock: FakeClock) -> None:
     slow start's 10 in flight), so the whole minute's worth may go at once."""
     limiter = RateLimiter(Limits(rpm=600, reserve=0.0, transit=0.0))
     permits = [await limiter.acquire() for _ in range(10)]
-    limiter.observe(rpm_headers(600, 589), permits[0])
+    await limiter.observe(rpm_headers(600, 589), permits[0])
     stats = limiter.statistics()
     assert 600.0 == stats.capacity["rpm"]
     assert 580.0 == pytest.approx(stats.available["rpm"], abs=1)
+
+
+async def test_a_permit_of_a_dimension_dropped_since_settles_what_is_left(
+    clock: FakeClock,
+) -> None:
+    """A profile's TPM that the server turns out not to enforce is dropped at its first
+    headers; a permit taken before, charged for it, settles its other dimensions instead
+    of failing (the client would log every such settlement as a failed update)."""
+    limiter = RateLimiter(Limits(rpm=600, tpm=100_000, output_tpm=1_000, learn=True))
+    first = await limiter.acquire(tokens=1_000, output_tokens=100)
+    second = await limiter.acquire(tokens=1_000, output_tokens=100)
+    await limiter.observe(
+        {
+            "x-ratelimit-limit-requests": "600",
+            "x-ratelimit-remaining-requests": "598",
+            "anthropic-ratelimit-output-tokens-limit": "1000",
+            "anthropic-ratelimit-output-tokens-remaining": "800",
+        },
+        first,
+    )
+    assert ["output_tpm", "rpm"] == sorted(limiter.statistics().capacity)
+    before = limiter.statistics().available["output_tpm"]
+    second.settle(tokens=2_000, output_tokens=150)  # the tpm it was charged: gone
+    assert before - 50 == pytest.approx(limiter.statistics().available["output_tpm"])
+
+
+async def test_observe_refuses_a_permit_of_another_kind(clock: FakeClock) -> None:
+    """A permit the limiter cannot have issued (another limiter's kind) is a TypeError,
+    not a correction measured against nothing."""
+
+    class Foreign:
+        def release(self) -> None: ...
+
+        def settle(self, **usage: Any) -> None: ...
+
+    limiter = RateLimiter(full(rpm=60))
+    with pytest.raises(TypeError, match="is not a permit of <RateLimiter"):
+        await limiter.observe({}, Foreign())  # type: ignore[arg-type]

@@ -1,11 +1,12 @@
 """One quota shared by many processes and hosts, through Redis.
 
-:class:`RedisRateLimiter` keeps the :class:`~llmbatch.limits.RateLimiter` contract
+:class:`RedisRateLimiter` implements the :class:`~llmbatch.limits.Limiter` contract
 (``acquire`` → :class:`~llmbatch.limits.Permit`, ``settle``, ``release``, ``observe``,
 ``on_rate_limited``, ``statistics``, ``async with``), with the buckets stored in Redis:
 
-* every bucket operation is one atomic Lua script, and the clock is the Redis server's
-  ``TIME``, never a client's, so hosts with skewed clocks still agree;
+* every bucket operation is one atomic Lua script (``lua/*.lua`` beside this module),
+  and the clock is the Redis server's ``TIME``, never a client's, so hosts with skewed
+  clocks still agree;
 * all dimensions (RPM, TPM, …) are checked and taken together in that script: a request
   never holds one bucket while waiting for another;
 * every permit is a lease that expires (``lease_seconds``), recorded with what it counts
@@ -31,9 +32,10 @@ A Redis server that cannot be used (unreachable, refusing the password, failing 
 script) while a permit is asked for raises :class:`~llmbatch.errors.LimiterUnavailable`,
 a fatal error that stops the job: no request is sent without its permit. Call
 :meth:`RedisRateLimiter.check` before the first request to find out at once. The
-feedback after an answer (``observe``, ``settle``, ``on_rate_limited``) raises redis-py's
-own errors, which :class:`~llmbatch.client.LLMClient` logs and passes over: the answer
-is paid for and kept.
+feedback after an answer (``observe``, ``on_rate_limited``) raises redis-py's own
+errors, which :class:`~llmbatch.client.LLMClient` logs and passes over: the answer is
+paid for and kept. ``release`` and ``settle`` are queued as background updates (a
+failure among them is logged once; :meth:`RedisRateLimiter.aclose` waits for them).
 
 Build one from configuration with :meth:`RedisRateLimiter.from_url` (``LLMClient`` does
 so when ``LLMBATCH_LIMITER_URL`` or ``[limiter] url`` names a ``redis://`` server; see
@@ -43,29 +45,27 @@ so when ``LLMBATCH_LIMITER_URL`` or ``[limiter] url`` names a ``redis://`` serve
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import random
 import uuid
 from collections.abc import Mapping
-from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from importlib import resources
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from llmbatch._log import get_logger
 from llmbatch.errors import LimiterUnavailable, RequestTooLarge, redact
-from llmbatch.limits import (
-    _AIMD_CEILING,
-    _AIMD_START,
-    _DIMENSIONS,
-    _MINUTE_DIMENSIONS,
-    LimiterStatistics,
+from llmbatch.limits._config import (
+    AIMD_CEILING,
+    AIMD_START,
+    DIMENSIONS,
+    MINUTE_DIMENSIONS,
+    UNITS,
     Limits,
-    Permit,
-    RateLimitHeaders,
-    _enter,
-    _exit,
-    plausible_limit,
-    send_lag,
 )
+from llmbatch.limits._contract import Limiter, LimiterStatistics, Permit
+from llmbatch.limits._headers import RateLimitHeaders
+from llmbatch.limits._permit import BucketPermit, plausible_limit, send_lag
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -77,322 +77,29 @@ logger = get_logger("llmbatch.limits")
 #: where a limiter URL comes from, for error messages
 _WHERE_CONFIGURED = "--limiter-url, LLMBATCH_LIMITER_URL, [limiter] url"
 
-#: the units a request is counted in (a dimension charges one of them)
-_UNITS = ("requests", "tokens", "input_tokens", "output_tokens")
-
 #: seconds to wait for a connection to Redis (redis-py before 6 waits as long as the OS
 #: does, minutes for a host that drops packets); a ``socket_connect_timeout`` in the URL
 #: wins
 _CONNECT_TIMEOUT = 5.0
 
+#: the Lua scripts (``lua/<name>.lua``), each after the shared parts it builds on
+_SCRIPTS: dict[str, tuple[str, ...]] = {
+    "acquire": ("prelude", "leases", "acquire"),
+    "adjust": ("prelude", "adjust"),
+    "learn": ("prelude", "leases", "learn"),
+    "aimd": ("aimd",),
+    "release": ("prelude", "leases", "release"),
+}
 
-# Shared by the scripts: the server's clock, and a bucket's level now (leaked since its
-# last update; a bucket seen for the first time starts at the configured fill).
-_PRELUDE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local key = KEYS[1]
-local function level_now(hash, name, cap, rate, fill, at)
-  local level = tonumber(redis.call('HGET', hash, name .. ':level'))
-  local ts = tonumber(redis.call('HGET', hash, name .. ':ts'))
-  if level == nil or ts == nil then
-    return cap * (1 - fill)
-  end
-  return math.max(0, level - math.max(0, at - ts) * rate)
-end
-"""
 
-# Shared by the scripts that count permits (acquire, learn, release). Every permit is a
-# lease: KEYS[2] scores it by its expiry, KEYS[3] records what it counted as outstanding
-# ("rpm:out=1,u:tokens:out=400": fields of the bucket hash, and amounts). Releasing a
-# lease, or its expiry (a worker that was killed), subtracts exactly that, once.
-_LEASES = """
-local leases, counted = KEYS[2], KEYS[3]
-local function forget(lease)
-  redis.call('ZREM', leases, lease)
-  local record = redis.call('HGET', counted, lease)
-  if not record then return end
-  redis.call('HDEL', counted, lease)
-  for field, amount in string.gmatch(record, '([^,=]+)=([^,]+)') do
-    local out = tonumber(redis.call('HGET', key, field) or '0') - tonumber(amount)
-    if out > 1e-9 then
-      redis.call('HSET', key, field, out)
-    else
-      redis.call('HDEL', key, field)
-    end
-  end
-end
-local function purge_expired()
-  for _, lease in ipairs(redis.call('ZRANGEBYSCORE', leases, '-inf', now)) do
-    forget(lease)
-  end
-end
-local function touch(ttl)
-  redis.call('EXPIRE', key, ttl)
-  redis.call('EXPIRE', leases, ttl)
-  redis.call('EXPIRE', counted, ttl)
-end
-"""
-
-# KEYS[1] = bucket hash, KEYS[2] = lease zset, KEYS[3] = lease records
-# ARGV = key ttl, max_concurrency (0 = none), lease id, lease seconds, aimd (1: cap the
-#        leases at the shared AIMD cap while no limit is known), learn (1: refuse when the
-#        quota's learned limits differ from the caller's), the learned limits the caller
-#        paces at, the request's units (requests, tokens, input_tokens, output_tokens),
-#        n, then per dimension (name, capacity, rate/s, amount, initial_fill, cushion,
-#        transit refill).
-# Returns {status, learned, pause}: `learned` is the quota's learned limits
-# ("rpm=600,tpm=150000"), `pause` the seconds left of a 429's pause. Status "learned":
-# the caller does not pace at `learned` yet, nothing was taken; a number > 0: the wait;
-# -1: a concurrency slot is needed; 0: taken, and then per dimension: available after,
-# what was outstanding (taken, not yet released) before, cumulative corrections,
-# cumulative taken, and what the bucket was charged (the amount, plus transit refill).
-_ACQUIRE = (
-    _PRELUDE
-    + _LEASES
-    + """
-local ttl, maxc, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local lease_seconds, aimd, learn = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local learned = redis.call('HGET', key, 'learned') or ''
-if learn == 1 and learned ~= ARGV[7] then
-  -- Another process learned a limit: charge this request for it too, so adopt it first.
-  return {'learned', learned, '0'}
-end
-local units = {ARGV[8], ARGV[9], ARGV[10], ARGV[11]}
-local n = tonumber(ARGV[12])
-local wait, pause_left = 0, 0
-local pause = tonumber(redis.call('HGET', key, 'pause_until') or '0')
-if pause > now then
-  wait = pause - now
-  pause_left = wait
-end
-purge_expired()
-local names, levels, amounts, texts, caps, charges = {}, {}, {}, {}, {}, {}
-local i = 13
-for d = 1, n do
-  local name = ARGV[i]
-  local cap, rate = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  local amount, fill, cushion = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
-  local transit, text = tonumber(ARGV[i + 6]), ARGV[i + 3]
-  i = i + 7
-  local level = level_now(key, name, cap, rate, fill, now)
-  if redis.call('HEXISTS', key, name .. ':level') == 0 then
-    -- A new bucket starts now, whether or not this request fits: its refill must
-    -- count from here, or a refused first request would wait forever.
-    redis.call('HSET', key, name .. ':level', level, name .. ':ts', now)
-  end
-  -- a (nearly) full bucket: the server's, full too, gains nothing while it is on its way
-  charges[d] = math.max(level, transit) + amount - level
-  names[d], levels[d], amounts[d], texts[d], caps[d] = name, level, amount, text, cap
-  if amount + cushion > cap then cushion = 0 end
-  local missing = level + amount + cushion - cap
-  if missing > 1e-9 then wait = math.max(wait, missing / rate) end
-end
-if aimd == 1 and n == 0 and learned == '' and maxc > 0 then
-  local probe = tonumber(redis.call('HGET', key, 'aimd_cap') or '') or math.min(maxc, AIMD_START)
-  maxc = math.max(1, math.min(maxc, math.floor(probe)))
-end
-if maxc > 0 and wait == 0 and redis.call('ZCARD', leases) >= maxc then wait = -1 end
-if wait ~= 0 then
-  touch(ttl)
-  return {tostring(wait), learned, tostring(pause_left)}
-end
-local result = {'0', learned, '0'}
-local record = {}
-for d = 1, n do
-  local name = names[d]
-  redis.call('HSET', key, name .. ':level', levels[d] + charges[d], name .. ':ts', now)
-  local out_before = tonumber(redis.call('HGET', key, name .. ':out') or '0')
-  local adj = tonumber(redis.call('HGET', key, name .. ':adj') or '0')
-  local taken = tonumber(redis.call('HINCRBYFLOAT', key, name .. ':taken', amounts[d]))
-  if amounts[d] ~= 0 then
-    -- the amount as given, so that forgetting the lease subtracts exactly this
-    redis.call('HINCRBYFLOAT', key, name .. ':out', texts[d])
-    table.insert(record, name .. ':out=' .. texts[d])
-  end
-  local j = (d - 1) * 5 + 4
-  result[j] = tostring(caps[d] - levels[d] - charges[d])
-  result[j + 1] = tostring(out_before)
-  result[j + 2] = tostring(adj)
-  result[j + 3] = tostring(taken)
-  result[j + 4] = tostring(charges[d])
-end
-local unit_names = {'requests', 'tokens', 'input_tokens', 'output_tokens'}
-for u = 1, 4 do
-  if tonumber(units[u]) ~= 0 then
-    local field = 'u:' .. unit_names[u] .. ':out'
-    redis.call('HINCRBYFLOAT', key, field, units[u])
-    table.insert(record, field .. '=' .. units[u])
-  end
-end
-redis.call('ZADD', leases, now + lease_seconds, lease)
-redis.call('HSET', counted, lease, table.concat(record, ','))
-touch(ttl)
-return result
-"""
-).replace("AIMD_START", str(_AIMD_START))  # one starting cap, here and in limits.py
-
-# KEYS[1] = bucket hash
-# ARGV = mode, pause seconds, ttl, reserve, n, then per dimension (name, capacity,
-#        rate/s, fill, value, available_after, outstanding_before, adjusted_at, taken_at)
-# mode "add": level += value (negative: refund);
-# mode "observe": value = what the server says it has left right after admitting a
-#   request; the other four describe that request's permit. As in RateLimiter.observe:
-#   the difference with what Redis had left right after the permit, net of corrections
-#   since, lifts (minus what was outstanding before it, everywhere) or drains (minus what
-#   was taken after it); the first observation of a dimension always applies, later ones
-#   beyond a tolerance. Lifts wait out the settling time after a 429. Without a permit
-#   (available_after < 0) it only drains: level >= capacity - value;
-# mode "empty": at least `pause` seconds of debt, and lifts suspended for a while.
-# Returns {seconds left of a 429's pause, then per dimension what it has available now}.
-_ADJUST = (
-    _PRELUDE
-    + """
-local mode, pause, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-if pause > 0 then
-  local current = tonumber(redis.call('HGET', key, 'pause_until') or '0')
-  redis.call('HSET', key, 'pause_until', math.max(current, now + pause))
-  local settle = tonumber(redis.call('HGET', key, 'settle_until') or '0')
-  redis.call('HSET', key, 'settle_until', math.max(settle, now + 2 * pause + 1))
-end
-local settle_until = tonumber(redis.call('HGET', key, 'settle_until') or '0')
-local pause_until = tonumber(redis.call('HGET', key, 'pause_until') or '0')
-local reserve = tonumber(ARGV[4])
-local n = tonumber(ARGV[5])
-local i = 6
-local result = {tostring(math.max(0, pause_until - now))}
-for d = 1, n do
-  local name = ARGV[i]
-  local cap, rate, fill = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
-  local value, after = tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
-  local out_before = tonumber(ARGV[i + 6])
-  local adj_at, taken_at = tonumber(ARGV[i + 7]), tonumber(ARGV[i + 8])
-  i = i + 9
-  local level = level_now(key, name, cap, rate, fill, now)
-  local new_level = level
-  if mode == 'add' then
-    new_level = math.max(0, level + value)
-  elseif mode == 'empty' then
-    new_level = math.max(level, cap + pause * rate)
-  elseif mode == 'observe' and after < 0 then
-    new_level = math.max(level, cap - value)
-  elseif mode == 'observe' then
-    local adj_now = tonumber(redis.call('HGET', key, name .. ':adj') or '0')
-    local taken_now = tonumber(redis.call('HGET', key, name .. ':taken') or '0')
-    local delta = value - after + (adj_now - adj_at)
-    if delta > 0 then
-      delta = math.max(0, delta - out_before)
-      if now < settle_until then delta = 0 end
-    else
-      delta = math.min(0, delta + (taken_now - taken_at))
-    end
-    local first = redis.call('HSETNX', key, name .. ':synced', 1) == 1
-    local tolerance = 1 + cap * reserve
-    if delta > 0 then tolerance = 0.5 end
-    if first or math.abs(delta) > tolerance then
-      new_level = math.max(0, level - delta)
-    end
-  end
-  if mode ~= 'add' then
-    redis.call('HINCRBYFLOAT', key, name .. ':adj', new_level - level)
-  end
-  redis.call('HSET', key, name .. ':level', new_level, name .. ':ts', now)
-  result[d + 1] = tostring(cap - new_level)
-end
-redis.call('EXPIRE', key, ttl)
-return result
-"""
-)
-
-# KEYS[1] = bucket hash, KEYS[2] = lease zset, KEYS[3] = lease records
-# ARGV = ttl, initial fill, n, then per dimension (name, limit, capacity, rate/s,
-#        remaining, unit, own units)
-# Adopts limits a server reported: the quota's `learned` list is updated, and a bucket
-# seen for the first time starts at what the server has left, less what requests still
-# in flight (other than the reporting one, `own`; expired leases no longer count) will
-# spend there. A -1 remaining leaves a new bucket to start at the configured fill.
-# Returns {learned list, then per dimension what its bucket has available now}.
-_LEARN = (
-    _PRELUDE
-    + _LEASES
-    + """
-local ttl, fill, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-purge_expired()
-local learned = {}
-for part in string.gmatch(redis.call('HGET', key, 'learned') or '', '[^,]+') do
-  local name, value = string.match(part, '([^=]+)=(.+)')
-  learned[name] = value
-end
-local i = 4
-local available = {}
-for d = 1, n do
-  local name, limit, cap, rate = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
-  local remaining, unit, own = tonumber(ARGV[i + 4]), ARGV[i + 5], tonumber(ARGV[i + 6])
-  i = i + 7
-  learned[name] = limit
-  if remaining >= 0 and redis.call('HEXISTS', key, name .. ':level') == 0 then
-    local others = tonumber(redis.call('HGET', key, 'u:' .. unit .. ':out') or '0') - own
-    local level = math.min(cap, math.max(0, cap - remaining + math.max(0, others)))
-    redis.call('HSET', key, name .. ':level', level, name .. ':ts', now)
-    redis.call('HSET', key, name .. ':synced', 1)
-  end
-  available[d] = tostring(cap - level_now(key, name, cap, rate, fill, now))
-end
-local names = {}
-for name in pairs(learned) do table.insert(names, name) end
-table.sort(names)
-local parts = {}
-for _, name in ipairs(names) do table.insert(parts, name .. '=' .. learned[name]) end
-local text = table.concat(parts, ',')
-redis.call('HSET', key, 'learned', text)
-touch(ttl)
-local result = {text}
-for d = 1, n do result[d + 1] = available[d] end
-return result
-"""
-)
-
-# KEYS[1] = bucket hash; ARGV = "up" | "down", ceiling, ttl
-# The shared AIMD concurrency cap: +1/cap after a success, halved on a 429.
-_AIMD = """
-local key = KEYS[1]
-local ceiling, ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
-local cap = tonumber(redis.call('HGET', key, 'aimd_cap') or '') or math.min(ceiling, AIMD_START)
-if ARGV[1] == 'up' then
-  cap = math.min(ceiling, cap + 1 / cap)
-else
-  cap = math.max(1, cap / 2)
-end
-redis.call('HSET', key, 'aimd_cap', cap)
-redis.call('EXPIRE', key, ttl)
-return tostring(cap)
-""".replace("AIMD_START", str(_AIMD_START))
-
-# KEYS[1] = bucket hash, KEYS[2] = lease zset, KEYS[3] = lease records
-# ARGV = ttl, lease, n, then per dimension (name, capacity, rate/s, fill, charge)
-# Ends a lease: what it counted as outstanding is no longer (unless it expired already:
-# then that was subtracted then). An acquire that was cancelled also gives each bucket
-# back what it charged (n > 0); a release gives back nothing (n = 0).
-_RELEASE = (
-    _PRELUDE
-    + _LEASES
-    + """
-local ttl, n = tonumber(ARGV[1]), tonumber(ARGV[3])
-purge_expired()
-forget(ARGV[2])
-local i = 4
-for d = 1, n do
-  local name = ARGV[i]
-  local cap, rate, fill = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
-  local charge = tonumber(ARGV[i + 4])
-  i = i + 5
-  local level = level_now(key, name, cap, rate, fill, now)
-  redis.call('HSET', key, name .. ':level', math.max(0, level - charge), name .. ':ts', now)
-end
-touch(ttl)
-return 1
-"""
-)
+@functools.cache
+def lua_script(name: str) -> str:
+    """The source of the Lua script *name* (``"acquire"``, ``"adjust"``...), as sent to
+    Redis: the shared parts it needs, then its own file, with the one starting AIMD cap
+    of every limiter filled in. Read from the package once per process."""
+    folder = resources.files("llmbatch.limits").joinpath("lua")
+    parts = [folder.joinpath(f"{part}.lua").read_text(encoding="utf-8") for part in _SCRIPTS[name]]
+    return "\n".join(parts).replace("AIMD_START", str(AIMD_START))
 
 
 def _text(value: Any) -> str:
@@ -400,19 +107,24 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _taken(
-    reply: Any, cost: Mapping[str, float]
-) -> tuple[
-    dict[str, float], dict[str, float], dict[str, float], dict[str, float], dict[str, float]
-]:
-    """A successful acquire's reply, per dimension of *cost*: available after, outstanding
-    before, cumulative corrections, cumulative taken, and what the bucket was charged."""
-    columns: tuple[dict[str, float], ...] = ({}, {}, {}, {}, {})
+class _Taken(NamedTuple):
+    """A successful acquire's reply, per dimension."""
+
+    after: dict[str, float]  # available right after it
+    outstanding: dict[str, float]  # taken by permits still unreleased before it
+    adjusted: dict[str, float]  # cumulative corrections
+    taken: dict[str, float]  # cumulative takings, this one included
+    charged: dict[str, float]  # what the bucket was charged (the amount, plus transit)
+    refunded: dict[str, float]  # cumulative refunds
+
+
+def _taken(reply: Any, cost: Mapping[str, float]) -> _Taken:
+    """A successful acquire's reply, per dimension of *cost* (see ``lua/acquire.lua``)."""
+    taken = _Taken({}, {}, {}, {}, {}, {})
     for k, dim in enumerate(cost):
-        for column, value in zip(columns, reply[3 + 5 * k : 8 + 5 * k], strict=True):
+        for column, value in zip(taken, reply[3 + 6 * k : 9 + 6 * k], strict=True):
             column[dim] = float(value)
-    after, outstanding, adjusted, taken, charged = columns
-    return after, outstanding, adjusted, taken, charged
+    return taken
 
 
 def _parse_learned(text: str) -> dict[str, float]:
@@ -420,7 +132,7 @@ def _parse_learned(text: str) -> dict[str, float]:
     found: dict[str, float] = {}
     for part in text.split(","):
         name, _, value = part.partition("=")
-        if name in _DIMENSIONS:
+        if name in DIMENSIONS:
             try:
                 found[name] = float(value)
             except ValueError:
@@ -456,7 +168,7 @@ def _cause(exc: BaseException) -> str:
     return str(exc).strip().rstrip(".") or type(exc).__name__
 
 
-class RedisRateLimiter:
+class RedisRateLimiter(Limiter):
     """A rate limiter whose buckets live in Redis (see the module docstring).
 
     Args:
@@ -500,18 +212,18 @@ class RedisRateLimiter:
         self._ttl = 86_400
         self._capacity: dict[str, float] = {}
         self._rates: dict[str, float] = {}
-        for dim in _DIMENSIONS:
+        for dim in DIMENSIONS:
             value = getattr(limits, dim)
             if value is not None:
                 self._set_capacity(dim, value)
         self._learned_text = ""
         self._update_failures = 0
         self._learned: list[str] = []
-        self._acquire_script = redis.register_script(_ACQUIRE)
-        self._adjust_script = redis.register_script(_ADJUST)
-        self._learn_script = redis.register_script(_LEARN)
-        self._aimd_script = redis.register_script(_AIMD)
-        self._release_script = redis.register_script(_RELEASE)
+        self._acquire_script = redis.register_script(lua_script("acquire"))
+        self._adjust_script = redis.register_script(lua_script("adjust"))
+        self._learn_script = redis.register_script(lua_script("learn"))
+        self._aimd_script = redis.register_script(lua_script("aimd"))
+        self._release_script = redis.register_script(lua_script("release"))
         self._leases_held: dict[int, str] = {}
         self._releasing: set[int] = set()  # permits whose release is not in Redis yet
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -651,12 +363,12 @@ class RedisRateLimiter:
 
     def _fill(self, dim: str) -> float:
         """The share of *dim*'s bucket available when Redis first creates it."""
-        return self.limits.start_fill(self._capacity[dim], _DIMENSIONS[dim][1])
+        return self.limits.start_fill(self._capacity[dim], DIMENSIONS[dim][1])
 
     def _set_capacity(self, dim: str, limit: float) -> None:
         capacity = limit * (1.0 - self.limits.headroom)
         self._capacity[dim] = capacity
-        self._rates[dim] = capacity / _DIMENSIONS[dim][1]
+        self._rates[dim] = capacity / DIMENSIONS[dim][1]
 
     def _adopt(self, text: str) -> None:
         """Pace at the limits the quota has learned (from this or another process)."""
@@ -704,7 +416,7 @@ class RedisRateLimiter:
         *,
         input_tokens: float = 0,
         output_tokens: float = 0,
-    ) -> tuple[float, Permit | None]:
+    ) -> tuple[float, BucketPermit | None]:
         """One atomic attempt: ``(0, permit)`` if taken, else ``(seconds to wait, None)``.
 
         A negative wait means "a concurrency slot is needed": poll again soon. If the
@@ -723,20 +435,20 @@ class RedisRateLimiter:
             "output_tokens": float(output_tokens),
         }
         while True:
-            cost = {dim: units[_DIMENSIONS[dim][0]] for dim in self._capacity}
+            cost = {dim: units[DIMENSIONS[dim][0]] for dim in self._capacity}
             for dim, amount in cost.items():
                 if amount > self._capacity[dim]:
                     raise RequestTooLarge(dim, amount, self._capacity[dim])
             lease = uuid.uuid4().hex
             args: list[Any] = [
                 self._ttl,
-                self.limits.max_concurrency or (_AIMD_CEILING if self._probing() else 0),
+                self.limits.max_concurrency or (AIMD_CEILING if self._probing() else 0),
                 lease,
                 self._lease_seconds,
                 1 if self.limits.aimd else 0,
                 1 if self.limits.learn else 0,
                 self._learned_text,
-                *(units[unit] for unit in _UNITS),
+                *(units[unit] for unit in UNITS),
                 *self._dimension_args(cost),
             ]
             reply = await self._run_acquire(args, cost, lease)
@@ -748,10 +460,20 @@ class RedisRateLimiter:
         wait = float(status)
         if wait != 0:
             return wait, None
-        after, outstanding, adjusted, taken, _ = _taken(reply, cost)
-        self._available.update(after)
+        taken = _taken(reply, cost)
+        self._available.update(taken.after)
         loop_time = asyncio.get_running_loop().time()
-        permit = Permit(self, cost, after, adjusted, outstanding, taken, units, loop_time)
+        permit = BucketPermit(
+            self,
+            cost,
+            taken.after,
+            taken.adjusted,
+            taken.outstanding,
+            taken.taken,
+            units,
+            loop_time,
+        )
+        permit.refunded_at = taken.refunded
         self._leases_held[id(permit)] = lease
         self._acquired += 1
         self._in_flight += 1
@@ -786,7 +508,7 @@ class RedisRateLimiter:
             return
         if _text(reply[0]) != "0":
             return  # refused: nothing was taken
-        charges = _taken(reply, cost)[4]
+        charges = _taken(reply, cost).charged
         args: list[Any] = [self._ttl, lease, len(charges)]
         for dim, charge in charges.items():
             args += [dim, self._capacity[dim], self._rates[dim], self._fill(dim), charge]
@@ -842,23 +564,23 @@ class RedisRateLimiter:
         return permit
 
     # Permit calls these two back.
-    def _release(self, permit: Permit) -> None:
+    def _release(self, permit: BucketPermit) -> None:
         self._in_flight -= 1
         self._changed.set()
         lease = self._leases_held.pop(id(permit), None) or ""
         self._releasing.add(id(permit))
         self._spawn(self._released(permit, [self._ttl, lease, 0]))
 
-    async def _released(self, permit: Permit, args: list[Any]) -> None:
+    async def _released(self, permit: BucketPermit, args: list[Any]) -> None:
         try:
             await self._call(self._release_script, [self._key, self._leases, self._counted], args)
         finally:
             self._releasing.discard(id(permit))
 
-    def _settle(self, permit: Permit, actual: Mapping[str, float], refund: bool) -> None:
+    def _settle(self, permit: BucketPermit, actual: Mapping[str, float], refund: bool) -> None:
         delta: dict[str, float] = {}
         for dim, reserved in permit.cost.items():
-            unit = _DIMENSIONS[dim][0]
+            unit = DIMENSIONS[dim][0]
             if unit in actual:
                 difference = actual[unit] - reserved
                 if difference > 0 or refund:
@@ -876,7 +598,7 @@ class RedisRateLimiter:
         reply = await self._call(
             self._aimd_script,
             [self._key],
-            [direction, self.limits.max_concurrency or _AIMD_CEILING, self._ttl],
+            [direction, self.limits.max_concurrency or AIMD_CEILING, self._ttl],
         )
         self._aimd_cap = float(reply)
 
@@ -920,12 +642,13 @@ class RedisRateLimiter:
         mode: str,
         values: Mapping[str, float],
         pause: float = 0.0,
-        permit: Permit | None = None,
+        permit: BucketPermit | None = None,
         lag: float = 0.0,
     ) -> dict[str, float]:
         args: list[Any] = [mode, pause, self._ttl, self.limits.reserve, len(values)]
         for dim, value in values.items():
-            args += [dim, self._capacity[dim], self._rates[dim], self._fill(dim), value]
+            unit = DIMENSIONS[dim][0]
+            args += [dim, unit, self._capacity[dim], self._rates[dim], self._fill(dim), value]
             if permit is not None and dim in permit.available_after:
                 args += [
                     permit.available_after[dim],
@@ -933,16 +656,26 @@ class RedisRateLimiter:
                     permit.outstanding_before.get(dim, 0.0) + self._rates[dim] * lag,
                     permit.adjusted_at.get(dim, 0.0),
                     permit.taken_at.get(dim, 0.0),
+                    permit.refunded_at.get(dim, 0.0),
                 ]
             else:
-                args += [-1, 0, 0, 0]
+                # No permit to compare with: what Redis counts in flight may not have
+                # reached the server, but for the reporting request's own units.
+                args += [-1, self._own_units(permit, unit), 0, 0, 0]
         reply = await self._call(self._adjust_script, [self._key], args)
         self._paused_for(float(reply[0]))
         after = {dim: float(v) for dim, v in zip(values, reply[1:], strict=True)}
         self._available.update(after)
         return after
 
-    async def _learn(self, info: RateLimitHeaders, permit: Permit | None) -> set[str]:
+    def _own_units(self, permit: BucketPermit | None, unit: str) -> float:
+        """*permit*'s *unit* if Redis still counts it in flight (not released, or its
+        release not in Redis yet), else 0."""
+        if permit is not None and (not permit.released or id(permit) in self._releasing):
+            return permit.units.get(unit, 0.0)
+        return 0.0
+
+    async def _learn(self, info: RateLimitHeaders, permit: BucketPermit | None) -> set[str]:
         """Store the limits *info* reports that this limiter does not pace at yet; the
         dimensions whose bucket this call started."""
         new = {
@@ -954,16 +687,13 @@ class RedisRateLimiter:
         }
         if not new:
             return set()
-        fill = min(self.limits.start_fill(limit, _DIMENSIONS[dim][1]) for dim, limit in new.items())
+        fill = min(self.limits.start_fill(limit, DIMENSIONS[dim][1]) for dim, limit in new.items())
         args: list[Any] = [self._ttl, fill, len(new)]
         for dim, limit in new.items():
-            unit = _DIMENSIONS[dim][0]
-            own = 0.0
-            if permit is not None and (not permit.released or id(permit) in self._releasing):
-                own = permit.units.get(unit, 0.0)  # still counted in flight in Redis
+            unit = DIMENSIONS[dim][0]
             capacity = limit * (1.0 - self.limits.headroom)
-            args += [dim, limit, capacity, capacity / _DIMENSIONS[dim][1]]
-            args += [info.remaining.get(dim, -1), unit, own]
+            args += [dim, limit, capacity, capacity / DIMENSIONS[dim][1]]
+            args += [info.remaining.get(dim, -1), unit, self._own_units(permit, unit)]
         reply = await self._call(self._learn_script, [self._key, self._leases, self._counted], args)
         started = {dim for dim in new if dim not in self._capacity}
         self._adopt(_text(reply[0]))
@@ -975,9 +705,14 @@ class RedisRateLimiter:
     ) -> None:
         """Correct the shared buckets from a response's headers, as
         :meth:`RateLimiter.observe <llmbatch.limits.RateLimiter.observe>` does, with the
-        bookkeeping (outstanding, taken, corrections, learned limits) kept in Redis for
-        every process.
+        bookkeeping (outstanding, taken, refunds, corrections, learned limits) kept in
+        Redis for every process.
+
+        Raises:
+            TypeError: *permit* was not issued by a bucket limiter.
         """
+        if permit is not None and not isinstance(permit, BucketPermit):
+            raise TypeError(f"{permit!r} is not a permit of {self!r}")
         info = headers if isinstance(headers, RateLimitHeaders) else RateLimitHeaders.parse(headers)
         started: set[str] = set()
         if info.limits:
@@ -1016,7 +751,7 @@ class RedisRateLimiter:
         if dimension in self._capacity:
             targets = [dimension]
         else:
-            targets = [d for d in self._capacity if d in _MINUTE_DIMENSIONS]
+            targets = [d for d in self._capacity if d in MINUTE_DIMENSIONS]
         await self._adjust("empty", dict.fromkeys(targets, 0.0), pause=seconds)
         if self._probing():
             await self._aimd("down")
@@ -1028,19 +763,6 @@ class RedisRateLimiter:
             shared=True,
         )
 
-    async def __aenter__(self) -> Permit:
-        permit = await self.acquire()
-        _enter(self, permit)
-        return permit
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        _exit(self)
-
     def statistics(self) -> LimiterStatistics:
         """A snapshot of this process's counters and the last levels it saw in Redis;
         ``cooldown_remaining`` is what is left of the longest pause this process knows
@@ -1050,7 +772,7 @@ class RedisRateLimiter:
             cap = (
                 self._aimd_cap
                 if self._aimd_cap is not None
-                else min(cap or _AIMD_CEILING, _AIMD_START)
+                else min(cap or AIMD_CEILING, AIMD_START)
             )
         cooldown = 0.0
         try:

@@ -1,4 +1,4 @@
-"""Tests for llmbatch.limits_redis against a real redis-server (started by conftest).
+"""Tests for llmbatch.limits.redis against a real redis-server (started by conftest).
 
 Redis's own clock drives these buckets, so the tests do not sleep: they make single atomic
 attempts (``try_acquire``) and check the admission decisions and the wait the script
@@ -23,19 +23,20 @@ from structlog.testing import capture_logs
 from llmbatch.client import LLMClient
 from llmbatch.errors import LimiterUnavailable, redact
 from llmbatch.failure import is_fatal
-from llmbatch.limits import Limits, RequestTooLarge
-from llmbatch.limits_redis import RedisRateLimiter
+from llmbatch.limits import Limits, RedisRateLimiter, RequestTooLarge
 from llmbatch.models import Request, Response
 from llmbatch.providers.fake import FakeProvider
-
-pytestmark = pytest.mark.redis
 
 
 @pytest.fixture
 async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    """A client of the session's redis-server (tests/conftest.py)."""
     client = Redis.from_url(redis_url)
     yield client
     await client.aclose()
+
+
+pytestmark = pytest.mark.redis
 
 
 def limiter(redis: Redis, quota: str, **limits: float) -> RedisRateLimiter:
@@ -241,7 +242,7 @@ async def test_four_processes_share_one_quota_without_429(redis_url: str) -> Non
 
     from llmbatch.testing import Simulator
 
-    worker = Path(__file__).parent / "helpers" / "redis_worker.py"
+    worker = Path(__file__).parents[1] / "helpers" / "redis_worker.py"
     quota = fresh()
     async with Simulator(rpm=1200) as sim:
         processes = [
@@ -855,4 +856,31 @@ async def test_an_answer_is_kept_when_redis_fails_after_its_permit(redis: Redis)
     assert "kept" == response.text
     failed = [(e["step"], e["error_type"]) for e in logs if e["event"] == "limits.feedback_failed"]
     assert [("observe", "ConnectionError")] == failed
+    await shared.flush()
+
+
+async def test_a_refund_is_not_counted_twice_by_a_later_lift(redis: Redis) -> None:
+    """A request refunded (settled under its reservation) after a later permit was taken:
+    the server may count that refund in the later request's headers, but the shared
+    bucket has it already, so it lifts nothing more (as in the in-process limiter)."""
+    limits = Limits(tpm=10_000, initial_fill=1.0, reserve=0.0, transit=0.0, refund_unused=True)
+    shared = RedisRateLimiter(redis, limits, quota=fresh())
+    first = (await shared.try_acquire(tokens=2_000))[1]
+    assert first is not None
+    first.release()  # answered: no longer in flight when the second is taken
+    await shared.flush()
+    second = (await shared.try_acquire(tokens=2_000))[1]
+    assert second is not None
+    first.settle(tokens=1_200)  # 800 refunded, here and at the server
+    await shared.flush()
+    before = (await shared.try_acquire(tokens=0))[1]
+    assert before is not None
+    # The server refunded the first before admitting the second: 800 more than Redis
+    # had left right after the second.
+    left = int(second.available_after["tpm"]) + 800
+    await shared.observe({"x-ratelimit-remaining-tokens": str(left)}, second)
+    after = shared.statistics().available["tpm"]
+    # (the bucket refills 167 a second: a few milliseconds pass between the calls)
+    assert before.available_after["tpm"] == pytest.approx(after, abs=20)
+    second.release()
     await shared.flush()
