@@ -59,6 +59,7 @@ from llmbatch.limits import Limits, RateLimiter, get_limiter
 from llmbatch.models import Embedding, EmbeddingRequest, Request, Response, Usage
 from llmbatch.retry import RetryPolicy
 from llmbatch.runner import BatchStream, Outcome, current_item, run_batch, stream_batch
+from llmbatch.structured import FinishPolicy, InvalidOutput, ResponseSchema
 
 __version__ = "0.1.0.dev0"
 
@@ -89,7 +90,9 @@ __all__ = [
     "FailFast",
     "FailureStrategy",
     "FatalError",
+    "FinishPolicy",
     "Flow",
+    "InvalidOutput",
     "ItemError",
     "JobMismatch",
     "LLMBatchError",
@@ -110,6 +113,7 @@ __all__ = [
     "Request",
     "RequestTooLarge",
     "Response",
+    "ResponseSchema",
     "RetryPolicy",
     "Skip",
     "Timeout",

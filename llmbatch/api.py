@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from llmbatch.batchapi import Journal
-from llmbatch.client import LLMClient, build_request
+from llmbatch.client import DEFAULT_MAX_REASKS, LLMClient, build_request
 from llmbatch.concurrency import SAFETY_CAP
 from llmbatch.failure import BatchResult, FailureStrategy, ItemError, OnError, finish
 from llmbatch.limits import Limits
@@ -25,6 +25,7 @@ from llmbatch.providers.base import Provider
 from llmbatch.retry import RetryPolicy
 from llmbatch.routing import Mode, Prefer
 from llmbatch.runner import BatchStream, aiterate, run_batch, stream_batch
+from llmbatch.structured import FinishPolicy, ResponseModel, ResponseSchema
 
 __all__ = ["imap", "map", "map_sync"]
 
@@ -40,14 +41,18 @@ class _Answerer:
     template: str | Callable[[Any], Request | str]
     system: str | None
     key: Callable[[Any], str | None] | None
+    schema: ResponseSchema[Any] | None = None
 
     def request(self, item: Any) -> Request:
         """The request for *item* (raises KeyError/ValueError for a bad item)."""
         request = build_request(self.template, item, system=self.system)
         item_key = self.key(item) if self.key is not None else None
+        changes: dict[str, Any] = {}
         if item_key is not None and request.key is None:
-            request = replace(request, key=item_key)
-        return request
+            changes["key"] = item_key
+        if self.schema is not None and request.response_model is None:
+            changes["response_model"] = self.schema
+        return replace(request, **changes) if changes else request
 
     async def __call__(self, item: Any) -> Response:
         return await self.client.complete(self.request(item))
@@ -74,8 +79,13 @@ def _item_answerer(
     max_cost: float | None,
     key: Callable[[Any], str | None] | None,
     max_concurrency: int | None = None,
+    response_model: ResponseModel | None = None,
+    max_reasks: int = DEFAULT_MAX_REASKS,
+    finish_policy: FinishPolicy | None = None,
 ) -> _Answerer:
     """The :class:`_Answerer` (OpenAI from the environment when no provider is given)."""
+    # a bad response model (or pydantic missing) is the call's error, not every item's
+    schema = ResponseSchema.of(response_model) if response_model is not None else None
     owned = provider is None
     if provider is None:
         from llmbatch.providers.openai import OpenAIProvider
@@ -89,8 +99,10 @@ def _item_answerer(
         retry=retry,
         max_cost=max_cost,
         max_concurrency=max_concurrency,
+        max_reasks=max_reasks,
+        finish_policy=finish_policy,
     )
-    return _Answerer(provider, owned, client, template, system, key)
+    return _Answerer(provider, owned, client, template, system, key, schema)
 
 
 async def map(  # shadows builtins.map inside this module only: llmbatch.map is the API
@@ -107,6 +119,9 @@ async def map(  # shadows builtins.map inside this module only: llmbatch.map is 
     max_concurrency: int | None = None,
     key: Callable[[Any], str | None] | None = None,
     max_cost: float | None = None,
+    response_model: ResponseModel | None = None,
+    max_reasks: int = DEFAULT_MAX_REASKS,
+    finish_policy: FinishPolicy | None = None,
     on_result: Callable[[int, Response | ItemError], None] | None = None,
     mode: Mode = "online",
     deadline: float | None = None,
@@ -135,6 +150,17 @@ async def map(  # shadows builtins.map inside this module only: llmbatch.map is 
         max_cost: a budget in USD: once spent, no new item starts and the batch ends
             with :class:`~llmbatch.failure.BatchFailed` (reason ``"fatal"``) carrying
             what finished.
+        response_model: a typed answer for every item: a pydantic model class (the
+            ``structured`` extra), a dataclass or ``TypedDict``, or a JSON Schema dict.
+            Each provider enforces it its best way (OpenAI strict ``json_schema``,
+            Anthropic a forced tool, the local model a grammar); ``Response.parsed``
+            holds the validated instance (a dict for a schema dict).
+        max_reasks: follow-up requests an answer that fails to parse or validate may
+            get, quoting the errors; then the item's error is
+            :class:`~llmbatch.structured.InvalidOutput` with the raw text.
+        finish_policy: what a truncated, filtered or refused answer does
+            (:class:`~llmbatch.structured.FinishPolicy`; default: an error for typed
+            answers, kept for text).
         on_result: called with ``(index, Response or ItemError)`` as each item
             finishes; persist there to keep finished work across a Ctrl-C (online).
         mode: ``"online"``, ``"batch"`` (the provider's Batch API: half price, answers
@@ -161,6 +187,9 @@ async def map(  # shadows builtins.map inside this module only: llmbatch.map is 
         max_cost=max_cost,
         key=key,
         max_concurrency=max_concurrency,
+        response_model=response_model,
+        max_reasks=max_reasks,
+        finish_policy=finish_policy,
     )
     try:
         if mode != "online":
@@ -245,6 +274,9 @@ def imap(
     max_concurrency: int | None = None,
     key: Callable[[Any], str | None] | None = None,
     max_cost: float | None = None,
+    response_model: ResponseModel | None = None,
+    max_reasks: int = DEFAULT_MAX_REASKS,
+    finish_policy: FinishPolicy | None = None,
 ) -> BatchStream[Response]:
     """Like :func:`map`, for inputs that do not fit in memory: outcomes as they finish.
 
@@ -263,6 +295,9 @@ def imap(
         max_cost=max_cost,
         key=key,
         max_concurrency=max_concurrency,
+        response_model=response_model,
+        max_reasks=max_reasks,
+        finish_policy=finish_policy,
     )
     stream: BatchStream[Response] = stream_batch(
         answerer,

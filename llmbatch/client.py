@@ -30,7 +30,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar, overload
 
 from llmbatch._log import get_logger
@@ -80,6 +80,7 @@ from llmbatch.retry import (
 )
 from llmbatch.routing import Mode, Prefer, plan
 from llmbatch.runner import aiterate, current_item, run_batch
+from llmbatch.structured import FinishPolicy, InvalidOutput, decide
 from llmbatch.tokens import check_context_window, prompt_token_bound
 
 AnyRequest = Request | EmbeddingRequest
@@ -88,6 +89,7 @@ AnswerT = TypeVar("AnswerT", Response, Embedding)
 RequestT = TypeVar("RequestT", Request, EmbeddingRequest)
 
 __all__ = [
+    "DEFAULT_MAX_REASKS",
     "DEFAULT_TIMEOUT",
     "USE_DEFAULT",
     "ClientStatistics",
@@ -111,12 +113,22 @@ class ClientStatistics:
     #: requests in flight now, and the target they are held to (and why)
     in_flight: int = 0
     in_flight_target: InFlightTarget | None = None
+    #: follow-up requests for structured answers that failed to parse or validate
+    reasks: int = 0
+    #: items that failed as InvalidOutput after every re-ask
+    invalid: int = 0
 
 
 logger = get_logger("llmbatch.client")
 
 #: the output a request without ``max_tokens`` is budgeted for (OpenAI's reservation)
 DEFAULT_MAX_OUTPUT = 4096
+
+#: follow-up requests an invalid structured answer may get (``max_reasks``)
+DEFAULT_MAX_REASKS = 2
+
+#: the finish policy of plain-text requests: keep what came, as before there was one
+_KEEP_ALL = FinishPolicy(length="keep", content_filter="keep", refusal="keep")
 
 #: seconds one attempt may wait for the provider's answer when nothing else is set (the
 #: SDKs wait 600 s: a hung request would hold a slot for ten minutes)
@@ -274,6 +286,29 @@ class _Feedback:
         return True
 
 
+@dataclass(slots=True)
+class _Finishing:
+    """One item's answer while the finish policy and re-asks work on it: the request
+    last sent and its answer, and what the follow-up requests used."""
+
+    request: Request
+    response: Response
+    current: Request = field(init=False)
+    first: Usage = field(init=False)
+    extra: Usage = field(default_factory=Usage)
+    reasks: int = 0
+    grown: int = 0
+
+    def __post_init__(self) -> None:
+        self.current = self.request
+        self.first = self.response.usage
+
+    @property
+    def usage(self) -> Usage:
+        """What the item's calls used in all."""
+        return self.first + self.extra
+
+
 class LLMClient(AsyncClosing):
     """Calls a provider within its limits, with retries and a failure policy.
 
@@ -309,6 +344,16 @@ class LLMClient(AsyncClosing):
             ``attempt_timeout`` if it sets one, else the model profile's ``timeout``
             (``llmbatch.toml``), else :data:`DEFAULT_TIMEOUT` (120 s); ``None``: no
             limit of ours.
+        max_reasks: for a request with a ``response_model``, how many follow-up
+            requests an answer that fails to parse or validate may get (each quotes the
+            errors; each is paced by the limiter and priced). What is still invalid
+            after them is the item's :class:`~llmbatch.structured.InvalidOutput`
+            (permanent), carrying the raw text and the errors. Default 2.
+        finish_policy: what to do with an answer cut at ``max_tokens``, stopped by a
+            content filter, or refused (:class:`~llmbatch.structured.FinishPolicy`:
+            error, keep, or retry once with a larger ``max_tokens``). Default: error
+            for requests with a ``response_model`` (a cut object is never valid), keep
+            for plain text.
 
     A fatal error (a refused key, an exhausted quota, the budget, a provider that
     cannot be reached) stops :meth:`map`: no new request starts, requests already at
@@ -331,8 +376,14 @@ class LLMClient(AsyncClosing):
         profiles: Mapping[str, ModelProfile] | None = None,
         max_cost: float | None = None,
         timeout: float | _Unset | None = USE_DEFAULT,
+        max_reasks: int = DEFAULT_MAX_REASKS,
+        finish_policy: FinishPolicy | None = None,
     ) -> None:
+        if max_reasks < 0:
+            raise ValueError(f"max_reasks must be >= 0, not {max_reasks!r}")
         self.provider = provider
+        self.max_reasks = max_reasks
+        self.finish_policy = finish_policy
         self.model = model
         self.max_tokens = max_tokens
         self.limits = limits
@@ -379,6 +430,8 @@ class LLMClient(AsyncClosing):
         self.max_cost = max_cost
         self._succeeded = 0
         self._failed = 0
+        self._reasks = 0
+        self._invalid = 0
         self._usage = Usage()
         self._cost: float | None = None
         #: the most the calls in flight may still cost (see ``max_cost``)
@@ -461,6 +514,8 @@ class LLMClient(AsyncClosing):
             requests=self._requests,
             in_flight=self._gate.in_flight,
             in_flight_target=self._gate.target,
+            reasks=self._reasks,
+            invalid=self._invalid,
         )
 
     async def complete(self, request: Request | str) -> Response:
@@ -517,14 +572,92 @@ class LLMClient(AsyncClosing):
                     model=request.model or "",
                 )
             response = await self._call_with_retry(request)
+            if (
+                isinstance(request, Request)
+                and isinstance(response, Response)
+                and (request.response_model is not None or self.finish_policy is not None)
+            ):
+                finished = _Finishing(request, response)
+                try:
+                    response = await self._finish(finished)
+                except LLMBatchError:
+                    self._charge(request, finished.usage)  # paid for, though not kept
+                    raise
         except LLMBatchError as exc:
             self._failed += 1
+            self._invalid += isinstance(exc, InvalidOutput)
             exc.item_key = exc.item_key or request.key
             exc.provider = exc.provider or self.provider.name
             raise
         finally:
             self._reserved -= reserved
         return self.account(request, response)
+
+    async def _finish(self, state: _Finishing) -> Response:
+        """The finish policy and, for a ``response_model``, validation and re-asks:
+        the answer to keep (its usage and cost cover every follow-up request), or the
+        item's permanent error."""
+        schema = state.request.schema
+        policy = self.finish_policy or (FinishPolicy() if schema is not None else _KEEP_ALL)
+        window = self.profile(state.request.model or "").context_window
+        while True:
+            current, response = state.current, state.response
+            decision = decide(
+                response.finish_reason,
+                response.refusal,
+                policy,
+                state.grown,
+                max_tokens=current.max_tokens,
+                max_tokens_limit=(
+                    window - prompt_token_bound(current.messages) if window else None
+                ),
+            )
+            if decision.verdict == "retry":
+                logger.info(
+                    "structured.retry_larger",
+                    key=current.key,
+                    reason=decision.reason,
+                    max_tokens=decision.max_tokens,
+                )
+                state.grown += 1
+                await self._follow_up(state, replace(current, max_tokens=decision.max_tokens))
+                continue
+            if decision.verdict == "error":
+                raise decision.exception(
+                    raw=response.text, model=current.model, attempt=response.attempts
+                )
+            if schema is None:
+                return replace(response, usage=state.usage)
+            try:
+                parsed = schema.validate(response.text, attempts=state.reasks)
+            except InvalidOutput as exc:
+                if state.reasks >= self.max_reasks:
+                    exc.model = current.model
+                    raise
+                state.reasks += 1
+                self._reasks += 1
+                logger.info(
+                    "structured.reask",
+                    key=current.key,
+                    reask=state.reasks,
+                    errors=exc.errors[:3],
+                )
+                messages = (*current.messages, *schema.reask_messages(response.text, exc.errors))
+                await self._follow_up(state, replace(current, messages=messages))
+                continue
+            return replace(response, parsed=parsed, usage=state.usage, reasks=state.reasks)
+
+    async def _follow_up(self, state: _Finishing, request: Request) -> None:
+        """Send a follow-up request of the item (a re-ask, a larger ``max_tokens``):
+        within the budget, through the limiter and the retry policy like any call."""
+        reserved = self._reserve_budget(request)
+        try:
+            response = await self._call_with_retry(request)
+        finally:
+            self._reserved -= reserved
+        assert isinstance(response, Response)
+        state.current, state.response = request, response
+        state.extra = state.extra + response.usage
 
     def _reserve_budget(self, request: AnyRequest) -> float:
         """Reserve the most *request* may cost against ``max_cost``; what was reserved.
@@ -849,27 +982,68 @@ class LLMClient(AsyncClosing):
             poll_interval=self.batch_poll_interval,
             sleep=self._sleep,
         )
-        return self.batch_result(keyed, outcomes, on_error)
+        return await self.batch_result(keyed, outcomes, on_error)
 
-    def batch_result(
+    async def batch_result(
         self,
         keyed: Sequence[tuple[str, AnyRequest]],
         outcomes: Mapping[str, Answer | LLMBatchError],
         on_error: OnError | str | FailureStrategy,
     ) -> BatchResult[Any]:
         """Batch API outcomes as a :class:`BatchResult` in input order, priced at the
-        batch discount, under the failure strategy (fail-fast raises
-        :class:`~llmbatch.failure.BatchFailed` carrying everything)."""
+        batch discount, finished like online answers (:meth:`finish`: typed answers
+        validated, invalid ones re-asked online), under the failure strategy
+        (fail-fast raises :class:`~llmbatch.failure.BatchFailed` carrying everything)."""
         results: list[Answer | ItemError] = []
         for index, (key, request) in enumerate(keyed):
             outcome = outcomes[key]
-            if not isinstance(outcome, LLMBatchError):
-                results.append(self.account(request, outcome, batch=True))
-            else:
-                self._failed += 1
-                outcome.item_key = outcome.item_key or request.key
-                results.append(ItemError.from_exception(index, outcome, key=request.key))
+            try:
+                if isinstance(outcome, LLMBatchError):
+                    raise outcome
+                if isinstance(request, Request) and isinstance(outcome, Response):
+                    results.append(await self.finish(request, outcome, batch=True))
+                else:
+                    results.append(self.account(request, outcome, batch=True))
+            except LLMBatchError as exc:
+                if exc is outcome:
+                    self._failed += 1
+                exc.item_key = exc.item_key or request.key
+                results.append(ItemError.from_exception(index, exc, key=request.key))
         return finish(results, on_error)
+
+    async def finish(
+        self, request: Request, response: Response, *, batch: bool = False
+    ) -> Response:
+        """Finish an answer obtained outside :meth:`complete` (a Batch API's result):
+        the finish policy and, for a ``response_model``, validation into ``parsed``
+        with re-asks (sent online, through the limiter); the answer is accounted (at
+        the batch discount when *batch*; follow-ups at the online price).
+
+        Raises:
+            InvalidOutput: still invalid after ``max_reasks`` follow-ups.
+            ContentFiltered: refused or filtered, and the policy says error.
+        """
+        request = self._with_defaults(request)
+        if request.response_model is None and self.finish_policy is None:
+            return self.account(request, response, batch=batch)
+        state = _Finishing(request, response)
+        try:
+            final = await self._finish(state)
+        except LLMBatchError as exc:
+            self._failed += 1
+            self._invalid += isinstance(exc, InvalidOutput)
+            self._charge(request, state.first, batch=batch)
+            self._charge(request, state.extra)
+            exc.item_key = exc.item_key or request.key
+            exc.provider = exc.provider or self.provider.name
+            raise
+        costs = [
+            self._charge(request, state.first, batch=batch),
+            self._charge(request, state.extra),
+        ]
+        self._succeeded += 1
+        cost = None if None in costs else sum(c for c in costs if c is not None)
+        return replace(final, cost=cost, key=final.key or request.key)
 
     @overload
     def account(
@@ -882,12 +1056,17 @@ class LLMClient(AsyncClosing):
     def account(self, request: AnyRequest, response: Answer, *, batch: bool = False) -> Answer:
         """Count *response* in the statistics and price it (at the batch discount if
         it came through a Batch API)."""
-        cost = self.profile(request.model or "").cost(response.usage, batch=batch)
+        cost = self._charge(request, response.usage, batch=batch)
         self._succeeded += 1
-        self._usage = self._usage + response.usage
+        return replace(response, cost=cost, key=response.key or request.key)
+
+    def _charge(self, request: AnyRequest, usage: Usage, *, batch: bool = False) -> float | None:
+        """Count *usage* in the statistics and the budget; its price (``None``: unknown)."""
+        cost = self.profile(request.model or "").cost(usage, batch=batch)
+        self._usage = self._usage + usage
         if cost is not None:
             self._cost = (self._cost or 0.0) + cost
-        return replace(response, cost=cost, key=response.key or request.key)
+        return cost
 
 
 def _request_key(request: AnyRequest) -> str | None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import time
 import warnings
 from collections.abc import Awaitable, Callable
@@ -37,7 +38,9 @@ from contextvars import ContextVar
 from typing import Any
 
 from llmbatch.failure import BatchResult, FailureStrategy, OnError, failure_strategy
+from llmbatch.models import Request, Response
 from llmbatch.runner import DEFAULT_MAX_CONCURRENCY, current_item, run_batch
+from llmbatch.structured import ResponseModel, ResponseSchema
 
 __all__ = [
     "AsyncBatchFlow",
@@ -441,12 +444,37 @@ class LLMParallelBatchNode(AsyncParallelBatchNode):
     ``exec_async`` inherits the client's rate limits and retries, and the node's
     ``max_concurrency`` and failure strategy.
 
+    ``await self.ask(prompt)`` does the same with the node's ``response_model``: the
+    answer's ``parsed`` is the validated instance, re-asked when invalid.
+
     Args:
         llm: an :class:`~llmbatch.client.LLMClient`.
         max_retries: node-level attempts per item (default 1: the client retries).
+        response_model: the typed answer :meth:`ask` asks for (a pydantic model class,
+            a JSON Schema dict...; see :class:`~llmbatch.structured.ResponseSchema`).
         options: the other :class:`AsyncParallelBatchNode` arguments.
     """
 
-    def __init__(self, llm: Any, max_retries: int = 1, **options: Any) -> None:
+    def __init__(
+        self,
+        llm: Any,
+        max_retries: int = 1,
+        *,
+        response_model: ResponseModel | None = None,
+        **options: Any,
+    ) -> None:
         super().__init__(max_retries, **options)
         self.llm = llm
+        self.response_model = (
+            ResponseSchema.of(response_model) if response_model is not None else None
+        )
+
+    async def ask(self, prompt: str | Request, **options: Any) -> Response:
+        """``self.llm.complete`` of *prompt* (a string, with *options* as
+        :meth:`Request.from_prompt <llmbatch.models.Request.from_prompt>` takes them, or a
+        Request), asking for the node's ``response_model`` when the request names none."""
+        request = Request.from_prompt(prompt, **options) if isinstance(prompt, str) else prompt
+        if self.response_model is not None and request.response_model is None:
+            request = dataclasses.replace(request, response_model=self.response_model)
+        response: Response = await self.llm.complete(request)
+        return response

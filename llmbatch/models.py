@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from llmbatch.structured import ResponseModel, ResponseSchema
+
 __all__ = ["Embedding", "EmbeddingRequest", "Request", "Response", "Usage"]
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
@@ -49,6 +51,12 @@ class Request:
         temperature: sampling temperature, if set.
         n: completions per request.
         response_format: e.g. ``{"type": "json_object"}``; the text is then parsed.
+        response_model: a typed answer: a pydantic model class (or a dataclass or
+            ``TypedDict``), a JSON Schema dict, or a
+            :class:`~llmbatch.structured.ResponseSchema`. Each provider enforces it its
+            best way, and the client validates the answer into ``Response.parsed``
+            (re-asking when it is invalid). Kept as a ``ResponseSchema``
+            (:attr:`schema`).
         extra: other provider parameters, passed through.
         key: the item's key (for error records and checkpoints).
     """
@@ -59,10 +67,15 @@ class Request:
     temperature: float | None = None
     n: int = 1
     response_format: Mapping[str, Any] | None = None
+    response_model: ResponseModel | None = None
     extra: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
     key: str | None = None
 
     def __post_init__(self) -> None:
+        if self.response_model is not None:
+            if self.response_format is not None:
+                raise ValueError("give response_model or response_format, not both")
+            object.__setattr__(self, "response_model", ResponseSchema.of(self.response_model))
         if not self.messages:
             raise ValueError("a request needs at least one message")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -70,6 +83,12 @@ class Request:
         if self.n < 1:
             raise ValueError(f"n must be >= 1, not {self.n!r}")
         object.__setattr__(self, "messages", tuple(dict(m) for m in self.messages))
+
+    @property
+    def schema(self) -> ResponseSchema[Any] | None:
+        """The typed answer asked for (``response_model``), if any."""
+        model = self.response_model
+        return model if isinstance(model, ResponseSchema) else None
 
     @classmethod
     def from_prompt(cls, prompt: str, *, system: str | None = None, **options: Any) -> Request:
@@ -99,7 +118,12 @@ class Response:
         request_id: the provider's request id.
         latency: seconds the successful attempt took.
         attempts: how many attempts the call needed.
-        parsed: the JSON-decoded text when the request asked for JSON.
+        parsed: the validated answer when the request has a ``response_model`` (an
+            instance of the model, or a dict for a JSON Schema); the JSON-decoded text
+            when it asked for JSON with ``response_format``.
+        refusal: the model's refusal message, when it declined to answer (OpenAI's
+            ``message.refusal``, Anthropic's ``stop_reason="refusal"``).
+        reasks: how many follow-up requests an invalid structured answer needed.
         key: the item's key, copied from the request.
         cost: the price of the call in USD, when the model's prices are known.
         headers: the response headers (rate-limit feedback), not part of equality.
@@ -113,6 +137,8 @@ class Response:
     latency: float = 0.0
     attempts: int = 1
     parsed: Any = None
+    refusal: str | None = None
+    reasks: int = 0
     key: str | None = None
     cost: float | None = None
     headers: Mapping[str, str] = field(default_factory=lambda: _EMPTY, compare=False, repr=False)

@@ -50,6 +50,7 @@ __all__ = [
     "FinishDecision",
     "FinishPolicy",
     "InvalidOutput",
+    "ResponseModel",
     "ResponseSchema",
     "StrictSchema",
     "decide",
@@ -421,6 +422,10 @@ _MAX_ERRORS_SHOWN = 20
 # --- building a ResponseSchema ---------------------------------------------------------
 
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+#: what ``response_model=`` accepts: a model class, a JSON Schema dict, or a ResponseSchema
+ResponseModel = ResponseSchema[Any] | type[Any] | Mapping[str, Any]
 
 
 def _safe_name(raw: object) -> str:
