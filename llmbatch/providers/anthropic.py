@@ -24,11 +24,18 @@ per-minute bucket (the limit and the request's size, "rate limit of 50,000 input
 per minute (80,000 requested)", become ``capacity``, ``dimension`` and ``requested``):
 waiting cannot help. Anthropic's 413 ``request_too_large`` is different: the HTTP body
 exceeds the endpoint's size limit, a malformed request rather than a rate limit.
+
+A typed answer (a request's ``response_model``) is asked for as a forced tool whose input
+schema is the model's; the call's ``input`` comes back as the response's JSON text, which
+the client validates (online and in message batches alike: both take
+:meth:`AnthropicProvider.message_params` and :func:`message_response`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
@@ -63,6 +70,7 @@ from llmbatch.limits import key_fingerprint
 from llmbatch.models import EmbeddingRequest, Request, Response, Usage
 from llmbatch.providers.base import MAX_CONNECTIONS, Admission, AsyncClosing, never_connected
 from llmbatch.retry import parse_retry_after
+from llmbatch.structured import ResponseSchema
 from llmbatch.tokens import admission_estimate
 
 __all__ = [
@@ -74,6 +82,13 @@ __all__ = [
 
 #: Anthropic requires max_tokens; this is used when a request sets none
 DEFAULT_MAX_TOKENS = 1024
+
+#: input tokens charged at admission for the system prompt Anthropic adds when tools are
+#: used: a few hundred by model and tool_choice (its tool-use pricing page listed 235-340
+#: for a forced tool on the Claude 3 models); a bound, which settlement corrects from usage
+TOOL_PROMPT_TOKENS = 350
+#: what ``refusal`` says when a refusing message has no text of its own
+_REFUSED = "the model declined to answer (stop_reason: refusal)"
 
 _NEVER = re.compile(r"\bcan never (?:succeed|be admitted|fit)\b", re.IGNORECASE)
 _LIMIT_OF = re.compile(
@@ -172,6 +187,14 @@ def classify_anthropic_error(
     raise exc
 
 
+@functools.lru_cache(maxsize=256)
+def _tool_tokens(schema: ResponseSchema[Any]) -> int:
+    """The input tokens a typed answer's forced tool adds: its definition by characters,
+    and the tool-use system prompt; once per schema (it hashes by its fingerprint)."""
+    tool = [schema.anthropic_tool(), schema.anthropic_tool_choice()]
+    return math.ceil(len(json.dumps(tool, separators=(",", ":"))) / 4) + TOOL_PROMPT_TOKENS
+
+
 class AnthropicProvider(AsyncClosing):
     """Messages through the official ``anthropic`` client (``max_retries=0``).
 
@@ -228,14 +251,15 @@ class AnthropicProvider(AsyncClosing):
         await self._client.close()
 
     def admission(self, request: Request, model: str) -> Admission:
-        """One request, the input estimate, and (if reserved) max_tokens of output."""
+        """One request, the input estimate (with a typed answer's tool, which Anthropic
+        counts as input), and (if reserved) max_tokens of output."""
         max_tokens = request.max_tokens or DEFAULT_MAX_TOKENS
         output = float(max_tokens) if self.reserve_output else 0.0
-        return Admission(
-            requests=1,
-            input_tokens=admission_estimate(request.messages, model),
-            output_tokens=output,
-        )
+        prompt = admission_estimate(request.messages, model)
+        schema = request.schema
+        if schema is not None:
+            prompt += _tool_tokens(schema)
+        return Admission(requests=1, input_tokens=prompt, output_tokens=output)
 
     def settlement(self, request: Request, response: Response) -> Admission:
         """Anthropic counts the actual tokens: uncached input (cache writes included,
@@ -247,7 +271,11 @@ class AnthropicProvider(AsyncClosing):
         )
 
     def message_params(self, request: Request) -> dict[str, Any]:
-        """The Messages API body for *request* (online and in message batches)."""
+        """The Messages API body for *request* (online and in message batches).
+
+        A typed answer (``response_model``) is a forced tool: ``tools`` holds
+        :meth:`~llmbatch.structured.ResponseSchema.anthropic_tool` and ``tool_choice``
+        forces it (Anthropic refuses that together with extended thinking)."""
         model = request.model
         if not model:
             raise BadRequest("no model given", provider=self.name)
@@ -268,6 +296,10 @@ class AnthropicProvider(AsyncClosing):
             params["system"] = "\n\n".join(system)
         if request.temperature is not None:
             params["temperature"] = request.temperature
+        schema = request.schema
+        if schema is not None:
+            params["tools"] = [schema.anthropic_tool()]
+            params["tool_choice"] = schema.anthropic_tool_choice()
         params.update(request.extra)
         return params
 
@@ -303,8 +335,21 @@ def message_response(
     latency: float = 0.0,
     headers: Mapping[str, str] | None = None,
 ) -> Response:
-    """The :class:`Response` for a Messages API ``message`` (online or batch result)."""
+    """The :class:`Response` for a Messages API ``message`` (online or batch result).
+
+    For a typed answer the forced tool call's ``input`` is the text, as JSON (a message
+    without that call keeps its text, which then fails validation). ``stop_reason``
+    ``"refusal"`` sets ``refusal`` (the message's text, if it has any); the stop reason
+    is the finish reason as it comes (``"tool_use"`` is a forced tool's normal end).
+    """
     text = "".join(getattr(block, "text", "") for block in message.content)
+    refusal = (text.strip() or _REFUSED) if message.stop_reason == "refusal" else None
+    schema = request.schema
+    if schema is not None:
+        for block in message.content:
+            if isinstance(block, anthropic.types.ToolUseBlock) and block.name == schema.name:
+                text = json.dumps(block.input, ensure_ascii=False)
+                break
     return Response(
         text=text,
         model=message.model or request.model,
@@ -320,6 +365,7 @@ def message_response(
         finish_reason=message.stop_reason,
         request_id=request_id,
         latency=latency,
+        refusal=refusal,
         key=request.key,
         headers=dict(headers or {}),
     )

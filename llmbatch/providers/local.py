@@ -9,6 +9,10 @@ cores; pip caches the wheel). ``scripts/install`` builds it for portable AVX2 CP
 The model is small and answers crudely, but it is real: it makes the main job and the
 examples run anywhere. One model instance serves every call, serialized on a worker
 thread (concurrency 1), so the event loop stays free.
+
+A typed answer (a request's ``response_model``) is enforced by llama.cpp's grammar built
+from the schema (:meth:`~llmbatch.structured.ResponseSchema.llama_cpp_response_format`):
+the model can only write JSON of that shape, which the client then validates.
 """
 
 from __future__ import annotations
@@ -140,6 +144,9 @@ class LocalProvider(AsyncClosing):
         }
         if request.response_format is not None:
             params["response_format"] = dict(request.response_format)
+        schema = request.schema
+        if schema is not None:
+            params["response_format"] = schema.llama_cpp_response_format()
         async with self._lock:
             if self._busy is not None and not self._busy.done():
                 await asyncio.wait([self._busy])  # a cancelled caller's call still runs

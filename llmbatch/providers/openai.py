@@ -37,16 +37,22 @@ A connection error is ``connect=True`` when the connection was never established
 and ``ConnectTimeout`` in the exception's cause chain): nothing reached the server.
 
 ``retry_after`` comes from the response headers (:func:`~llmbatch.retry.parse_retry_after`).
+
+Typed answers (a request's ``response_model``) go as ``response_format``: a ``json_schema``,
+strict when strict mode can carry the schema's shape (:func:`strict_fits`), or, for
+OpenAI-compatible servers without schemas (``structured_outputs="json_object"``), JSON mode
+with the schema stated in the system prompt. Either way the client validates the answer.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 import httpx2
 import openai
@@ -72,18 +78,25 @@ from llmbatch.limits import key_fingerprint, parse_go_duration
 from llmbatch.models import Embedding, EmbeddingRequest, Request, Response, Usage
 from llmbatch.providers.base import MAX_CONNECTIONS, Admission, AsyncClosing, never_connected
 from llmbatch.retry import parse_retry_after
+from llmbatch.structured import ResponseSchema, StrictSchema
 from llmbatch.tokens import openai_admission_estimate
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
     "OpenAIBatchBackend",
     "OpenAIProvider",
+    "StructuredOutputs",
     "chat_response",
     "classify_openai_error",
     "classify_openai_status",
     "embedding_response",
     "never_connected",
+    "strict_fits",
 ]
+
+#: how a server is asked for a typed answer: a ``json_schema`` response format (OpenAI,
+#: and servers that enforce schemas), or JSON mode with the schema in the system prompt
+StructuredOutputs: TypeAlias = Literal["json_schema", "json_object"]
 
 #: what OpenAI reserves against TPM when a request sets no max_tokens (conservative)
 DEFAULT_MAX_TOKENS = 4096
@@ -246,6 +259,61 @@ def classify_openai_error(
     raise exc
 
 
+# The strict rewrite's notes (StrictSchema.changes) that mean strict mode cannot carry the
+# schema's shape, rather than only a constraint that validation enforces afterwards: a value
+# of any type (OpenAI refuses a strict schema with one: a 400 for every request), and a map
+# (free-form additionalProperties: strict mode could only ever answer it empty).
+_SHAPE_LOST = ("no type (any value)", "additionalProperties dropped")
+
+
+def strict_fits(strict: StrictSchema) -> bool:
+    """Whether to send a schema's strict rewrite with ``strict: true``.
+
+    Yes when the rewrite is exact, and also when it only dropped constraints strict mode
+    lacks (``minLength``, ``uniqueItems``, a non-standard ``format``, a tuple's order...):
+    strict mode still guarantees every field and type, and the client's validation of the
+    answer enforces the rest (re-asking when it fails). No when the rewrite lost the shape
+    itself (a value of any type, a ``dict[str, X]`` map): the original schema then goes
+    as a hint, with ``strict: false``.
+    """
+    return not any(marker in change for change in strict.changes for marker in _SHAPE_LOST)
+
+
+def _with_instruction(
+    messages: Sequence[Mapping[str, Any]], instruction: str
+) -> list[dict[str, Any]]:
+    """*messages* with *instruction* at the end of the leading system (or developer)
+    message, or in a new system message before them."""
+    sent = [dict(m) for m in messages]
+    if sent and sent[0].get("role") in ("system", "developer"):
+        content = sent[0].get("content")
+        if isinstance(content, str):
+            sent[0]["content"] = f"{content}\n\n{instruction}" if content else instruction
+            return sent
+        if isinstance(content, list):
+            sent[0]["content"] = [*content, {"type": "text", "text": instruction}]
+            return sent
+    return [{"role": "system", "content": instruction}, *sent]
+
+
+#: JSON mode's response_format
+_JSON_OBJECT: Mapping[str, str] = {"type": "json_object"}
+#: the per-message overhead openai_admission_estimate charges (a new system message)
+_MESSAGE_OVERHEAD = 4
+
+
+@functools.lru_cache(maxsize=256)
+def _format_tokens(schema: ResponseSchema[Any], structured_outputs: str, strict: bool) -> int:
+    """The prompt tokens a typed answer's ``response_format`` (and, in JSON mode, its
+    instruction) add, by the character count OpenAI's own estimate uses; once per schema
+    (a ResponseSchema hashes by its fingerprint)."""
+    if structured_outputs == "json_object":
+        chars = len(json.dumps(_JSON_OBJECT)) + len(schema.json_mode_instruction()) + 2
+        return math.ceil(chars / 4) + _MESSAGE_OVERHEAD
+    response_format = schema.openai_response_format(strict=strict)
+    return math.ceil(len(json.dumps(response_format, separators=(",", ":"))) / 4)
+
+
 class OpenAIProvider(AsyncClosing):
     """Chat completions through the official ``openai`` client (any compatible server).
 
@@ -262,6 +330,18 @@ class OpenAIProvider(AsyncClosing):
             about a third of the CPU per request of its default one at thousands of
             requests a minute) or ``"httpx"`` (the SDK's default transport). Either
             allows 2,048 connections, the most requests llmbatch keeps in flight.
+        structured_outputs: how a request's ``response_model`` is sent.
+            ``"json_schema"`` (the default): ``response_format`` ``json_schema`` with the
+            schema (OpenAI, and servers that enforce schemas, such as vLLM).
+            ``"json_object"``: for OpenAI-compatible servers without schema support,
+            ``{"type": "json_object"}`` with the schema stated at the end of the system
+            prompt (:meth:`~llmbatch.structured.ResponseSchema.json_mode_instruction`);
+            the client's validation and re-asks then do the enforcing.
+        strict: with ``"json_schema"``, whether to send ``strict: true`` and the
+            schema's strict rewrite. ``None`` (the default) decides per schema
+            (:func:`strict_fits`); ``False`` always sends the schema as it is, as a
+            hint (fine-tuned models, servers that refuse ``strict``); ``True`` always
+            sends the rewrite, strict.
     """
 
     def __init__(
@@ -273,7 +353,16 @@ class OpenAIProvider(AsyncClosing):
         client: openai.AsyncOpenAI | None = None,
         name: str = "openai",
         transport: Literal["aiohttp", "httpx"] = "aiohttp",
+        structured_outputs: StructuredOutputs = "json_schema",
+        strict: bool | None = None,
     ) -> None:
+        if structured_outputs not in ("json_schema", "json_object"):
+            raise ValueError(
+                "structured_outputs must be 'json_schema' or 'json_object', "
+                f"not {structured_outputs!r}"
+            )
+        self.structured_outputs: StructuredOutputs = structured_outputs
+        self.strict = strict
         self._client = client or openai.AsyncOpenAI(
             api_key=api_key,
             base_url=base_url,
@@ -301,12 +390,17 @@ class OpenAIProvider(AsyncClosing):
         (an embedding: its input's estimate).
 
         The prompt estimate is character-based, as OpenAI documents its own
-        (:func:`~llmbatch.tokens.openai_admission_estimate`).
+        (:func:`~llmbatch.tokens.openai_admission_estimate`); for a typed answer it
+        includes the ``response_format`` (or JSON mode's instruction).
         """
         if isinstance(request, EmbeddingRequest):
             return Admission(requests=1, tokens=math.ceil(len(request.input) / 4) + 1)
         max_tokens = request.max_tokens or DEFAULT_MAX_TOKENS
         prompt = openai_admission_estimate(request.messages)
+        schema = request.schema
+        if schema is not None:
+            # the schema goes with every request, and OpenAI counts it as prompt
+            prompt += _format_tokens(schema, self.structured_outputs, self._strict(schema))
         return Admission(requests=1, tokens=prompt + max_tokens * request.n)
 
     def settlement(
@@ -316,6 +410,12 @@ class OpenAIProvider(AsyncClosing):
         estimate of the prompt plus max_tokens x n, and keeps that reservation whatever
         the answer's length or the prompt's exact count: the admission charge is final."""
         return Admission(tokens=self.admission(request, request.model or "")["tokens"])
+
+    def _strict(self, schema: ResponseSchema[Any]) -> bool:
+        """Whether *schema* goes strict (see *strict* in the class docstring)."""
+        if self.strict is not None:
+            return self.strict
+        return strict_fits(schema.strict_schema())
 
     def chat_params(self, request: Request) -> dict[str, Any]:
         """The ``/v1/chat/completions`` body for *request* (online and in batch files)."""
@@ -331,6 +431,18 @@ class OpenAIProvider(AsyncClosing):
             params["n"] = request.n
         if request.response_format is not None:
             params["response_format"] = dict(request.response_format)
+        schema = request.schema
+        if schema is not None:
+            if self.structured_outputs == "json_object":
+                params["response_format"] = dict(_JSON_OBJECT)
+                params["messages"] = _with_instruction(
+                    request.messages, schema.json_mode_instruction()
+                )
+            else:
+                # shared, read-only: built once per schema
+                params["response_format"] = schema.openai_response_format(
+                    strict=self._strict(schema)
+                )
         params.update(request.extra)
         return params
 
@@ -421,10 +533,14 @@ def chat_response(
     headers: Mapping[str, str] | None = None,
 ) -> Response:
     """The :class:`Response` for a ``chat.completion`` body (online, or a batch output
-    line), read as JSON: fields a server leaves out read as empty."""
+    line), read as JSON: fields a server leaves out read as empty.
+
+    ``message.refusal`` becomes ``refusal``. For a typed answer (``response_model``) the
+    text is the JSON and ``parsed`` stays ``None``: the client validates it."""
     choices = completion.get("choices") or []
     choice = choices[0] if choices and isinstance(choices[0], Mapping) else {}
     text = _get(choice, "message", "content") or ""
+    refusal = _get(choice, "message", "refusal")
     usage = completion.get("usage") or {}
     cached = _get(usage, "prompt_tokens_details", "cached_tokens") or 0
     parsed = None
@@ -445,6 +561,7 @@ def chat_response(
         request_id=request_id,
         latency=latency,
         parsed=parsed,
+        refusal=str(refusal) if refusal else None,
         key=request.key,
         headers=dict(headers or {}),
     )

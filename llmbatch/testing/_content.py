@@ -85,6 +85,9 @@ class Output:
             ``"schema_violation"`` or ``"truncated"``; None for plain text.
         follow_up: whether the request continues a conversation after an answer
             (an assistant turn followed by a user turn), as a re-ask does.
+        refusal: the model declined (a scripted ``Fault(kind="refusal")``): *text* is
+            the refusal message, sent as OpenAI's ``message.refusal`` (``content:
+            null``) or as Anthropic's text with ``stop_reason: "refusal"``.
     """
 
     text: str
@@ -93,6 +96,7 @@ class Output:
     tool: Mapping[str, Any] | None = None
     outcome: str | None = None
     follow_up: bool = False
+    refusal: bool = False
 
 
 def text_of(content: Any) -> str:
@@ -196,7 +200,11 @@ def openai_chat_completion(
         "choices": [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": text, "refusal": None},
+                "message": {
+                    "role": "assistant",
+                    "content": None if output.refusal else text,
+                    "refusal": text if output.refusal else None,
+                },
                 "logprobs": None,
                 "finish_reason": "length" if truncated else "stop",
             }
@@ -226,7 +234,8 @@ def anthropic_message(
     if the caller has it already) with *output* (default: :func:`text_output`).
 
     A tool call is one ``tool_use`` block with ``stop_reason: "tool_use"``, as when
-    ``tool_choice`` forces a tool (or ``"max_tokens"`` when cut short).
+    ``tool_choice`` forces a tool (or ``"max_tokens"`` when cut short). A refusal is its
+    text with ``stop_reason: "refusal"``.
     """
     output = output or text_output(body)
     input_tokens = estimate_tokens(body) if input_tokens is None else input_tokens
@@ -242,6 +251,8 @@ def anthropic_message(
     else:
         content = {"type": "text", "text": output.text}
         stop_reason = "max_tokens" if output.truncated else "end_turn"
+        if output.refusal:
+            stop_reason = "refusal"
     return {
         "id": message_id,
         "type": "message",

@@ -207,6 +207,7 @@ class Endpoint(ABC):
 
         Args:
             spoil: a scripted ``"invalid_json"``/``"schema_violation"`` for a JSON answer
-                (ignored by requests that ask for no JSON). :meth:`validate` has already
-                refused the output formats the simulator cannot answer.
+                (ignored by requests that ask for no JSON), or ``"refusal"`` for any
+                chat answer. :meth:`validate` has already refused the output formats
+                the simulator cannot answer.
         """

@@ -12,6 +12,9 @@ Two kinds spoil the *content* of a JSON answer instead of the transport:
 ``"invalid_json"`` and ``"schema_violation"`` (see :mod:`llmbatch.testing._structured`).
 They exist only in scripts (their fractions, ``invalid_json`` and ``schema_violations``,
 are drawn per prompt, apart from this plan); a request that asks for no JSON ignores them.
+A third, ``"refusal"``, exists only in scripts too: the model declines to answer any chat
+request (JSON or not), as OpenAI's ``message.refusal`` or Anthropic's
+``stop_reason: "refusal"``.
 
 The simulator consults the plan after a request passed authentication and validation
 (``nth`` counts only those), and applies the fault where the response would be sent,
@@ -29,9 +32,9 @@ from typing import Any, Literal, TypeAlias
 __all__ = ["Fault", "FaultKind", "FaultPlan", "FaultScript", "RequestInfo"]
 
 FaultKind: TypeAlias = Literal[
-    "error", "hang", "reset", "malformed", "invalid_json", "schema_violation"
+    "error", "hang", "reset", "malformed", "invalid_json", "schema_violation", "refusal"
 ]
-_KINDS = ("error", "hang", "reset", "malformed", "invalid_json", "schema_violation")
+_KINDS = ("error", "hang", "reset", "malformed", "invalid_json", "schema_violation", "refusal")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -46,7 +49,9 @@ class Fault:
             for JSON (``response_format``, a forced Anthropic tool): ``"invalid_json"``
             answers 200 with unparseable JSON in the message, ``"schema_violation"`` with
             JSON that breaks the schema; both hit re-asks too, so scripting the re-ask's
-            ``nth`` makes the re-ask fail as well.
+            ``nth`` makes the re-ask fail as well. ``"refusal"`` answers any chat request
+            (JSON or not) 200 with a refusal: OpenAI ``message.refusal`` set and
+            ``content: null``; Anthropic a text block and ``stop_reason: "refusal"``.
         status: the HTTP status of an ``"error"`` fault (400..599). A 429 gets the
             provider's rate-limit body (or the quota body, see ``error_type``).
         error_type: overrides the ``type`` in the error body; for an OpenAI 429 one of

@@ -332,8 +332,9 @@ class ChatCompletions(_OpenAI):
         events: list[bytes] = []
         for index in range(n):
             events.append(chunk(index, {"role": "assistant", "content": "", "refusal": None}))
+            field = "refusal" if output.refusal else "content"  # a refusal streams as such
             events.extend(
-                chunk(index, {"content": word if i == 0 else " " + word})
+                chunk(index, {field: word if i == 0 else " " + word})
                 for i, word in enumerate(words)
             )
             events.append(chunk(index, {}, "length" if truncated else "stop"))

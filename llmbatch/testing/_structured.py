@@ -10,7 +10,11 @@ Requests that ask for JSON
     :mod:`llmbatch.testing._schema`). With ``"strict": true`` the schema must first pass
     OpenAI's strict rules (:func:`~llmbatch.testing._schema.strict_problem`), or the
     request gets OpenAI's 400 ``Invalid schema for response_format '<name>': ...``.
-  - ``{"type": "json_object"}``: a JSON object ``{"tag": ..., "words": [...]}``.
+  - ``{"type": "json_object"}``: a JSON object ``{"tag": ..., "words": [...]}``; or, when
+    a system, developer or user message states a JSON Schema (an object schema right after
+    ``JSON Schema:``, as :meth:`llmbatch.structured.ResponseSchema.json_mode_instruction`
+    writes it), a value valid for it: the simulated model reads the schema it is told,
+    as a model in JSON mode does (:func:`stated_schema`).
 
 * Anthropic messages:
 
@@ -45,6 +49,11 @@ missing, or one property of the wrong type; a ``json_object`` answer becomes an 
 Both keep the ``[tag]``. They come from :class:`StructuredFaults` (fractions, drawn per
 prompt from the seed, so the same prompt is always spoiled the same way) or from a script.
 A *follow-up* (a re-ask) is never spoiled by the fractions, only by a script.
+
+A scripted ``Fault(kind="refusal")`` makes the model decline instead, for any chat
+request, JSON or not: :data:`REFUSAL` as OpenAI's ``message.refusal`` (``content: null``,
+``finish_reason: "stop"``), or as Anthropic's text with ``stop_reason: "refusal"``. A
+refused JSON answer counts as ``answered`` only.
 
 Re-asks
 -------
@@ -87,6 +96,7 @@ from llmbatch.testing._schema import SchemaError, instance, spoil_json, strict_p
 
 __all__ = [
     "NO_FAULTS",
+    "REFUSAL",
     "SPOILS",
     "FormatError",
     "OutputSpec",
@@ -101,11 +111,14 @@ __all__ = [
     "openai_request_spec",
     "openai_spec",
     "plan_output",
+    "stated_schema",
 ]
 
-Spoil: TypeAlias = Literal["invalid_json", "schema_violation"]
-#: the ways an answer can be spoiled
-SPOILS: tuple[Spoil, ...] = ("invalid_json", "schema_violation")
+Spoil: TypeAlias = Literal["invalid_json", "schema_violation", "refusal"]
+#: the ways an answer can be spoiled (``"refusal"`` only by a script, and for any request)
+SPOILS: tuple[Spoil, ...] = ("invalid_json", "schema_violation", "refusal")
+#: what the simulated model says when a script makes it refuse
+REFUSAL = "I'm sorry, but I can't help with that request."
 _NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 _JSON_OBJECT: Mapping[str, Any] = {"type": "object"}
 
@@ -416,6 +429,47 @@ def _fitting(value: Any, budget: int) -> dict[str, Any]:
     return kept
 
 
+_STATED = re.compile(r"JSON Schema:\s*(?=\{)")
+_DECODER = json.JSONDecoder()
+
+
+def stated_schema(messages: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The object schema a system, developer or user message states right after
+    ``JSON Schema:`` (the first that parses), or None."""
+    for message in messages:
+        if not isinstance(message, Mapping) or message.get("role") not in (
+            "system",
+            "developer",
+            "user",
+        ):
+            continue
+        text = text_of(message.get("content"))
+        for found in _STATED.finditer(text):
+            try:
+                value, _ = _DECODER.raw_decode(text, found.end())
+            except ValueError:
+                continue
+            if isinstance(value, dict) and value.get("type") == "object":
+                return value
+    return None
+
+
+def _json_mode_value(
+    messages: Sequence[Mapping[str, Any]], tag: str
+) -> tuple[Mapping[str, Any], Any, tuple[str, ...] | None]:
+    """``(schema, value, tag path)`` for a JSON-mode answer: a value for the schema the
+    prompt states, or (none stated, or none the simulator can build) the tagged words."""
+    stated = stated_schema(messages)
+    if stated is not None:
+        try:
+            value, tag_path = instance(stated, seed=tag, tag=tag)
+        except SchemaError:
+            pass
+        else:
+            return stated, value, tag_path
+    return _JSON_OBJECT, {"tag": tag, "words": tagged_words(tag)[1:]}, ("tag",)
+
+
 def plan_output(
     body: Mapping[str, Any],
     spec: OutputSpec | None,
@@ -436,6 +490,11 @@ def plan_output(
     Raises:
         SchemaError: the schema admits no value the simulator can build.
     """
+    if spoil == "refusal":
+        follow_up = conversation(body.get("messages") or ())[1]
+        outcome = None if spec is None else "refusal"
+        tokens = math.ceil(len(REFUSAL) / 4)
+        return Output(REFUSAL, tokens, False, None, outcome, follow_up, refusal=True)
     if spec is None:
         return text_output(body)
     prompt, follow_up = conversation(body.get("messages") or ())
@@ -443,9 +502,9 @@ def plan_output(
     if spoil is None and not follow_up:
         spoil = faults.draw(prompt)
     schema = spec.schema or _JSON_OBJECT
+    tag_path: tuple[str, ...] | None
     if spec.schema is None:
-        value: Any = {"tag": tag, "words": tagged_words(tag)[1:]}
-        tag_path: tuple[str, ...] | None = ("tag",)
+        schema, value, tag_path = _json_mode_value(body.get("messages") or (), tag)
     else:
         value, tag_path = instance(spec.schema, seed=tag, tag=tag)
     outcome = "valid"

@@ -35,7 +35,9 @@ Requests that ask for JSON (OpenAI ``response_format``, Anthropic forced tools a
 ``output_config.format``) get JSON valid for their schema, tagged with the prompt's
 ``[content_tag]``, unless ``invalid_json``/``schema_violations`` or a scripted
 ``Fault(kind="invalid_json" | "schema_violation")`` spoil it: see
-:mod:`llmbatch.testing._structured`; ``stats().structured`` counts them.
+:mod:`llmbatch.testing._structured`; ``stats().structured`` counts them. A scripted
+``Fault(kind="refusal")`` makes the model decline any chat request (OpenAI
+``message.refusal``, Anthropic ``stop_reason: "refusal"``).
 """
 
 from __future__ import annotations
