@@ -124,6 +124,10 @@ class StrictSchema:
 
     schema: dict[str, Any]
     changes: tuple[str, ...] = ()
+    #: the rewrite kept every field and type (it may have dropped constraints strict
+    #: mode lacks); ``False`` when it lost the shape itself: a value of any type, or a
+    #: ``dict[str, X]`` map, which strict mode could only answer empty
+    shape_kept: bool = True
 
     @property
     def exact(self) -> bool:
@@ -637,7 +641,10 @@ _HINTS = frozenset(
 
 def _strict(schema: dict[str, Any]) -> StrictSchema:
     rewrite = _StrictRewrite(schema)
-    return StrictSchema(schema=rewrite.node(schema, "#"), changes=tuple(rewrite.changes))
+    rewritten = rewrite.node(schema, "#")
+    return StrictSchema(
+        schema=rewritten, changes=tuple(rewrite.changes), shape_kept=not rewrite.shape_lost
+    )
 
 
 class _StrictRewrite:
@@ -646,6 +653,7 @@ class _StrictRewrite:
     def __init__(self, root: dict[str, Any]) -> None:
         self.root = root
         self.changes: list[str] = []
+        self.shape_lost = False
         self.inlining: set[str] = set()
 
     def note(self, path: str, change: str) -> None:
@@ -687,6 +695,7 @@ class _StrictRewrite:
             self.object(node, path)
         if not {"type", "anyOf", "$ref", "enum", "const"} & set(node):
             self.note(path, "no type (any value): strict mode needs one")
+            self.shape_lost = True
         return node
 
     def normalize(self, node: dict[str, Any], path: str) -> dict[str, Any]:
@@ -740,6 +749,7 @@ class _StrictRewrite:
         extra = node.get("additionalProperties")
         if (extra is not None and extra is not False) or (extra is None and not properties):
             self.note(path, "additionalProperties dropped: only the listed properties can appear")
+            self.shape_lost = True
         required = set(node.get("required") or ())
         strict_properties: dict[str, Any] = {}
         for name, sub in properties.items():

@@ -1158,3 +1158,22 @@ def test_imports_only_leaves_and_optional_deps_lazily() -> None:
         "llmbatch.models",
     }
     assert set() == {m for m in imported if m.split(".")[0] in ("pydantic", "jsonschema")}
+
+
+def test_shape_kept_tells_lost_constraints_from_a_lost_shape() -> None:
+    """Dropped constraints keep the shape (strict mode still fixes every field and type);
+    a map or an untyped value loses it (providers then send the schema non-strict)."""
+
+    class Constrained(BaseModel):
+        name: str = Field(min_length=1)
+
+    class Mapped(BaseModel):
+        counts: dict[str, int]
+
+    class Untyped(BaseModel):
+        anything: Any
+
+    constrained = ResponseSchema.of(Constrained).strict_schema()
+    assert (False, True) == (constrained.exact, constrained.shape_kept)
+    assert not ResponseSchema.of(Mapped).strict_schema().shape_kept
+    assert not ResponseSchema.of(Untyped).strict_schema().shape_kept

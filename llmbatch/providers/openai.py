@@ -263,9 +263,6 @@ def classify_openai_error(
 # schema's shape, rather than only a constraint that validation enforces afterwards: a value
 # of any type (OpenAI refuses a strict schema with one: a 400 for every request), and a map
 # (free-form additionalProperties: strict mode could only ever answer it empty).
-_SHAPE_LOST = ("no type (any value)", "additionalProperties dropped")
-
-
 def strict_fits(strict: StrictSchema) -> bool:
     """Whether to send a schema's strict rewrite with ``strict: true``.
 
@@ -276,7 +273,7 @@ def strict_fits(strict: StrictSchema) -> bool:
     itself (a value of any type, a ``dict[str, X]`` map): the original schema then goes
     as a hint, with ``strict: false``.
     """
-    return not any(marker in change for change in strict.changes for marker in _SHAPE_LOST)
+    return strict.shape_kept
 
 
 def _with_instruction(
