@@ -14,18 +14,21 @@ from collections.abc import AsyncIterator
 from typing import Literal
 
 import pytest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 import llmbatch
 from llmbatch.client import LLMClient
 from llmbatch.config import ModelProfile
 from llmbatch.errors import BudgetExhausted, ContentFiltered
-from llmbatch.failure import ItemError
+from llmbatch.failure import BatchResult, ItemError
 from llmbatch.flow import LLMParallelBatchNode
 from llmbatch.models import Request, Response, Usage
 from llmbatch.providers.fake import FakeProvider
+from llmbatch.providers.openai import OpenAIProvider
 from llmbatch.structured import FinishPolicy, InvalidOutput
 from llmbatch.testing import FakeClock
+from llmbatch.testing.pytest_plugin import SimulatorFactory
+from llmbatch.testing.simulator import BatchSimConfig, SimulatorStats
 
 #: a tenth of a cent per token, in and out: every call has a visible price
 PRICED = {
@@ -282,3 +285,84 @@ async def test_the_llm_node_asks_for_its_response_model(clock: FakeClock) -> Non
     await node.run_async(shared)
     assert [Summary(summary="s", topics=["a"], sentiment="pos")] * 2 == shared["out"]
     assert all(r.schema is not None for r in provider.calls)
+
+
+# -- through a Batch API: the schema in every line, validation on collection ------------
+
+BATCH_PROFILE = {
+    "openai/gpt-4o-mini": ModelProfile(
+        provider="openai", model="gpt-4o-mini", input_price=0.15, output_price=0.60
+    )
+}
+
+
+class Tagged(BaseModel):
+    tag: str
+    words: list[str]
+
+
+class NeverValid(BaseModel):
+    """Valid JSON from the simulator, but a check the schema cannot carry fails it."""
+
+    tag: str
+    words: list[str]
+
+    @field_validator("tag")
+    @classmethod
+    def impossible(cls, value: str) -> str:
+        raise ValueError("this tag is never accepted")
+
+
+async def batch_map(
+    simulator_factory: SimulatorFactory, model: type[BaseModel], **options: object
+) -> tuple[BatchResult[Response], LLMClient, SimulatorStats]:
+    wall = FakeClock(start=1_700_000_000.0)
+    sim = await simulator_factory(
+        batch=BatchSimConfig(validating_seconds=1, seconds_per_request=0.1, finalizing_seconds=1),
+        batch_clock=wall.time,
+    )
+    provider = OpenAIProvider(base_url=sim.base_url, api_key="sk-test")
+    llm = LLMClient(
+        provider,
+        model="gpt-4o-mini",
+        sleep=wall.sleep,
+        profiles=BATCH_PROFILE,
+        **options,  # type: ignore[arg-type]
+    )
+    llm.batch_poll_interval = 60.0
+    requests = [
+        Request.from_prompt(f"paragraph {i}", key=f"p{i}", response_model=model) for i in range(4)
+    ]
+    async with llm:
+        result = await llm.map(requests, mode="batch", on_error="collect")
+    return result, llm, sim.stats()
+
+
+async def test_batch_answers_are_validated_on_collection(
+    simulator_factory: SimulatorFactory,
+) -> None:
+    """``LLMClient.map(mode="batch", ...)`` with typed requests: the schema goes in every
+    batch line, the answers come back parsed and priced at the batch discount, and no
+    online request is made."""
+    result, _, stats = await batch_map(simulator_factory, Tagged)
+    answers = [r for r in result.results if isinstance(r, Response)]
+    assert [Tagged] * 4 == [type(r.parsed) for r in answers]
+    assert (1, 0) == (stats.batch["openai_batches_created"], stats.ok)
+    first = answers[0]
+    full = (first.usage.input_tokens * 0.15 + first.usage.output_tokens * 0.60) / 1e6
+    assert first.cost == pytest.approx(full / 2)
+
+
+async def test_invalid_batch_answers_are_re_asked_online(
+    simulator_factory: SimulatorFactory,
+) -> None:
+    """An answer that fails validation is re-asked online (max_reasks follow-ups each),
+    and what stays invalid is the item's InvalidOutput in place, the calls counted."""
+    result, llm, stats = await batch_map(simulator_factory, NeverValid, max_reasks=1)
+    errors = [r for r in result.results if isinstance(r, ItemError)]
+    assert ["InvalidOutput"] * 4 == [e.error_type for e in errors]
+    assert all("never accepted" in e.message for e in errors)
+    assert 4 == stats.ok
+    assert 4 == stats.structured["follow_ups"]
+    counts = llm.statistics()
+    assert (0, 4, 4) == (counts.succeeded, counts.invalid, counts.reasks)
