@@ -17,12 +17,19 @@ and the store records it the moment it finishes.
 
 :func:`write_output` then writes one JSON line per input record, in input order, from
 the store: ``ok`` with the answer, ``error`` with the reason, or ``pending`` when the
-run stopped before reaching it. It writes a temporary file and renames it, so a crash
-never leaves a torn or duplicated line; rerunning regenerates it.
+run stopped before reaching it (or a CSV/Parquet row each: see :meth:`JobSpec.output_columns`).
+It writes a temporary file and renames it, so a crash never leaves a torn or duplicated
+line; rerunning regenerates it.
+
+A job with a response model (:attr:`JobSpec.response_model`) asks every request for a
+typed answer: the client validates it (re-asking when it is invalid), the output line
+holds it under ``"parsed"``, and an answer still invalid after the re-asks is an error
+line with its raw text and what is wrong with it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import difflib
 import hashlib
@@ -31,10 +38,10 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any, TextIO
+from typing import Any, TextIO
 
 from llmbatch._log import get_logger
 from llmbatch.batchapi import batch_backend, run_batch_api, uncollected_keys
@@ -43,12 +50,22 @@ from llmbatch.concurrency import SAFETY_CAP
 from llmbatch.config import ModelProfile, profile_for
 from llmbatch.errors import FatalError, LLMBatchError
 from llmbatch.failure import BatchFailed, ItemError, OnError, failure_strategy, is_fatal
-from llmbatch.io import Record, read_records
+from llmbatch.io import (
+    AtomicFile,
+    ColumnKind,
+    Record,
+    TableWriter,
+    check_output_format,
+    detect_output_format,
+    field_kinds,
+    read_records,
+)
 from llmbatch.limits import Limits
 from llmbatch.models import Embedding, Request, Response, Usage
 from llmbatch.routing import Mode, Prefer, estimated_usage, plan
 from llmbatch.runner import stream_batch
-from llmbatch.store import Store, StoredItem, error_record
+from llmbatch.store import Store, StoredItem, error_record, response_from_record
+from llmbatch.structured import ResponseModel, ResponseSchema
 
 __all__ = [
     "DEFAULT_TEMPLATE",
@@ -84,7 +101,15 @@ class JobSpec:
         max_tokens: the output cap of every request.
         temperature: the sampling temperature.
         json_mode: ask for a JSON object and keep it parsed in the output.
+        response_model: a typed answer for every record: a pydantic model class, a JSON
+            Schema dict or a :class:`~llmbatch.structured.ResponseSchema` (kept as
+            one: :attr:`schema`). Its fingerprint is part of the job's: another schema
+            is another job. Excludes *json_mode*.
         format: the input format (default: from the suffix).
+        output_format: ``"jsonl"``, ``"csv"`` or ``"parquet"`` (the ``parquet``
+            extra); default: from the output's suffix (``.csv``, ``.parquet``), else
+            JSON lines. Not part of the fingerprint: the output is written from the
+            checkpoint, in any format.
         id_field: the field that keys each record (default: a content hash).
         limit: process only the first *limit* records.
         on_error: ``"fail_fast"``, ``"collect"`` or ``"skip"`` (failed items left out of
@@ -115,7 +140,9 @@ class JobSpec:
     max_tokens: int | None = None
     temperature: float | None = None
     json_mode: bool = False
+    response_model: ResponseModel | None = None
     format: str | None = None
+    output_format: str | None = None
     id_field: str | None = None
     limit: int | None = None
     on_error: OnError | str = OnError.COLLECT
@@ -137,9 +164,15 @@ class JobSpec:
         out = Path(self.output)
         return out.with_name(out.name + ".llmbatch.sqlite")
 
+    @property
+    def schema(self) -> ResponseSchema[Any] | None:
+        """The typed answer the job asks for (:attr:`response_model`), if any."""
+        model = self.response_model
+        return model if isinstance(model, ResponseSchema) else None
+
     def description(self) -> dict[str, Any]:
         """What makes the job's requests (and what ``llmbatch status`` shows)."""
-        return {
+        described: dict[str, Any] = {
             "provider": self.provider,
             "model": self.model,
             "template": self.template,
@@ -148,6 +181,9 @@ class JobSpec:
             "temperature": self.temperature,
             "json": self.json_mode,
         }
+        if self.schema is not None:  # only then: the jobs of earlier versions keep theirs
+            described["schema"] = {"name": self.schema.name, "hash": self.schema.fingerprint}
+        return described
 
     def fingerprint(self) -> str:
         """A hash of :meth:`description`: a changed prompt, model or parameter is
@@ -156,6 +192,45 @@ class JobSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "on_error", OnError(str(self.on_error).replace("-", "_")))
+        if self.response_model is not None:
+            if self.json_mode:
+                raise ValueError(
+                    "json_mode and response_model exclude each other: a response model "
+                    "already asks for JSON"
+                )
+            object.__setattr__(self, "response_model", ResponseSchema.of(self.response_model))
+        output_format = self.output_format or detect_output_format(self.output)
+        check_output_format(output_format)
+        object.__setattr__(self, "output_format", output_format)
+        if output_format != "jsonl":
+            self.output_columns()  # a field that clashes with a column fails here
+
+    def output_columns(self) -> dict[str, ColumnKind]:
+        """The columns of a CSV or Parquet output, in order, with their kinds:
+        ``key``, ``source``, ``status``; then one per top-level field of the response
+        model (or ``answer``: the text, or the JSON object under *json_mode*);
+        ``reasks`` (with a response model), ``error_type``, ``error_message``,
+        ``input_tokens``, ``output_tokens``, ``cost``.
+
+        Raises:
+            ValueError: a field of the response model has the name of another column.
+        """
+        fields: dict[str, ColumnKind]
+        if self.schema is None:
+            fields = {"answer": "json" if self.json_mode else "string"}
+        else:
+            fields = field_kinds(self.schema.schema)
+        after = dict(_COLUMNS_AFTER)
+        if self.schema is None:
+            del after["reasks"]
+        for name in fields:
+            if name in _COLUMNS_BEFORE or name in after:
+                raise ValueError(
+                    f"the response model's field {name!r} has the name of a column "
+                    f"llmbatch writes in a {self.output_format} output ({name}): write "
+                    'JSON lines instead (the answer under "parsed"), or rename the field'
+                )
+        return {**_COLUMNS_BEFORE, **fields, **after}
 
     def check_paths(self, others: Mapping[str, str | Path] | None = None) -> None:
         """Refuse paths that would make the job write over its own input.
@@ -247,6 +322,18 @@ class JobSpec:
         )
 
 
+#: the columns of a table output around the answer's (see JobSpec.output_columns)
+_COLUMNS_BEFORE: dict[str, ColumnKind] = {"key": "string", "source": "string", "status": "string"}
+_COLUMNS_AFTER: dict[str, ColumnKind] = {
+    "reasks": "integer",
+    "error_type": "string",
+    "error_message": "string",
+    "input_tokens": "integer",
+    "output_tokens": "integer",
+    "cost": "number",
+}
+
+
 def _same_file(a: Path, b: Path) -> bool:
     """Whether *a* and *b* name one file: the same inode if both exist, else the same
     resolved path (compared case-insensitively where the file system is)."""
@@ -268,12 +355,15 @@ def _sha256(value: Any) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Prepared:
-    """A record made ready to send: its request and fingerprint, or why it cannot be."""
+    """A record made ready to send: its request and fingerprint, or why it cannot be;
+    *collected*: its answer, already paid for, when only finishing it is left (see
+    :attr:`~llmbatch.store.StoredItem.unfinished`)."""
 
     record: Record
     request: Request | None
     fingerprint: str | None
     error: str | None
+    collected: Response | None = None
 
 
 def prepare(spec: JobSpec, record: Record) -> Prepared:
@@ -287,6 +377,8 @@ def prepare(spec: JobSpec, record: Record) -> Prepared:
         options["temperature"] = spec.temperature
     if spec.json_mode:
         options["response_format"] = {"type": "json_object"}
+    if spec.schema is not None:
+        options["response_model"] = spec.schema
     try:
         request = build_request(spec.template, record.fields, system=spec.system, **options)
     except KeyError as exc:
@@ -458,19 +550,26 @@ async def run_job(
                             stopped.append(f"fail_fast: InvalidInput: {ready.error}")
                             return  # no new item starts; those in flight finish
                         continue
-                    reuse = _reusable(stored.get(record.key), ready, retry_failed=spec.retry_failed)
+                    earlier = stored.get(record.key)
+                    reuse = _reusable(earlier, ready, retry_failed=spec.retry_failed)
                     if reuse == "done":
                         progress.reused += 1
                         continue
                     if reuse == "failed":
                         progress.failed_earlier += 1
                         continue
+                    if reuse == "finish":  # paid for by an earlier run: finish, not resend
+                        assert earlier is not None
+                        assert earlier.response is not None
+                        ready = replace(ready, collected=response_from_record(earlier.response))
                     in_flight[progress.sent] = ready
                     progress.sent += 1
                     yield ready
 
         async def answer(ready: Prepared) -> Response:
             assert ready.request is not None
+            if ready.collected is not None:
+                return await client.finish(ready.request, ready.collected, batch=True)
             return await client.complete(ready.request)
 
         aborted: str | None = None
@@ -537,12 +636,27 @@ async def _answer_in_batches(
     spec: JobSpec, client: LLMClient, store: Store, progress: JobProgress, pending: list[Prepared]
 ) -> str | None:
     """Answer *pending* through the Batch API, recording each item as its batch ends;
-    why the job stopped early, if it did."""
+    why the job stopped early, if it did.
+
+    An answer that needs finishing (a typed one is validated, and re-asked online when
+    invalid; any under a finish policy) cannot be finished where the batch hands it
+    over (``on_result`` is synchronous, and the batch is marked collected right after
+    its results are handed over), nor only once every batch has ended (a crash in
+    between would lose answers already paid for, their batches being collected). So
+    it is stored at once, as collected but unfinished, then finished by a bounded
+    stream that runs while later batches are still polled, and its finished form
+    replaces it in the store. Either way each answer is recorded once: a crash before
+    finishing leaves the unfinished record, which the next run finishes (see
+    :attr:`~llmbatch.store.StoredItem.unfinished`) instead of sending the item again.
+    """
     backend = batch_backend(client.provider)
     if backend is None:
         raise ValueError(f"the {client.provider.name} provider has no Batch API")
+    # collected by an earlier run, which stopped before finishing them
+    unfinished = [p for p in pending if p.collected is not None]
+    pending = [p for p in pending if p.collected is None]
     requests = [p.request for p in pending if p.request is not None]
-    if client.max_cost is not None:
+    if client.max_cost is not None and requests:
         bound = client.profile(spec.model).cost(
             estimated_usage(requests, spec.max_tokens, model=spec.model), batch=True
         )
@@ -552,12 +666,22 @@ async def _answer_in_batches(
                 f"more than the ${client.max_cost:.4f} left of --max-cost"
             )
     by_key = {p.record.key: p for p in pending}
+    to_finish: asyncio.Queue[Prepared | None] = asyncio.Queue()
+    for ready in unfinished:
+        to_finish.put_nowait(ready)
+    collected = 0
 
     def on_result(key: str, outcome: Response | Embedding | LLMBatchError) -> None:
+        nonlocal collected
         ready = by_key[key]
         assert ready.request is not None
         value: Response | ItemError
         if isinstance(outcome, Response):
+            if ready.request.schema is not None or client.finish_policy is not None:
+                to_finish.put_nowait(_save_collected(store, client, ready, outcome))
+                collected += 1
+                _kill_point("collected", collected)
+                return
             value = client.account(ready.request, outcome, batch=True)
         elif isinstance(outcome, Embedding):  # a chat job never gets one
             raise TypeError("an embedding came back for a chat request")
@@ -566,23 +690,107 @@ async def _answer_in_batches(
         _record(store, progress, ready, value)
         _kill_point("item", progress.done + progress.failed)
 
+    async def batches() -> str | None:
+        try:
+            if pending:
+                await run_batch_api(
+                    backend,
+                    [(p.record.key, p.request) for p in pending if p.request is not None],
+                    journal=store,
+                    on_result=on_result,
+                    poll_interval=spec.poll_interval,
+                    max_poll_interval=max(spec.poll_interval, 300.0),
+                    # the store holds what collected batches answered; what is passed
+                    # again (a failed item to retry, a changed record) is to be answered
+                    # anew. Batches not collected yet (running, or cancelled: what they
+                    # ran before the cancel is paid for) are collected all the same,
+                    # and their answers stored once: a key the store holds as answered
+                    # is not passed again.
+                    reuse_collected=False,
+                )
+        except FatalError as exc:
+            return f"fatal: {type(exc).__name__}: {exc}"
+        finally:
+            to_finish.put_nowait(None)  # nothing more to finish
+        return None
+
+    submitted = asyncio.ensure_future(batches())
+    aborted = await _finish_collected(spec, client, store, progress, to_finish, submitted)
+    await asyncio.wait([submitted])
+    if aborted is None and not submitted.cancelled():
+        aborted = submitted.result()
+    return aborted
+
+
+def _save_collected(
+    store: Store, client: LLMClient, ready: Prepared, response: Response
+) -> Prepared:
+    """Store a Batch API answer that still needs finishing, priced at the batch
+    discount (it is paid for); *ready* with it, to be finished."""
+    assert ready.request is not None
+    assert ready.fingerprint is not None
+    model = ready.request.model or response.model or ""
+    cost = client.profile(model).cost(response.usage, batch=True)
+    collected = replace(response, cost=cost, key=response.key or ready.record.key)
+    store.save_response(
+        ready.record.key,
+        index=ready.record.index,
+        source=ready.record.source,
+        fingerprint=ready.fingerprint,
+        response=collected,
+        finished=False,
+    )
+    return replace(ready, collected=collected)
+
+
+async def _finish_collected(
+    spec: JobSpec,
+    client: LLMClient,
+    store: Store,
+    progress: JobProgress,
+    to_finish: asyncio.Queue[Prepared | None],
+    submitted: asyncio.Future[str | None],
+) -> str | None:
+    """Finish the collected answers *to_finish* brings (until its ``None``), at most
+    ``max_concurrency`` at once (re-asks go online, through the limiter), recording
+    each; why it stopped early (a fatal error: *submitted* is then cancelled; its
+    batches keep running at the provider, and the next run collects them)."""
+    started: dict[int, Prepared] = {}  # by their place in the feed, until recorded
+
+    async def feed() -> AsyncIterator[Prepared]:
+        index = 0
+        while (ready := await to_finish.get()) is not None:
+            started[index] = ready
+            index += 1
+            yield ready
+
+    async def finish(ready: Prepared) -> Response:
+        assert ready.request is not None
+        assert ready.collected is not None
+        # the batch's part is charged at the discount, the follow-ups at the online price
+        # (an answer an earlier run collected is charged again in this client's
+        # statistics and budget, never in the store: its finished record replaces it)
+        return await client.finish(ready.request, ready.collected, batch=True)
+
+    stream = stream_batch(
+        finish,
+        feed(),
+        max_concurrency=spec.max_concurrency or SAFETY_CAP,
+        # as for the batch's own results: an item's error is its own; a fatal one stops
+        on_error=OnError.COLLECT,
+        key=_prepared_key,
+    )
     try:
-        await run_batch_api(
-            backend,
-            [(p.record.key, p.request) for p in pending if p.request is not None],
-            journal=store,
-            on_result=on_result,
-            poll_interval=spec.poll_interval,
-            max_poll_interval=max(spec.poll_interval, 300.0),
-            # the store holds what collected batches answered; what is passed again
-            # (a failed item to retry, a changed record) is to be answered anew. Batches
-            # not collected yet (running, or cancelled: what they ran before the cancel
-            # is paid for) are collected all the same, and their answers stored once:
-            # a key the store holds as answered is not passed again.
-            reuse_collected=False,
-        )
-    except FatalError as exc:
-        return f"fatal: {type(exc).__name__}: {exc}"
+        async with stream:
+            async for outcome in stream:
+                _record(store, progress, started.pop(outcome.index), outcome.value)
+                _kill_point("item", progress.done + progress.failed)
+    except BatchFailed as exc:
+        submitted.cancel()
+        return f"{exc.reason}: {exc.error.error_type}: {exc.error.message}"
+    except BaseException:
+        submitted.cancel()
+        raise
     return None
 
 
@@ -592,8 +800,8 @@ def _prepared_key(ready: Prepared) -> str:
 
 def _reusable(stored: StoredItem | None, ready: Prepared, *, retry_failed: bool) -> str | None:
     """How *stored* already settles *ready*, so that it is not sent again: ``"done"``
-    (answered), ``"failed"`` (failed earlier, and failures are not retried), or ``None``
-    (send it)."""
+    (answered), ``"finish"`` (answered and paid for, to be finished), ``"failed"``
+    (failed earlier, and failures are not retried), or ``None`` (send it)."""
     if stored is None or stored.status == "invalid":
         return None
     if stored.fingerprint != ready.fingerprint:
@@ -605,7 +813,7 @@ def _reusable(stored: StoredItem | None, ready: Prepared, *, retry_failed: bool)
         )
         return None
     if stored.status == "done":
-        return "done"
+        return "finish" if stored.unfinished else "done"
     return None if retry_failed else "failed"
 
 
@@ -674,11 +882,15 @@ def write_output(
 ) -> OutputCounts:
     """Write the output file (and the errors file) from the store, in input order.
 
-    One line per input record: ``{"key", "source", "status": "ok", "answer", ...}``,
-    ``{"status": "error", "error": {"type", "message", "attempts"}}``, or ``{"status":
-    "pending"}`` for a record the run did not finish. Under ``on_error="skip"`` failed
-    records are left out of the output (the errors file has them). Each file is written
-    to ``NAME.partial`` and renamed over ``NAME``, so it is always whole.
+    One line per input record: ``{"key", "source", "status": "ok", "answer", ...}``
+    (a typed answer: ``"parsed"`` and ``"reasks"`` instead of ``"answer"``),
+    ``{"status": "error", "error": {"type", "message", "attempts"}}`` (an answer that
+    stayed invalid: also its ``"raw"`` text, its ``"errors"`` and ``"reasks"``), or
+    ``{"status": "pending"}`` for a record the run did not finish. A CSV or Parquet
+    output has a row per record instead (:meth:`JobSpec.output_columns`); the errors
+    file is JSON lines either way. Under ``on_error="skip"`` failed records are left out
+    of the output (the errors file has them). Each file is written to ``NAME.partial``
+    and renamed over ``NAME``, so it is always whole.
 
     Args:
         spec: the job.
@@ -691,8 +903,8 @@ def write_output(
     with contextlib.ExitStack() as stack:
         if store is None:
             store = stack.enter_context(Store(spec.store_path))
-        out = stack.enter_context(_AtomicFile(Path(spec.output)))
-        errors = stack.enter_context(_AtomicFile(Path(spec.errors))) if spec.errors else None
+        write = _line_writer(spec, stack)
+        errors = stack.enter_context(AtomicFile(Path(spec.errors))) if spec.errors else None
         records = iter(records) if records is not None else spec.records(report_skipped=False)
         _kill_point("output", 0)
         for chunk in _chunks(records, 500):
@@ -711,10 +923,52 @@ def write_output(
                         skipped += 1
                         continue
                     failed += 1
-                out.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
+                write(line)
                 _kill_point("output", ok + failed + pending)
         _kill_point("rename", 0)
     return OutputCounts(ok=ok, failed=failed, pending=pending, skipped=skipped)
+
+
+def _line_writer(spec: JobSpec, stack: contextlib.ExitStack) -> Any:
+    """A function writing one output line to the output file, in *spec*'s format."""
+    path = Path(spec.output)
+    if spec.output_format == "jsonl":
+        out = stack.enter_context(AtomicFile(path))
+
+        def write_json(line: dict[str, Any]) -> None:
+            out.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
+
+        return write_json
+    columns = spec.output_columns()
+    table = stack.enter_context(TableWriter(path, str(spec.output_format), columns))
+
+    def write_row(line: dict[str, Any]) -> None:
+        table.write(_table_row(spec, line))
+
+    return write_row
+
+
+def _table_row(spec: JobSpec, line: Mapping[str, Any]) -> dict[str, Any]:
+    """An output line as a table row (see :meth:`JobSpec.output_columns`)."""
+    row: dict[str, Any] = {"key": line["key"], "source": line["source"], "status": line["status"]}
+    if line["status"] == "ok":
+        if spec.schema is not None:
+            parsed = line.get("parsed")
+            row.update(parsed if isinstance(parsed, Mapping) else {})
+            row["reasks"] = line.get("reasks", 0)
+        else:
+            row["answer"] = line.get("answer")
+        usage = line.get("usage") or {}
+        row["input_tokens"] = usage.get("input_tokens")
+        row["output_tokens"] = usage.get("output_tokens")
+        row["cost"] = line.get("cost")
+    elif line["status"] == "error":
+        error = line.get("error") or {}
+        row["error_type"] = error.get("type")
+        row["error_message"] = error.get("message")
+        if spec.schema is not None and "reasks" in error:
+            row["reasks"] = error["reasks"]
+    return row
 
 
 def _output_line(spec: JobSpec, record: Record, stored: StoredItem | None) -> dict[str, Any]:
@@ -724,7 +978,12 @@ def _output_line(spec: JobSpec, record: Record, stored: StoredItem | None) -> di
         line["status"] = "error"
         line["error"] = error_record(ready.error)
         return line
-    if stored is None or stored.fingerprint != ready.fingerprint or stored.status == "invalid":
+    if (
+        stored is None
+        or stored.fingerprint != ready.fingerprint
+        or stored.status == "invalid"
+        or stored.unfinished  # collected, not validated yet: the next run finishes it
+    ):
         line["status"] = "pending"
         return line
     if stored.status == "failed":
@@ -735,7 +994,15 @@ def _output_line(spec: JobSpec, record: Record, stored: StoredItem | None) -> di
     line["status"] = "ok"
     parsed = response.pop("parsed", None)
     text = response.pop("text", "")
-    line["answer"] = parsed if spec.json_mode and parsed is not None else text
+    refusal = response.pop("refusal", None)
+    reasks = response.pop("reasks", 0)
+    if spec.schema is not None:
+        line["parsed"] = parsed
+        line["reasks"] = reasks
+    else:
+        line["answer"] = parsed if spec.json_mode and parsed is not None else text
+    if refusal is not None:  # a refusal kept by the finish policy
+        line["refusal"] = refusal
     response.pop("request_id", None)
     response.pop("latency", None)
     line.update(response)
@@ -751,32 +1018,6 @@ def _kill_point(name: str, count: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-class _AtomicFile:
-    """A text file written as ``PATH.partial`` and renamed over *path* when closed
-    without error (after an fsync): readers see the old file or the whole new one."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.partial = path.with_name(path.name + ".partial")
-        self._file: IO[str] | None = None
-
-    def __enter__(self) -> IO[str]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.partial.open("w", encoding="utf-8")
-        return self._file
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        assert self._file is not None
-        if exc_type is not None:
-            self._file.close()
-            self.partial.unlink(missing_ok=True)
-            return
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self.partial, self.path)
-
-
 # -- the estimate ----------------------------------------------------------------------
 
 
@@ -789,13 +1030,16 @@ class Estimate:
         invalid: records that cannot become requests.
         already_done: records the checkpoint already answers (not sent again).
         to_send: requests the job would send.
-        input_tokens: their prompts' tokens (:func:`~llmbatch.routing.estimated_usage`).
+        input_tokens: their prompts' tokens (:func:`~llmbatch.routing.estimated_usage`),
+            the response model's schema included.
         max_output_tokens: their output at most (``max_tokens`` x requests).
         cost_online: USD at most online (``None``: prices unknown).
         cost_batch: USD at most through the Batch API.
         minutes_at_limits: the least time the limits allow, in minutes.
         binding_limit: the limit that sets that time.
         encoding: the tokenizer counted with (and whether it is exact for the model).
+        schema_tokens: the tokens the response model's schema adds to every request
+            (0 without one): it is sent with each.
     """
 
     records: int
@@ -809,6 +1053,7 @@ class Estimate:
     minutes_at_limits: float | None
     binding_limit: str | None
     encoding: str
+    schema_tokens: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-serializable form."""
@@ -842,6 +1087,7 @@ def estimate_job(
     admitted = 0
     requests: list[Request] = []
     usage = Usage()
+    schema_tokens = _schema_tokens(spec, counter)
     for record in spec.records():
         records += 1
         ready = prepare(spec, record)
@@ -854,7 +1100,8 @@ def estimate_job(
         if len(requests) < samples:
             requests.append(ready.request)
         usage = usage + estimated_usage([ready.request], spec.max_tokens, model=spec.model)
-        admitted += admission_estimate(ready.request.messages, spec.model)
+        usage = usage + Usage(input_tokens=schema_tokens)
+        admitted += admission_estimate(ready.request.messages, spec.model) + schema_tokens
     to_send = records - invalid - already
     max_out = usage.output_tokens
     if profile is None:
@@ -881,5 +1128,21 @@ def estimate_job(
         minutes_at_limits=round(minutes[binding], 2) if binding else None,
         binding_limit=binding,
         encoding=counter.encoding + ("" if counter.exact else " (approximate)"),
+        schema_tokens=schema_tokens,
     )
     return estimate, requests
+
+
+def _schema_tokens(spec: JobSpec, counter: Any) -> int:
+    """The tokens of what carries the response model's schema in every request: a
+    forced tool for Anthropic, ``response_format`` (the strict rewrite) otherwise."""
+    schema = spec.schema
+    if schema is None:
+        return 0
+    sent: Any
+    if spec.provider == "anthropic":
+        sent = {"tools": [schema.anthropic_tool()], "tool_choice": schema.anthropic_tool_choice()}
+    else:
+        sent = schema.openai_response_format()
+    count: int = counter.count(json.dumps(sent, separators=(",", ":")))
+    return count

@@ -13,6 +13,12 @@ block the writer.
 Nothing secret is stored: requests are kept only as fingerprints (a SHA-256 of the
 model, messages and parameters), and error messages pass through
 :func:`~llmbatch.errors.redact`.
+
+An answer may be stored before it is *finished* (``save_response(finished=False)``): a
+Batch API's typed answer, paid for, recorded the moment it is collected, and validated
+(re-asked online when invalid) afterwards. Until its finished form replaces it, it is
+:attr:`StoredItem.unfinished`: a rerun finishes it from the store instead of sending it
+again, and the output shows it as pending.
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ from typing import Any, Self
 from llmbatch.batchapi import StoredBatch
 from llmbatch.errors import JobMismatch, redact
 from llmbatch.failure import ItemError
-from llmbatch.models import Response
+from llmbatch.io import answer_fields
+from llmbatch.models import Response, Usage
+from llmbatch.structured import InvalidOutput
 
 __all__ = [
     "JobMismatch",
@@ -37,6 +45,8 @@ __all__ = [
     "StoreSummary",
     "StoredBatch",
     "StoredItem",
+    "error_record",
+    "response_from_record",
     "response_record",
 ]
 
@@ -100,6 +110,12 @@ class StoredItem:
     error: dict[str, Any] | None
     updated: float
 
+    @property
+    def unfinished(self) -> bool:
+        """An answer collected and paid for, but not finished yet (validated, re-asked):
+        a rerun finishes it from :attr:`response` rather than sending it again."""
+        return self.status == "done" and (self.response or {}).get("finished") is False
+
 
 @dataclass(frozen=True, slots=True)
 class StoreSummary:
@@ -119,10 +135,12 @@ class StoreSummary:
 
 
 def response_record(response: Response) -> dict[str, Any]:
-    """What the store and the output keep of a :class:`Response` (never its headers)."""
-    return {
+    """What the store and the output keep of a :class:`Response` (never its headers); a
+    typed answer as JSON values (:func:`~llmbatch.io.answer_fields`); a ``refusal`` and
+    the ``reasks`` only when there are."""
+    record: dict[str, Any] = {
         "text": response.text,
-        "parsed": response.parsed,
+        "parsed": answer_fields(response.parsed),
         "model": response.model,
         "finish_reason": response.finish_reason,
         "request_id": response.request_id,
@@ -135,17 +153,52 @@ def response_record(response: Response) -> dict[str, Any]:
         "attempts": response.attempts,
         "latency": round(response.latency, 4),
     }
+    if response.refusal is not None:
+        record["refusal"] = response.refusal
+    if response.reasks:
+        record["reasks"] = response.reasks
+    return record
+
+
+def response_from_record(record: Mapping[str, Any]) -> Response:
+    """The :class:`Response` a :func:`response_record` was made from, as far as it
+    keeps it (its ``parsed`` as JSON values; no headers)."""
+    usage = record.get("usage") or {}
+    return Response(
+        text=record.get("text") or "",
+        model=record.get("model"),
+        usage=Usage(
+            input_tokens=usage.get("input_tokens", 0),
+            output_tokens=usage.get("output_tokens", 0),
+            cached_tokens=usage.get("cached_tokens", 0),
+        ),
+        finish_reason=record.get("finish_reason"),
+        request_id=record.get("request_id"),
+        latency=record.get("latency") or 0.0,
+        attempts=record.get("attempts") or 1,
+        parsed=record.get("parsed"),
+        refusal=record.get("refusal"),
+        reasks=record.get("reasks") or 0,
+        cost=record.get("cost"),
+    )
 
 
 def error_record(error: ItemError | str, *, attempts: int = 0) -> dict[str, Any]:
-    """What the store and the output keep of an error (its message redacted)."""
+    """What the store and the output keep of an error (its message redacted). An
+    :class:`~llmbatch.structured.InvalidOutput` also keeps the answer's ``raw`` text,
+    what is wrong with it (``errors``) and the ``reasks`` spent on it."""
     if isinstance(error, str):
         return {"type": "InvalidInput", "message": redact(error), "attempts": attempts}
-    return {
+    record: dict[str, Any] = {
         "type": error.error_type,
         "message": redact(error.message),
         "attempts": error.attempts,
     }
+    if isinstance(error.exception, InvalidOutput):
+        record["raw"] = redact(error.exception.raw)
+        record["errors"] = [redact(line) for line in error.exception.errors]
+        record["reasks"] = error.exception.attempts
+    return record
 
 
 class Store:
@@ -239,10 +292,20 @@ class Store:
     # -- items -------------------------------------------------------------------------
 
     def save_response(
-        self, key: str, *, index: int, source: str, fingerprint: str, response: Response
+        self,
+        key: str,
+        *,
+        index: int,
+        source: str,
+        fingerprint: str,
+        response: Response,
+        finished: bool = True,
     ) -> None:
-        """Record *key* as answered (committed when this returns)."""
+        """Record *key* as answered (committed when this returns); ``finished=False``
+        for an answer still to be finished (see :attr:`StoredItem.unfinished`)."""
         record = response_record(response)
+        if not finished:
+            record["finished"] = False
         self._save(
             key,
             index=index,

@@ -7,10 +7,12 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from llmbatch.testing import Simulator
 from llmbatch.testing._content import content_tag
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -100,3 +102,31 @@ def test_ray_example() -> None:
     done = run_example("ray_summarize.py")
     assert "34 of 34 documents summarized by 4 workers" in done.stdout
     assert "simulator: 34 requests, 0 429s" in done.stdout
+
+
+def test_extract_typed_example_against_the_simulator(
+    tmp_path: Path, threaded_simulator_factory: Callable[..., Simulator]
+) -> None:
+    """examples/extract_typed.py against a server URL (the simulator, 20% of its answers
+    broken): every document becomes one typed reading of its own text, the broken
+    answers cost one re-ask each, and the empty document is an error line."""
+    pytest.importorskip("pydantic")
+    sim = threaded_simulator_factory(invalid_json=0.2, seed=11)
+    docs = docs_with_an_empty_one(tmp_path / "docs", 12)
+    out = tmp_path / "readings.jsonl"
+    done = run_example("extract_typed.py", str(docs), "-o", str(out), "--provider", sim.base_url)
+    broken = sim.stats().structured["invalid_json"]
+    assert broken > 0
+    assert f"12 read, 1 failed, {broken} re-asks" in done.stdout
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(p.name for p in docs.glob("*.txt")) == [r["doc"] for r in records]
+    for record in records:
+        text = (docs / record["doc"]).read_text()
+        if record["doc"] == "empty.txt":
+            assert "ValueError" == record["error"]["error_type"]
+            continue
+        reading = record["reading"]
+        prompt = "Read this page of Python's documentation and describe it.\n\n" + text
+        assert reading["module"].startswith(f"[{content_tag(prompt)}]")
+        assert 1 <= len(reading["topics"]) <= 5
+        assert reading["audience"] in ("beginner", "intermediate", "expert")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import MutableMapping
@@ -24,6 +26,7 @@ from llmbatch.job import DEFAULT_TEMPLATE, JobSpec
 from llmbatch.limits import Limits
 from llmbatch.providers import ProviderChoice, choose_provider
 from llmbatch.providers.base import Provider
+from llmbatch.structured import ResponseSchema
 
 __all__ = ["configure_logging", "redact_secrets"]
 
@@ -165,6 +168,13 @@ def request_options(f: Any) -> Any:
             help="Ask for a JSON object; the output keeps it parsed.",
         ),
         click.option(
+            "--schema",
+            metavar="FILE|MODULE:MODEL",
+            help="A typed answer for every record: a JSON Schema file, or a pydantic model "
+            "imported as package.module:Model (from the current folder too). Answers are "
+            'validated (invalid ones re-asked) and written under "parsed". Excludes --json.',
+        ),
+        click.option(
             "--format",
             "input_format",
             type=click.Choice(FORMATS),
@@ -191,6 +201,89 @@ def request_options(f: Any) -> Any:
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def job_spec(**fields: Any) -> JobSpec:
+    """:class:`~llmbatch.job.JobSpec` from the options, its errors (an output format
+    without its extra, a field that clashes with an output column) as usage errors."""
+    try:
+        return JobSpec(**fields)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def schema_of(value: str | None, *, json_mode: bool = False) -> ResponseSchema[Any] | None:
+    """The ``--schema`` option's response model, loaded before anything is sent: a
+    JSON Schema file, or ``package.module:Model`` imported with the current folder on
+    ``sys.path`` (as uvicorn imports an app). Anything wrong is a usage error (exit 2)."""
+    if value is None:
+        return None
+    if json_mode:
+        raise click.UsageError(
+            "--schema and --json exclude each other: a schema already asks for JSON (drop --json)"
+        )
+    path = Path(value)
+    if path.is_file() or ":" not in value:
+        return _schema_file(path)
+    return _schema_import(value)
+
+
+def _bad_schema(message: str) -> click.BadParameter:
+    return click.BadParameter(message, param_hint="--schema")
+
+
+def _schema_file(path: Path) -> ResponseSchema[Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise _bad_schema(
+            f"{path} does not exist (give a JSON Schema file, or package.module:Model)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _bad_schema(f"{path} cannot be read: {exc}") from None
+    try:
+        schema = json.loads(text)
+    except ValueError as exc:
+        raise _bad_schema(f"{path} is not JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise _bad_schema(f"{path} holds a JSON {type(schema).__name__}, not a JSON Schema object")
+    return _response_schema(schema, str(path))
+
+
+def _schema_import(reference: str) -> ResponseSchema[Any]:
+    module_name, _, attribute = reference.partition(":")
+    if not module_name or not attribute:
+        raise _bad_schema(f"{reference!r} is not package.module:Model")
+    here = os.getcwd()
+    if here not in sys.path and "" not in sys.path:
+        sys.path.insert(0, here)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and module_name.startswith(exc.name):
+            raise _bad_schema(
+                f"cannot import {module_name!r}: no such module (looked in {here} and "
+                "the installed packages)"
+            ) from None
+        raise _bad_schema(f"importing {module_name!r} failed: {exc}") from None
+    except Exception as exc:
+        raise _bad_schema(
+            f"importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+        ) from None
+    found: Any = module
+    for part in attribute.split("."):
+        try:
+            found = getattr(found, part)
+        except AttributeError:
+            raise _bad_schema(f"{module_name!r} has no attribute {attribute!r}") from None
+    return _response_schema(found, reference)
+
+
+def _response_schema(model: Any, where: str) -> ResponseSchema[Any]:
+    try:
+        return ResponseSchema.of(model)
+    except (TypeError, ValueError, ImportError) as exc:
+        raise _bad_schema(f"{where}: {exc}") from None
 
 
 def template_of(template: str | None, prompt_file: IO[str] | None) -> str:

@@ -17,9 +17,11 @@ from llmbatch.cli._common import (
     choose,
     configure_logging,
     describe_limits,
+    job_spec,
     limits_for,
     money,
     request_options,
+    schema_of,
     seconds_text,
     template_of,
 )
@@ -60,7 +62,10 @@ def _print_estimate(
         f"{estimate.records} ({estimate.invalid} unusable, {estimate.already_done} already done)",
     )
     table.add_row("to send", str(estimate.to_send))
-    table.add_row("input tokens", f"{estimate.input_tokens} ({estimate.encoding})")
+    counted = estimate.encoding
+    if estimate.schema_tokens:
+        counted += f"; the schema adds {estimate.schema_tokens} to each request"
+    table.add_row("input tokens", f"{estimate.input_tokens} ({counted})")
     table.add_row("output tokens", f"at most {estimate.max_output_tokens} (max_tokens x records)")
     table.add_row("cost online", f"at most {money(estimate.cost_online)}")
     table.add_row("cost batch API", f"at most {money(estimate.cost_batch)}")
@@ -90,8 +95,9 @@ def _print_estimate(
 def estimate(**options: Any) -> None:
     """Count records, tokens, cost (online and batch) and time for INPUT, calling nothing."""
     configure_logging(verbose=0, quiet=True, log_json=None)
+    schema = schema_of(options["schema"], json_mode=options["json_mode"])
     choice = choose(options["provider"], options["model"], calls=False)
-    spec = JobSpec(
+    spec = job_spec(
         input=options["input"],
         output=options["output"] or Path("-"),
         template=template_of(options["template"], options["prompt_file"]),
@@ -101,6 +107,7 @@ def estimate(**options: Any) -> None:
         max_tokens=options["max_tokens"],
         temperature=options["temperature"],
         json_mode=options["json_mode"],
+        response_model=schema,
         format=options["input_format"],
         id_field=options["id_field"],
         limit=options["limit"],

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,27 +31,30 @@ from llmbatch.cli._common import (
     configure_logging,
     describe_concurrency,
     describe_limits,
+    job_spec,
     limit_text,
     limits_for,
     money,
     open_provider,
     request_options,
+    schema_of,
     seconds_text,
     template_of,
 )
 from llmbatch.cli.estimate import _print_estimate
-from llmbatch.client import USE_DEFAULT, LLMClient
+from llmbatch.client import DEFAULT_MAX_REASKS, USE_DEFAULT, LLMClient
 from llmbatch.config import (
     LimiterSettings,
     config_file,
     limiter_settings,
 )
 from llmbatch.errors import LimiterUnavailable, LLMBatchError, redact
-from llmbatch.io import count_records
+from llmbatch.io import OUTPUT_FORMATS, count_records
 from llmbatch.job import JobProgress, JobSpec, run_job, write_output
 from llmbatch.limits import Limits
 from llmbatch.providers import ProviderChoice
 from llmbatch.store import JobMismatch, Store
+from llmbatch.structured import FinishPolicy
 
 __all__ = ["run"]
 
@@ -64,9 +68,36 @@ logger = get_logger("llmbatch.cli")
     "--output",
     required=True,
     type=click.Path(dir_okay=False, path_type=Path),
-    help="The JSONL file to write (one line per input record).",
+    help="The file to write, one line (or row) per input record: JSON lines, or CSV or "
+    "Parquet by its suffix (.csv, .parquet) or --output-format.",
 )
 @request_options
+@click.option(
+    "--output-format",
+    type=click.Choice(OUTPUT_FORMATS),
+    help="jsonl, csv or parquet (the parquet extra); default: from OUTPUT's suffix, else "
+    "jsonl. CSV and Parquet get a column per field of the --schema.",
+)
+@click.option(
+    "--max-reasks",
+    type=click.IntRange(min=0),
+    default=DEFAULT_MAX_REASKS,
+    show_default=True,
+    help="With --schema: follow-up requests an invalid answer may get (each quoting what "
+    "is wrong); then the record fails as InvalidOutput, with the raw answer.",
+)
+@click.option(
+    "--on-truncated",
+    type=click.Choice(["error", "keep", "retry-larger"]),
+    help="An answer cut off at --max-tokens: fail the record, keep it, or ask once more "
+    "with twice the max-tokens (default: error with --schema, else keep).",
+)
+@click.option(
+    "--on-refusal",
+    type=click.Choice(["error", "keep"]),
+    help="An answer the model refused or a content filter stopped: fail the record or "
+    "keep it (default: error with --schema, else keep).",
+)
 @click.option(
     "--on-error",
     type=click.Choice(["fail-fast", "collect", "skip"]),
@@ -155,8 +186,9 @@ def run(**options: Any) -> None:
     only the rest is sent.
     """
     configure_logging(verbose=options["verbose"], quiet=options["quiet"], log_json=None)
+    schema = schema_of(options["schema"], json_mode=options["json_mode"])
     choice = choose(options["provider"], options["model"])
-    spec = JobSpec(
+    spec = job_spec(
         input=options["input"],
         output=options["output"],
         template=template_of(options["template"], options["prompt_file"]),
@@ -166,7 +198,9 @@ def run(**options: Any) -> None:
         max_tokens=options["max_tokens"],
         temperature=options["temperature"],
         json_mode=options["json_mode"],
+        response_model=schema,
         format=options["input_format"],
+        output_format=options["output_format"],
         id_field=options["id_field"],
         limit=options["limit"],
         on_error=options["on_error"],
@@ -206,9 +240,32 @@ def run(**options: Any) -> None:
             interval=options["progress_interval"],
             quotas=quotas,
             attempt_timeout=options["timeout"],
+            max_reasks=options["max_reasks"],
+            finish_policy=finish_policy(
+                options["on_truncated"], options["on_refusal"], typed=schema is not None
+            ),
         )
     )
     sys.exit(code)
+
+
+def finish_policy(
+    on_truncated: str | None, on_refusal: str | None, *, typed: bool
+) -> FinishPolicy | None:
+    """The finish policy of ``--on-truncated``/``--on-refusal`` (``None``: neither given,
+    the client's default: error for typed answers, keep for text)."""
+    if on_truncated is None and on_refusal is None:
+        return None
+    policy = FinishPolicy()  # error: a cut or refused object is never valid
+    if not typed:
+        policy = FinishPolicy(length="keep", content_filter="keep", refusal="keep")
+    # (the values are click.Choice's; FinishPolicy checks them again)
+    changes: dict[str, Any] = {}
+    if on_truncated is not None:
+        changes["length"] = on_truncated.replace("-", "_")
+    if on_refusal is not None:
+        changes["content_filter"] = changes["refusal"] = on_refusal
+    return replace(policy, **changes)
 
 
 def _check_writable(spec: JobSpec, others: Mapping[str, Path]) -> None:
@@ -228,6 +285,8 @@ async def _run(
     interval: float,
     quotas: LimiterSettings,
     attempt_timeout: float | None = None,
+    max_reasks: int = DEFAULT_MAX_REASKS,
+    finish_policy: FinishPolicy | None = None,
 ) -> int:
     console = Console(stderr=True)
     records = list(spec.records()) if spec.input == "-" else None  # stdin is read once
@@ -253,6 +312,8 @@ async def _run(
         limiter_url=quotas,
         timeout=USE_DEFAULT if attempt_timeout is None else attempt_timeout,
         max_concurrency=limits.max_concurrency,
+        max_reasks=max_reasks,
+        finish_policy=finish_policy,
     )
     try:
         # A shared quota that cannot be used stops the run before any request.
@@ -276,6 +337,7 @@ async def _run(
         timeout=client.timeout,
         records=progress.total,
         store=str(spec.store_path),
+        schema=spec.schema.name if spec.schema is not None else None,
     )
     job = asyncio.ensure_future(
         run_job(spec, client, store=store, progress=progress, fresh=fresh, records=records)
@@ -346,8 +408,6 @@ async def _run(
 
 
 def _replace(spec: JobSpec, **changes: Any) -> JobSpec:
-    from dataclasses import replace
-
     return replace(spec, **changes)
 
 
@@ -402,7 +462,13 @@ def _snapshot(progress: JobProgress, client: Any, model: str) -> dict[str, Any]:
         "in_flight": progress.in_flight,
         "in_flight_target": stats.in_flight_target.limit if stats.in_flight_target else None,
         "in_flight_reason": stats.in_flight_target.reason if stats.in_flight_target else None,
-        "retries": max(0, stats.attempts - progress.done - progress.failed - progress.in_flight),
+        # attempts beyond one per item: re-asks are follow-ups, counted apart
+        "retries": max(
+            0,
+            stats.attempts - stats.reasks - progress.done - progress.failed - progress.in_flight,
+        ),
+        "reasks": stats.reasks,
+        "invalid": stats.invalid,
         "rpm": round(per_minute, 1),
         "tpm": round(tokens_per_minute),
         "rpm_limit": limiter.limits.get("rpm"),
@@ -425,7 +491,7 @@ def _live_view(progress: JobProgress, client: Any, model: str) -> Table:
         f"[green]{s['done']} ok[/]",
         f"[red]{s['failed']} failed[/]",
         f"{s['in_flight']} in flight (target {s['in_flight_target']})",
-        f"{s['retries']} retries",
+        f"{s['retries']} retries" + (f", {s['reasks']} re-asks" if s["reasks"] else ""),
         f"ETA {eta}",
     )
     table.add_row(
@@ -475,6 +541,12 @@ def _print_summary(
         "this run",
         f"{progress.sent} records started, {stats.requests} requests sent, {seconds_text(seconds)}",
     )
+    if spec.schema is not None or stats.reasks:
+        table.add_row(
+            "re-asks",
+            f"{stats.reasks} this run; {stats.invalid} answers still invalid after "
+            f"--max-reasks (InvalidOutput)",
+        )
     table.add_row("tokens (job)", f"{summary.input_tokens} in, {summary.output_tokens} out")
     table.add_row("cost (job)", money(summary.cost))
     table.add_row("output", str(spec.output) + (f"; errors: {spec.errors}" if spec.errors else ""))

@@ -24,9 +24,14 @@ shared quota: the Redis limiter when ``redis_url`` is given
 cluster, which workers reach through :class:`RayQuotaLimiter` (the
 :class:`~llmbatch.limits.Limiter` contract). Each worker builds its client inside its
 own event loop (a thread it owns), once. Rows come back with ``llm_answer``,
-``llm_error``, ``llm_input_tokens``, ``llm_output_tokens`` and ``llm_cost`` columns; the
-failure policy applies per row, and a fatal error (a refused key, an exhausted quota)
+``llm_error``, ``llm_input_tokens``, ``llm_output_tokens`` and ``llm_cost`` columns (with
+``response_model=``, a column per field of the typed answer in place of ``llm_answer``);
+the failure policy applies per row, and a fatal error (a refused key, an exhausted quota)
 stops the dataset with its message.
+
+A response model travels to the workers pickled: a JSON Schema dict as it is, a pydantic
+model by reference (its module must be importable on the workers, as for any class Ray
+ships).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 try:
@@ -43,10 +49,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 import pandas as pd
 
-from llmbatch.client import LLMClient, build_request
+from llmbatch.client import DEFAULT_MAX_REASKS, LLMClient, build_request
 from llmbatch.errors import LLMBatchError
 from llmbatch.failure import BatchFailed, OnError, failure_strategy
-from llmbatch.integrations.pandas import result_frame
+from llmbatch.integrations.pandas import result_columns, result_frame
 from llmbatch.limits import (
     BucketPermit,
     Limiter,
@@ -61,6 +67,7 @@ from llmbatch.models import Request
 from llmbatch.providers.base import Provider
 from llmbatch.retry import RetryPolicy
 from llmbatch.runner import run_batch
+from llmbatch.structured import FinishPolicy, ResponseModel, ResponseSchema
 
 __all__ = ["LLMBatchUDF", "QuotaActor", "RayQuotaLimiter", "close_quota", "quota_actor"]
 
@@ -299,6 +306,13 @@ class LLMBatchUDF:
             or ``"fail_fast"`` (the first failed row stops the dataset).
         max_concurrency: requests in flight per worker.
         prefix: the result columns' prefix.
+        response_model: a typed answer for every row (a pydantic model class, importable
+            on the workers, or a JSON Schema dict): a column per top-level field of it in
+            place of ``llm_answer``.
+        max_reasks: follow-up requests an invalid typed answer may get; then the row's
+            error is ``InvalidOutput``.
+        finish_policy: what a truncated, filtered or refused answer does
+            (:class:`~llmbatch.structured.FinishPolicy`).
     """
 
     def __init__(
@@ -317,7 +331,12 @@ class LLMBatchUDF:
         on_error: OnError | str = OnError.COLLECT,
         max_concurrency: int = 16,
         prefix: str = "llm_",
+        response_model: ResponseModel | None = None,
+        max_reasks: int = DEFAULT_MAX_REASKS,
+        finish_policy: FinishPolicy | None = None,
     ) -> None:
+        self.schema = ResponseSchema.of(response_model) if response_model is not None else None
+        result_columns(self.schema)  # a field clashing with a column fails here, at once
         self.template = template
         self.system = system
         self.on_error = on_error
@@ -354,6 +373,8 @@ class LLMBatchUDF:
                 limiter=limiter,
                 retry=retry,
                 max_concurrency=max_concurrency,
+                max_reasks=max_reasks,
+                finish_policy=finish_policy,
             )
 
         self.client = self._run(build())
@@ -374,7 +395,10 @@ class LLMBatchUDF:
         rows = batch.to_dict("records")
 
         async def one(row: dict[str, Any]) -> Any:
-            return await self.client.complete(build_request(self.template, row, system=self.system))
+            request = build_request(self.template, row, system=self.system)
+            if self.schema is not None and request.response_model is None:
+                request = replace(request, response_model=self.schema)
+            return await self.client.complete(request)
 
         try:
             result = await run_batch(
@@ -384,7 +408,9 @@ class LLMBatchUDF:
             raise RuntimeError(f"llmbatch stopped the dataset: {exc}") from None
         except LLMBatchError as exc:  # pragma: no cover - run_batch wraps item errors
             raise RuntimeError(f"llmbatch stopped the dataset: {exc}") from None
-        frame = result_frame(result, labels, prefix=self.prefix, on_error=self.on_error)
+        frame = result_frame(
+            result, labels, prefix=self.prefix, on_error=self.on_error, schema=self.schema
+        )
         skip = failure_strategy(self.on_error) == failure_strategy(OnError.SKIP)
         kept = (
             batch.iloc[[i for i, o in enumerate(result.results) if not _failed(o)]]
