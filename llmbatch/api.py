@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from llmbatch.batchapi import Journal
+from llmbatch.cache import CachePolicy, ResponseCache
 from llmbatch.client import DEFAULT_MAX_REASKS, LLMClient, build_request
 from llmbatch.concurrency import SAFETY_CAP
 from llmbatch.failure import BatchResult, FailureStrategy, ItemError, OnError, finish
@@ -61,7 +62,7 @@ class _Answerer:
         """Close what this call opened: shared-quota connections, and the provider if
         the call created it."""
         try:
-            await self.client._close_limiters()
+            await self.client.release()
         finally:
             if self.owned:
                 await self.provider.aclose()
@@ -82,6 +83,9 @@ def _item_answerer(
     response_model: ResponseModel | None = None,
     max_reasks: int = DEFAULT_MAX_REASKS,
     finish_policy: FinishPolicy | None = None,
+    cache: ResponseCache | str | None = None,
+    cache_policy: CachePolicy | None = None,
+    dedupe: bool = True,
 ) -> _Answerer:
     """The :class:`_Answerer` (OpenAI from the environment when no provider is given)."""
     # a bad response model (or pydantic missing) is the call's error, not every item's
@@ -101,6 +105,9 @@ def _item_answerer(
         max_concurrency=max_concurrency,
         max_reasks=max_reasks,
         finish_policy=finish_policy,
+        cache=cache,
+        cache_policy=cache_policy,
+        dedupe=dedupe,
     )
     return _Answerer(provider, owned, client, template, system, key, schema)
 
@@ -122,6 +129,9 @@ async def map(  # shadows builtins.map inside this module only: llmbatch.map is 
     response_model: ResponseModel | None = None,
     max_reasks: int = DEFAULT_MAX_REASKS,
     finish_policy: FinishPolicy | None = None,
+    cache: ResponseCache | str | None = None,
+    cache_policy: CachePolicy | None = None,
+    dedupe: bool = True,
     on_result: Callable[[int, Response | ItemError], None] | None = None,
     mode: Mode = "online",
     deadline: float | None = None,
@@ -161,6 +171,13 @@ async def map(  # shadows builtins.map inside this module only: llmbatch.map is 
         finish_policy: what a truncated, filtered or refused answer does
             (:class:`~llmbatch.structured.FinishPolicy`; default: an error for typed
             answers, kept for text).
+        cache: a response cache across jobs (``"default"``: a SQLite file in the user
+            cache folder; a path; a ``redis://`` URL; a
+            :class:`~llmbatch.cache.ResponseCache`): answers found there cost nothing
+            and make no request. Default: off.
+        cache_policy: how the cache is used (:class:`~llmbatch.cache.CachePolicy`).
+        dedupe: identical requests of this call are sent once (default on; requests
+            with a temperature above 0 are samples and are each sent).
         on_result: called with ``(index, Response or ItemError)`` as each item
             finishes; persist there to keep finished work across a Ctrl-C (online).
         mode: ``"online"``, ``"batch"`` (the provider's Batch API: half price, answers
@@ -190,6 +207,9 @@ async def map(  # shadows builtins.map inside this module only: llmbatch.map is 
         response_model=response_model,
         max_reasks=max_reasks,
         finish_policy=finish_policy,
+        cache=cache,
+        cache_policy=cache_policy,
+        dedupe=dedupe,
     )
     try:
         if mode != "online":
@@ -277,6 +297,9 @@ def imap(
     response_model: ResponseModel | None = None,
     max_reasks: int = DEFAULT_MAX_REASKS,
     finish_policy: FinishPolicy | None = None,
+    cache: ResponseCache | str | None = None,
+    cache_policy: CachePolicy | None = None,
+    dedupe: bool = True,
 ) -> BatchStream[Response]:
     """Like :func:`map`, for inputs that do not fit in memory: outcomes as they finish.
 
@@ -298,6 +321,9 @@ def imap(
         response_model=response_model,
         max_reasks=max_reasks,
         finish_policy=finish_policy,
+        cache=cache,
+        cache_policy=cache_policy,
+        dedupe=dedupe,
     )
     stream: BatchStream[Response] = stream_batch(
         answerer,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import math
 import string
+from collections import OrderedDict
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -35,6 +36,7 @@ from typing import Any, TypeVar, overload
 
 from llmbatch._log import get_logger
 from llmbatch.batchapi import Journal, batch_backend, run_batch_api
+from llmbatch.cache import CachePolicy, ResponseCache, open_cache
 from llmbatch.concurrency import SAFETY_CAP, InFlight, InFlightTarget
 from llmbatch.config import (
     LimiterSettings,
@@ -117,12 +119,20 @@ class ClientStatistics:
     reasks: int = 0
     #: items that failed as InvalidOutput after every re-ask
     invalid: int = 0
+    #: answers served from the response cache, and from an identical request of the job
+    cache_hits: int = 0
+    duplicates: int = 0
+    #: what those answers cost when they were first paid for (USD)
+    saved_cost: float = 0.0
 
 
 logger = get_logger("llmbatch.client")
 
 #: the output a request without ``max_tokens`` is budgeted for (OpenAI's reservation)
 DEFAULT_MAX_OUTPUT = 4096
+
+#: identical requests a client remembers the answers of, to send each once (in-job dedupe)
+DEDUPE_MEMORY = 10_000
 
 #: follow-up requests an invalid structured answer may get (``max_reasks``)
 DEFAULT_MAX_REASKS = 2
@@ -354,6 +364,19 @@ class LLMClient(AsyncClosing):
             error, keep, or retry once with a larger ``max_tokens``). Default: error
             for requests with a ``response_model`` (a cut object is never valid), keep
             for plain text.
+        cache: a response cache shared across jobs: ``"default"`` (a SQLite file in the
+            user cache folder), a path, a ``redis://`` URL, or a
+            :class:`~llmbatch.cache.ResponseCache`. An answer found there is served
+            without a request (``Response.cached``, cost 0; what it cost first is in
+            ``ClientStatistics.saved_cost``). Default: off (the CLI turns it on).
+        cache_policy: how the cache is used (:class:`~llmbatch.cache.CachePolicy`:
+            ``"read-write"``, ``"read-only"``, ``"refresh"``, ``ttl``; requests with a
+            temperature above 0 are samples, cached only with ``cache_sampled``).
+        dedupe: send identical requests of this client once (in flight together, or
+            among its 10,000 most recent answers) and give every caller the answer.
+            Requests that ask for samples (a temperature above 0, ``n`` > 1) are each
+            sent. Off by default for a client; ``llmbatch.map`` and ``llmbatch run``
+            turn it on for their one job.
 
     A fatal error (a refused key, an exhausted quota, the budget, a provider that
     cannot be reached) stops :meth:`map`: no new request starts, requests already at
@@ -378,12 +401,25 @@ class LLMClient(AsyncClosing):
         timeout: float | _Unset | None = USE_DEFAULT,
         max_reasks: int = DEFAULT_MAX_REASKS,
         finish_policy: FinishPolicy | None = None,
+        cache: ResponseCache | str | None = None,
+        cache_policy: CachePolicy | None = None,
+        dedupe: bool = False,
     ) -> None:
         if max_reasks < 0:
             raise ValueError(f"max_reasks must be >= 0, not {max_reasks!r}")
         self.provider = provider
         self.max_reasks = max_reasks
         self.finish_policy = finish_policy
+        self.cache = open_cache(cache)
+        self.cache_policy = cache_policy or CachePolicy()
+        self.dedupe = dedupe
+        #: answers of the job's recent requests, by cache key (see ``dedupe``)
+        self._memo: OrderedDict[str, Response] | None = OrderedDict() if dedupe else None
+        self._pending: dict[str, asyncio.Future[Response | None]] = {}
+        self._cache_writes: set[asyncio.Task[bool]] = set()
+        self._cache_hits = 0
+        self._duplicates = 0
+        self._saved_cost = 0.0
         self.model = model
         self.max_tokens = max_tokens
         self.limits = limits
@@ -444,11 +480,32 @@ class LLMClient(AsyncClosing):
         return f"<LLMClient {self.provider!r} model={self.model!r}>"
 
     async def aclose(self) -> None:
-        """Close the provider, and the Redis connections of shared quotas."""
+        """Close the provider, the Redis connections of shared quotas, and the cache
+        (its pending writes land first)."""
+        try:
+            await self.release()
+        finally:
+            await self.provider.aclose()
+
+    async def release(self) -> None:
+        """Close what the client opened in the running loop (the Redis connections of
+        shared quotas, the cache after its pending writes), not the provider, which
+        the caller may share."""
         try:
             await self._close_limiters()
         finally:
-            await self.provider.aclose()
+            await self._close_cache()
+
+    async def flush(self) -> None:
+        """Wait until the answers being written to the cache (in the background) are
+        stored."""
+        if self._cache_writes:
+            await asyncio.gather(*self._cache_writes, return_exceptions=True)
+
+    async def _close_cache(self) -> None:
+        await self.flush()
+        if self.cache is not None:
+            await self.cache.aclose()
 
     async def _close_limiters(self) -> None:
         """Close the shared-quota limiters this client opened in the running loop (their
@@ -516,6 +573,9 @@ class LLMClient(AsyncClosing):
             in_flight_target=self._gate.target,
             reasks=self._reasks,
             invalid=self._invalid,
+            cache_hits=self._cache_hits,
+            duplicates=self._duplicates,
+            saved_cost=self._saved_cost,
         )
 
     async def complete(self, request: Request | str) -> Response:
@@ -527,7 +587,102 @@ class LLMClient(AsyncClosing):
         """
         if isinstance(request, str):
             request = Request.from_prompt(request)
-        return await self._answer(request)
+        if self.cache is None and self._memo is None:
+            return await self._answer(request)
+        return await self._answer_once(self._with_defaults(request))
+
+    def _cache_key(self, request: Request) -> str | None:
+        """The key *request* is cached and deduplicated under (``None``: neither)."""
+        policy = self.cache_policy
+        if self.cache is None:
+            policy = policy.copy(mode="read-write")  # dedupe alone: the same rule for samples
+        elif policy.mode == "off" and self._memo is not None:
+            policy = policy.copy(mode="read-write")
+        endpoint = getattr(self.provider, "endpoint", None)
+        return policy.key_for(
+            request,
+            provider=self.provider.name,
+            endpoint=endpoint if isinstance(endpoint, str) else None,
+        )
+
+    async def _answer_once(self, request: Request) -> Response:
+        """:meth:`_answer` behind the response cache and the in-job dedupe: an answer
+        known (the cache, a recent identical request) or coming (an identical request in
+        flight) is served without a request."""
+        key = self._cache_key(request)
+        if key is None:
+            return await self._answer(request)
+        while (pending := self._pending.get(key)) is not None:
+            first = await asyncio.shield(pending)
+            if first is not None:
+                return self._served(request, first, duplicate=True)
+            # the first one failed: this one tries for itself
+        served = await self._lookup(request, key)
+        if served is not None:
+            return served
+        future: asyncio.Future[Response | None] = asyncio.get_running_loop().create_future()
+        self._pending[key] = future
+        response: Response | None = None
+        try:
+            response = await self._answer(request)
+        finally:
+            del self._pending[key]
+            future.set_result(response)
+        self._remember(key, response)
+        return response
+
+    async def _lookup(self, request: Request, key: str) -> Response | None:
+        """The answer the dedupe memory or the cache holds for *key*, served."""
+        if self._memo is not None:
+            recent = self._memo.get(key)
+            if recent is not None:
+                self._memo.move_to_end(key)
+                return self._served(request, recent, duplicate=True)
+        if self.cache is None or not self.cache_policy.reads:
+            return None
+        hit = await self.cache.get(key, max_age=self.cache_policy.ttl)
+        if hit is None:
+            return None
+        try:
+            return self._served(request, hit.response(), duplicate=False, cost=hit.cost)
+        except InvalidOutput:
+            return None  # stored under another version of the model: answered anew
+
+    def _served(
+        self,
+        request: Request,
+        answer: Response,
+        *,
+        duplicate: bool,
+        cost: float | None = None,
+    ) -> Response:
+        """*answer* given to *request* without a request of its own (cost 0)."""
+        parsed = answer.parsed
+        schema = request.schema
+        if schema is not None and parsed is None:
+            parsed = schema.validate(answer.text)  # stored answers were valid: cheap
+        saved = answer.cost if cost is None else cost
+        self._succeeded += 1
+        if duplicate:
+            self._duplicates += 1
+        else:
+            self._cache_hits += 1
+        self._saved_cost += saved or 0.0
+        logger.debug("cache.served", key=request.key, duplicate=duplicate)
+        return replace(answer, parsed=parsed, key=request.key, cost=0.0, attempts=0, cached=True)
+
+    def _remember(self, key: str, response: Response) -> None:
+        """Keep *response* for the identical requests to come: in the dedupe memory, and
+        in the cache (written in the background: it never delays the caller's own
+        bookkeeping, such as a checkpoint write; :meth:`aclose` waits for it)."""
+        if self._memo is not None:
+            self._memo[key] = response
+            if len(self._memo) > DEDUPE_MEMORY:
+                self._memo.popitem(last=False)
+        if self.cache is not None and self.cache_policy.writes:
+            task = asyncio.create_task(self.cache.put(key, response, ttl=self.cache_policy.ttl))
+            self._cache_writes.add(task)
+            task.add_done_callback(self._cache_writes.discard)
 
     async def embed(self, request: EmbeddingRequest | str) -> Embedding:
         """Embed one text (an :class:`EmbeddingRequest` or a string) with limits and
@@ -580,8 +735,9 @@ class LLMClient(AsyncClosing):
                 finished = _Finishing(request, response)
                 try:
                     response = await self._finish(finished)
-                except LLMBatchError:
-                    self._charge(request, finished.usage)  # paid for, though not kept
+                except LLMBatchError as exc:
+                    # paid for, though not kept
+                    _spent(exc, finished.usage, self._charge(request, finished.usage))
                     raise
         except LLMBatchError as exc:
             self._failed += 1
@@ -1032,8 +1188,11 @@ class LLMClient(AsyncClosing):
         except LLMBatchError as exc:
             self._failed += 1
             self._invalid += isinstance(exc, InvalidOutput)
-            self._charge(request, state.first, batch=batch)
-            self._charge(request, state.extra)
+            costs = [
+                self._charge(request, state.first, batch=batch),
+                self._charge(request, state.extra),
+            ]
+            _spent(exc, state.usage, None if None in costs else sum(c or 0.0 for c in costs))
             exc.item_key = exc.item_key or request.key
             exc.provider = exc.provider or self.provider.name
             raise
@@ -1067,6 +1226,13 @@ class LLMClient(AsyncClosing):
         if cost is not None:
             self._cost = (self._cost or 0.0) + cost
         return cost
+
+
+def _spent(exc: LLMBatchError, usage: Usage, cost: float | None) -> None:
+    """Record on an item's InvalidOutput what its calls used and cost."""
+    if isinstance(exc, InvalidOutput):
+        exc.input_tokens, exc.output_tokens = usage.input_tokens, usage.output_tokens
+        exc.cost = cost
 
 
 def _request_key(request: AnyRequest) -> str | None:

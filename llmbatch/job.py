@@ -1099,8 +1099,8 @@ def estimate_job(
             continue
         if len(requests) < samples:
             requests.append(ready.request)
+        # the one estimate (with the schema's tokens, when there is one)
         usage = usage + estimated_usage([ready.request], spec.max_tokens, model=spec.model)
-        usage = usage + Usage(input_tokens=schema_tokens)
         admitted += admission_estimate(ready.request.messages, spec.model) + schema_tokens
     to_send = records - invalid - already
     max_out = usage.output_tokens

@@ -124,6 +124,8 @@ class Response:
         refusal: the model's refusal message, when it declined to answer (OpenAI's
             ``message.refusal``, Anthropic's ``stop_reason="refusal"``).
         reasks: how many follow-up requests an invalid structured answer needed.
+        cached: no request was made for this item: the answer came from the response
+            cache, or from an identical request of the same job (``cost`` is then 0).
         key: the item's key, copied from the request.
         cost: the price of the call in USD, when the model's prices are known.
         headers: the response headers (rate-limit feedback), not part of equality.
@@ -139,6 +141,7 @@ class Response:
     parsed: Any = None
     refusal: str | None = None
     reasks: int = 0
+    cached: bool = False
     key: str | None = None
     cost: float | None = None
     headers: Mapping[str, str] = field(default_factory=lambda: _EMPTY, compare=False, repr=False)

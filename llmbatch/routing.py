@@ -15,6 +15,7 @@ Otherwise, and always with ``prefer="speed"``, the job goes online.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -158,9 +159,11 @@ def estimated_usage(
     """A job's tokens, the one estimate behind every cost figure (the route's
     comparison, a batch's budget bound, ``llmbatch estimate``): prompts counted with
     the model's tokenizer (:class:`~llmbatch.tokens.TokenCounter`, offline; approximate
-    for models tiktoken does not know), output at the cap (``max_tokens`` x ``n``)."""
+    for models tiktoken does not know), the response model's schema in each request
+    that has one, output at the cap (``max_tokens`` x ``n``)."""
     prompt = output = 0
     counters: dict[str, TokenCounter] = {}
+    schemas: dict[tuple[str, str], int] = {}
     for request in requests:
         name = request.model or model or ""
         counter = counters.get(name)
@@ -171,6 +174,14 @@ def estimated_usage(
             continue
         prompt += counter.count_messages(request.messages)
         output += (request.max_tokens or default_max_tokens or 0) * request.n
+        schema = request.schema
+        if schema is not None:
+            # the schema travels with every request (response_format, or a forced tool)
+            found = (name, schema.fingerprint)
+            if found not in schemas:
+                sent = json.dumps(schema.openai_response_format(), separators=(",", ":"))
+                schemas[found] = counter.count(sent)
+            prompt += schemas[found]
     return Usage(input_tokens=prompt, output_tokens=output)
 
 

@@ -329,7 +329,10 @@ class Store:
         error: ItemError | str,
         invalid: bool = False,
     ) -> None:
-        """Record *key* as failed (or as ``invalid`` input, never sent)."""
+        """Record *key* as failed (or as ``invalid`` input, never sent). An answer that
+        stayed invalid keeps what its calls used and cost: they were paid for."""
+        spent = error.exception if isinstance(error, ItemError) else None
+        paid = spent if isinstance(spent, InvalidOutput) else None
         self._save(
             key,
             index=index,
@@ -338,9 +341,9 @@ class Store:
             status="invalid" if invalid else "failed",
             response=None,
             error=json.dumps(error_record(error)),
-            input_tokens=0,
-            output_tokens=0,
-            cost=None,
+            input_tokens=paid.input_tokens if paid else 0,
+            output_tokens=paid.output_tokens if paid else 0,
+            cost=paid.cost if paid else None,
         )
 
     def _save(self, key: str, **values: Any) -> None:

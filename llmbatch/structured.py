@@ -86,6 +86,9 @@ class InvalidOutput(PermanentError):
         errors: what is wrong with it, one readable line each (``"topics.2: Input should
             be a valid string"``).
         attempts: the re-asks made before giving up.
+        input_tokens, output_tokens, cost: what the item's calls (the first and every
+            re-ask) used and cost, paid for though no answer is kept (set by the client;
+            cost ``None``: prices unknown).
     """
 
     def __init__(
@@ -100,6 +103,9 @@ class InvalidOutput(PermanentError):
         self.raw = raw
         self.errors = list(errors)
         self.attempts = attempts
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self.cost: float | None = None
         if not message:
             first = self.errors[0] if self.errors else "no details"
             more = f" (and {len(self.errors) - 1} more)" if len(self.errors) > 1 else ""

@@ -138,6 +138,11 @@ async def test_what_stays_invalid_is_the_items_invalid_output(clock: FakeClock) 
     assert stats.usage.input_tokens > 0
     assert stats.cost is not None
     assert stats.cost > 0
+    assert (error.input_tokens, error.output_tokens) == (
+        stats.usage.input_tokens,
+        stats.usage.output_tokens,
+    )
+    assert error.cost == pytest.approx(stats.cost)
     copy = pickle.loads(pickle.dumps(error))
     assert (copy.raw, copy.errors) == (error.raw, error.errors)
 

@@ -21,7 +21,7 @@ from llmbatch.failure import ItemError
 from llmbatch.models import Request, Response, Usage
 from llmbatch.providers.local import LocalProvider
 from llmbatch.providers.openai import OpenAIProvider
-from llmbatch.routing import BATCH_WINDOW, Prefer, Route, choose_route
+from llmbatch.routing import BATCH_WINDOW, Prefer, Route, choose_route, estimated_usage
 from llmbatch.testing import FakeClock
 from llmbatch.testing._content import content_tag
 from llmbatch.testing.pytest_plugin import SimulatorFactory
@@ -354,3 +354,21 @@ async def test_batch_mode_through_the_client_needs_a_batch_api(tmp_path: Path) -
             await client.map(requests, mode="batch")
         with pytest.raises(ValueError, match="mode must be one of"):
             await client.map(requests, mode="later")  # type: ignore[arg-type]
+
+
+def test_the_estimate_counts_the_schema_of_typed_requests() -> None:
+    """A response model's schema is sent with every request: the one estimate behind
+    cost figures counts it once per request, and not for plain requests."""
+    schema = {
+        "type": "object",
+        "properties": {"summary": {"type": "string"}, "topics": {"type": "array"}},
+        "required": ["summary", "topics"],
+    }
+    plain = [Request.from_prompt(f"doc {i}") for i in range(3)]
+    typed = [Request.from_prompt(f"doc {i}", response_model=schema) for i in range(3)]
+    base = estimated_usage(plain, 10, model="gpt-4o-mini")
+    with_schema = estimated_usage(typed, 10, model="gpt-4o-mini")
+    extra = with_schema.input_tokens - base.input_tokens
+    assert extra > 0
+    assert extra % 3 == 0
+    assert base.output_tokens == with_schema.output_tokens

@@ -24,6 +24,7 @@ from llmbatch.store import (
     error_record,
     response_record,
 )
+from llmbatch.structured import InvalidOutput
 
 DESCRIPTION: dict[str, Any] = {
     "provider": "openai",
@@ -545,3 +546,18 @@ def test_api_keys_in_errors_never_reach_the_file(path: Path, prefix: str, kind: 
         assert b"marker-5150" in data  # the message itself is on disk...
         assert CANARY_BODY[:20].encode() not in data  # ...the key is not
         assert CANARY_BODY[-24:].encode() not in data
+
+
+def test_an_answer_that_stayed_invalid_keeps_what_it_cost(store: Store) -> None:
+    """An item failed as InvalidOutput was paid for (its first call and re-asks): the
+    store counts its tokens and cost in the job's totals, unlike other failures."""
+    paid = InvalidOutput(raw="nope", errors=["not JSON"], attempts=2)
+    paid.input_tokens, paid.output_tokens, paid.cost = 120, 30, 0.004
+    other = ItemError.from_exception(1, llmbatch.BadRequest("no"))
+    store.save_error(
+        "a", index=0, source="d:1", fingerprint="f", error=ItemError.from_exception(0, paid)
+    )
+    store.save_error("b", index=1, source="d:2", fingerprint="f", error=other)
+    summary = store.summary()
+    assert (2, 120, 30) == (summary.failed, summary.input_tokens, summary.output_tokens)
+    assert summary.cost == pytest.approx(0.004)
