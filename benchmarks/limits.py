@@ -201,7 +201,7 @@ def cli_run(root: str, items: int, scenario: dict[str, Any]) -> Outcome:
                 f.write(json.dumps({"id": str(i), "text": text}) + "\n")
 
         def command(output: str, *extra: str) -> float:
-            args = [sys.executable, "-m", "llmbatch", "run", source, "-o", output]
+            args = [sys.executable, "-m", "llmbatch", "run", source, "-o", output, "--cache", "off"]
             args += ["--provider", f"{root}/v1", "--model", MODEL, "--prompt", "{text}"]
             args += ["--id-field", "id", "--max-tokens", str(MAX_TOKENS), "-q"]
             for name in ("rpm", "tpm"):

@@ -295,7 +295,7 @@ def cli(url: str, source: Path, concurrency: int, *, limit: int | None = None) -
     """``llmbatch run`` on *source* with a fresh checkpoint; wall, CPU and peak RSS of
     the llmbatch process itself (``os.wait4``)."""
     out = source.with_name("out.jsonl")
-    args = ["llmbatch", "run", str(source), "-o", str(out), "--provider", url]
+    args = ["llmbatch", "run", str(source), "-o", str(out), "--provider", url, "--cache", "off"]
     args += ["--model", MODEL, "--max-tokens", str(MAX_TOKENS), "--id-field", "id"]
     args += ["--rpm", "10000000", "--tpm", "1000000000000", "--concurrency", str(concurrency)]
     args += ["--fresh", "-q"]

@@ -463,6 +463,9 @@ class ResponseCache(Protocol):
     """What the client needs of a cache. None of the methods raise for a cache that
     cannot be used: they miss, or skip the write."""
 
+    #: where the answers are kept, for logs (a path, a URL without its password)
+    where: str
+
     async def get(self, key: str, *, max_age: float | None = None) -> CachedResponse | None:
         """The answer stored under *key*, unless absent, expired or older than *max_age*."""
         ...

@@ -631,6 +631,23 @@ class LLMClient(AsyncClosing):
         self._remember(key, response)
         return response
 
+    async def lookup(self, request: Request) -> Response | None:
+        """The answer the cache (or this client's dedupe memory) holds for *request*,
+        served as :meth:`complete` would serve it (``cached``, cost 0, counted), or
+        ``None``: what a Batch API job checks before submitting."""
+        request = self._with_defaults(request)
+        key = self._cache_key(request)
+        return None if key is None else await self._lookup(request, key)
+
+    def store(self, request: Request, response: Response) -> None:
+        """Keep *response* (answered elsewhere: a Batch API) for the identical
+        requests to come, as :meth:`complete` keeps its answers."""
+        if response.cached:
+            return
+        key = self._cache_key(self._with_defaults(request))
+        if key is not None:
+            self._remember(key, response)
+
     async def _lookup(self, request: Request, key: str) -> Response | None:
         """The answer the dedupe memory or the cache holds for *key*, served."""
         if self._memo is not None:
@@ -1128,17 +1145,21 @@ class LLMClient(AsyncClosing):
         if backend is None:
             raise ValueError(f"the {self.provider.name} provider has no Batch API")
         keyed: list[tuple[str, AnyRequest]] = []
+        served: dict[str, Answer | LLMBatchError] = {}
         for index, request in enumerate(requests):
             ready = self._with_defaults(request)
-            keyed.append((ready.key or f"item-{index}", ready))
+            name = ready.key or f"item-{index}"
+            keyed.append((name, ready))
+            if isinstance(ready, Request) and (hit := await self.lookup(ready)) is not None:
+                served[name] = hit  # in the cache: not sent again
         outcomes = await run_batch_api(
             backend,
-            keyed,
+            [(name, request) for name, request in keyed if name not in served],
             journal=journal,
             poll_interval=self.batch_poll_interval,
             sleep=self._sleep,
         )
-        return await self.batch_result(keyed, outcomes, on_error)
+        return await self.batch_result(keyed, {**outcomes, **served}, on_error)
 
     async def batch_result(
         self,
@@ -1156,8 +1177,12 @@ class LLMClient(AsyncClosing):
             try:
                 if isinstance(outcome, LLMBatchError):
                     raise outcome
-                if isinstance(request, Request) and isinstance(outcome, Response):
-                    results.append(await self.finish(request, outcome, batch=True))
+                if isinstance(outcome, Response) and outcome.cached:
+                    results.append(outcome)  # served from the cache: counted there
+                elif isinstance(request, Request) and isinstance(outcome, Response):
+                    answer = await self.finish(request, outcome, batch=True)
+                    self.store(request, answer)
+                    results.append(answer)
                 else:
                     results.append(self.account(request, outcome, batch=True))
             except LLMBatchError as exc:

@@ -569,7 +569,9 @@ async def run_job(
         async def answer(ready: Prepared) -> Response:
             assert ready.request is not None
             if ready.collected is not None:
-                return await client.finish(ready.request, ready.collected, batch=True)
+                answer = await client.finish(ready.request, ready.collected, batch=True)
+                client.store(ready.request, answer)
+                return answer
             return await client.complete(ready.request)
 
         aborted: str | None = None
@@ -655,6 +657,15 @@ async def _answer_in_batches(
     # collected by an earlier run, which stopped before finishing them
     unfinished = [p for p in pending if p.collected is not None]
     pending = [p for p in pending if p.collected is None]
+    # answered by an earlier job (the response cache): recorded, not submitted
+    sending: list[Prepared] = []
+    for ready in pending:
+        hit = None if ready.request is None else await client.lookup(ready.request)
+        if hit is None:
+            sending.append(ready)
+        else:
+            _record(store, progress, ready, hit)
+    pending = sending
     requests = [p.request for p in pending if p.request is not None]
     if client.max_cost is not None and requests:
         bound = client.profile(spec.model).cost(
@@ -683,6 +694,7 @@ async def _answer_in_batches(
                 _kill_point("collected", collected)
                 return
             value = client.account(ready.request, outcome, batch=True)
+            client.store(ready.request, value)
         elif isinstance(outcome, Embedding):  # a chat job never gets one
             raise TypeError("an embedding came back for a chat request")
         else:
@@ -770,7 +782,9 @@ async def _finish_collected(
         # the batch's part is charged at the discount, the follow-ups at the online price
         # (an answer an earlier run collected is charged again in this client's
         # statistics and budget, never in the store: its finished record replaces it)
-        return await client.finish(ready.request, ready.collected, batch=True)
+        answer = await client.finish(ready.request, ready.collected, batch=True)
+        client.store(ready.request, answer)
+        return answer
 
     stream = stream_batch(
         finish,

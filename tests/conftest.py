@@ -38,6 +38,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(autouse=True)
+def _own_cache_folder(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each test its own user cache folder: ``llmbatch run`` caches answers there by
+    default, and one test's answers must not be another's hits (subprocesses inherit
+    the variable)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.delenv("LLMBATCH_CACHE", raising=False)
+
+
+@pytest.fixture(autouse=True)
 def _reset_structlog() -> Iterator[None]:
     """Every test starts from structlog's defaults (only applications configure logging)."""
     structlog.reset_defaults()

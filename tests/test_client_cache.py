@@ -180,3 +180,18 @@ async def test_a_corrupt_cache_file_is_a_miss_not_a_failure(tmp_path: Path) -> N
     async with client(provider, cache=str(path)) as llm:
         answer = await llm.complete("doc")
     assert ("DOC", 1) == (answer.text, len(provider.calls))
+
+
+def test_pandas_goes_through_the_cache(tmp_path: Path) -> None:
+    """``df.llm.map(..., cache=PATH)``: a second data job over the same rows is served
+    from the first's answers."""
+    pd = pytest.importorskip("pandas")
+    import llmbatch.integrations.pandas  # noqa: F401  (registers df.llm)
+
+    frame = pd.DataFrame({"text": ["a", "b", "c"]})
+    path = str(tmp_path / "c.sqlite")
+    first, second = FakeProvider(upper), FakeProvider(upper)
+    out1 = frame.llm.map("{text}", model="m", provider=first, cache=path)
+    out2 = frame.llm.map("{text}", model="m", provider=second, cache=path)
+    assert (3, 0) == (len(first.calls), len(second.calls))
+    assert list(out1["llm_answer"]) == list(out2["llm_answer"])

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from llmbatch._log import get_logger
 from llmbatch.batchapi import StoredBatch, uncollected_keys
+from llmbatch.cache import CachePolicy, ResponseCache, open_cache
 from llmbatch.cli._common import (
     EXIT_ABORTED,
     EXIT_FAILED_ITEMS,
@@ -133,6 +134,30 @@ logger = get_logger("llmbatch.cli")
     help="Seconds before a batch's first status check (then backing off).",
 )
 @click.option(
+    "--cache",
+    "cache_spec",
+    metavar="PATH|URL|off",
+    envvar="LLMBATCH_CACHE",
+    default="default",
+    show_default=True,
+    help="The response cache across jobs: answers found there are not paid again. "
+    "'default' is a SQLite file in the user cache folder; or a path, a redis://host/db "
+    "URL shared by many processes, or 'off' ($LLMBATCH_CACHE).",
+)
+@click.option(
+    "--cache-mode",
+    type=click.Choice(["read-write", "read-only", "refresh"]),
+    default="read-write",
+    show_default=True,
+    help="read-only: serve hits, store nothing; refresh: ask again and store the new answers.",
+)
+@click.option(
+    "--cache-ttl",
+    type=click.FloatRange(min=0.0, min_open=True),
+    metavar="HOURS",
+    help="Serve cached answers only this many hours old at most (default: any age).",
+)
+@click.option(
     "--limiter-url",
     metavar="URL",
     help="Share each quota with every process using it: redis://host:port/db "
@@ -226,6 +251,14 @@ def run(**options: Any) -> None:
         quotas = limiter_settings(url=options["limiter_url"])
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--limiter-url") from None
+    try:
+        cache = open_cache(options["cache_spec"])
+    except (ValueError, TypeError, ImportError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--cache") from None
+    ttl = options["cache_ttl"]
+    cache_policy = CachePolicy(
+        mode=options["cache_mode"], ttl=None if ttl is None else ttl * 3600.0
+    )
     if options["dry_run"]:
         _print_estimate(spec, choice, limits, samples=2)
         return
@@ -244,6 +277,8 @@ def run(**options: Any) -> None:
             finish_policy=finish_policy(
                 options["on_truncated"], options["on_refusal"], typed=schema is not None
             ),
+            cache=cache,
+            cache_policy=cache_policy,
         )
     )
     sys.exit(code)
@@ -287,6 +322,8 @@ async def _run(
     attempt_timeout: float | None = None,
     max_reasks: int = DEFAULT_MAX_REASKS,
     finish_policy: FinishPolicy | None = None,
+    cache: ResponseCache | None = None,
+    cache_policy: CachePolicy | None = None,
 ) -> int:
     console = Console(stderr=True)
     records = list(spec.records()) if spec.input == "-" else None  # stdin is read once
@@ -314,6 +351,9 @@ async def _run(
         max_concurrency=limits.max_concurrency,
         max_reasks=max_reasks,
         finish_policy=finish_policy,
+        cache=cache,
+        cache_policy=cache_policy,
+        dedupe=True,  # one job: identical records are sent once
     )
     try:
         # A shared quota that cannot be used stops the run before any request.
@@ -338,6 +378,7 @@ async def _run(
         records=progress.total,
         store=str(spec.store_path),
         schema=spec.schema.name if spec.schema is not None else None,
+        cache=cache.where if cache is not None else "off",
     )
     job = asyncio.ensure_future(
         run_job(spec, client, store=store, progress=progress, fresh=fresh, records=records)
@@ -541,6 +582,12 @@ def _print_summary(
         "this run",
         f"{progress.sent} records started, {stats.requests} requests sent, {seconds_text(seconds)}",
     )
+    if stats.cache_hits or stats.duplicates:
+        table.add_row(
+            "not sent",
+            f"{stats.cache_hits} answers from the cache, {stats.duplicates} duplicates of "
+            f"another record; {money(stats.saved_cost)} saved",
+        )
     if spec.schema is not None or stats.reasks:
         table.add_row(
             "re-asks",

@@ -49,6 +49,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 import pandas as pd
 
+from llmbatch.cache import CachePolicy
 from llmbatch.client import DEFAULT_MAX_REASKS, LLMClient, build_request
 from llmbatch.errors import LLMBatchError
 from llmbatch.failure import BatchFailed, OnError, failure_strategy
@@ -313,6 +314,11 @@ class LLMBatchUDF:
             error is ``InvalidOutput``.
         finish_policy: what a truncated, filtered or refused answer does
             (:class:`~llmbatch.structured.FinishPolicy`).
+        cache: a response cache every worker shares (a SQLite path on a shared disk,
+            or a ``redis://`` URL; see :mod:`llmbatch.cache`): answers found there are
+            not paid again. Default: off.
+        cache_policy: how the cache is used (:class:`~llmbatch.cache.CachePolicy`).
+        dedupe: identical rows of a worker are sent once (samples excepted).
     """
 
     def __init__(
@@ -334,6 +340,9 @@ class LLMBatchUDF:
         response_model: ResponseModel | None = None,
         max_reasks: int = DEFAULT_MAX_REASKS,
         finish_policy: FinishPolicy | None = None,
+        cache: str | None = None,
+        cache_policy: CachePolicy | None = None,
+        dedupe: bool = True,
     ) -> None:
         self.schema = ResponseSchema.of(response_model) if response_model is not None else None
         result_columns(self.schema)  # a field clashing with a column fails here, at once
@@ -375,6 +384,10 @@ class LLMBatchUDF:
                 max_concurrency=max_concurrency,
                 max_reasks=max_reasks,
                 finish_policy=finish_policy,
+                # a path or a redis:// URL: every worker opens its own connection
+                cache=cache,
+                cache_policy=cache_policy,
+                dedupe=dedupe,
             )
 
         self.client = self._run(build())

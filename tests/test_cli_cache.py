@@ -1,0 +1,145 @@
+"""``llmbatch run`` with its response cache (on by default, in the user cache folder:
+each test has its own, see conftest) and its in-job dedupe, against the simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmbatch.testing import Simulator
+
+TEMPLATE = "Summarize: {text}"
+
+
+@dataclass
+class Done:
+    code: int
+    stderr: str
+
+
+async def run(sim: Simulator, source: Path, out: Path, *extra: str, cwd: Path, **env: str) -> Done:
+    environment = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    environment.update(OPENAI_API_KEY="sk-test", COLUMNS="200", **env)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "llmbatch",
+        "run",
+        str(source),
+        "-o",
+        str(out),
+        "--provider",
+        sim.base_url,
+        "--prompt",
+        TEMPLATE,
+        "--id-field",
+        "id",
+        "--rpm",
+        "100000",
+        "--tpm",
+        "100000000",
+        *extra,
+        cwd=cwd,
+        env=environment,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return Done(proc.returncode, err.decode())
+
+
+def write_docs(path: Path, texts: list[str]) -> Path:
+    path.write_text(
+        "".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts))
+    )
+    return path
+
+
+def answers(path: Path) -> list[str]:
+    return [json.loads(line)["answer"] for line in path.read_text().splitlines()]
+
+
+async def test_the_same_job_into_a_new_output_sends_nothing(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """Run twice with a new output file (a new checkpoint): the second run's answers all
+    come from the cache, the simulator sees no new request, the outputs agree, and the
+    summary says what was saved."""
+    source = write_docs(tmp_path / "in.jsonl", [f"document {i}" for i in range(20)])
+    first = await run(simulator, source, tmp_path / "a.jsonl", cwd=tmp_path)
+    sent = simulator.stats().requests
+    second = await run(simulator, source, tmp_path / "b.jsonl", cwd=tmp_path)
+    assert (0, 0) == (first.code, second.code), second.stderr
+    assert (20, 20) == (sent, simulator.stats().requests)
+    assert answers(tmp_path / "a.jsonl") == answers(tmp_path / "b.jsonl")
+    assert "20 answers from the cache" in second.stderr
+
+
+async def test_cache_off_sends_again(simulator: Simulator, tmp_path: Path) -> None:
+    source = write_docs(tmp_path / "in.jsonl", [f"document {i}" for i in range(5)])
+    await run(simulator, source, tmp_path / "a.jsonl", cwd=tmp_path)
+    done = await run(simulator, source, tmp_path / "b.jsonl", "--cache", "off", cwd=tmp_path)
+    assert 0 == done.code, done.stderr
+    assert 10 == simulator.stats().requests
+
+
+async def test_the_environment_names_the_cache(simulator: Simulator, tmp_path: Path) -> None:
+    """``LLMBATCH_CACHE=PATH``: that file, not the default folder, holds the answers."""
+    source = write_docs(tmp_path / "in.jsonl", [f"document {i}" for i in range(3)])
+    path = tmp_path / "shared.sqlite"
+    await run(simulator, source, tmp_path / "a.jsonl", cwd=tmp_path, LLMBATCH_CACHE=str(path))
+    assert path.exists()
+    await run(simulator, source, tmp_path / "b.jsonl", cwd=tmp_path, LLMBATCH_CACHE=str(path))
+    assert 3 == simulator.stats().requests
+
+
+async def test_duplicate_records_are_sent_once(simulator: Simulator, tmp_path: Path) -> None:
+    """30 of 100 records repeat earlier ones: 70 requests, every record answered with
+    its text's answer."""
+    texts = [f"document {i % 70}" for i in range(100)]
+    source = write_docs(tmp_path / "in.jsonl", texts)
+    done = await run(simulator, source, tmp_path / "a.jsonl", "--cache", "off", cwd=tmp_path)
+    assert 0 == done.code, done.stderr
+    assert 70 == simulator.stats().requests
+    got = answers(tmp_path / "a.jsonl")
+    assert all(got[i] == got[i % 70] for i in range(100))
+
+
+async def test_two_processes_share_a_redis_cache(
+    simulator: Simulator, tmp_path: Path, redis_url: str
+) -> None:
+    """``--cache redis://...``: another job (another process, another checkpoint) is
+    served from the answers the first stored."""
+    source = write_docs(tmp_path / "in.jsonl", [f"redis document {i}" for i in range(6)])
+    for out in ("a.jsonl", "b.jsonl"):
+        done = await run(simulator, source, tmp_path / out, "--cache", redis_url, cwd=tmp_path)
+        assert 0 == done.code, done.stderr
+    assert 6 == simulator.stats().requests
+
+
+async def test_a_bad_cache_is_a_usage_error(simulator: Simulator, tmp_path: Path) -> None:
+    source = write_docs(tmp_path / "in.jsonl", ["x"])
+    done = await run(simulator, source, tmp_path / "a.jsonl", "--cache", "ftp://x", cwd=tmp_path)
+    assert 2 == done.code
+    assert "--cache" in done.stderr
+    assert 0 == simulator.stats().requests
+
+
+async def test_batch_mode_uses_the_cache_too(simulator: Simulator, tmp_path: Path) -> None:
+    """Through the Batch API: the first job's batch answers are cached; the second job
+    (another output) submits no batch and sends nothing online."""
+    source = write_docs(tmp_path / "in.jsonl", [f"batch document {i}" for i in range(6)])
+    options = ("--mode", "batch", "--poll-interval", "0.05")
+    first = await run(simulator, source, tmp_path / "a.jsonl", *options, cwd=tmp_path)
+    created = simulator.stats().batch["openai_batches_created"]
+    second = await run(simulator, source, tmp_path / "b.jsonl", *options, cwd=tmp_path)
+    assert (0, 0) == (first.code, second.code), second.stderr
+    assert (1, 1) == (created, simulator.stats().batch["openai_batches_created"])
+    assert 0 == simulator.stats().requests
+    assert answers(tmp_path / "a.jsonl") == answers(tmp_path / "b.jsonl")
