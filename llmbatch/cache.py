@@ -103,6 +103,7 @@ __all__ = [
     "RedisCache",
     "ResponseCache",
     "SQLiteCache",
+    "SupportsClaim",
     "cache_key",
     "default_cache_path",
     "open_cache",
@@ -481,6 +482,21 @@ class ResponseCache(Protocol):
 
     async def aclose(self) -> None:
         """Release the file or connection (later calls miss)."""
+        ...
+
+
+@runtime_checkable
+class SupportsClaim(Protocol):
+    """A cache shared by processes that can also say who answers a request, so that
+    concurrent jobs never send the same one twice (:class:`RedisCache`)."""
+
+    async def claim(self, key: str, *, seconds: float) -> bool:
+        """``True``: send the request (and :meth:`unclaim` once it is stored);
+        ``False``: another process is answering it."""
+        ...
+
+    async def unclaim(self, key: str) -> None:
+        """Give up the claim on *key*."""
         ...
 
 
@@ -942,6 +958,7 @@ class RedisCache(_Cache):
         self._owns_client = isinstance(redis, str)
         self.namespace = namespace
         self._prefix = f"llmbatch:{namespace}:response:"
+        self._claims = f"llmbatch:{namespace}:claim:"
         self._max_connections = max_connections
         self._gate: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
 
@@ -978,6 +995,34 @@ class RedisCache(_Cache):
         async with self._semaphore():
             await self._redis.set(self._prefix + key, value, px=expiry)
         return True
+
+    async def claim(self, key: str, *, seconds: float) -> bool:
+        """Claim answering *key* for *seconds* across every process sharing the cache
+        (``SET NX``): ``True`` when this caller should send the request, ``False``
+        when another one is answering it (its answer will be stored). A cache that
+        cannot be used claims nothing and says ``True``: the request is sent."""
+        if not self._usable():
+            return True
+        try:
+            async with self._semaphore():
+                won = await self._redis.set(
+                    self._claims + key, b"1", nx=True, px=max(1, math.ceil(seconds * 1000))
+                )
+        except Exception as exc:
+            self._failed("claim", exc)
+            return True
+        return bool(won)
+
+    async def unclaim(self, key: str) -> None:
+        """Give up the claim on *key* (answered and stored, or failed: the others may
+        try)."""
+        if not self._usable():
+            return
+        try:
+            async with self._semaphore():
+                await self._redis.delete(self._claims + key)
+        except Exception as exc:
+            self._failed("claim", exc)
 
     async def _close(self) -> None:
         if self._owns_client:

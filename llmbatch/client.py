@@ -36,7 +36,7 @@ from typing import Any, TypeVar, overload
 
 from llmbatch._log import get_logger
 from llmbatch.batchapi import Journal, batch_backend, run_batch_api
-from llmbatch.cache import CachePolicy, ResponseCache, open_cache
+from llmbatch.cache import CachePolicy, ResponseCache, SupportsClaim, open_cache
 from llmbatch.concurrency import SAFETY_CAP, InFlight, InFlightTarget
 from llmbatch.config import (
     LimiterSettings,
@@ -623,13 +623,47 @@ class LLMClient(AsyncClosing):
         future: asyncio.Future[Response | None] = asyncio.get_running_loop().create_future()
         self._pending[key] = future
         response: Response | None = None
+        claimed = False
         try:
+            claimed, served = await self._claim(request, key)
+            if served is not None:
+                response = served
+                return served
             response = await self._answer(request)
         finally:
             del self._pending[key]
             future.set_result(response)
-        self._remember(key, response)
+            if claimed and response is None:
+                await self._unclaim(key)  # failed: the other processes may try
+        self._remember(key, response, unclaim=claimed)
         return response
+
+    async def _claim(self, request: Request, key: str) -> tuple[bool, Response | None]:
+        """With a cache shared across processes (Redis): claim answering *key*, or wait
+        for the process that did to store its answer; ``(claimed, served)``. A claim
+        lasts the client's timeout; a claimer that dies lets the others try once it
+        runs out."""
+        cache: object = self.cache  # (a ResponseCache that may also SupportsClaim)
+        if not isinstance(cache, SupportsClaim) or not self.cache_policy.reads:
+            return False, None
+        seconds = self.timeout_for(request.model or "") or DEFAULT_TIMEOUT
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + seconds
+        pause = 0.05
+        while not await cache.claim(key, seconds=seconds):
+            if loop.time() >= give_up:
+                return False, None
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
+            served = await self._lookup(request, key)
+            if served is not None:
+                return False, served
+        return True, None
+
+    async def _unclaim(self, key: str) -> None:
+        cache: object = self.cache
+        if isinstance(cache, SupportsClaim):
+            await cache.unclaim(key)
 
     async def lookup(self, request: Request) -> Response | None:
         """The answer the cache (or this client's dedupe memory) holds for *request*,
@@ -688,7 +722,7 @@ class LLMClient(AsyncClosing):
         logger.debug("cache.served", key=request.key, duplicate=duplicate)
         return replace(answer, parsed=parsed, key=request.key, cost=0.0, attempts=0, cached=True)
 
-    def _remember(self, key: str, response: Response) -> None:
+    def _remember(self, key: str, response: Response, *, unclaim: bool = False) -> None:
         """Keep *response* for the identical requests to come: in the dedupe memory, and
         in the cache (written in the background: it never delays the caller's own
         bookkeeping, such as a checkpoint write; :meth:`aclose` waits for it)."""
@@ -696,10 +730,22 @@ class LLMClient(AsyncClosing):
             self._memo[key] = response
             if len(self._memo) > DEDUPE_MEMORY:
                 self._memo.popitem(last=False)
-        if self.cache is not None and self.cache_policy.writes:
-            task = asyncio.create_task(self.cache.put(key, response, ttl=self.cache_policy.ttl))
+        if self.cache is not None and (self.cache_policy.writes or unclaim):
+            task = asyncio.create_task(self._write(key, response, unclaim=unclaim))
             self._cache_writes.add(task)
             task.add_done_callback(self._cache_writes.discard)
+
+    async def _write(self, key: str, response: Response, *, unclaim: bool) -> bool:
+        """Store *response*, then give up the claim on it (the waiters find it)."""
+        assert self.cache is not None
+        stored = False
+        try:
+            if self.cache_policy.writes:
+                stored = await self.cache.put(key, response, ttl=self.cache_policy.ttl)
+        finally:
+            if unclaim:
+                await self._unclaim(key)
+        return stored
 
     async def embed(self, request: EmbeddingRequest | str) -> Embedding:
         """Embed one text (an :class:`EmbeddingRequest` or a string) with limits and

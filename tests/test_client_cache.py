@@ -195,3 +195,37 @@ def test_pandas_goes_through_the_cache(tmp_path: Path) -> None:
     out2 = frame.llm.map("{text}", model="m", provider=second, cache=path)
     assert (3, 0) == (len(first.calls), len(second.calls))
     assert list(out1["llm_answer"]) == list(out2["llm_answer"])
+
+
+async def test_clients_sharing_a_redis_cache_never_send_the_same_request_twice(
+    redis_url: str,
+) -> None:
+    """Four clients (each its own Redis connection, as four processes have) ask the same
+    20 questions at once: each question is sent once in all; the others wait for its
+    answer and are served from the cache."""
+    import uuid
+
+    from llmbatch.cache import RedisCache
+
+    namespace = f"claims-{uuid.uuid4().hex}"
+    release = asyncio.Event()
+
+    async def slow(request: Request) -> str:
+        await release.wait()
+        return upper(request)
+
+    providers = [FakeProvider(slow) for _ in range(4)]
+    clients = [client(p, cache=RedisCache(redis_url, namespace=namespace)) for p in providers]
+    jobs = [
+        asyncio.create_task(llm.complete(f"question {i}")) for i in range(20) for llm in clients
+    ]
+    await asyncio.sleep(0.2)
+    release.set()
+    answers = await asyncio.gather(*jobs)
+    for llm in clients:
+        await llm.aclose()
+    assert 20 == sum(len(p.calls) for p in providers)
+    sent = [str(r.messages[-1]["content"]) for p in providers for r in p.calls]
+    assert sorted(sent) == sorted(f"question {i}" for i in range(20))
+    assert all(a.text == f"QUESTION {i // 4}" for i, a in enumerate(answers))
+    assert 60 == sum(a.cached for a in answers)
