@@ -1,7 +1,8 @@
 """Provider/model profiles: limits, prices and the batch discount, per model.
 
 A :class:`ModelProfile` says how fast a model may be called (:class:`~llmbatch.limits.Limits`)
-and what it costs (US dollars per million input, cached-input and output tokens). Built-in
+and what it costs (US dollars per million input, cached-input, cache-write and output
+tokens). Built-in
 profiles cover common models with conservative first-tier limits; a model without one gets
 ``Limits.auto()`` (learned from the provider's headers) and no price.
 
@@ -14,6 +15,7 @@ by ``LLMBATCH_CONFIG``; or a ``[tool.llmbatch.models."..."]`` table in ``pyproje
     max_concurrency = 128
     timeout = 120           # seconds one attempt may wait for the answer
     input_price = 0.15      # USD per 1M input tokens
+    cached_input_price = 0.075   # read from the provider's prompt cache
     output_price = 0.60
     context_window = 128000   # tokens: prompt and max_tokens together
 
@@ -71,7 +73,12 @@ class ModelProfile:
         limits: the rate limits to pace at.
         input_price: USD per million input tokens (``None``: unknown).
         output_price: USD per million output tokens.
-        cached_input_price: USD per million cached input tokens (default: input price).
+        cached_input_price: USD per million input tokens read from the provider's prompt
+            cache (default: the input price).
+        cache_write_price: USD per million input tokens written to the prompt cache
+            (Anthropic's ``cache_creation_input_tokens``, 1.25x the input price for the
+            5-minute cache; default: the input price). Priced once :class:`Usage` reports
+            the tokens written (see :meth:`cost`).
         batch_discount: the Batch API's discount (0.5 = half price).
         batch_min_items: the smallest job ``mode="auto"`` sends through the Batch API.
         context_window: the most tokens one request may hold, prompt and ``max_tokens``
@@ -88,25 +95,39 @@ class ModelProfile:
     input_price: float | None = None
     output_price: float | None = None
     cached_input_price: float | None = None
+    cache_write_price: float | None = None
     batch_discount: float = 0.5
     batch_min_items: int = 100
     context_window: int | None = None
     timeout: float | None = None
 
     def cost(self, usage: Usage, *, batch: bool = False) -> float | None:
-        """The price of *usage* in USD, or ``None`` when the prices are unknown."""
+        """The price of *usage* in USD, or ``None`` when the prices are unknown.
+
+        Input tokens read from the prompt cache (``cached_tokens``) cost
+        ``cached_input_price``, those written to it ``cache_write_price``, the rest
+        ``input_price``; the Batch API's discount applies on top (Anthropic's cache
+        prices stack with it). :class:`Usage` has no count of tokens written yet: until
+        it has one (a ``cache_write_tokens`` field), writes are priced as input.
+        """
         if self.input_price is None or self.output_price is None:
             return None
-        cached_price = (
-            self.cached_input_price if self.cached_input_price is not None else self.input_price
-        )
-        uncached = max(0, usage.input_tokens - usage.cached_tokens)
+        cached_price = _or(self.cached_input_price, self.input_price)
+        write_price = _or(self.cache_write_price, self.input_price)
+        # a Usage with a ``cache_write_tokens`` field is priced at once (see the docstring)
+        written = int(getattr(usage, "cache_write_tokens", 0))
+        uncached = max(0, usage.input_tokens - usage.cached_tokens - written)
         total = (
             uncached * self.input_price
             + usage.cached_tokens * cached_price
+            + written * write_price
             + usage.output_tokens * self.output_price
         ) / 1_000_000
         return total * (1 - self.batch_discount) if batch else total
+
+
+def _or(price: float | None, default: float) -> float:
+    return default if price is None else price
 
 
 def _profile(
@@ -115,6 +136,7 @@ def _profile(
     prices: tuple[float, float],
     *,
     window: int,
+    cache: tuple[float | None, float | None] = (None, None),
     **limits: Any,
 ) -> ModelProfile:
     return ModelProfile(
@@ -124,8 +146,16 @@ def _profile(
         limits=Limits(learn=True, **limits),
         input_price=prices[0],
         output_price=prices[1],
+        cached_input_price=cache[0],
+        cache_write_price=cache[1],
         context_window=window,
     )
+
+
+def _anthropic_cache(input_price: float) -> tuple[float, float]:
+    """Anthropic's prompt-cache prices: reads at 0.1x the input price, writes to the
+    5-minute cache at 1.25x (the 1-hour cache's 2x is not modelled)."""
+    return round(input_price * 0.1, 6), round(input_price * 1.25, 6)
 
 
 #: the context window of the local provider's default ``n_ctx``
@@ -139,10 +169,44 @@ _LOCAL_N_CTX = 2048
 BUILTIN_PROFILES: Mapping[str, ModelProfile] = {
     f"{p.provider}/{p.model}": p
     for p in (
-        _profile("openai", "gpt-4o-mini", (0.15, 0.60), window=128_000, rpm=500, tpm=200_000),
-        _profile("openai", "gpt-4o", (2.50, 10.00), window=128_000, rpm=500, tpm=30_000),
-        _profile("openai", "gpt-4.1-mini", (0.40, 1.60), window=1_047_576, rpm=500, tpm=200_000),
-        _profile("openai", "gpt-4.1", (2.00, 8.00), window=1_047_576, rpm=500, tpm=30_000),
+        # OpenAI's automatic prompt caching reads at half the input price (gpt-4o),
+        # a quarter (gpt-4.1); writing costs nothing extra
+        _profile(
+            "openai",
+            "gpt-4o-mini",
+            (0.15, 0.60),
+            window=128_000,
+            cache=(0.075, None),
+            rpm=500,
+            tpm=200_000,
+        ),
+        _profile(
+            "openai",
+            "gpt-4o",
+            (2.50, 10.00),
+            window=128_000,
+            cache=(1.25, None),
+            rpm=500,
+            tpm=30_000,
+        ),
+        _profile(
+            "openai",
+            "gpt-4.1-mini",
+            (0.40, 1.60),
+            window=1_047_576,
+            cache=(0.10, None),
+            rpm=500,
+            tpm=200_000,
+        ),
+        _profile(
+            "openai",
+            "gpt-4.1",
+            (2.00, 8.00),
+            window=1_047_576,
+            cache=(0.50, None),
+            rpm=500,
+            tpm=30_000,
+        ),
         _profile(
             "openai",
             "text-embedding-3-small",
@@ -164,6 +228,7 @@ BUILTIN_PROFILES: Mapping[str, ModelProfile] = {
             "claude-haiku-4-5",
             (1.00, 5.00),
             window=200_000,
+            cache=_anthropic_cache(1.00),
             rpm=50,
             input_tpm=50_000,
             output_tpm=10_000,
@@ -173,6 +238,7 @@ BUILTIN_PROFILES: Mapping[str, ModelProfile] = {
             "claude-sonnet-4-5",
             (3.00, 15.00),
             window=200_000,
+            cache=_anthropic_cache(3.00),
             rpm=50,
             input_tpm=30_000,
             output_tpm=8_000,
@@ -196,7 +262,8 @@ def _from_table(name: str, table: Mapping[str, Any], base: ModelProfile | None) 
     unknown = (
         set(table)
         - _LIMIT_FIELDS
-        - {"input_price", "output_price", "cached_input_price", "batch_discount"}
+        - {"input_price", "output_price", "cached_input_price", "cache_write_price"}
+        - {"batch_discount"}
         - {"batch_min_items", "context_window", "timeout"}
     )
     if unknown:

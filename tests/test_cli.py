@@ -832,7 +832,8 @@ async def test_batch_mode_gives_the_same_output_at_half_the_price(
     inputs = docs(30)
     source = write_jsonl(tmp_path / "in.jsonl", inputs)
     online_out, batch_out = tmp_path / "online.jsonl", tmp_path / "batch.jsonl"
-    common = ("--id-field", "id", "--max-tokens", "40")
+    # (the same questions twice: without the cache the batch run answers them anew)
+    common = ("--id-field", "id", "--max-tokens", "40", "--cache", "off")
     assert 1 != (await llmbatch(*run_args(sim, source, online_out, *common), cwd=tmp_path)).code
     online_ok = sim.stats().ok
     run = await llmbatch(
@@ -861,14 +862,19 @@ async def test_auto_mode_chooses_and_says_why(
     stays online for a small one; the choice is logged with the saving."""
     sim = await simulator_factory(batch=fast_batches())
     source = write_jsonl(tmp_path / "in.jsonl", docs(120))
+    # (the small job asks again what the big one asked: without the cache)
     auto = ("--mode", "auto", "--prefer", "cost", "--poll-interval", "0.05", "--max-tokens", "20")
-    big = await llmbatch(*run_args(sim, source, tmp_path / "big.jsonl", *auto), cwd=tmp_path)
+    uncached = ("--cache", "off")
+    big = await llmbatch(
+        *run_args(sim, source, tmp_path / "big.jsonl", *auto, *uncached), cwd=tmp_path
+    )
     assert 0 == big.code, big.stderr
     assert "routing.choice" in big.stderr
     assert "mode=batch" in big.stderr
     assert 0 == sim.stats().ok
     small = await llmbatch(
-        *run_args(sim, source, tmp_path / "small.jsonl", *auto, "--limit", "10"), cwd=tmp_path
+        *run_args(sim, source, tmp_path / "small.jsonl", *auto, *uncached, "--limit", "10"),
+        cwd=tmp_path,
     )
     assert 0 == small.code
     assert "mode=online" in small.stderr

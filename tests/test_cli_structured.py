@@ -573,7 +573,8 @@ async def test_batch_mode_gives_the_same_parsed_rows_at_half_the_price(
     sim = await simulator_factory(batch=fast_batches())
     source = workdir / "in.jsonl"
     online_out, batch_out = workdir / "online.jsonl", workdir / "batch.jsonl"
-    common = ("--schema", "models:Doc", "--id-field", "id")
+    # (the same questions twice: without the cache the batch run answers them anew)
+    common = ("--schema", "models:Doc", "--id-field", "id", "--cache", "off")
     online = await llmbatch(*run_args(sim, source, online_out, *common), cwd=workdir)
     assert 0 == online.code, online.stderr
     batched = await llmbatch(*run_args(sim, source, batch_out, *common, *BATCH), cwd=workdir)

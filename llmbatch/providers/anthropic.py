@@ -29,6 +29,14 @@ A typed answer (a request's ``response_model``) is asked for as a forced tool wh
 schema is the model's; the call's ``input`` comes back as the response's JSON text, which
 the client validates (online and in message batches alike: both take
 :meth:`AnthropicProvider.message_params` and :func:`message_response`).
+
+Prompt caching (``prompt_caching="auto"``, the default) marks the shared prefix, the
+system prompt (with a typed answer's tool before it), with ``cache_control``, once it is
+long enough for the model to cache (:func:`min_cacheable_tokens`): Anthropic then
+charges the first request 1.25x the input price for that prefix and every request within
+five minutes 0.1x, and those reads leave ITPM alone. :func:`message_response` reads
+``cache_read_input_tokens`` into ``Usage.cached_tokens``, and
+:meth:`AnthropicProvider.settlement` leaves them out of ITPM.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ import json
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import httpx2
@@ -78,6 +86,7 @@ __all__ = [
     "classify_anthropic_error",
     "classify_anthropic_status",
     "message_response",
+    "min_cacheable_tokens",
 ]
 
 #: Anthropic requires max_tokens; this is used when a request sets none
@@ -89,6 +98,25 @@ DEFAULT_MAX_TOKENS = 1024
 TOOL_PROMPT_TOKENS = 350
 #: what ``refusal`` says when a refusing message has no text of its own
 _REFUSED = "the model declined to answer (stop_reason: refusal)"
+
+#: the shortest prefix Anthropic caches, by model name prefix (its prompt-caching
+#: documentation, 2026); a shorter prefix marked with cache_control is simply not cached
+CACHE_MIN_TOKENS: tuple[tuple[str, int], ...] = (
+    ("claude-opus-4-6", 4096),
+    ("claude-opus-4-5", 4096),
+    ("claude-haiku-4-5", 4096),
+    ("claude-sonnet-4-6", 2048),
+    ("claude-3-5-haiku", 2048),
+    ("claude-3-haiku", 2048),
+)
+#: every other model's minimum: Sonnet 4.5, Opus 4 and 4.1, Sonnet 4, Sonnet 3.7...
+DEFAULT_CACHE_MIN_TOKENS = 1024
+_EPHEMERAL: Mapping[str, str] = {"type": "ephemeral"}
+#: seconds a prefix the server reported reading from its cache is taken to stay there
+#: (its TTL is five minutes from the last use; the margin covers requests in flight)
+WARM_SECONDS = 270.0
+#: the most warm prefixes remembered (a job has one; a long-lived provider may see many)
+_MAX_WARM = 256
 
 _NEVER = re.compile(r"\bcan never (?:succeed|be admitted|fit)\b", re.IGNORECASE)
 _LIMIT_OF = re.compile(
@@ -195,10 +223,48 @@ def _tool_tokens(schema: ResponseSchema[Any]) -> int:
     return math.ceil(len(json.dumps(tool, separators=(",", ":"))) / 4) + TOOL_PROMPT_TOKENS
 
 
+def min_cacheable_tokens(model: str) -> int:
+    """The shortest prompt prefix Anthropic caches for *model* (see :data:`CACHE_MIN_TOKENS`)."""
+    for prefix, tokens in CACHE_MIN_TOKENS:
+        if model.startswith(prefix):
+            return tokens
+    return DEFAULT_CACHE_MIN_TOKENS
+
+
+@functools.lru_cache(maxsize=256)
+def _prefix_tokens(system: str, model: str) -> int:
+    """The estimated tokens of a system prompt; once per prompt, as every item of a job
+    sends the same one."""
+    return admission_estimate([{"role": "system", "content": system}], model)
+
+
+def _has_cache_control(value: Any) -> bool:
+    """Whether *value* (a request's messages or ``extra``) places ``cache_control``
+    anywhere: a block, a tool, the request itself."""
+    if isinstance(value, Mapping):
+        return "cache_control" in value or any(_has_cache_control(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_has_cache_control(v) for v in value)
+    return False
+
+
 class AnthropicProvider(AsyncClosing):
     """Messages through the official ``anthropic`` client (``max_retries=0``).
 
     A ``system`` message of the request becomes Anthropic's ``system`` parameter.
+
+    Prompt caching: with ``prompt_caching="auto"`` the shared prefix, the system prompt
+    (and a typed answer's tool, which comes before it), is sent as a block marked
+    ``"cache_control": {"type": "ephemeral"}`` when it reaches the model's minimum
+    cacheable length (:func:`min_cacheable_tokens`, estimated; shorter prompts go as
+    before). It is the default because llmbatch sends many requests with one
+    instruction: the first pays 1.25x the input price for that prefix, each one within
+    five minutes 0.1x, so a single reuse pays for the write (1.25 + 0.1 < 2), and the
+    reads do not count toward ITPM. The price of marking a prefix that is never reused
+    is 25% more on that prefix: ``prompt_caching="off"`` for jobs whose every system
+    prompt differs. A request that places ``cache_control`` itself (in its message
+    blocks, or in ``extra``) is sent as it is. The per-item text (the user message) is
+    never marked; put a long shared instruction in ``system`` to have it cached.
 
     Args:
         api_key: the key (default: ``ANTHROPIC_API_KEY``); never logged or shown.
@@ -210,6 +276,10 @@ class AnthropicProvider(AsyncClosing):
         transport: ``"aiohttp"`` (the default: the SDK's aiohttp transport, far less CPU
             per request) or ``"httpx"`` (the SDK's default); room for 2,048 connections
             either way (see :func:`llmbatch.providers.openai.http_client`).
+        prompt_caching: ``"auto"`` marks the shared prefix for Anthropic's prompt cache
+            (see above); ``"off"`` never marks anything.
+        clock: the monotonic clock that times how long a cached prefix stays warm
+            (see :meth:`admission`; a ``FakeClock`` in tests).
     """
 
     def __init__(
@@ -221,7 +291,11 @@ class AnthropicProvider(AsyncClosing):
         reserve_output: bool = True,
         name: str = "anthropic",
         transport: Literal["aiohttp", "httpx"] = "aiohttp",
+        prompt_caching: Literal["auto", "off"] = "auto",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if prompt_caching not in ("auto", "off"):
+            raise ValueError(f"prompt_caching must be 'auto' or 'off', not {prompt_caching!r}")
         limits = httpx2.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=100)
         if transport == "aiohttp":
             http: httpx2.AsyncClient = anthropic.DefaultAioHttpClient(
@@ -236,6 +310,10 @@ class AnthropicProvider(AsyncClosing):
         )
         self.name = name
         self.reserve_output = reserve_output
+        self.prompt_caching = prompt_caching
+        #: (model, system prompt) -> until when the server is taken to hold it cached
+        self._warm: dict[tuple[str, str], float] = {}
+        self._clock = clock
         #: Anthropic counts the tokens a request actually used: the unused part of a
         #: max_tokens reservation comes back when the request is settled
         self.refunds_unused = True
@@ -244,7 +322,10 @@ class AnthropicProvider(AsyncClosing):
         self.key_hint = key_hint(key)
 
     def __repr__(self) -> str:
-        return f"<AnthropicProvider {self.name} {self._client.base_url}>"
+        return (
+            f"<AnthropicProvider {self.name} {self._client.base_url} "
+            f"prompt_caching={self.prompt_caching}>"
+        )
 
     async def aclose(self) -> None:
         """Close the SDK client."""
@@ -252,30 +333,67 @@ class AnthropicProvider(AsyncClosing):
 
     def admission(self, request: Request, model: str) -> Admission:
         """One request, the input estimate (with a typed answer's tool, which Anthropic
-        counts as input), and (if reserved) max_tokens of output."""
+        counts as input), and (if reserved) max_tokens of output.
+
+        A prefix this provider marks for caching and the server has lately reported
+        reading from its cache is left out of the input: cache reads do not count
+        toward ITPM. Should the server not read it after all, the settlement charges
+        the difference."""
         max_tokens = request.max_tokens or DEFAULT_MAX_TOKENS
         output = float(max_tokens) if self.reserve_output else 0.0
         prompt = admission_estimate(request.messages, model)
         schema = request.schema
         if schema is not None:
             prompt += _tool_tokens(schema)
+        prefix = self._auto_prefix(request, model)
+        if prefix is not None and self._warm.get((model, prefix[0]), 0.0) > self._clock():
+            prompt = max(1, prompt - prefix[1])
         return Admission(requests=1, input_tokens=prompt, output_tokens=output)
 
     def settlement(self, request: Request, response: Response) -> Admission:
         """Anthropic counts the actual tokens: uncached input (cache writes included,
-        cache reads not) against ITPM, output against OTPM."""
+        cache reads not) against ITPM, output against OTPM. An answer that read a
+        prefix this provider marked keeps that prefix warm for :meth:`admission`."""
         usage = response.usage
+        if usage.cached_tokens:
+            model = request.model or ""
+            prefix = self._auto_prefix(request, model)
+            if prefix is not None:
+                if len(self._warm) >= _MAX_WARM:
+                    self._warm.clear()
+                self._warm[model, prefix[0]] = self._clock() + WARM_SECONDS
         return Admission(
             input_tokens=max(0, usage.input_tokens - usage.cached_tokens),
             output_tokens=usage.output_tokens,
         )
+
+    def _auto_prefix(self, request: Request, model: str) -> tuple[str, int] | None:
+        """``(system prompt, estimated tokens of the prefix it ends)`` when
+        ``prompt_caching="auto"`` marks it for *request*: long enough for *model* to
+        cache (a typed answer's tool, which comes first, included), and no
+        ``cache_control`` placed by the request itself."""
+        if self.prompt_caching != "auto":
+            return None
+        system = [str(m["content"]) for m in request.messages if m.get("role") == "system"]
+        if not system:
+            return None
+        text = "\n\n".join(system)
+        schema = request.schema
+        tokens = _prefix_tokens(text, model) + (_tool_tokens(schema) if schema else 0)
+        if tokens < min_cacheable_tokens(model):
+            return None
+        if _has_cache_control(request.messages) or _has_cache_control(request.extra):
+            return None
+        return text, tokens
 
     def message_params(self, request: Request) -> dict[str, Any]:
         """The Messages API body for *request* (online and in message batches).
 
         A typed answer (``response_model``) is a forced tool: ``tools`` holds
         :meth:`~llmbatch.structured.ResponseSchema.anthropic_tool` and ``tool_choice``
-        forces it (Anthropic refuses that together with extended thinking)."""
+        forces it (Anthropic refuses that together with extended thinking). With
+        prompt caching on, the system prompt is a text block marked with
+        ``cache_control`` (see the class docstring)."""
         model = request.model
         if not model:
             raise BadRequest("no model given", provider=self.name)
@@ -300,6 +418,11 @@ class AnthropicProvider(AsyncClosing):
         if schema is not None:
             params["tools"] = [schema.anthropic_tool()]
             params["tool_choice"] = schema.anthropic_tool_choice()
+        prefix = self._auto_prefix(request, model)
+        if prefix is not None:
+            params["system"] = [
+                {"type": "text", "text": prefix[0], "cache_control": dict(_EPHEMERAL)}
+            ]
         params.update(request.extra)
         return params
 

@@ -9,6 +9,9 @@ tokens (``itpm``) and output tokens (``otpm``). Output tokens follow
   refund the unused part once the answer is known;
 * ``"actual"`` (the current documents: ``max_tokens`` does not count): admit while the
   bucket is not in debt, and charge the output actually produced afterwards.
+
+Input tokens read from the prompt cache do not count toward ITPM ("for most models only
+uncached input tokens count"); tokens written to it do. See :mod:`llmbatch.testing._cache`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from llmbatch.testing._buckets import MINUTE, rfc3339_after
+from llmbatch.testing._cache import NO_CACHE, CacheUse, cache_control_problem
 from llmbatch.testing._content import anthropic_message, estimate_tokens
 from llmbatch.testing._endpoint import Answer, ApiError, Endpoint, dumps, retry_headers
 from llmbatch.testing._faults import Fault
@@ -92,9 +96,10 @@ class Messages(Endpoint):
             headers={"x-should-retry": "false"},
         )
 
-    def costs(self, prompt_tokens: int, reserved: int) -> dict[str, int]:
+    def costs(self, prompt_tokens: int, reserved: int, cached: int = 0) -> dict[str, int]:
         reserve = reserved if self.config.otpm_reservation == "max_tokens" else 0
-        return {"requests": 1, "input_tokens": prompt_tokens, "output_tokens": reserve}
+        uncached = prompt_tokens - cached
+        return {"requests": 1, "input_tokens": uncached, "output_tokens": reserve}
 
     def rate_limited(self, rejection: Rejection, model: str) -> ApiError:
         unit = _UNITS[rejection.name]
@@ -200,6 +205,9 @@ class Messages(Endpoint):
             anthropic_request_spec(body)
         except FormatError as error:
             raise ApiError(400, error.message) from None
+        problem = cache_control_problem(body)
+        if problem is not None:
+            raise ApiError(400, problem)
         prompt_tokens = estimate_tokens(body)
         window = self.config.context_window
         if prompt_tokens + max_tokens > window:
@@ -211,18 +219,24 @@ class Messages(Endpoint):
         return model, prompt_tokens, max_tokens
 
     def answer(
-        self, body: dict[str, Any], prompt_tokens: int, token: str, spoil: Spoil | None = None
+        self,
+        body: dict[str, Any],
+        prompt_tokens: int,
+        token: str,
+        spoil: Spoil | None = None,
+        cache: CacheUse = NO_CACHE,
     ) -> Answer:
         output = plan_output(body, anthropic_spec(body), faults=self.structured, spoil=spoil)
         counted = output if output.outcome is not None else None
         message = anthropic_message(
-            body, message_id=f"msg_{token}", input_tokens=prompt_tokens, output=output
+            body, message_id=f"msg_{token}", input_tokens=prompt_tokens, output=output, cache=cache
         )
         produced = message["usage"]["output_tokens"]
         if not body.get("stream"):
             return Answer([dumps(message)], produced, streaming=False, output=counted)
         start = {**message, "content": [], "stop_reason": None}
-        start["usage"] = {"input_tokens": message["usage"]["input_tokens"], "output_tokens": 1}
+        # message_start carries the input side of the usage (cache figures included)
+        start["usage"] = {**message["usage"], "output_tokens": 1}
         block = message["content"][0]
         if block["type"] == "tool_use":
             # the input arrives as partial JSON, a few words at a time

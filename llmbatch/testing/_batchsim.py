@@ -35,6 +35,12 @@ state by advancing the clock::
   bodies) are decided at creation; they land in the OpenAI error file or as Anthropic
   ``errored`` results. Output lines are shuffled deterministically (``shuffle_output``).
 
+Prompt caching (unless ``prompt_cache=False``) is reported as online (see
+:mod:`llmbatch.testing._cache`), decided at creation: each batch has a cache of its own,
+and item ``i`` looks it up at ``start + i * seconds_per_request``, so a prefix repeated
+within the TTL is written by its first request and read by the later ones. The OpenAI
+batch object's ``usage.input_tokens_details.cached_tokens`` sums the reads.
+
 Response bodies come from :mod:`llmbatch.testing._content`, so every output can be traced
 back to its input by the ``[content_tag]`` its text starts with. Requests that ask for JSON
 (``response_format``, a forced Anthropic tool, ``output_config.format``) get the same JSON
@@ -60,12 +66,13 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from aiohttp import BodyPartReader, web
 
+from llmbatch.testing._cache import NO_CACHE, CacheUse, PromptCache, cache_control_problem
 from llmbatch.testing._content import (
     Output,
     anthropic_message,
@@ -272,7 +279,8 @@ def _rfc3339(when: float | None) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class _Item:
-    """One request of a batch. ``error`` is the provider-shaped error when it fails."""
+    """One request of a batch. ``error`` is the provider-shaped error when it fails;
+    ``cache`` what it reads from and writes to the batch's prompt cache."""
 
     custom_id: str
     body: dict[str, Any]
@@ -280,22 +288,46 @@ class _Item:
     output_tokens: int
     status_code: int = 200
     error: dict[str, Any] | None = None
+    cache: CacheUse = NO_CACHE
 
 
 class _Tally:
     """Prefix sums over a batch's items, so counts at any moment are O(1)."""
 
-    __slots__ = ("input_tokens", "output_tokens", "succeeded")
+    __slots__ = ("cache_read", "cache_written", "input_tokens", "output_tokens", "succeeded")
 
     def __init__(self, items: Sequence[_Item]) -> None:
         self.succeeded = [0]
         self.input_tokens = [0]
         self.output_tokens = [0]
+        self.cache_read = [0]
+        self.cache_written = [0]
         for item in items:
             ok = item.error is None
             self.succeeded.append(self.succeeded[-1] + ok)
             self.input_tokens.append(self.input_tokens[-1] + (item.input_tokens if ok else 0))
             self.output_tokens.append(self.output_tokens[-1] + (item.output_tokens if ok else 0))
+            self.cache_read.append(self.cache_read[-1] + (item.cache.read if ok else 0))
+            self.cache_written.append(self.cache_written[-1] + (item.cache.written if ok else 0))
+
+
+def _with_prompt_cache(
+    items: list[_Item], provider: str, *, start_at: float, per_request: float
+) -> list[_Item]:
+    """*items* with what each reads from and writes to the batch's own prompt cache,
+    item ``i`` running at ``start_at + i * per_request``; failed items run nothing."""
+    cache = PromptCache()
+    cached: list[_Item] = []
+    for index, item in enumerate(items):
+        if item.error is not None:
+            cached.append(item)
+            continue
+        now = start_at + index * per_request
+        scope = str(item.body.get("model"))
+        use = cache.lookup(provider, scope, item.body, item.input_tokens, now)
+        cache.commit(use, now)
+        cached.append(replace(item, cache=use) if use.marked else item)
+    return cached
 
 
 def _fails(config: BatchSimConfig, batch_id: str, custom_id: str) -> bool:
@@ -756,6 +788,7 @@ class _OpenAIBatch:
                     created=int(s.item_done_at(index)),
                     prompt_tokens=item.input_tokens,
                     output=batch_output(item.body, "openai"),
+                    cached_tokens=item.cache.read,
                 )
             response = {"status_code": 200, "request_id": request_id, "body": body}
             output.append(
@@ -793,6 +826,7 @@ class _OpenAIBatch:
         has_output, has_errors = self.has_files(now)
         input_tokens = self.tally.input_tokens[k]
         output_tokens = self.tally.output_tokens[k]
+        cached_tokens = self.tally.cache_read[k]
         return {
             "id": self.id,
             "object": "batch",
@@ -821,7 +855,7 @@ class _OpenAIBatch:
             "metadata": self.metadata,
             "usage": {
                 "input_tokens": input_tokens,
-                "input_tokens_details": {"cached_tokens": 0},
+                "input_tokens_details": {"cached_tokens": cached_tokens},
                 "output_tokens": output_tokens,
                 "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": input_tokens + output_tokens,
@@ -838,6 +872,9 @@ def _anthropic_param_error(params: Mapping[str, Any]) -> str | None:
     model = params.get("model")
     if not isinstance(model, str) or not model:
         return "model: Field required"
+    problem = cache_control_problem(params)
+    if problem is not None:
+        return problem
     max_tokens = params.get("max_tokens")
     if max_tokens is None:
         return "max_tokens: Field required"
@@ -942,7 +979,9 @@ class _AnthropicBatch:
                     "message": anthropic_message(
                         item.body,
                         message_id=message_id,
+                        input_tokens=item.input_tokens,
                         output=batch_output(item.body, "anthropic"),
+                        cache=item.cache,
                     ),
                 }
             lines.append({"custom_id": item.custom_id, "result": result})
@@ -1010,15 +1049,30 @@ class BatchBackend:
     Args:
         config: speeds, failures and limits; the defaults mimic the real providers.
         clock: returns wall-clock UNIX seconds; pass a ``FakeClock`` to step time by hand.
+        prompt_cache: report prompt caching in the results (see the module docstring).
     """
 
-    __slots__ = ("_anthropic", "_clock", "_config", "_counter", "_counters", "_files", "_openai")
+    __slots__ = (
+        "_anthropic",
+        "_clock",
+        "_config",
+        "_counter",
+        "_counters",
+        "_files",
+        "_openai",
+        "_prompt_cache",
+    )
 
     def __init__(
-        self, config: BatchSimConfig | None = None, *, clock: Callable[[], float] = time.time
+        self,
+        config: BatchSimConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        prompt_cache: bool = True,
     ) -> None:
         self._config = config or BatchSimConfig()
         self._clock = clock
+        self._prompt_cache = prompt_cache
         self._counter = itertools.count(1)
         self._files: dict[str, _File] = {}
         self._openai: dict[str, _OpenAIBatch] = {}
@@ -1098,6 +1152,8 @@ class BatchBackend:
                 "batch_requests_canceled",
                 "batch_input_tokens",
                 "batch_output_tokens",
+                "batch_cache_read_tokens",
+                "batch_cache_write_tokens",
             ),
             0,
         )
@@ -1122,6 +1178,8 @@ class BatchBackend:
             totals[unfinished] += len(done.items) - k
             totals["batch_input_tokens"] += done.tally.input_tokens[k]
             totals["batch_output_tokens"] += done.tally.output_tokens[k]
+            totals["batch_cache_read_tokens"] += done.tally.cache_read[k]
+            totals["batch_cache_write_tokens"] += done.tally.cache_written[k]
         stats.update(totals)
         return dict(sorted(stats.items()))
 
@@ -1501,9 +1559,16 @@ class BatchBackend:
         endpoint: str = body["endpoint"]
         batch_id = self._new_id("batch_", 32)
 
+        start_at = now + config.validating_seconds
+
         def validate() -> tuple[_ParsedInput, list[_Item]]:
             parsed = _parse_openai_input(source.content, endpoint, config)
-            return parsed, _openai_items(parsed.requests, endpoint, config, batch_id)
+            items = _openai_items(parsed.requests, endpoint, config, batch_id)
+            if self._prompt_cache and endpoint == "/v1/chat/completions":
+                items = _with_prompt_cache(
+                    items, "openai", start_at=start_at, per_request=config.seconds_per_request
+                )
+            return parsed, items
 
         parsed, items = await _offload(validate, heavy=len(source.content) >= _OFFLOAD_BYTES)
         errors = parsed.errors[:_MAX_REPORTED_ERRORS]
@@ -1531,7 +1596,7 @@ class BatchBackend:
             model=parsed.model,
             items=items,
             errors=errors,
-            schedule=self._schedule(now, start_at=now + config.validating_seconds, size=len(items)),
+            schedule=self._schedule(now, start_at=start_at, size=len(items)),
             output_file_id=self._new_id("file-", 22),
             error_file_id=self._new_id("file-", 22),
         )
@@ -1629,10 +1694,16 @@ class BatchBackend:
                 raise _Reject(400, f"requests.{i}.params: Field required")
         now = self._clock()
         batch_id = self._new_id("msgbatch_", 24)
-        items = await _offload(
-            lambda: _anthropic_items(requests, config, batch_id),
-            heavy=len(requests) >= _OFFLOAD_ITEMS,
-        )
+
+        def build() -> list[_Item]:
+            items = _anthropic_items(requests, config, batch_id)
+            if self._prompt_cache:
+                items = _with_prompt_cache(
+                    items, "anthropic", start_at=now, per_request=config.seconds_per_request
+                )
+            return items
+
+        items = await _offload(build, heavy=len(requests) >= _OFFLOAD_ITEMS)
         batch = _AnthropicBatch(
             batch_id=batch_id,
             items=items,

@@ -79,6 +79,11 @@ class SimulatorConfig:
             with ``Fault(kind="invalid_json" | "schema_violation", nth=...)``. Batch
             API answers are never spoiled (:class:`BatchSimConfig` fails whole requests
             instead, with ``failure_rate``).
+        prompt_cache: report prompt caching as the providers do (see
+            :mod:`llmbatch.testing._cache`): OpenAI's ``cached_tokens`` for a repeated
+            prefix of 1,024+ tokens, Anthropic's cache reads and writes for prefixes
+            marked with ``cache_control`` (reads then leave ITPM alone), online and in
+            batches. ``False``: a server without prompt caching.
         script: scripted faults (``Fault(nth=..., key=...)``) or a callable
             ``(RequestInfo) -> Fault | None``; consulted before the fractions.
         seed: seeds the fault draws and the jitter.
@@ -112,6 +117,7 @@ class SimulatorConfig:
     malformed: float = 0.0
     invalid_json: float = 0.0
     schema_violations: float = 0.0
+    prompt_cache: bool = True
     script: FaultScript = ()
     seed: int = 0
     batch: BatchSimConfig | None = field(default_factory=BatchSimConfig)

@@ -17,18 +17,23 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from llmbatch.testing._cache import CacheUse
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
     "Output",
     "anthropic_message",
+    "anthropic_usage",
     "completion_plan",
     "content_tag",
     "embeddings_response",
     "estimate_tokens",
     "last_user_text",
     "openai_chat_completion",
+    "openai_usage",
     "tagged_words",
     "text_of",
     "text_output",
@@ -184,9 +189,11 @@ def openai_chat_completion(
     created: int,
     prompt_tokens: int | None = None,
     output: Output | None = None,
+    cached_tokens: int = 0,
 ) -> dict[str, Any]:
     """A ``chat.completion`` object answering *body* (``n`` choices, ``usage`` included);
-    each choice says *output* (default: :func:`text_output`)."""
+    each choice says *output* (default: :func:`text_output`). *cached_tokens* read from
+    the prompt cache appear as ``usage.prompt_tokens_details`` (only when there are some)."""
     output = output or text_output(body)
     text, tokens, truncated = output.text, output.tokens, output.truncated
     n = int(body.get("n") or 1)
@@ -210,11 +217,38 @@ def openai_chat_completion(
             }
             for i in range(n)
         ],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": tokens * n,
-            "total_tokens": prompt_tokens + tokens * n,
+        "usage": openai_usage(prompt_tokens, tokens * n, cached_tokens),
+    }
+
+
+def openai_usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    """A chat completion's ``usage``; ``prompt_tokens`` includes the cached ones."""
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+    if cached_tokens:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached_tokens, "audio_tokens": 0}
+    return usage
+
+
+def anthropic_usage(
+    input_tokens: int, output_tokens: int, cache: CacheUse | None
+) -> dict[str, Any]:
+    """A message's ``usage``: with *cache* marked, ``input_tokens`` leaves out what was read
+    from and written to the prompt cache, reported beside it as Anthropic does."""
+    if cache is None or not cache.marked:
+        return {"input_tokens": input_tokens, "output_tokens": output_tokens}
+    return {
+        "input_tokens": input_tokens - cache.read - cache.written,
+        "cache_creation_input_tokens": cache.written,
+        "cache_read_input_tokens": cache.read,
+        "cache_creation": {
+            "ephemeral_5m_input_tokens": cache.written - cache.written_1h,
+            "ephemeral_1h_input_tokens": cache.written_1h,
         },
+        "output_tokens": output_tokens,
     }
 
 
@@ -229,9 +263,11 @@ def anthropic_message(
     message_id: str,
     input_tokens: int | None = None,
     output: Output | None = None,
+    cache: CacheUse | None = None,
 ) -> dict[str, Any]:
     """A Messages API ``message`` object answering *body* (``input_tokens``: the estimate,
-    if the caller has it already) with *output* (default: :func:`text_output`).
+    if the caller has it already) with *output* (default: :func:`text_output`), and the
+    prompt-cache figures of *cache* (see :func:`anthropic_usage`).
 
     A tool call is one ``tool_use`` block with ``stop_reason: "tool_use"``, as when
     ``tool_choice`` forces a tool (or ``"max_tokens"`` when cut short). A refusal is its
@@ -261,7 +297,7 @@ def anthropic_message(
         "content": [content],
         "stop_reason": stop_reason,
         "stop_sequence": None,
-        "usage": {"input_tokens": input_tokens, "output_tokens": output.tokens},
+        "usage": anthropic_usage(input_tokens, output.tokens, cache),
     }
 
 

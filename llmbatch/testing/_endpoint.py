@@ -20,6 +20,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from llmbatch.testing._cache import NO_CACHE, CacheUse, PromptCache
 from llmbatch.testing._faults import Fault
 from llmbatch.testing._quota import Quota, Rejection
 
@@ -130,6 +131,8 @@ class Endpoint(ABC):
         self.limits = self.bucket_specs(config)
         #: the fractions of JSON answers to spoil
         self.structured = config.structured_faults()
+        #: the prefixes cached for this endpoint's requests (None: prompt caching is off)
+        self.prompt_cache = PromptCache() if config.prompt_cache else None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.path}>"
@@ -158,8 +161,9 @@ class Endpoint(ABC):
         """The (non-retryable) error for a key without credit."""
 
     @abstractmethod
-    def costs(self, prompt_tokens: int, reserved: int) -> dict[str, int]:
-        """What a request costs in each bucket, by bucket name."""
+    def costs(self, prompt_tokens: int, reserved: int, cached: int = 0) -> dict[str, int]:
+        """What a request costs in each bucket, by bucket name (*cached*: the prompt
+        tokens it reads from the prompt cache)."""
 
     @abstractmethod
     def rate_limited(self, rejection: Rejection, model: str) -> ApiError:
@@ -189,6 +193,21 @@ class Endpoint(ABC):
     def model_page(self, models: Sequence[str]) -> dict[str, Any]:
         """The body of ``GET /v1/models``."""
 
+    def cache_use(
+        self, api_key: str, model: str, body: dict[str, Any], prompt_tokens: int, now: float
+    ) -> CacheUse:
+        """What *body* reads from and writes to the prompt cache at *now* (nothing is
+        kept until :meth:`keep_cached`); :data:`NO_CACHE` when caching is off."""
+        if self.prompt_cache is None:
+            return NO_CACHE
+        scope = f"{api_key}\x00{model}"
+        return self.prompt_cache.lookup(self.provider, scope, body, prompt_tokens, now)
+
+    def keep_cached(self, use: CacheUse, now: float) -> None:
+        """Keep what an admitted request wrote to (and refresh what it read from) the cache."""
+        if self.prompt_cache is not None and use.entries:
+            self.prompt_cache.commit(use, now)
+
     # -- per endpoint ------------------------------------------------------------------
 
     @abstractmethod
@@ -201,7 +220,12 @@ class Endpoint(ABC):
 
     @abstractmethod
     def answer(
-        self, body: dict[str, Any], prompt_tokens: int, token: str, spoil: Spoil | None = None
+        self,
+        body: dict[str, Any],
+        prompt_tokens: int,
+        token: str,
+        spoil: Spoil | None = None,
+        cache: CacheUse = NO_CACHE,
     ) -> Answer:
         """The successful answer to *body*; *token* makes the response id unique.
 
@@ -210,4 +234,6 @@ class Endpoint(ABC):
                 (ignored by requests that ask for no JSON), or ``"refusal"`` for any
                 chat answer. :meth:`validate` has already refused the output formats
                 the simulator cannot answer.
+            cache: what the request read from and wrote to the prompt cache, reported
+                in its usage the provider's way.
         """

@@ -4,7 +4,10 @@ Error bodies are ``{"error": {"message", "type", "param", "code"}}``. Each (key,
 pair has up to four buckets: requests and tokens, per minute (``rpm``/``tpm``) and per
 day (``rpd``/``tpd``). A request costs one request and ``estimated prompt tokens +
 (max_completion_tokens or max_tokens or the default) x n`` tokens, charged in full at
-admission and never refunded: that is OpenAI's documented reservation rule.
+admission and never refunded: that is OpenAI's documented reservation rule. Prompt
+tokens read from the prompt cache count like any others (caching does not change rate
+limits); chat answers report them as ``usage.prompt_tokens_details.cached_tokens``
+(see :mod:`llmbatch.testing._cache`).
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from llmbatch.testing._buckets import DAY, MINUTE, go_duration
+from llmbatch.testing._cache import NO_CACHE, CacheUse
 from llmbatch.testing._content import (
     DEFAULT_MAX_TOKENS,
     Output,
     embeddings_response,
     estimate_tokens,
     openai_chat_completion,
+    openai_usage,
 )
 from llmbatch.testing._endpoint import Answer, ApiError, Endpoint, dumps, retry_headers
 from llmbatch.testing._faults import Fault
@@ -135,7 +140,7 @@ class _OpenAI(Endpoint):
             headers={"x-should-retry": "false"},
         )
 
-    def costs(self, prompt_tokens: int, reserved: int) -> dict[str, int]:
+    def costs(self, prompt_tokens: int, reserved: int, cached: int = 0) -> dict[str, int]:
         return {"requests": 1, "tokens": prompt_tokens + reserved}
 
     def rate_limited(self, rejection: Rejection, model: str) -> ApiError:
@@ -285,7 +290,12 @@ class ChatCompletions(_OpenAI):
         return model, prompt_tokens, (limit or DEFAULT_MAX_TOKENS) * n
 
     def answer(
-        self, body: dict[str, Any], prompt_tokens: int, token: str, spoil: Spoil | None = None
+        self,
+        body: dict[str, Any],
+        prompt_tokens: int,
+        token: str,
+        spoil: Spoil | None = None,
+        cache: CacheUse = NO_CACHE,
     ) -> Answer:
         spec = openai_spec(body, check_strict=False)
         output = plan_output(body, spec, faults=self.structured, spoil=spoil)
@@ -298,16 +308,21 @@ class ChatCompletions(_OpenAI):
                 created=int(time.time()),
                 prompt_tokens=prompt_tokens,
                 output=output,
+                cached_tokens=cache.read,
             )
             produced = payload["usage"]["completion_tokens"]
             return Answer([dumps(payload)], produced, streaming=False, output=counted)
-        answer = self._stream(body, prompt_tokens, completion_id, output)
+        answer = self._stream(body, prompt_tokens, completion_id, output, cache.read)
         answer.output = counted
         return answer
 
     @staticmethod
     def _stream(
-        body: dict[str, Any], prompt_tokens: int, completion_id: str, output: Output
+        body: dict[str, Any],
+        prompt_tokens: int,
+        completion_id: str,
+        output: Output,
+        cached_tokens: int = 0,
     ) -> Answer:
         """``chat.completion.chunk`` events: a role chunk, one per word, a finish chunk."""
         text, tokens, truncated = output.text, output.tokens, output.truncated
@@ -339,11 +354,7 @@ class ChatCompletions(_OpenAI):
             )
             events.append(chunk(index, {}, "length" if truncated else "stop"))
         if usage:
-            totals = {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": tokens * n,
-                "total_tokens": prompt_tokens + tokens * n,
-            }
+            totals = openai_usage(prompt_tokens, tokens * n, cached_tokens)
             events.append(b"data: " + dumps({**head, "choices": [], "usage": totals}) + b"\n\n")
         events.append(b"data: [DONE]\n\n")
         return Answer(events, tokens * n, streaming=True)
@@ -374,6 +385,17 @@ class Embeddings(_OpenAI):
         return model, estimate_tokens(body), 0
 
     def answer(
-        self, body: dict[str, Any], prompt_tokens: int, token: str, spoil: Spoil | None = None
+        self,
+        body: dict[str, Any],
+        prompt_tokens: int,
+        token: str,
+        spoil: Spoil | None = None,
+        cache: CacheUse = NO_CACHE,
     ) -> Answer:
         return Answer([dumps(embeddings_response(body))], 0, streaming=False)
+
+    def cache_use(
+        self, api_key: str, model: str, body: dict[str, Any], prompt_tokens: int, now: float
+    ) -> CacheUse:
+        """Embeddings are never cached."""
+        return NO_CACHE

@@ -42,10 +42,16 @@ class SimulatorStats:
         faults: injected faults by label: the status of an error fault, or
             ``"hang"``, ``"reset"``, ``"malformed"`` (spoiled JSON answers are counted
             in ``structured``, scripted or not).
-        prompt_tokens: estimated prompt (input) tokens charged by admitted requests.
+        prompt_tokens: estimated prompt (input) tokens of admitted requests, cached
+            ones included.
         completion_tokens_reserved: output tokens reserved at admission
             (``max_tokens`` or its default, times ``n``).
         completion_tokens: output tokens actually produced in successful answers.
+        cache_read_tokens: prompt tokens that successful answers report as read from
+            the prompt cache (OpenAI ``cached_tokens``, Anthropic
+            ``cache_read_input_tokens``).
+        cache_write_tokens: prompt tokens that successful answers report as written to
+            it (Anthropic ``cache_creation_input_tokens``).
         in_flight: requests holding a capacity slot right now.
         queued: requests waiting for a slot (``max_in_flight``) right now.
         max_concurrent: the most requests that ever held a slot at once.
@@ -68,6 +74,8 @@ class SimulatorStats:
     prompt_tokens: int
     completion_tokens_reserved: int
     completion_tokens: int
+    cache_read_tokens: int
+    cache_write_tokens: int
     in_flight: int
     queued: int
     max_concurrent: int
@@ -123,6 +131,8 @@ class Recorder:
 
     __slots__ = (
         "admissions",
+        "cache_read_tokens",
+        "cache_write_tokens",
         "completion_tokens",
         "completion_tokens_reserved",
         "duplicates",
@@ -152,6 +162,8 @@ class Recorder:
         self.prompt_tokens = 0
         self.completion_tokens_reserved = 0
         self.completion_tokens = 0
+        self.cache_read_tokens = 0
+        self.cache_write_tokens = 0
         self.max_concurrent = self.in_flight
         self.admissions: Counter[int] = Counter()
         self.duplicates = 0
@@ -185,6 +197,8 @@ class Recorder:
             prompt_tokens=self.prompt_tokens,
             completion_tokens_reserved=self.completion_tokens_reserved,
             completion_tokens=self.completion_tokens,
+            cache_read_tokens=self.cache_read_tokens,
+            cache_write_tokens=self.cache_write_tokens,
             in_flight=self.in_flight,
             queued=self.queued,
             max_concurrent=self.max_concurrent,

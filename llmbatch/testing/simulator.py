@@ -15,6 +15,10 @@ Endpoints: ``POST /v1/chat/completions``, ``POST /v1/embeddings``, ``GET /v1/mod
 :mod:`llmbatch.testing._batchsim` unless ``batch=None``; ``GET /stats`` and
 ``POST /stats/reset``.
 
+Prompt caching is reported as each provider reports it (``prompt_cache``; see
+:mod:`llmbatch.testing._cache`): OpenAI's ``cached_tokens`` for a repeated prefix,
+Anthropic's cache reads and writes for ``cache_control`` prefixes, online and in batches.
+
 Every online request goes through the same steps, in this order:
 
 1. **authenticate**: ``Authorization: Bearer <key>`` or ``x-api-key``; 401 if missing, or
@@ -25,7 +29,8 @@ Every online request goes through the same steps, in this order:
    a scripted 429 is answered here, without touching the buckets.
 4. **quota**: keys under ``insufficient_quota`` get OpenAI's non-retryable 429.
 5. **rate limits**, per (key, model), on the injected ``clock``: see
-   :mod:`llmbatch.testing._quota` for the admission rule and ``charge_rejected``.
+   :mod:`llmbatch.testing._quota` for the admission rule and ``charge_rejected``
+   (Anthropic's prompt-cache reads are looked up first: they leave ITPM alone).
 6. **capacity**: at most ``max_in_flight`` requests are served at once; the rest queue.
 7. **latency**: ``ttft + completion_tokens / tokens_per_second``, scaled by a seeded
    jitter, slept through the injected ``sleep``.
@@ -128,7 +133,11 @@ class Simulator:
         self._endpoints: list[Endpoint] = [self._openai, Embeddings(config), self._anthropic]
         self._quotas: dict[tuple[str, str, str], Quota] = {}
         self._recorder = Recorder()
-        self._batch = BatchBackend(config.batch, clock=batch_clock) if config.batch else None
+        self._batch = (
+            BatchBackend(config.batch, clock=batch_clock, prompt_cache=config.prompt_cache)
+            if config.batch
+            else None
+        )
         self._id_prefix = secrets.token_hex(6)
         self._ids = itertools.count(1)
         self._semaphore: asyncio.Semaphore | None = None
@@ -245,8 +254,13 @@ class Simulator:
             if fault is not None and fault.kind in SPOILS:
                 # not a transport fault: the answer itself is spoiled (see _structured)
                 spoil, fault = fault.kind, None
-            quota = self._admit(endpoint, api_key, model, prompt_tokens, reserved, headers)
-            answer = endpoint.answer(body, prompt_tokens, token, spoil)
+            cache = endpoint.cache_use(api_key, model, body, prompt_tokens, self._clock())
+            quota = self._admit(
+                endpoint, api_key, model, prompt_tokens, reserved, headers, cache.read
+            )
+            if fault is None or fault.kind == "hang":  # the answer will be sent
+                endpoint.keep_cached(cache, self._clock())
+            answer = endpoint.answer(body, prompt_tokens, token, spoil, cache)
             await self._enter()
             try:
                 if fault is not None:
@@ -259,6 +273,8 @@ class Simulator:
                 self._leave()
             produced = answer.completion_tokens
             recorder.completion_tokens += produced
+            recorder.cache_read_tokens += cache.read
+            recorder.cache_write_tokens += cache.written
             recorder.responses[200] += 1
             recorder.answered(hash((endpoint.path, raw)))
             if answer.output is not None:
@@ -294,8 +310,10 @@ class Simulator:
         prompt_tokens: int,
         reserved: int,
         headers: dict[str, str],
+        cached: int = 0,
     ) -> Quota | None:
         """Steps 4-5: quota, then rate limits; returns the charged quota (None if unlimited).
+        *cached*: the prompt tokens read from the prompt cache (see ``Endpoint.costs``).
 
         Raises:
             ApiError: the provider's 429 (or its out-of-credit error).
@@ -306,7 +324,7 @@ class Simulator:
         quota = None
         if endpoint.limits:
             quota = self._quota(endpoint, api_key, model, now)
-            costs = endpoint.costs(prompt_tokens, reserved)
+            costs = endpoint.costs(prompt_tokens, reserved, cached)
             rejection = quota.admit(costs, now, self._config.charge_rejected)
             endpoint.ratelimit_headers(quota, headers)
             if rejection is not None:
