@@ -107,15 +107,13 @@ class ModelProfile:
         Input tokens read from the prompt cache (``cached_tokens``) cost
         ``cached_input_price``, those written to it ``cache_write_price``, the rest
         ``input_price``; the Batch API's discount applies on top (Anthropic's cache
-        prices stack with it). :class:`Usage` has no count of tokens written yet: until
-        it has one (a ``cache_write_tokens`` field), writes are priced as input.
+        prices stack with it).
         """
         if self.input_price is None or self.output_price is None:
             return None
         cached_price = _or(self.cached_input_price, self.input_price)
         write_price = _or(self.cache_write_price, self.input_price)
-        # a Usage with a ``cache_write_tokens`` field is priced at once (see the docstring)
-        written = int(getattr(usage, "cache_write_tokens", 0))
+        written = usage.cache_write_tokens
         uncached = max(0, usage.input_tokens - usage.cached_tokens - written)
         total = (
             uncached * self.input_price

@@ -20,12 +20,14 @@ class Usage:
 
     ``input_tokens`` counts every prompt token, those read from a prompt cache included
     (as OpenAI reports it; Anthropic's separate cache counts are added in);
-    ``cached_tokens`` is the part read from the cache.
+    ``cached_tokens`` is the part read from the cache, ``cache_write_tokens`` the part
+    written to it (Anthropic's ``cache_creation_input_tokens``, priced higher).
     """
 
     input_tokens: int = 0
     output_tokens: int = 0
     cached_tokens: int = 0
+    cache_write_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -37,6 +39,7 @@ class Usage:
             input_tokens=self.input_tokens + other.input_tokens,
             output_tokens=self.output_tokens + other.output_tokens,
             cached_tokens=self.cached_tokens + other.cached_tokens,
+            cache_write_tokens=self.cache_write_tokens + other.cache_write_tokens,
         )
 
 

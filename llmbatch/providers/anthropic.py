@@ -484,6 +484,7 @@ def message_response(
             + (message.usage.cache_creation_input_tokens or 0),
             output_tokens=message.usage.output_tokens,
             cached_tokens=message.usage.cache_read_input_tokens or 0,
+            cache_write_tokens=message.usage.cache_creation_input_tokens or 0,
         ),
         finish_reason=message.stop_reason,
         request_id=request_id,

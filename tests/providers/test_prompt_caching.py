@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import types
 from collections.abc import Sequence
 from typing import Any, Literal, cast
 
@@ -202,6 +201,7 @@ async def test_usage_counts_the_write_then_the_reads() -> None:
     assert [(p, c) for p, c in zip(prompts, (0, PREFIX, PREFIX), strict=True)] == [
         (r.usage.input_tokens, r.usage.cached_tokens) for r in responses
     ]
+    assert [PREFIX, 0, 0] == [r.usage.cache_write_tokens for r in responses]
     assert (PREFIX, 2 * PREFIX) == (stats.cache_write_tokens, stats.cache_read_tokens)
 
 
@@ -561,9 +561,9 @@ def test_builtin_profiles_price_the_prompt_cache(
     assert (cached, write) == (profile.cached_input_price, profile.cache_write_price)
 
 
-def test_cost_prices_cache_writes_once_usage_reports_them() -> None:
-    """A usage that carries ``cache_write_tokens`` (the field proposed for Usage) has
-    them priced at the write rate; the Usage of today prices them as input."""
+def test_cost_prices_cache_writes_at_the_write_rate() -> None:
+    """Of the input tokens, those read from the cache cost the cached rate, those written
+    to it the write rate, the rest the input price."""
     profile = ModelProfile(
         provider="anthropic",
         model="m",
@@ -572,14 +572,9 @@ def test_cost_prices_cache_writes_once_usage_reports_them() -> None:
         cached_input_price=0.3,
         cache_write_price=3.75,
     )
-    future = types.SimpleNamespace(
-        input_tokens=3_000_000,
-        output_tokens=0,
-        cached_tokens=1_000_000,
-        cache_write_tokens=1_000_000,
-    )
-    today = Usage(input_tokens=3_000_000, cached_tokens=1_000_000)
+    written = Usage(input_tokens=3_000_000, cached_tokens=1_000_000, cache_write_tokens=1_000_000)
+    read_only = Usage(input_tokens=3_000_000, cached_tokens=1_000_000)
     assert pytest.approx([3.0 + 0.3 + 3.75, 6.0 + 0.3]) == [
-        profile.cost(cast(Usage, future)),
-        profile.cost(today),
+        profile.cost(written),
+        profile.cost(read_only),
     ]
