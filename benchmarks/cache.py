@@ -159,7 +159,7 @@ def main() -> None:
     for name, records, seconds, sent in rows:
         records_text = f"{records * 4:,}" if name.startswith("4 procs") else f"{records:,}"
         table.add_row(name, records_text, f"{seconds:.1f}", f"{sent:,}", f"{seconds / first:.0%}")
-    Console().print(table)
+    Console(width=160).print(table)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import json
 import os
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -42,11 +42,16 @@ PROMPT = "Read this page of Python's documentation and describe it.\n\n{text}"
 
 
 class Reading(BaseModel):
-    """What a documentation page is about."""
+    """What a documentation page is about.
 
-    module: str = Field(description="the module the page documents")
-    summary: str = Field(description="what the module is for, in one sentence")
-    topics: list[str] = Field(description="its key topics", min_length=1, max_length=5)
+    The length bounds matter for the local model: its grammar enforces them, so a small
+    model cannot ramble past ``max_tokens`` and leave the JSON unfinished."""
+
+    module: str = Field(description="the module the page documents", max_length=40)
+    summary: str = Field(description="what the module is for, in one sentence", max_length=200)
+    topics: list[Annotated[str, Field(max_length=40)]] = Field(
+        description="its key topics", min_length=1, max_length=5
+    )
     audience: Literal["beginner", "intermediate", "expert"]
 
 
