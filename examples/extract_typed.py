@@ -42,17 +42,23 @@ PROMPT = "Read this page of Python's documentation and describe it.\n\n{text}"
 
 
 class Reading(BaseModel):
-    """What a documentation page is about.
+    """What a documentation page is about."""
 
-    The length bounds matter for the local model: its grammar enforces them, so a small
-    model cannot ramble past ``max_tokens`` and leave the JSON unfinished."""
+    module: str = Field(description="the module the page documents")
+    summary: str = Field(description="what the module is for, in one sentence")
+    topics: list[str] = Field(description="its key topics", min_length=1, max_length=5)
+    audience: Literal["beginner", "intermediate", "expert"]
+
+
+class ShortReading(Reading):
+    """The same, with bounded strings, for the small local model: its grammar enforces
+    the bounds, so it cannot ramble past ``max_tokens`` and leave the JSON unfinished."""
 
     module: str = Field(description="the module the page documents", max_length=40)
     summary: str = Field(description="what the module is for, in one sentence", max_length=200)
     topics: list[Annotated[str, Field(max_length=40)]] = Field(
         description="its key topics", min_length=1, max_length=5
     )
-    audience: Literal["beginner", "intermediate", "expert"]
 
 
 async def open_provider(choice: str, stack: AsyncExitStack) -> tuple[Provider, str, str]:
@@ -94,7 +100,7 @@ async def extract(docs: list[dict[str, str]], provider_choice: str) -> tuple[Any
             docs,
             model=model,
             provider=provider,
-            response_model=Reading,
+            response_model=ShortReading if provider.name == "local" else Reading,
             max_tokens=300,
             limits=Limits(rpm=500),
             max_concurrency=1 if provider.name == "local" else 8,

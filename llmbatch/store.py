@@ -148,12 +148,13 @@ def response_record(response: Response) -> dict[str, Any]:
             "input_tokens": response.usage.input_tokens,
             "output_tokens": response.usage.output_tokens,
             "cached_tokens": response.usage.cached_tokens,
-            "cache_write_tokens": response.usage.cache_write_tokens,
         },
         "cost": response.cost,
         "attempts": response.attempts,
         "latency": round(response.latency, 4),
     }
+    if response.usage.cache_write_tokens:  # (Anthropic's prompt cache only)
+        record["usage"]["cache_write_tokens"] = response.usage.cache_write_tokens
     if response.refusal is not None:
         record["refusal"] = response.refusal
     if response.reasks:

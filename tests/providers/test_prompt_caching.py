@@ -357,7 +357,7 @@ async def test_the_client_paces_anthropic_by_the_uncached_input() -> None:
 async def test_automatic_caching_costs_less_and_saves_exactly_the_reads_discount() -> None:
     """20 documents with the 2,000-token instruction through LLMClient, priced with the
     built-in Sonnet 4.5 profile: with ``"auto"`` the saving is the prefix read 19 times
-    at 0.1x instead of 1x. (Writes are priced as input until Usage reports them.)"""
+    at 0.1x instead of 1x, less the one write at 1.25x instead of 1x."""
     costs = {}
     for mode in ("auto", "off"):
         async with Simulator() as sim, anthropic_provider(sim, prompt_caching=mode) as provider:
@@ -373,7 +373,11 @@ async def test_automatic_caching_costs_less_and_saves_exactly_the_reads_discount
     profile = BUILTIN_PROFILES[f"anthropic/{SONNET}"]
     assert profile.input_price is not None
     assert profile.cached_input_price is not None
-    saving = 19 * PREFIX * (profile.input_price - profile.cached_input_price) / 1e6
+    assert profile.cache_write_price is not None
+    saving = (
+        19 * PREFIX * (profile.input_price - profile.cached_input_price)
+        - PREFIX * (profile.cache_write_price - profile.input_price)
+    ) / 1e6
     assert costs["auto"] < costs["off"]
     assert saving == pytest.approx(costs["off"] - costs["auto"])
 
@@ -470,7 +474,8 @@ async def test_the_same_requests_get_the_same_cache_figures() -> None:
             result = await client.map([ask(i % 10) for i in range(30)])
         figures.append(sorted(dataclasses.astuple(r.usage) for r in result.ok))
     assert figures[0] == figures[1]
-    assert 29 == sum(1 for _, _, cached in figures[0] if cached == PREFIX)
+    assert 29 == sum(1 for _, _, cached, _ in figures[0] if cached == PREFIX)
+    assert 1 == sum(1 for _, _, _, written in figures[0] if written == PREFIX)
 
 
 # -- batches -------------------------------------------------------------------------------
