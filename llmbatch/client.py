@@ -413,6 +413,14 @@ class LLMClient(AsyncClosing):
         self.cache = open_cache(cache)
         self.cache_policy = cache_policy or CachePolicy()
         self.dedupe = dedupe
+        # decided once, not per request: dedupe alone keys like a read-write cache (the
+        # same rule for samples); the provider's server is part of every key
+        key_policy = self.cache_policy
+        if self.cache is None or (key_policy.mode == "off" and dedupe):
+            key_policy = key_policy.copy(mode="read-write")
+        self._key_policy = key_policy
+        endpoint = getattr(provider, "endpoint", None)
+        self._endpoint = endpoint if isinstance(endpoint, str) else None
         #: answers of the job's recent requests, by cache key (see ``dedupe``)
         self._memo: OrderedDict[str, Response] | None = OrderedDict() if dedupe else None
         self._pending: dict[str, asyncio.Future[Response | None]] = {}
@@ -593,16 +601,8 @@ class LLMClient(AsyncClosing):
 
     def _cache_key(self, request: Request) -> str | None:
         """The key *request* is cached and deduplicated under (``None``: neither)."""
-        policy = self.cache_policy
-        if self.cache is None:
-            policy = policy.copy(mode="read-write")  # dedupe alone: the same rule for samples
-        elif policy.mode == "off" and self._memo is not None:
-            policy = policy.copy(mode="read-write")
-        endpoint = getattr(self.provider, "endpoint", None)
-        return policy.key_for(
-            request,
-            provider=self.provider.name,
-            endpoint=endpoint if isinstance(endpoint, str) else None,
+        return self._key_policy.key_for(
+            request, provider=self.provider.name, endpoint=self._endpoint
         )
 
     async def _answer_once(self, request: Request) -> Response:

@@ -229,3 +229,24 @@ async def test_clients_sharing_a_redis_cache_never_send_the_same_request_twice(
     assert sorted(sent) == sorted(f"question {i}" for i in range(20))
     assert all(a.text == f"QUESTION {i // 4}" for i, a in enumerate(answers))
     assert 60 == sum(a.cached for a in answers)
+
+
+async def test_another_server_with_the_same_model_name_is_another_answer() -> None:
+    """The provider's server is part of the key: an answer from a local
+    OpenAI-compatible server is never served for OpenAI's model of the same name."""
+    from llmbatch.cache import MemoryCache
+    from llmbatch.providers.openai import OpenAIProvider
+
+    shared = MemoryCache()
+    request = Request.from_prompt("doc", model="gpt-4o-mini")
+
+    def at(url: str) -> LLMClient:
+        return LLMClient(OpenAIProvider(base_url=url, api_key="sk-test"), cache=shared)
+
+    first = at("http://127.0.0.1:9/v1")
+    first.store(request, Response(text="from the local server"))
+    await first.flush()
+    assert await at("http://127.0.0.1:10/v1").lookup(request) is None
+    again = await at("http://127.0.0.1:9/v1").lookup(request)
+    assert again is not None
+    assert "from the local server" == again.text

@@ -373,6 +373,9 @@ class OpenAIProvider(AsyncClosing):
         key = self._client.api_key or ""
         #: the last four characters of the key, the only part ever shown
         self.key_hint = key_hint(key)
+        #: the server answering (part of a response cache key: another server with the
+        #: same model name is another model)
+        self.endpoint = str(self._client.base_url)
 
     def __repr__(self) -> str:
         return f"<OpenAIProvider {self.name} {self._client.base_url}>"
