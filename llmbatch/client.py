@@ -658,6 +658,12 @@ class LLMClient(AsyncClosing):
             served = await self._lookup(request, key)
             if served is not None:
                 return False, served
+        # Won the claim, but the answer may have been stored (and the claim given up)
+        # between this caller's lookup and its claim: look once more before sending.
+        served = await self._lookup(request, key)
+        if served is not None:
+            await cache.unclaim(key)
+            return False, served
         return True, None
 
     async def _unclaim(self, key: str) -> None:

@@ -231,6 +231,41 @@ async def test_clients_sharing_a_redis_cache_never_send_the_same_request_twice(
     assert 60 == sum(a.cached for a in answers)
 
 
+async def test_an_answer_stored_between_lookup_and_claim_is_not_sent_again(
+    redis_url: str,
+) -> None:
+    """Another process stores its answer and gives up its claim after this client's
+    lookup missed but before its claim: the claim wins, yet the client looks once more
+    and serves the stored answer instead of sending the request a second time."""
+    import uuid
+
+    from llmbatch.cache import RedisCache
+
+    namespace = f"race-{uuid.uuid4().hex}"
+    other = RedisCache(redis_url, namespace=namespace)
+
+    class LateClaim(RedisCache):
+        async def claim(self, key: str, *, seconds: float) -> bool:
+            await other.put(key, Response(text="from the other process", cost=0.5))
+            return await super().claim(key, seconds=seconds)
+
+    provider = FakeProvider(upper)
+    async with client(provider, cache=LateClaim(redis_url, namespace=namespace)) as llm:
+        answer = await llm.complete("question")
+        stats = llm.statistics()
+    await other.aclose()
+    assert [] == provider.calls
+    assert ("from the other process", True) == (answer.text, answer.cached)
+    assert 1 == stats.cache_hits
+    checker = RedisCache(redis_url, namespace=namespace)
+    assert await checker.claim("k-unrelated", seconds=1.0)  # the server is usable
+    # the claim this client won was given up: another process may claim the key
+    key = llm._cache_key(llm._with_defaults(Request.from_prompt("question")))
+    assert key is not None
+    assert await checker.claim(key, seconds=1.0)
+    await checker.aclose()
+
+
 async def test_another_server_with_the_same_model_name_is_another_answer() -> None:
     """The provider's server is part of the key: an answer from a local
     OpenAI-compatible server is never served for OpenAI's model of the same name."""
