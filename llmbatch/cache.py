@@ -79,6 +79,7 @@ import re
 import sqlite3
 import sys
 import time
+import tomllib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -88,6 +89,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, TypeVar, runtime
 from urllib.parse import urlsplit, urlunsplit
 
 from llmbatch._log import get_logger
+from llmbatch.config import config_file
 from llmbatch.errors import redact
 from llmbatch.models import Request, Response, Usage
 
@@ -97,6 +99,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CacheMode",
     "CachePolicy",
+    "CacheSettings",
     "CacheStatistics",
     "CachedResponse",
     "MemoryCache",
@@ -105,6 +108,7 @@ __all__ = [
     "SQLiteCache",
     "SupportsClaim",
     "cache_key",
+    "cache_settings",
     "default_cache_path",
     "open_cache",
     "sampled",
@@ -1111,3 +1115,94 @@ def open_cache(
     if isinstance(spec, ResponseCache):
         return spec
     raise TypeError(f"cache must be 'off', a path, a redis:// URL or a cache, not {spec!r}")
+
+
+# --- the [cache] table -------------------------------------------------------------------
+
+_SETTINGS = ("location", "mode", "ttl_hours", "namespace", "cache_sampled")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CacheSettings:
+    """The configured cache: ``$LLMBATCH_CACHE`` for the location, then the ``[cache]``
+    table of ``llmbatch.toml`` (see :func:`~llmbatch.config.config_file`)::
+
+        [cache]
+        location = "redis://cache-host:6379/0"   # or "default", a path, "off"
+        mode = "read-write"                      # "read-only", "refresh"
+        ttl_hours = 168                          # serve answers a week old at most
+        namespace = "team-a"                     # for a shared Redis
+        cache_sampled = false                    # cache temperature > 0 requests too
+
+    ``llmbatch run`` and ``llmbatch estimate`` use it unless ``--cache`` says otherwise
+    (default location: ``"default"``, a SQLite file in the user cache folder). The
+    library stays off unless asked: ``LLMClient(cache=...)``, or
+    ``settings = cache_settings(); LLMClient(cache=settings.open(),
+    cache_policy=settings.policy())`` for the configured one.
+
+    Attributes:
+        location: what :func:`open_cache` takes (``None``: not configured).
+        mode: the :class:`CachePolicy` mode.
+        ttl: seconds an answer stays good (``None``: forever).
+        namespace: the Redis key namespace.
+        cache_sampled: cache requests that ask for samples.
+    """
+
+    location: str | None = None
+    mode: CacheMode = "read-write"
+    ttl: float | None = None
+    namespace: str = "default"
+    cache_sampled: bool = False
+
+    def policy(self) -> CachePolicy:
+        """The :class:`CachePolicy` these settings give."""
+        return CachePolicy(mode=self.mode, ttl=self.ttl, cache_sampled=self.cache_sampled)
+
+    def open(self, location: str | None = None) -> ResponseCache | None:
+        """The cache at *location* (default: :attr:`location`, else ``"default"``), in
+        :attr:`namespace`; ``None`` when it is ``"off"`` (see :func:`open_cache`)."""
+        return open_cache(location or self.location or "default", namespace=self.namespace)
+
+
+def cache_settings(path: str | Path | None = None) -> CacheSettings:
+    """The :class:`CacheSettings` in force: ``$LLMBATCH_CACHE`` (the location), then
+    the ``[cache]`` table of the configuration file *path* (default: see
+    :func:`~llmbatch.config.config_file`).
+
+    Raises:
+        ValueError: unknown ``[cache]`` settings or values of the wrong kind.
+    """
+    found = config_file(path)
+    table: Mapping[str, Any] = {}
+    if found is not None:
+        with found.open("rb") as f:
+            data = tomllib.load(f)
+        if found.name == "pyproject.toml":
+            data = data.get("tool", {}).get("llmbatch", {})
+        table = data.get("cache") or {}
+        unknown = set(table) - set(_SETTINGS)
+        if unknown:
+            raise ValueError(f"{found.name}: unknown [cache] settings: {sorted(unknown)}")
+    where = found.name if found is not None else "[cache]"
+    location = os.environ.get("LLMBATCH_CACHE") or table.get("location")
+    if location is not None and not isinstance(location, str):
+        raise ValueError(f"{where}: [cache] location must be a string, not {location!r}")
+    ttl_hours = table.get("ttl_hours")
+    if ttl_hours is not None and (
+        isinstance(ttl_hours, bool) or not isinstance(ttl_hours, int | float) or ttl_hours <= 0
+    ):
+        raise ValueError(f"{where}: [cache] ttl_hours must be a number > 0, not {ttl_hours!r}")
+    namespace = table.get("namespace", "default")
+    sampled_too = table.get("cache_sampled", False)
+    if not isinstance(namespace, str) or not isinstance(sampled_too, bool):
+        raise ValueError(f"{where}: [cache] namespace is a string and cache_sampled a boolean")
+    mode = table.get("mode", "read-write")
+    if mode not in _MODES:
+        raise ValueError(f"{where}: [cache] mode must be one of {', '.join(_MODES)}, not {mode!r}")
+    return CacheSettings(
+        location=location,
+        mode=mode,
+        ttl=None if ttl_hours is None else float(ttl_hours) * 3600.0,
+        namespace=namespace,
+        cache_sampled=sampled_too,
+    )

@@ -31,6 +31,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar, overload
 
@@ -89,11 +90,15 @@ AnyRequest = Request | EmbeddingRequest
 Answer = Response | Embedding
 AnswerT = TypeVar("AnswerT", Response, Embedding)
 RequestT = TypeVar("RequestT", Request, EmbeddingRequest)
+#: ``hook(request, attempt)``: a context manager around one attempt; what it gives is
+#: called once the attempt holds its permit (see ``LLMClient.attempt_hook``)
+AttemptHook = Callable[[AnyRequest, int], AbstractContextManager[Callable[[], None]]]
 
 __all__ = [
     "DEFAULT_MAX_REASKS",
     "DEFAULT_TIMEOUT",
     "USE_DEFAULT",
+    "AttemptHook",
     "ClientStatistics",
     "LLMClient",
     "build_request",
@@ -466,6 +471,9 @@ class LLMClient(AsyncClosing):
         self.max_concurrency = max_concurrency
         self._sleep = sleep
         self.retry_log = RetryLog()
+        #: called around every attempt when set (:func:`llmbatch.metrics.instrument`
+        #: sets it, for spans and per-attempt figures); ``None``: nothing is called
+        self.attempt_hook: AttemptHook | None = None
         if profiles is not None:
             self._profiles = dict(profiles)
         else:
@@ -598,6 +606,15 @@ class LLMClient(AsyncClosing):
         if self.cache is None and self._memo is None:
             return await self._answer(request)
         return await self._answer_once(self._with_defaults(request))
+
+    def request_key(self, request: Request) -> str | None:
+        """The key *request* is cached and deduplicated under, as :meth:`complete`
+        would key it (the client's defaults filled in); ``None``: it is neither
+        cached nor deduplicated (no cache and no dedupe, the policy leaves it out, or
+        it has no stable form)."""
+        if self.cache is None and self._memo is None:
+            return None
+        return self._cache_key(self._with_defaults(request))
 
     def _cache_key(self, request: Request) -> str | None:
         """The key *request* is cached and deduplicated under (``None``: neither)."""
@@ -946,7 +963,11 @@ class LLMClient(AsyncClosing):
 
         try:
             response = await self.retry.call(
-                lambda: self._call_with_limits(request),
+                lambda: (
+                    self._call_with_limits(request)
+                    if self.attempt_hook is None
+                    else self._call_observed(self.attempt_hook, request, attempts)
+                ),
                 sleep=self._sleep,
                 log=self.retry_log,
                 on_attempt=on_attempt,
@@ -968,7 +989,13 @@ class LLMClient(AsyncClosing):
             raise
         return replace(response, attempts=attempts)
 
-    async def _call_with_limits(self, request: AnyRequest) -> Answer:
+    async def _call_observed(self, hook: AttemptHook, request: AnyRequest, attempt: int) -> Answer:
+        with hook(request, attempt) as admitted:
+            return await self._call_with_limits(request, admitted)
+
+    async def _call_with_limits(
+        self, request: AnyRequest, admitted: Callable[[], None] | None = None
+    ) -> Answer:
         model = request.model or ""
         item = current_item()
         if item is not None and item.stopping:
@@ -986,6 +1013,8 @@ class LLMClient(AsyncClosing):
             self._size_in_flight(limiter)
         async with gate:
             permit = await limiter.acquire(**cost)
+            if admitted is not None:
+                admitted()
             self._requests += 1
             if item is not None:
                 item.request_sent()  # from here an abort lets the request finish

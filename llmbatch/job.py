@@ -69,11 +69,13 @@ from llmbatch.structured import ResponseModel, ResponseSchema
 
 __all__ = [
     "DEFAULT_TEMPLATE",
+    "Coverage",
     "Estimate",
     "JobProgress",
     "JobReport",
     "JobSpec",
     "OutputCounts",
+    "cache_coverage",
     "estimate_job",
     "prepare",
     "run_job",
@@ -1054,6 +1056,10 @@ class Estimate:
         encoding: the tokenizer counted with (and whether it is exact for the model).
         schema_tokens: the tokens the response model's schema adds to every request
             (0 without one): it is sent with each.
+        from_cache: records the response cache already answers (not sent, not in
+            the tokens, cost or time; ``None``: the cache was not looked at).
+        duplicates: records identical to an earlier record's request (sent once).
+        saved_cost: what the cached answers cost when they were paid for.
     """
 
     records: int
@@ -1068,10 +1074,89 @@ class Estimate:
     binding_limit: str | None
     encoding: str
     schema_tokens: int = 0
+    from_cache: int | None = None
+    duplicates: int = 0
+    saved_cost: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-serializable form."""
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True, slots=True)
+class Coverage:
+    """The records of a job that would not be sent (:func:`cache_coverage`).
+
+    Attributes:
+        cached: keys of the records the response cache answers.
+        duplicates: keys of the records whose request an earlier record already asks
+            (the job sends it once and gives every record its answer).
+        saved_cost: what the cached answers cost when they were paid for (USD).
+    """
+
+    cached: frozenset[str] = frozenset()
+    duplicates: frozenset[str] = frozenset()
+    saved_cost: float = 0.0
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.cached or key in self.duplicates
+
+
+def _done_keys(spec: JobSpec) -> set[str]:
+    """The records the job's checkpoint already answers (for this very job)."""
+    if not spec.store_path.exists():
+        return set()
+    with Store(spec.store_path) as store:
+        if store.fingerprint() != spec.fingerprint():
+            return set()
+        return {item.key for item in store.items("done")}
+
+
+async def cache_coverage(spec: JobSpec, client: LLMClient, *, chunk: int = 64) -> Coverage:
+    """Which of *spec*'s records still to answer would not be sent by *client*: found
+    in its response cache, or duplicates of an earlier record's request. Sends nothing
+    (``llmbatch estimate``); a cache that cannot be used covers nothing.
+
+    Args:
+        spec: the job.
+        client: the client the job would use (its cache, policy and dedupe decide).
+        chunk: cache lookups in flight at once.
+    """
+    done = _done_keys(spec)
+    seen: set[str] = set()
+    duplicates: set[str] = set()
+    cached: set[str] = set()
+    batch: list[tuple[str, Request]] = []
+
+    async def look(pending: list[tuple[str, Request]]) -> None:
+        answers = await asyncio.gather(*(client.lookup(request) for _, request in pending))
+        for (key, _), answer in zip(pending, answers, strict=True):
+            if answer is not None:
+                cached.add(key)
+
+    before = client.statistics().saved_cost
+    for record in spec.records():
+        if record.key in done:
+            continue
+        request = prepare(spec, record).request
+        if request is None:
+            continue
+        key = client.request_key(request)
+        if key is None:
+            continue
+        if key in seen:
+            duplicates.add(record.key)
+            continue
+        seen.add(key)
+        if client.cache is not None and client.cache_policy.reads:
+            batch.append((record.key, request))
+            if len(batch) >= chunk:
+                await look(batch)
+                batch = []
+    if batch:
+        await look(batch)
+    saved = client.statistics().saved_cost - before
+    return Coverage(cached=frozenset(cached), duplicates=frozenset(duplicates), saved_cost=saved)
 
 
 def estimate_job(
@@ -1080,6 +1165,7 @@ def estimate_job(
     *,
     profile: ModelProfile | None = None,
     samples: int = 0,
+    coverage: Coverage | None = None,
 ) -> tuple[Estimate, list[Request]]:
     """Count a job's records, tokens, cost and time at *limits*, calling nothing.
 
@@ -1088,15 +1174,14 @@ def estimate_job(
         limits: the limits the run would pace at.
         profile: the model's prices (default: ``spec.provider``/``spec.model``'s profile).
         samples: how many of the first requests to return, to show them.
+        coverage: the records the cache answers or that repeat another record's
+            request (:func:`cache_coverage`): left out of what is sent.
     """
     from llmbatch.tokens import TokenCounter, admission_estimate
 
     counter = TokenCounter.for_model(spec.model)
-    done: set[str] = set()
-    if spec.store_path.exists():
-        with Store(spec.store_path) as store:
-            if store.fingerprint() == spec.fingerprint():
-                done = {item.key for item in store.items("done")}
+    done = _done_keys(spec)
+    covered = coverage if coverage is not None else Coverage()
     records = invalid = already = 0
     admitted = 0
     requests: list[Request] = []
@@ -1111,12 +1196,15 @@ def estimate_job(
         if record.key in done:
             already += 1
             continue
+        if record.key in covered:
+            continue
         if len(requests) < samples:
             requests.append(ready.request)
         # the one estimate (with the schema's tokens, when there is one)
         usage = usage + estimated_usage([ready.request], spec.max_tokens, model=spec.model)
         admitted += admission_estimate(ready.request.messages, spec.model) + schema_tokens
-    to_send = records - invalid - already
+    not_sent = len(covered.cached) + len(covered.duplicates)
+    to_send = records - invalid - already - not_sent
     max_out = usage.output_tokens
     if profile is None:
         profile = profile_for(spec.provider, spec.model)
@@ -1143,6 +1231,9 @@ def estimate_job(
         binding_limit=binding,
         encoding=counter.encoding + ("" if counter.exact else " (approximate)"),
         schema_tokens=schema_tokens,
+        from_cache=len(covered.cached) if coverage is not None else None,
+        duplicates=len(covered.duplicates),
+        saved_cost=covered.saved_cost if coverage is not None else None,
     )
     return estimate, requests
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import socket
 import sqlite3
 import sys
@@ -834,3 +835,69 @@ def test_a_spec_of_another_type_is_refused() -> None:
     """Anything else is a TypeError."""
     with pytest.raises(TypeError):
         open_cache(42)  # type: ignore[arg-type]
+
+
+# --- the [cache] table -------------------------------------------------------------------
+
+
+def test_cache_settings_read_the_cache_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every ``[cache]`` setting lands in :class:`CacheSettings` and its policy;
+    ``$LLMBATCH_CACHE`` names the location over the file's."""
+    from llmbatch.cache import CacheSettings, cache_settings
+
+    monkeypatch.delenv("LLMBATCH_CACHE", raising=False)
+    config = tmp_path / "llmbatch.toml"
+    config.write_text(
+        '[cache]\nlocation = "memory"\nmode = "refresh"\nttl_hours = 2\n'
+        'namespace = "team"\ncache_sampled = true\n'
+    )
+    settings = cache_settings(config)
+    assert (
+        CacheSettings(
+            location="memory", mode="refresh", ttl=7200.0, namespace="team", cache_sampled=True
+        )
+        == settings
+    )
+    assert CachePolicy(mode="refresh", ttl=7200.0, cache_sampled=True) == settings.policy()
+    assert isinstance(settings.open(), MemoryCache)
+    assert settings.open("off") is None
+    monkeypatch.setenv("LLMBATCH_CACHE", str(tmp_path / "env.sqlite"))
+    assert str(tmp_path / "env.sqlite") == cache_settings(config).location
+
+
+@pytest.mark.parametrize(
+    ("table", "complaint"),
+    [
+        ('colour = "red"', "unknown [cache] settings: ['colour']"),
+        ("ttl_hours = 0", "ttl_hours must be a number > 0"),
+        ('ttl_hours = "1"', "ttl_hours must be a number > 0"),
+        ('mode = "sometimes"', "mode must be one of"),
+        ("location = 3", "location must be a string"),
+        ('cache_sampled = "yes"', "cache_sampled a boolean"),
+    ],
+)
+def test_a_bad_cache_table_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, table: str, complaint: str
+) -> None:
+    from llmbatch.cache import cache_settings
+
+    monkeypatch.delenv("LLMBATCH_CACHE", raising=False)
+    config = tmp_path / "llmbatch.toml"
+    config.write_text(f"[cache]\n{table}\n")
+    with pytest.raises(ValueError, match=re.escape(complaint)):
+        cache_settings(config)
+
+
+def test_without_a_cache_table_nothing_is_configured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No file, no variable: no location (the CLI then uses its default, the library
+    none)."""
+    from llmbatch.cache import cache_settings
+
+    monkeypatch.delenv("LLMBATCH_CACHE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LLMBATCH_CONFIG", raising=False)
+    assert None is cache_settings().location

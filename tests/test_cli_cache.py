@@ -19,19 +19,25 @@ TEMPLATE = "Summarize: {text}"
 class Done:
     code: int
     stderr: str
+    stdout: str = ""
 
 
 async def run(sim: Simulator, source: Path, out: Path, *extra: str, cwd: Path, **env: str) -> Done:
+    return await llmbatch("run", sim, source, "-o", str(out), *extra, cwd=cwd, **env)
+
+
+async def llmbatch(
+    command: str, sim: Simulator, source: Path, *extra: str, cwd: Path, **env: str
+) -> Done:
+    """``llmbatch COMMAND SOURCE ...`` against the simulator (stdout in ``stdout``)."""
     environment = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
     environment.update(OPENAI_API_KEY="sk-test", COLUMNS="200", **env)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "llmbatch",
-        "run",
+        command,
         str(source),
-        "-o",
-        str(out),
         "--provider",
         sim.base_url,
         "--prompt",
@@ -49,9 +55,9 @@ async def run(sim: Simulator, source: Path, out: Path, *extra: str, cwd: Path, *
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    _, err = await asyncio.wait_for(proc.communicate(), 120)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode is not None
-    return Done(proc.returncode, err.decode())
+    return Done(proc.returncode, err.decode(), out.decode())
 
 
 def write_docs(path: Path, texts: list[str]) -> Path:
@@ -143,3 +149,54 @@ async def test_batch_mode_uses_the_cache_too(simulator: Simulator, tmp_path: Pat
     assert (1, 1) == (created, simulator.stats().batch["openai_batches_created"])
     assert 0 == simulator.stats().requests
     assert answers(tmp_path / "a.jsonl") == answers(tmp_path / "b.jsonl")
+
+
+async def test_estimate_counts_what_the_cache_and_the_dedupe_leave_unsent(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """After a run over 20 documents, an estimate over those 20, 3 repeats of new
+    documents and 5 new ones: 20 from the cache (with what they cost), 3 duplicates, 5
+    to send, and only those 5 in the tokens; the estimate itself sends nothing."""
+    first = write_docs(tmp_path / "in.jsonl", [f"document {i}" for i in range(20)])
+    assert 0 == (await run(simulator, first, tmp_path / "a.jsonl", cwd=tmp_path)).code
+    texts = [f"document {i}" for i in range(20)] + [f"new {i % 5}" for i in range(8)]
+    second = write_docs(tmp_path / "more.jsonl", texts)
+    done = await llmbatch("estimate", simulator, second, "--as-json", cwd=tmp_path)
+    assert 0 == done.code, done.stderr
+    found = json.loads(done.stdout)
+    assert (28, 20, 3, 5) == (
+        found["records"],
+        found["from_cache"],
+        found["duplicates"],
+        found["to_send"],
+    )
+    assert found["saved_cost"] > 0
+    alone = await llmbatch(
+        "estimate", simulator, second, "--as-json", "--cache", "off", cwd=tmp_path
+    )
+    unsent = json.loads(alone.stdout)
+    assert (0, 3, 25) == (unsent["from_cache"], unsent["duplicates"], unsent["to_send"])
+    assert found["input_tokens"] < unsent["input_tokens"]
+    assert 20 == simulator.stats().requests
+
+
+async def test_the_config_file_names_the_cache_and_the_options_win(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    """``[cache] location`` in llmbatch.toml holds the answers; ``mode = "read-only"``
+    stores nothing; ``--cache-mode read-write`` on the command line wins over it."""
+    path = tmp_path / "configured.sqlite"
+    (tmp_path / "llmbatch.toml").write_text(
+        f'[cache]\nlocation = "{path.as_posix()}"\nmode = "read-only"\n'
+    )
+    source = write_docs(tmp_path / "in.jsonl", [f"configured {i}" for i in range(4)])
+    await run(simulator, source, tmp_path / "a.jsonl", cwd=tmp_path)
+    await run(simulator, source, tmp_path / "b.jsonl", cwd=tmp_path)
+    assert 8 == simulator.stats().requests  # read-only: nothing was stored
+    done = await run(
+        simulator, source, tmp_path / "c.jsonl", "--cache-mode", "read-write", cwd=tmp_path
+    )
+    assert 0 == done.code, done.stderr
+    await run(simulator, source, tmp_path / "d.jsonl", cwd=tmp_path)
+    assert 12 == simulator.stats().requests  # d.jsonl was served from the file
+    assert path.exists()

@@ -8,13 +8,14 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import IO, Any
 
 import click
 import structlog
 
+from llmbatch.cache import CachePolicy, ResponseCache, cache_settings
 from llmbatch.client import LLMClient
 from llmbatch.config import (
     load_profiles,
@@ -201,6 +202,53 @@ def request_options(f: Any) -> Any:
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def cache_options(f: Any) -> Any:
+    """``--cache``, ``--cache-mode`` and ``--cache-ttl`` (defaults: the ``[cache]``
+    table of ``llmbatch.toml``, then a SQLite file in the user cache folder)."""
+    options = [
+        click.option(
+            "--cache",
+            "cache_spec",
+            metavar="PATH|URL|off",
+            help="The response cache across jobs: answers found there are not paid again. "
+            "'default' is a SQLite file in the user cache folder; or a path, a "
+            "redis://host/db URL shared by many processes, or 'off' (default: "
+            "$LLMBATCH_CACHE, [cache] location, else 'default').",
+        ),
+        click.option(
+            "--cache-mode",
+            type=click.Choice(["read-write", "read-only", "refresh"]),
+            help="read-only: serve hits, store nothing; refresh: ask again and store the "
+            "new answers (default: [cache] mode, else read-write).",
+        ),
+        click.option(
+            "--cache-ttl",
+            type=click.FloatRange(min=0.0, min_open=True),
+            metavar="HOURS",
+            help="Serve cached answers only this many hours old at most (default: "
+            "[cache] ttl_hours, else any age).",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def cache_of(options: Mapping[str, Any]) -> tuple[ResponseCache | None, CachePolicy]:
+    """The cache and policy of the ``cache_options``, over the configured ones."""
+    try:
+        settings = cache_settings()
+        cache = settings.open(options["cache_spec"])
+    except (ValueError, TypeError, ImportError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--cache") from None
+    policy = settings.policy()
+    if options["cache_mode"] is not None:
+        policy = policy.copy(mode=options["cache_mode"])
+    if options["cache_ttl"] is not None:
+        policy = policy.copy(ttl=options["cache_ttl"] * 3600.0)
+    return cache, policy
 
 
 def job_spec(**fields: Any) -> JobSpec:

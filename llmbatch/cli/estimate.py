@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,11 @@ from rich.console import Console
 from rich.table import Table
 
 from llmbatch._log import get_logger
+from llmbatch.cache import CachePolicy, ResponseCache
 from llmbatch.cli._common import (
     INPUT,
+    cache_of,
+    cache_options,
     check_input,
     choose,
     configure_logging,
@@ -25,17 +29,43 @@ from llmbatch.cli._common import (
     seconds_text,
     template_of,
 )
+from llmbatch.client import LLMClient
 from llmbatch.config import (
     load_profiles,
     profile_for,
 )
-from llmbatch.job import JobSpec, estimate_job
+from llmbatch.job import Coverage, JobSpec, cache_coverage, estimate_job
 from llmbatch.limits import Limits
 from llmbatch.providers import ProviderChoice
 
 __all__ = ["estimate"]
 
 logger = get_logger("llmbatch.cli")
+
+
+def _coverage(
+    spec: JobSpec, choice: ProviderChoice, cache: ResponseCache | None, policy: CachePolicy
+) -> Coverage | str:
+    """What the cache and the job's dedupe leave unsent, or why it is not known."""
+    try:
+        provider = choice.open()  # (called for nothing: it names the server keyed)
+    except ValueError as exc:
+        if cache is not None:
+            asyncio.run(cache.aclose())
+        return f"not looked up: {exc}"
+
+    async def look() -> Coverage:
+        async with LLMClient(
+            provider,
+            model=spec.model,
+            max_tokens=spec.max_tokens,
+            cache=cache,
+            cache_policy=policy,
+            dedupe=True,  # as `llmbatch run`
+        ) as client:
+            return await cache_coverage(spec, client)
+
+    return asyncio.run(look())
 
 
 def _print_estimate(
@@ -45,11 +75,20 @@ def _print_estimate(
     *,
     samples: int = 0,
     as_json: bool = False,
+    cache: ResponseCache | None = None,
+    cache_policy: CachePolicy | None = None,
 ) -> None:
     profile = profile_for(choice.name, spec.model, profiles=load_profiles())
-    estimate, shown = estimate_job(spec, limits, profile=profile, samples=samples)
+    covered = _coverage(spec, choice, cache, cache_policy or CachePolicy())
+    coverage = covered if isinstance(covered, Coverage) else None
+    estimate, shown = estimate_job(
+        spec, limits, profile=profile, samples=samples, coverage=coverage
+    )
     if as_json:
-        click.echo(json.dumps(estimate.as_dict()))
+        fields = estimate.as_dict()
+        if coverage is None:
+            fields["cache"] = covered
+        click.echo(json.dumps(fields))
         return
     console = Console()
     table = Table(
@@ -62,6 +101,13 @@ def _print_estimate(
         f"{estimate.records} ({estimate.invalid} unusable, {estimate.already_done} already done)",
     )
     table.add_row("to send", str(estimate.to_send))
+    if coverage is None:
+        table.add_row("not sent", f"the cache was {covered}")
+    else:
+        where = cache.where if cache is not None else "off"
+        found = f"{estimate.from_cache} answered by the cache ({where}"
+        found += f", {money(estimate.saved_cost)} when paid)" if estimate.from_cache else ")"
+        table.add_row("not sent", f"{found}, {estimate.duplicates} duplicates of another record")
     counted = estimate.encoding
     if estimate.schema_tokens:
         counted += f"; the schema adds {estimate.schema_tokens} to each request"
@@ -91,9 +137,11 @@ def _print_estimate(
     type=click.Path(dir_okay=False, path_type=Path),
     help="The run's output (to count what its checkpoint already holds).",
 )
+@cache_options
 @click.option("--as-json", is_flag=True, help="Print the estimate as one JSON object.")
 def estimate(**options: Any) -> None:
-    """Count records, tokens, cost (online and batch) and time for INPUT, calling nothing."""
+    """Count records, tokens, cost (online and batch) and time for INPUT, calling nothing
+    (the response cache is looked up: what it answers is not counted as sent)."""
     configure_logging(verbose=0, quiet=True, log_json=None)
     schema = schema_of(options["schema"], json_mode=options["json_mode"])
     choice = choose(options["provider"], options["model"], calls=False)
@@ -114,4 +162,7 @@ def estimate(**options: Any) -> None:
     )
     check_input(spec)
     limits = limits_for(choice, options["rpm"], options["tpm"], options["concurrency"])
-    _print_estimate(spec, choice, limits, as_json=options["as_json"])
+    cache, cache_policy = cache_of(options)
+    _print_estimate(
+        spec, choice, limits, as_json=options["as_json"], cache=cache, cache_policy=cache_policy
+    )

@@ -20,13 +20,15 @@ from rich.table import Table
 
 from llmbatch._log import get_logger
 from llmbatch.batchapi import StoredBatch, uncollected_keys
-from llmbatch.cache import CachePolicy, ResponseCache, open_cache
+from llmbatch.cache import CachePolicy, ResponseCache
 from llmbatch.cli._common import (
     EXIT_ABORTED,
     EXIT_FAILED_ITEMS,
     EXIT_INTERRUPTED,
     EXIT_OK,
     INPUT,
+    cache_of,
+    cache_options,
     check_input,
     choose,
     configure_logging,
@@ -53,6 +55,7 @@ from llmbatch.errors import LimiterUnavailable, LLMBatchError, redact
 from llmbatch.io import OUTPUT_FORMATS, count_records
 from llmbatch.job import JobProgress, JobSpec, run_job, write_output
 from llmbatch.limits import Limits
+from llmbatch.metrics import MetricsServer, serve_prometheus
 from llmbatch.providers import ProviderChoice
 from llmbatch.store import JobMismatch, Store
 from llmbatch.structured import FinishPolicy
@@ -133,30 +136,7 @@ logger = get_logger("llmbatch.cli")
     show_default=True,
     help="Seconds before a batch's first status check (then backing off).",
 )
-@click.option(
-    "--cache",
-    "cache_spec",
-    metavar="PATH|URL|off",
-    envvar="LLMBATCH_CACHE",
-    default="default",
-    show_default=True,
-    help="The response cache across jobs: answers found there are not paid again. "
-    "'default' is a SQLite file in the user cache folder; or a path, a redis://host/db "
-    "URL shared by many processes, or 'off' ($LLMBATCH_CACHE).",
-)
-@click.option(
-    "--cache-mode",
-    type=click.Choice(["read-write", "read-only", "refresh"]),
-    default="read-write",
-    show_default=True,
-    help="read-only: serve hits, store nothing; refresh: ask again and store the new answers.",
-)
-@click.option(
-    "--cache-ttl",
-    type=click.FloatRange(min=0.0, min_open=True),
-    metavar="HOURS",
-    help="Serve cached answers only this many hours old at most (default: any age).",
-)
+@cache_options
 @click.option(
     "--limiter-url",
     metavar="URL",
@@ -198,6 +178,13 @@ logger = get_logger("llmbatch.cli")
     default=10.0,
     show_default=True,
     help="Seconds between progress lines when stderr is not a terminal.",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    metavar="PORT",
+    help="Serve the run's figures for Prometheus at http://127.0.0.1:PORT/metrics while it "
+    "runs (needs the metrics extra).",
 )
 @click.option("-v", "--verbose", count=True, help="Log more (debug events).")
 @click.option("-q", "--quiet", is_flag=True, help="Log only warnings and errors.")
@@ -251,17 +238,16 @@ def run(**options: Any) -> None:
         quotas = limiter_settings(url=options["limiter_url"])
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--limiter-url") from None
-    try:
-        cache = open_cache(options["cache_spec"])
-    except (ValueError, TypeError, ImportError) as exc:
-        raise click.BadParameter(str(exc), param_hint="--cache") from None
-    ttl = options["cache_ttl"]
-    cache_policy = CachePolicy(
-        mode=options["cache_mode"], ttl=None if ttl is None else ttl * 3600.0
-    )
+    cache, cache_policy = cache_of(options)
     if options["dry_run"]:
-        _print_estimate(spec, choice, limits, samples=2)
+        _print_estimate(spec, choice, limits, samples=2, cache=cache, cache_policy=cache_policy)
         return
+    metrics: MetricsServer | None = None
+    if options["metrics_port"] is not None:
+        try:
+            metrics = serve_prometheus(options["metrics_port"])
+        except (ImportError, OSError) as exc:
+            raise click.BadParameter(str(exc), param_hint="--metrics-port") from None
     if choice.note:
         logger.warning("provider.default", detail=choice.note)
     code = asyncio.run(
@@ -279,6 +265,7 @@ def run(**options: Any) -> None:
             ),
             cache=cache,
             cache_policy=cache_policy,
+            metrics=metrics,
         )
     )
     sys.exit(code)
@@ -324,6 +311,7 @@ async def _run(
     finish_policy: FinishPolicy | None = None,
     cache: ResponseCache | None = None,
     cache_policy: CachePolicy | None = None,
+    metrics: MetricsServer | None = None,
 ) -> int:
     console = Console(stderr=True)
     records = list(spec.records()) if spec.input == "-" else None  # stdin is read once
@@ -355,6 +343,8 @@ async def _run(
         cache_policy=cache_policy,
         dedupe=True,  # one job: identical records are sent once
     )
+    if metrics is not None:
+        metrics.add(client)  # served until the process ends
     try:
         # A shared quota that cannot be used stops the run before any request.
         await client.check_limiter(spec.model)
@@ -379,6 +369,7 @@ async def _run(
         store=str(spec.store_path),
         schema=spec.schema.name if spec.schema is not None else None,
         cache=cache.where if cache is not None else "off",
+        metrics=metrics.url if metrics is not None else None,
     )
     job = asyncio.ensure_future(
         run_job(spec, client, store=store, progress=progress, fresh=fresh, records=records)
