@@ -5,6 +5,7 @@ One call goes through a stack of small steps, outermost first::
     LLMClient.complete(request)
       _call_with_retry     the RetryPolicy (tenacity); every attempt goes back through
                            the limiter, so retries pay RPM/TPM like first attempts
+      (attempt_hook)       around each attempt, only when set (llmbatch.metrics: spans)
       _call_with_limits    admission cost → limiter.acquire → provider.complete
                            → limiter.observe(headers) → permit.settle(usage);
                            a 429 puts the whole quota in cooldown (not a private sleep)
@@ -371,7 +372,8 @@ class LLMClient(AsyncClosing):
             for plain text.
         cache: a response cache shared across jobs: ``"default"`` (a SQLite file in the
             user cache folder), a path, a ``redis://`` URL, or a
-            :class:`~llmbatch.cache.ResponseCache`. An answer found there is served
+            :class:`~llmbatch.cache.ResponseCache` (left open by :meth:`aclose`: one
+            cache object may serve many clients). An answer found there is served
             without a request (``Response.cached``, cost 0; what it cost first is in
             ``ClientStatistics.saved_cost``). Default: off (the CLI turns it on).
         cache_policy: how the cache is used (:class:`~llmbatch.cache.CachePolicy`:
@@ -416,6 +418,9 @@ class LLMClient(AsyncClosing):
         self.max_reasks = max_reasks
         self.finish_policy = finish_policy
         self.cache = open_cache(cache)
+        #: a cache opened here (from a name) is closed here; one passed in is the
+        #: caller's, who may share it with the next client (a notebook's MemoryCache)
+        self._owns_cache = self.cache is not None and self.cache is not cache
         self.cache_policy = cache_policy or CachePolicy()
         self.dedupe = dedupe
         # decided once, not per request: dedupe alone keys like a read-write cache (the
@@ -496,8 +501,9 @@ class LLMClient(AsyncClosing):
         return f"<LLMClient {self.provider!r} model={self.model!r}>"
 
     async def aclose(self) -> None:
-        """Close the provider, the Redis connections of shared quotas, and the cache
-        (its pending writes land first)."""
+        """Close the provider, the Redis connections of shared quotas, and the cache if
+        the client opened it from a name (its pending writes land first either way; a
+        cache object passed in stays open for its owner)."""
         try:
             await self.release()
         finally:
@@ -505,8 +511,8 @@ class LLMClient(AsyncClosing):
 
     async def release(self) -> None:
         """Close what the client opened in the running loop (the Redis connections of
-        shared quotas, the cache after its pending writes), not the provider, which
-        the caller may share."""
+        shared quotas, the cache it opened from a name, after the pending writes), not
+        the provider, which the caller may share."""
         try:
             await self._close_limiters()
         finally:
@@ -520,7 +526,7 @@ class LLMClient(AsyncClosing):
 
     async def _close_cache(self) -> None:
         await self.flush()
-        if self.cache is not None:
+        if self.cache is not None and self._owns_cache:
             await self.cache.aclose()
 
     async def _close_limiters(self) -> None:

@@ -4,6 +4,7 @@ each test has its own, see conftest) and its in-job dedupe, against the simulato
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import sys
@@ -200,3 +201,73 @@ async def test_the_config_file_names_the_cache_and_the_options_win(
     await run(simulator, source, tmp_path / "d.jsonl", cwd=tmp_path)
     assert 12 == simulator.stats().requests  # d.jsonl was served from the file
     assert path.exists()
+
+
+async def test_the_live_view_shows_cache_hits_duplicates_and_no_phantom_retries(
+    tmp_path: Path,
+) -> None:
+    """A job of 6 records (4 distinct) over a cache holding 2 of them: the live view's
+    numbers say 2 from the cache, 2 duplicates and what they saved, and the answers that
+    took no attempt do not hide a retry (one scripted transient error: 1 retry)."""
+    from rich.console import Console
+
+    from llmbatch.cache import MemoryCache
+    from llmbatch.cli.run import _live_view, _snapshot
+    from llmbatch.client import LLMClient
+    from llmbatch.config import ModelProfile
+    from llmbatch.errors import ProviderUnavailable
+    from llmbatch.job import JobProgress, JobSpec, run_job
+    from llmbatch.limits import Limits
+    from llmbatch.models import Request
+    from llmbatch.providers.fake import FakeProvider
+
+    failed_once: list[str] = []
+
+    def answer(request: Request) -> str:
+        text = str(request.messages[-1]["content"])
+        if text.endswith("doc 3") and not failed_once:
+            failed_once.append(text)
+            raise ProviderUnavailable("overloaded", provider="fake")
+        return text.upper()
+
+    prices = {"fake/m": ModelProfile(provider="fake", model="m", input_price=1e3, output_price=1e3)}
+    cache = MemoryCache()
+    texts = ["doc 0", "doc 1", "doc 2", "doc 3", "doc 2", "doc 3"]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+    def make(output: str) -> tuple[JobSpec, LLMClient]:
+        spec = JobSpec(input=source, output=tmp_path / output, template="{text}", model="m")
+        client = LLMClient(
+            FakeProvider(answer),
+            model="m",
+            profiles=prices,
+            limits=Limits(rpm=100_000),
+            cache=cache,
+            dedupe=True,
+            sleep=lambda _: asyncio.sleep(0),
+        )
+        return spec, client
+
+    first_spec = JobSpec(
+        input=write_docs(tmp_path / "first.jsonl", ["doc 0", "doc 1"]),
+        output=tmp_path / "first.out.jsonl",
+        template="{text}",
+        model="m",
+    )
+    _, first = make("unused.jsonl")
+    await run_job(first_spec, first)
+    await first.aclose()
+
+    spec, client = make("out.jsonl")
+    progress = JobProgress(total=6)
+    await run_job(spec, client, progress=progress)
+    snapshot = _snapshot(progress, client, "m")
+    console = Console(record=True, width=200, file=io.StringIO())
+    console.print(_live_view(progress, client, "m"))
+    await client.aclose()
+    shown = console.export_text()
+    assert (2, 2, 1) == (snapshot["cache_hits"], snapshot["duplicates"], snapshot["retries"])
+    assert snapshot["saved_cost"] > 0
+    assert "2 from the cache" in shown
+    assert "2 duplicates" in shown

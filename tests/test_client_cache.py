@@ -224,6 +224,8 @@ async def test_clients_sharing_a_redis_cache_never_send_the_same_request_twice(
     answers = await asyncio.gather(*jobs)
     for llm in clients:
         await llm.aclose()
+        assert llm.cache is not None
+        await llm.cache.aclose()  # passed in: the caller closes it
     assert 20 == sum(len(p.calls) for p in providers)
     sent = [str(r.messages[-1]["content"]) for p in providers for r in p.calls]
     assert sorted(sent) == sorted(f"question {i}" for i in range(20))
@@ -250,9 +252,11 @@ async def test_an_answer_stored_between_lookup_and_claim_is_not_sent_again(
             return await super().claim(key, seconds=seconds)
 
     provider = FakeProvider(upper)
-    async with client(provider, cache=LateClaim(redis_url, namespace=namespace)) as llm:
+    late = LateClaim(redis_url, namespace=namespace)
+    async with client(provider, cache=late) as llm:
         answer = await llm.complete("question")
         stats = llm.statistics()
+    await late.aclose()
     await other.aclose()
     assert [] == provider.calls
     assert ("from the other process", True) == (answer.text, answer.cached)
@@ -285,3 +289,19 @@ async def test_another_server_with_the_same_model_name_is_another_answer() -> No
     again = await at("http://127.0.0.1:9/v1").lookup(request)
     assert again is not None
     assert "from the local server" == again.text
+
+
+def test_one_memory_cache_serves_every_map_call_of_a_notebook() -> None:
+    """A cache object passed in is the caller's: the clients ``llmbatch.map`` opens and
+    closes leave it open, so a second call over the same prompts sends nothing."""
+    from llmbatch.cache import MemoryCache
+
+    cache = MemoryCache()
+    first, second = FakeProvider(upper), FakeProvider(upper)
+    notes = [{"text": f"note {i}"} for i in range(4)]
+    paid = llmbatch.map_sync("{text}", notes, model="m", provider=first, cache=cache)
+    served = llmbatch.map_sync("{text}", notes, model="m", provider=second, cache=cache)
+    assert (4, 0) == (len(first.calls), len(second.calls))
+    assert [r.text for r in paid.ok] == [r.text for r in served.ok]
+    assert 4 == len(served.ok)
+    assert 4 == cache.statistics().hits

@@ -55,15 +55,19 @@ def _coverage(
         return f"not looked up: {exc}"
 
     async def look() -> Coverage:
-        async with LLMClient(
-            provider,
-            model=spec.model,
-            max_tokens=spec.max_tokens,
-            cache=cache,
-            cache_policy=policy,
-            dedupe=True,  # as `llmbatch run`
-        ) as client:
-            return await cache_coverage(spec, client)
+        try:
+            async with LLMClient(
+                provider,
+                model=spec.model,
+                max_tokens=spec.max_tokens,
+                cache=cache,
+                cache_policy=policy,
+                dedupe=True,  # as `llmbatch run`
+            ) as client:
+                return await cache_coverage(spec, client)
+        finally:
+            if cache is not None:
+                await cache.aclose()
 
     return asyncio.run(look())
 

@@ -1,4 +1,5 @@
-"""``llmbatch run``: answer one prompt per record, resumably, with a live view."""
+"""``llmbatch run``: answer one prompt per record, resumably, with a live view (and,
+with ``--metrics-port``, the figures for Prometheus: :mod:`llmbatch.metrics`)."""
 
 from __future__ import annotations
 
@@ -351,6 +352,8 @@ async def _run(
     except LimiterUnavailable as exc:
         console.print(f"[red]error:[/] {exc}")
         await client.aclose()
+        if cache is not None:
+            await cache.aclose()
         store.close()
         return EXIT_ABORTED
     config = config_file()
@@ -406,7 +409,11 @@ async def _run(
     finally:
         for signum in EXIT_INTERRUPTED:
             loop.remove_signal_handler(signum)
-        await client.aclose()
+        try:
+            await client.aclose()
+        finally:
+            if cache is not None:
+                await cache.aclose()  # the client leaves a cache it was given open
         try:
             counts = write_output(spec, store=store, records=records)
         finally:
@@ -494,11 +501,19 @@ def _snapshot(progress: JobProgress, client: Any, model: str) -> dict[str, Any]:
         "in_flight": progress.in_flight,
         "in_flight_target": stats.in_flight_target.limit if stats.in_flight_target else None,
         "in_flight_reason": stats.in_flight_target.reason if stats.in_flight_target else None,
-        # attempts beyond one per item: re-asks are follow-ups, counted apart
+        # attempts beyond one per item sent: re-asks are follow-ups, counted apart, and
+        # answers from the cache or a duplicate record took no attempt
         "retries": max(
             0,
-            stats.attempts - stats.reasks - progress.done - progress.failed - progress.in_flight,
+            stats.attempts
+            - stats.reasks
+            - (progress.done - stats.cache_hits - stats.duplicates)
+            - progress.failed
+            - progress.in_flight,
         ),
+        "cache_hits": stats.cache_hits,
+        "duplicates": stats.duplicates,
+        "saved_cost": stats.saved_cost,
         "reasks": stats.reasks,
         "invalid": stats.invalid,
         "rpm": round(per_minute, 1),
@@ -534,6 +549,15 @@ def _live_view(progress: JobProgress, client: Any, model: str) -> Table:
         f"others on this key: {s['others_rpm']:.0f} req/min" if s["others_rpm"] else "",
         "",
     )
+    if s["cache_hits"] or s["duplicates"]:
+        table.add_row(
+            f"[cyan]{s['cache_hits']} from the cache[/]",
+            f"[cyan]{s['duplicates']} duplicates[/]",
+            f"saved {money(s['saved_cost'])}",
+            "",
+            "",
+            "",
+        )
     table.add_row(f"[dim]in-flight target: {s['in_flight_reason']}[/]", "", "", "", "", "")
     return table
 

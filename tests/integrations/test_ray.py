@@ -110,3 +110,22 @@ def test_failed_rows_are_rows_and_a_fatal_error_stops_the_dataset(
     with pytest.raises(Exception, match="llmbatch stopped the dataset") as caught:
         run(guarded, rows, workers=1, limits={"rpm": 10_000})
     assert "AuthenticationFailed" in str(caught.value)
+
+
+def test_a_second_dataset_is_served_from_the_shared_redis_cache(
+    cluster: None,
+    threaded_simulator_factory: Callable[..., Simulator],
+    redis_url: str,
+) -> None:
+    """``cache="redis://..."``: four workers of a first dataset store their answers;
+    a second dataset over the same rows (other workers, other processes) sends no
+    request and gets the same answers, marked as cached."""
+    sim = threaded_simulator_factory()
+    rows = [{"id": i, "text": f"cached document {i}"} for i in range(40)]
+    first = run(sim, rows, limits={"rpm": 10_000}, cache=redis_url)
+    sent = sim.stats().ok
+    second = run(sim, rows, limits={"rpm": 10_000}, cache=redis_url)
+    assert 40 == sent
+    assert 40 == sim.stats().ok  # nothing sent for the second dataset
+    answers = {r["id"]: r["llm_answer"] for r in first}
+    assert answers == {r["id"]: r["llm_answer"] for r in second}
