@@ -22,6 +22,26 @@ by ``LLMBATCH_CONFIG``; or a ``[tool.llmbatch.models."..."]`` table in ``pyproje
 The environment variable ``LLMBATCH_PROFILES`` overrides both, with the same settings
 as JSON: ``LLMBATCH_PROFILES='{"openai/gpt-4o-mini": {"rpm": 5000}}'``.
 
+A model served under another name (an Azure OpenAI *deployment*) names the model it
+serves with ``base_model``: its profile starts from that model's (the provider's own, else
+OpenAI's), prices and context window included, and the settings beside it apply on top::
+
+    [models."azure/my-deployment"]
+    base_model = "gpt-4o-mini"
+    tpm = 50000             # the deployment's quota (Azure: RPM = 6 per 1,000 TPM)
+
+What a *provider* offers is a :class:`ProviderProfile` (:data:`BUILTIN_PROVIDERS`):
+whether it has a Batch API, its discount, file limits and completion window, and where
+its rate limits come from. A model profile without its own ``batch_discount`` takes its
+provider's. Add or change one in a ``[providers."name"]`` table (or under
+``"providers"`` in ``LLMBATCH_PROFILES``), e.g. an OpenAI-compatible server that offers
+``/files`` + ``/batches``::
+
+    [providers.my-vllm]
+    batch = true
+    batch_discount = 0.0
+    batch_max_requests = 10000
+
 Quotas are kept in the process by default. To share each quota among every process and
 host that uses it (8 workers, a cluster), name a Redis server; :class:`LimiterSettings`
 reads it, and every :class:`~llmbatch.client.LLMClient` then paces through Redis::
@@ -51,13 +71,17 @@ from llmbatch.models import Usage
 
 __all__ = [
     "BUILTIN_PROFILES",
+    "BUILTIN_PROVIDERS",
     "LimiterSettings",
     "ModelProfile",
+    "ProviderProfile",
     "config_file",
     "limiter_settings",
     "load_profiles",
+    "load_providers",
     "load_settings",
     "profile_for",
+    "provider_profile",
 ]
 
 _LIMIT_FIELDS = {f.name for f in fields(Limits)}
@@ -87,6 +111,8 @@ class ModelProfile:
             and a round trip for the provider's 400 (:func:`~llmbatch.tokens.check_context_window`).
         timeout: seconds one attempt may wait for this model's answer (``None``: the
             client's default, 120 s); raise it for slow reasoning models.
+        base_model: the model this one serves, when its name is another (an Azure
+            deployment): where its prices and context window came from.
     """
 
     provider: str
@@ -100,6 +126,7 @@ class ModelProfile:
     batch_min_items: int = 100
     context_window: int | None = None
     timeout: float | None = None
+    base_model: str | None = None
 
     def cost(self, usage: Usage, *, batch: bool = False) -> float | None:
         """The price of *usage* in USD, or ``None`` when the prices are unknown.
@@ -126,6 +153,153 @@ class ModelProfile:
 
 def _or(price: float | None, default: float) -> float:
     return default if price is None else price
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProviderProfile:
+    """What one provider offers: the paths to its models, and the facts of its Batch API.
+
+    The numbers live here, not in the adapters: an OpenAI-compatible server's batch
+    backend takes its file limits, completion window and discount from its provider's
+    profile, and ``mode="auto"`` sends a job through a Batch API only where ``batch``
+    says there is one.
+
+    Args:
+        name: the provider's name (``provider`` in model profiles).
+        online: answers requests one at a time.
+        batch: has a Batch API llmbatch drives (OpenAI's ``/files`` + ``/batches``, or
+            the provider's own).
+        batch_discount: the Batch API's price cut (0.5 = half price); model profiles
+            without their own take it.
+        batch_max_requests: the most requests one batch (file) may hold.
+        batch_max_bytes: the largest batch file, in bytes.
+        completion_window: the ``completion_window`` a batch asks for.
+        limits_source: where the pace comes from: ``"headers"`` (every response reports
+            the limits and what remains), ``"remaining headers"`` (what remains only: the
+            limits are inferred from it, see :mod:`llmbatch.providers.azure`),
+            ``"profile and 429s"`` (no such headers: the model profile, lowered by 429s),
+            or ``"profile"`` (the model profile alone).
+        base_url: its OpenAI-compatible base URL, when it has one: an
+            :class:`~llmbatch.providers.openai.OpenAIProvider` pointed there takes this
+            provider's name (and so its profiles).
+    """
+
+    name: str
+    online: bool = True
+    batch: bool = False
+    batch_discount: float = 0.5
+    batch_max_requests: int = 50_000
+    batch_max_bytes: int = 200 * 1024 * 1024
+    completion_window: str = "24h"
+    limits_source: str = "profile"
+    base_url: str | None = None
+
+
+_MB = 1024 * 1024
+
+#: What each provider offers (late 2026, from the providers' documents: PROTOCOLS.md).
+#: Discounts are against the same provider's online price.
+BUILTIN_PROVIDERS: Mapping[str, ProviderProfile] = {
+    p.name: p
+    for p in (
+        ProviderProfile(
+            name="openai",
+            batch=True,
+            limits_source="headers",
+            base_url="https://api.openai.com/v1",
+        ),
+        ProviderProfile(
+            name="anthropic",
+            batch=True,
+            batch_max_requests=100_000,
+            batch_max_bytes=256 * _MB,
+            limits_source="headers",
+        ),
+        # Global Batch: 50% off Global Standard; files of up to 100,000 requests, 200 MB
+        ProviderProfile(
+            name="azure",
+            batch=True,
+            batch_max_requests=100_000,
+            limits_source="remaining headers",
+        ),
+        ProviderProfile(
+            name="gemini",
+            batch=True,
+            batch_max_bytes=2048 * _MB,
+            completion_window="48h",
+            limits_source="profile and 429s",
+        ),
+        ProviderProfile(
+            name="groq",
+            batch=True,
+            batch_discount=0.25,
+            limits_source="headers",
+            base_url="https://api.groq.com/openai/v1",
+        ),
+        ProviderProfile(
+            name="together",
+            batch=True,
+            batch_max_bytes=100 * _MB,
+            limits_source="headers",
+            base_url="https://api.together.xyz/v1",
+        ),
+        ProviderProfile(
+            name="fireworks",
+            batch=True,
+            limits_source="headers",
+            base_url="https://api.fireworks.ai/inference/v1",
+        ),
+        ProviderProfile(name="local"),
+    )
+}
+
+
+def provider_profile(
+    name: str, *, providers: Mapping[str, ProviderProfile] | None = None
+) -> ProviderProfile:
+    """The profile of the provider *name*, or one with no Batch API (an unknown
+    OpenAI-compatible server: online only until a profile says otherwise)."""
+    table = BUILTIN_PROVIDERS if providers is None else providers
+    return table.get(name) or ProviderProfile(name=name)
+
+
+def _provider_from(
+    name: str, table: Mapping[str, Any], base: ProviderProfile | None
+) -> ProviderProfile:
+    known = {f.name for f in fields(ProviderProfile)} - {"name"}
+    unknown = set(table) - known
+    if unknown:
+        raise ValueError(
+            f"llmbatch.toml: unknown settings for provider {name!r}: {sorted(unknown)}"
+        )
+    types = {
+        "online": bool,
+        "batch": bool,
+        "batch_discount": float,
+        "batch_max_requests": int,
+        "batch_max_bytes": int,
+        "completion_window": str,
+        "limits_source": str,
+        "base_url": str,
+    }
+    changes: dict[str, Any] = {}
+    for key, value in table.items():
+        kind = types[key]
+        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+        if kind is float:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if not ok:
+            raise ValueError(
+                f"llmbatch.toml: {key} for provider {name!r} must be a {kind.__name__}, "
+                f"not {value!r}"
+            )
+        changes[key] = float(value) if kind is float else value
+    discount = changes.get("batch_discount", 0.0)
+    if not 0.0 <= discount < 1.0:
+        raise ValueError(
+            f"llmbatch.toml: batch_discount for provider {name!r} must be within [0, 1)"
+        )
+    return replace(base or ProviderProfile(name=name), **changes)
 
 
 def _profile(
@@ -160,6 +334,18 @@ def _anthropic_cache(input_price: float) -> tuple[float, float]:
 #: (:data:`llmbatch.providers.local.DEFAULT_N_CTX`; config cannot import a provider)
 _LOCAL_N_CTX = 2048
 
+
+_OPENAI_CHAT = {
+    # model: (prices, cached input price, context window)
+    "gpt-4o-mini": ((0.15, 0.60), 0.075, 128_000),
+    "gpt-4o": ((2.50, 10.00), 1.25, 128_000),
+    "gpt-4.1-mini": ((0.40, 1.60), 0.10, 1_047_576),
+    "gpt-4.1": ((2.00, 8.00), 0.50, 1_047_576),
+}
+_AZURE_BASES = tuple(
+    _profile("openai", model, prices, window=window, cache=(cached, None))
+    for model, (prices, cached, window) in _OPENAI_CHAT.items()
+)
 
 #: Conservative defaults (first usage tier; list prices in USD per 1M tokens, late 2026).
 #: They are starting estimates: the limits the provider reports for your key in its
@@ -241,6 +427,50 @@ BUILTIN_PROFILES: Mapping[str, ModelProfile] = {
             input_tpm=30_000,
             output_tpm=8_000,
         ),
+        # Gemini (paid tier 1; <=200k-token prompts for 2.5 Pro): implicit caching reads at
+        # a tenth of the input price. Gemini reports no limits in headers: these pace
+        # the job, and its 429s (with their retryDelay) correct it. Its TPM counts input
+        # tokens. RPD is left out: a per-day 429 stops the job (QuotaExhausted).
+        _profile(
+            "gemini",
+            "gemini-2.5-flash",
+            (0.30, 2.50),
+            window=1_048_576,
+            cache=(0.03, None),
+            rpm=1000,
+            tpm=1_000_000,
+        ),
+        _profile(
+            "gemini",
+            "gemini-2.5-flash-lite",
+            (0.10, 0.40),
+            window=1_048_576,
+            cache=(0.01, None),
+            rpm=4000,
+            tpm=4_000_000,
+        ),
+        _profile(
+            "gemini",
+            "gemini-2.5-pro",
+            (1.25, 10.00),
+            window=1_048_576,
+            cache=(0.125, None),
+            rpm=150,
+            tpm=2_000_000,
+        ),
+        # Azure OpenAI: the model name is the deployment's. Deployments named after their
+        # model find these (Global Standard list prices, OpenAI's); others name it with
+        # base_model. Limits: a starting estimate of a deployment's quota (RPM = 6 per
+        # 1,000 TPM); what its responses report replaces it.
+        *(
+            replace(
+                served,
+                provider="azure",
+                base_model=served.model,
+                limits=Limits(learn=True, tpm=50_000, rpm=300),
+            )
+            for served in _AZURE_BASES
+        ),
         ModelProfile(
             provider="local",
             model="SmolLM2-135M-Instruct",
@@ -253,7 +483,13 @@ BUILTIN_PROFILES: Mapping[str, ModelProfile] = {
 }
 
 
-def _from_table(name: str, table: Mapping[str, Any], base: ModelProfile | None) -> ModelProfile:
+def _from_table(
+    name: str,
+    table: Mapping[str, Any],
+    base: ModelProfile | None,
+    profiles: Mapping[str, ModelProfile] | None = None,
+    providers: Mapping[str, ProviderProfile] | None = None,
+) -> ModelProfile:
     provider, _, model = name.partition("/")
     if not model:
         raise ValueError(f"llmbatch.toml: model names are 'provider/model', not {name!r}")
@@ -262,7 +498,7 @@ def _from_table(name: str, table: Mapping[str, Any], base: ModelProfile | None) 
         - _LIMIT_FIELDS
         - {"input_price", "output_price", "cached_input_price", "cache_write_price"}
         - {"batch_discount"}
-        - {"batch_min_items", "context_window", "timeout"}
+        - {"batch_min_items", "context_window", "timeout", "base_model"}
     )
     if unknown:
         raise ValueError(f"llmbatch.toml: unknown settings for {name!r}: {sorted(unknown)}")
@@ -282,17 +518,40 @@ def _from_table(name: str, table: Mapping[str, Any], base: ModelProfile | None) 
             f"llmbatch.toml: timeout for {name!r} must be a positive number of seconds, "
             f"not {timeout!r}"
         )
-    profile = base or ModelProfile(provider=provider, model=model)
+    served = table.get("base_model")
+    if served is not None:
+        base = _served_by(name, served, profiles or {})
+    if base is None:
+        discount = provider_profile(provider, providers=providers).batch_discount
+        base = ModelProfile(provider=provider, model=model, batch_discount=discount)
+        start = Limits(learn=True)
+    else:
+        start = base.limits
+    profile = base
     limit_changes = {k: v for k, v in table.items() if k in _LIMIT_FIELDS}
     if limit_changes:
-        start = profile.limits if base is not None else Limits(learn=True)
         profile = replace(profile, limits=start.copy(**limit_changes))
     price_changes: dict[str, Any] = {
         k: int(v) if k in ("batch_min_items", "context_window") else float(v)
         for k, v in table.items()
-        if k not in _LIMIT_FIELDS
+        if k not in _LIMIT_FIELDS and k != "base_model"
     }
     return replace(profile, **price_changes)
+
+
+def _served_by(name: str, served: Any, profiles: Mapping[str, ModelProfile]) -> ModelProfile:
+    """The starting profile of *name*, a model serving *served* under another name: the
+    provider's own profile of *served*, else OpenAI's, renamed."""
+    provider, _, model = name.partition("/")
+    if not isinstance(served, str) or not served:
+        raise ValueError(f"llmbatch.toml: base_model for {name!r} must be a model name")
+    found = profiles.get(f"{provider}/{served}") or profiles.get(f"openai/{served}")
+    if found is None:
+        raise ValueError(
+            f"llmbatch.toml: base_model {served!r} for {name!r} has no profile "
+            f"(neither {provider}/{served} nor openai/{served})"
+        )
+    return replace(found, provider=provider, model=model, base_model=served)
 
 
 def config_file(path: str | Path | None = None) -> Path | None:
@@ -342,10 +601,28 @@ def load_profiles(path: str | Path | None = None) -> dict[str, ModelProfile]:
     return _profiles_from(_settings(path)[1])
 
 
+def load_providers(path: str | Path | None = None) -> dict[str, ProviderProfile]:
+    """The built-in provider profiles, overridden and extended by the ``[providers]``
+    tables of the configuration file (see :func:`config_file`).
+
+    Raises:
+        ValueError: a table has unknown settings or values of the wrong type.
+    """
+    return _providers_from(_settings(path)[1])
+
+
+def _providers_from(data: Mapping[str, Any]) -> dict[str, ProviderProfile]:
+    providers = dict(BUILTIN_PROVIDERS)
+    for name, table in (data.get("providers") or {}).items():
+        providers[name] = _provider_from(name, table, providers.get(name))
+    return providers
+
+
 def _profiles_from(data: Mapping[str, Any]) -> dict[str, ModelProfile]:
     profiles = dict(BUILTIN_PROFILES)
+    providers = _providers_from(data)
     for name, table in (data.get("models") or {}).items():
-        profiles[name] = _from_table(name, table, profiles.get(name))
+        profiles[name] = _from_table(name, table, profiles.get(name), profiles, providers)
     overrides = os.environ.get("LLMBATCH_PROFILES")
     if overrides:
         try:
@@ -355,17 +632,21 @@ def _profiles_from(data: Mapping[str, Any]) -> dict[str, ModelProfile]:
         if not isinstance(tables, dict):
             raise ValueError("LLMBATCH_PROFILES must be a JSON object of model settings")
         for name, table in tables.items():
-            profiles[name] = _from_table(name, table, profiles.get(name))
+            profiles[name] = _from_table(name, table, profiles.get(name), profiles, providers)
     return profiles
 
 
 def profile_for(
     provider: str, model: str, *, profiles: Mapping[str, ModelProfile] | None = None
 ) -> ModelProfile:
-    """The profile of *provider*/*model*, or an unpriced ``Limits.auto()`` one."""
+    """The profile of *provider*/*model*, or an unpriced ``Limits.auto()`` one (with
+    its built-in provider's batch discount)."""
     table = load_profiles() if profiles is None else profiles
     found = table.get(f"{provider}/{model}")
-    return found or ModelProfile(provider=provider, model=model)
+    if found is not None:
+        return found
+    discount = provider_profile(provider).batch_discount
+    return ModelProfile(provider=provider, model=model, batch_discount=discount)
 
 
 # -- where quotas are kept ----------------------------------------------------------------

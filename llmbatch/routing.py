@@ -4,7 +4,9 @@
 all of these hold, and says why in a ``routing.choice`` log event with the expected
 saving:
 
-* the provider has a Batch API (OpenAI, Anthropic; not the local model);
+* the provider has a Batch API (OpenAI, Anthropic, Azure, and the OpenAI-compatible
+  servers whose provider profile says so: Groq, Together, Fireworks; not the local model,
+  nor a server without such a profile: see :func:`has_batch_api`);
 * the job is large enough to be worth the wait: at least the model profile's
   ``batch_min_items`` (default 100, settable in ``llmbatch.toml``);
 * the caller accepts the latency: ``prefer="cost"``, or a ``deadline`` (seconds) at
@@ -34,6 +36,7 @@ __all__ = [
     "Route",
     "choose_route",
     "estimated_usage",
+    "has_batch_api",
     "plan",
 ]
 
@@ -73,6 +76,13 @@ class Route:
         return self.cost_online - self.cost_batch
 
 
+def has_batch_api(provider: object) -> bool:
+    """Whether *provider* has a Batch API path: a ``batch()`` method, unless it says it
+    has none (``has_batch_api`` false: an OpenAI-compatible server whose provider
+    profile offers no ``/files`` + ``/batches``)."""
+    return isinstance(provider, SupportsBatch) and getattr(provider, "has_batch_api", True)
+
+
 def choose_route(
     mode: str,
     *,
@@ -102,7 +112,7 @@ def choose_route(
         raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     if prefer not in (None, "cost", "speed"):
         raise ValueError(f"prefer must be 'cost' or 'speed', not {prefer!r}")
-    has_batch = isinstance(provider, SupportsBatch)
+    has_batch = has_batch_api(provider)
     name = getattr(provider, "name", type(provider).__name__)
     online = batch = None
     if usage is not None:

@@ -100,6 +100,7 @@ TESTING_ALL = [
 NOT_LIBRARY_ERRORS = {
     "llmbatch.testing._batchsim._Reject",
     "llmbatch.testing._endpoint.ApiError",
+    "llmbatch.testing._gemini.GoogleError",
     # the simulator's own reasons to answer 400 to a response_format or tool schema
     "llmbatch.testing._schema.SchemaError",
     "llmbatch.testing._schema._Unsupported",

@@ -58,6 +58,7 @@ import httpx2
 import openai
 
 from llmbatch.batchapi import AnyRequest, BatchLimits, BatchStatus, Outcome
+from llmbatch.config import ProviderProfile, load_providers, provider_profile
 from llmbatch.errors import (
     AuthenticationFailed,
     BadRequest,
@@ -348,10 +349,11 @@ class OpenAIProvider(AsyncClosing):
         base_url: str | None = None,
         timeout: float = 600.0,
         client: openai.AsyncOpenAI | None = None,
-        name: str = "openai",
+        name: str | None = None,
         transport: Literal["aiohttp", "httpx"] = "aiohttp",
         structured_outputs: StructuredOutputs = "json_schema",
         strict: bool | None = None,
+        profile: ProviderProfile | None = None,
     ) -> None:
         if structured_outputs not in ("json_schema", "json_object"):
             raise ValueError(
@@ -368,7 +370,10 @@ class OpenAIProvider(AsyncClosing):
             http_client=http_client(transport, timeout),
         )
         self._owns_client = client is None
-        self.name = name
+        providers = load_providers() if profile is None else {}
+        self.name = name or (profile.name if profile else _named_by_url(self._client, providers))
+        #: what the provider offers (its Batch API's limits, window and discount)
+        self.profile = profile or provider_profile(self.name, providers=providers)
         self.quota_key = key_fingerprint(self._client.api_key) + "@" + str(self._client.base_url)
         key = self._client.api_key or ""
         #: the last four characters of the key, the only part ever shown
@@ -510,9 +515,36 @@ class OpenAIProvider(AsyncClosing):
             headers=headers,
         )
 
+    @property
+    def has_batch_api(self) -> bool:
+        """Whether the server offers ``/files`` + ``/batches``: its provider profile says
+        so (OpenAI, Azure, Groq, Together, Fireworks; an unknown server does not until a
+        ``[providers]`` table says ``batch = true``)."""
+        return self.profile.batch
+
     def batch(self) -> OpenAIBatchBackend:
-        """This provider's Batch API (half price, its own quota)."""
-        return OpenAIBatchBackend(self, self._client)
+        """This provider's Batch API (its own quota; file limits and completion window
+        from the provider's profile)."""
+        return OpenAIBatchBackend(
+            self,
+            self._client,
+            limits=BatchLimits(
+                max_requests=self.profile.batch_max_requests,
+                max_bytes=self.profile.batch_max_bytes,
+                one_model=True,
+            ),
+            completion_window=self.profile.completion_window,
+        )
+
+
+def _named_by_url(client: openai.AsyncOpenAI, providers: Mapping[str, ProviderProfile]) -> str:
+    """The provider whose profile names *client*'s base URL (Groq, Together...), else
+    ``"openai"`` (OpenAI itself, or a compatible server, named so for its profiles)."""
+    url = str(client.base_url).rstrip("/")
+    for found in providers.values():
+        if found.base_url is not None and found.base_url.rstrip("/") == url:
+            return found.name
+    return "openai"
 
 
 def _get(value: Any, *names: str) -> Any:
@@ -596,7 +628,18 @@ def embedding_response(
 
 
 class OpenAIBatchBackend:
-    """OpenAI's Batch API: a JSONL file uploaded to ``/v1/files``, a ``/v1/batches`` job."""
+    """OpenAI's Batch API: a JSONL file uploaded to ``/v1/files``, a ``/v1/batches`` job;
+    the same on any server that speaks it (Azure OpenAI, Groq, Together, Fireworks).
+
+    Args:
+        provider: the provider whose requests the lines carry.
+        client: its SDK client (an ``AsyncAzureOpenAI`` adds ``api-version`` and Azure's
+            paths).
+        limits: what one batch may hold (default: OpenAI's).
+        completion_window: the window each batch asks for.
+        url_prefix: what the lines' ``url`` (and the batch's ``endpoint``) start with:
+            ``"/v1"`` (OpenAI), ``""`` (Azure: ``/chat/completions``).
+    """
 
     limits = BatchLimits(max_requests=50_000, max_bytes=200 * 1024 * 1024, one_model=True)
 
@@ -606,12 +649,16 @@ class OpenAIBatchBackend:
         client: openai.AsyncOpenAI,
         *,
         limits: BatchLimits | None = None,
+        completion_window: str = "24h",
+        url_prefix: str = "/v1",
     ) -> None:
         self.provider = provider
         self.name = provider.name
         self._client = client
         if limits is not None:
             self.limits = limits
+        self.completion_window = completion_window
+        self.url_prefix = url_prefix
 
     def line(self, custom_id: str, request: AnyRequest) -> dict[str, Any]:
         """``{"custom_id", "method", "url", "body"}`` (chat completions or embeddings)."""
@@ -619,27 +666,30 @@ class OpenAIBatchBackend:
             return {
                 "custom_id": custom_id,
                 "method": "POST",
-                "url": "/v1/embeddings",
+                "url": f"{self.url_prefix}/embeddings",
                 "body": self.provider.embedding_params(request),
             }
         return {
             "custom_id": custom_id,
             "method": "POST",
-            "url": "/v1/chat/completions",
+            "url": f"{self.url_prefix}/chat/completions",
             "body": self.provider.chat_params(request),
         }
 
     async def submit(self, lines: Sequence[Mapping[str, Any]], *, model: str | None) -> str:
         """Upload the lines and create the batch."""
         content = "".join(json.dumps(line) + "\n" for line in lines).encode()
+        # the SDK's types know OpenAI's values only; compatible servers take others
+        endpoint: Any = lines[0]["url"] if lines else f"{self.url_prefix}/chat/completions"
+        window: Any = self.completion_window
         try:
             uploaded = await self._client.files.create(
                 file=("llmbatch.jsonl", content), purpose="batch"
             )
             batch = await self._client.batches.create(
                 input_file_id=uploaded.id,
-                endpoint=lines[0]["url"] if lines else "/v1/chat/completions",
-                completion_window="24h",
+                endpoint=endpoint,
+                completion_window=window,
                 metadata={"created_by": "llmbatch"},
             )
         except openai.OpenAIError as exc:

@@ -54,6 +54,11 @@ result rendering for batches of 5,000+ requests (or 4 MiB+ bodies) run in a work
 so the online endpoints sharing the event loop keep answering; smaller batches stay
 inline, which keeps fake-clock tests free of threads. A middleware must not consume the
 multipart body of ``POST /v1/files`` (JSON bodies already read by a middleware are fine).
+
+Azure OpenAI's Global Batch is the same API under ``/openai/files`` and
+``/openai/batches`` (as ``AsyncAzureOpenAI`` calls them, with the ``api-version`` query
+parameter): its batches and lines name endpoints without ``/v1`` (``/chat/completions``)
+and lines' ``model`` is a deployment. It shares the files and batches of the OpenAI routes.
 """
 
 from __future__ import annotations
@@ -119,6 +124,10 @@ _OFFLOAD_BYTES = 4 * _MiB
 #: slack when dividing elapsed time by the per-request time
 _EPSILON = 1e-9
 _EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
+#: the endpoints Azure names without ``/v1``
+_AZURE_ENDPOINTS = frozenset(e.removeprefix("/v1") for e in _OPENAI_ENDPOINTS)
+#: where Azure's routes live
+_AZURE_PREFIX = "/openai/"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -521,8 +530,11 @@ class _ParsedInput:
     model: str | None = None
 
 
-def _parse_openai_input(content: bytes, endpoint: str, config: BatchSimConfig) -> _ParsedInput:
-    """Validate an input file line by line, as OpenAI does while a batch is ``validating``."""
+def _parse_openai_input(
+    content: bytes, endpoint: str, config: BatchSimConfig, *, azure: bool = False
+) -> _ParsedInput:
+    """Validate an input file line by line, as OpenAI does while a batch is ``validating``
+    (*azure*: lines name the endpoint without ``/v1``, as Azure's do)."""
     parsed = _ParsedInput()
     seen: set[str] = set()
     model_line = 0
@@ -571,7 +583,10 @@ def _parse_openai_input(content: bytes, endpoint: str, config: BatchSimConfig) -
                 )
             )
             continue
-        if line.get("url") != endpoint:
+        url = line.get("url")
+        if azure and isinstance(url, str) and not url.startswith("/v1/"):
+            url = "/v1" + url
+        if url != endpoint:
             parsed.errors.append(
                 _line_error(
                     "url_mismatch",
@@ -1043,6 +1058,27 @@ def _limit(value: str | None, *, default: int, maximum: int) -> int:
 # The backend
 
 
+def _is_azure(request: web.Request) -> bool:
+    """Whether *request* came through one of Azure's routes."""
+    return request.path.startswith(_AZURE_PREFIX)
+
+
+def _azure(handler: _Handler) -> _Handler:
+    """*handler* as an Azure route: the ``api-version`` query parameter is required
+    (the path, under ``/openai/``, says that endpoints come without ``/v1``)."""
+
+    async def route(request: web.Request) -> web.StreamResponse:
+        if not request.query.get("api-version"):
+            raise _Reject(
+                400,
+                "The api-version query parameter (?api-version=) is required for all requests.",
+                code="MissingApiVersionParameter",
+            )
+        return await handler(request)
+
+    return route
+
+
 class BatchBackend:
     """OpenAI Files/Batches and Anthropic Message Batches endpoints for the simulator.
 
@@ -1128,6 +1164,9 @@ class BatchBackend:
         ]
         for method, path, handler in openai_routes:
             app.router.add_route(method, path, self._openai_route(handler))
+            # Azure OpenAI: /openai/files, /openai/batches... (?api-version=)
+            azure_path = _AZURE_PREFIX + path.removeprefix("/v1/")
+            app.router.add_route(method, azure_path, self._openai_route(_azure(handler)))
         for method, path, handler in anthropic_routes:
             app.router.add_route(method, path, self._anthropic_route(handler))
 
@@ -1538,6 +1577,9 @@ class BatchBackend:
 
     async def _create_batch(self, request: web.Request) -> web.StreamResponse:
         body = await self._json_body(request)
+        named = body.get("endpoint")
+        if _is_azure(request) and isinstance(named, str) and named in _AZURE_ENDPOINTS:
+            body = {**body, "endpoint": "/v1" + named}
         self._validate_batch_request(body)
         input_file_id = body["input_file_id"]
         source = self._files.get(input_file_id) if isinstance(input_file_id, str) else None
@@ -1558,11 +1600,12 @@ class BatchBackend:
         config = self._config
         endpoint: str = body["endpoint"]
         batch_id = self._new_id("batch_", 32)
+        azure = _is_azure(request)
 
         start_at = now + config.validating_seconds
 
         def validate() -> tuple[_ParsedInput, list[_Item]]:
-            parsed = _parse_openai_input(source.content, endpoint, config)
+            parsed = _parse_openai_input(source.content, endpoint, config, azure=azure)
             items = _openai_items(parsed.requests, endpoint, config, batch_id)
             if self._prompt_cache and endpoint == "/v1/chat/completions":
                 items = _with_prompt_cache(

@@ -8,10 +8,21 @@ admission and never refunded: that is OpenAI's documented reservation rule. Prom
 tokens read from the prompt cache count like any others (caching does not change rate
 limits); chat answers report them as ``usage.prompt_tokens_details.cached_tokens``
 (see :mod:`llmbatch.testing._cache`).
+
+Azure OpenAI's flavour of the same endpoints (:class:`AzureChatCompletions`,
+:class:`AzureEmbeddings`) serves ``/openai/deployments/{deployment}/...`` and needs the
+``api-version`` query parameter. Each (key, deployment) has a tokens-per-minute bucket
+(``tpm``) and a requests bucket of ``rpm`` (default: Azure's 6 per 1,000 TPM) enforced
+as ``rpm / 6`` per 10 seconds, as Azure does. Responses report what remains
+(``x-ratelimit-remaining-requests`` of the 10-second window, ``-tokens`` of the minute)
+and never the limits; a 429 is ``{"error": {"code": "429", "message": "Requests to the
+... Please retry after N seconds. ..."}}`` with ``retry-after-ms`` and ``retry-after``.
+A key without quota gets Azure's 429 asking to retry after 86,400 seconds.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -42,7 +53,14 @@ if TYPE_CHECKING:
 
     from llmbatch.testing._config import SimulatorConfig
 
-__all__ = ["ORGANIZATION", "ChatCompletions", "Embeddings"]
+__all__ = [
+    "AZURE_API_VERSION",
+    "ORGANIZATION",
+    "AzureChatCompletions",
+    "AzureEmbeddings",
+    "ChatCompletions",
+    "Embeddings",
+]
 
 #: the organization named in rate-limit messages
 ORGANIZATION = "org-llmbatch-sim"
@@ -399,3 +417,122 @@ class Embeddings(_OpenAI):
     ) -> CacheUse:
         """Embeddings are never cached."""
         return NO_CACHE
+
+
+# -- Azure OpenAI ----------------------------------------------------------------------------
+
+#: the API version Azure's messages name when a request's is not at hand
+AZURE_API_VERSION = "2024-10-21"
+#: Azure enforces a deployment's requests per minute over 10-second windows
+_AZURE_WINDOW = 10.0
+#: Azure's body ``type`` marker: errors in Azure's own shape (``code`` and ``message``)
+_AZURE = "azure"
+_QUOTA_INCREASE = (
+    "Please go here: https://aka.ms/oai/quotaincrease if you would like to further "
+    "increase the default rate limit."
+)
+
+
+class _Azure(_OpenAI):
+    """What Azure OpenAI does differently from OpenAI (see the module docstring)."""
+
+    provider = "azure"
+    operation = "ChatCompletions_Create"
+
+    @staticmethod
+    def bucket_specs(config: SimulatorConfig) -> list[tuple[str, float, int]]:
+        rpm = config.rpm
+        if rpm is None and config.tpm is not None:
+            rpm = max(1, config.tpm * 6 // 1000)
+        specs: list[tuple[str, float, int]] = []
+        if rpm is not None:
+            specs.append(("requests", _AZURE_WINDOW, max(1, rpm // 6)))
+        if config.tpm is not None:
+            specs.append(("tokens", MINUTE, config.tpm))
+        return specs
+
+    def error_body(self, error: ApiError, request_id: str) -> dict[str, Any]:
+        if error.type == _AZURE:
+            return {"error": {"code": error.code, "message": error.message}}
+        return super().error_body(error, request_id)
+
+    def unauthorized(self, *, missing: bool) -> ApiError:
+        return ApiError(
+            401,
+            "Access denied due to invalid subscription key or wrong API endpoint. Make sure "
+            "to provide a valid key for an active subscription and use a correct regional "
+            "API endpoint for your resource.",
+            type=_AZURE,
+            code="401",
+        )
+
+    def check_headers(self, request: web.Request) -> None:
+        """Azure needs the ``api-version`` query parameter."""
+        if not request.query.get("api-version"):
+            raise ApiError(
+                400,
+                "The api-version query parameter (?api-version=) is required for all requests.",
+                type=_AZURE,
+                code="MissingApiVersionParameter",
+            )
+
+    def _throttled(self, what: str, seconds: float, label: str) -> ApiError:
+        wait = max(1, math.ceil(seconds - 1e-9))
+        return ApiError(
+            429,
+            f"Requests to the {self.operation} Operation under Azure OpenAI API version "
+            f"{AZURE_API_VERSION} have exceeded {what} rate limit of your current OpenAI S0 "
+            f"pricing tier. Please retry after {wait} seconds. {_QUOTA_INCREASE}",
+            type=_AZURE,
+            code="429",
+            headers=retry_headers(seconds),
+            label=label,
+        )
+
+    def out_of_quota(self) -> ApiError:
+        return self._throttled("token", 86_400.0, "quota")
+
+    def rate_limited(self, rejection: Rejection, model: str) -> ApiError:
+        if rejection.too_large:
+            return super().rate_limited(rejection, model)
+        what = "call" if rejection.name == "requests" else "token"
+        return self._throttled(what, rejection.retry_after, rejection.name)
+
+    def ratelimit_headers(self, quota: Quota, headers: dict[str, str]) -> None:
+        requests = quota.bucket("requests", _AZURE_WINDOW)
+        tokens = quota.bucket("tokens")
+        if requests is not None:
+            headers["x-ratelimit-remaining-requests"] = str(requests.remaining)
+        if tokens is not None:
+            headers["x-ratelimit-remaining-tokens"] = str(tokens.remaining)
+
+    def fault_error(self, fault: Fault, model: str) -> ApiError:
+        if fault.status == 429 and fault.error_type != "insufficient_quota":
+            seconds = 1.0 if fault.retry_after is None else fault.retry_after
+            kind = fault.error_type or "requests"
+            return self._throttled("call" if kind == "requests" else "token", seconds, kind)
+        if fault.status == 429:
+            return self.out_of_quota()
+        return super().fault_error(fault, model)
+
+    def model_not_found(self, model: str) -> ApiError:
+        return ApiError(
+            404,
+            "The API deployment for this resource does not exist. If you created the "
+            "deployment within the last 5 minutes, please wait a moment and try again.",
+            type=_AZURE,
+            code="DeploymentNotFound",
+        )
+
+
+class AzureChatCompletions(_Azure, ChatCompletions):
+    """``POST /openai/deployments/{deployment}/chat/completions?api-version=...``."""
+
+    path = "/openai/deployments/{deployment}/chat/completions"
+
+
+class AzureEmbeddings(_Azure, Embeddings):
+    """``POST /openai/deployments/{deployment}/embeddings?api-version=...``."""
+
+    path = "/openai/deployments/{deployment}/embeddings"
+    operation = "Embeddings_Create"

@@ -1,4 +1,4 @@
-"""A provider simulator: a real OpenAI- and Anthropic-compatible HTTP server on 127.0.0.1.
+"""A provider simulator: a real OpenAI-, Anthropic- and Gemini-compatible HTTP server on 127.0.0.1.
 
 It answers the way the providers do under pressure (see ``shared/PROTOCOLS.md``): 429s
 with the exact bodies and headers once a limit is crossed, tokens charged the way
@@ -11,8 +11,14 @@ demand, and the Batch APIs. Point the official SDKs, or llmbatch, at it::
         assert sim.stats().throttled == 0
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/embeddings``, ``GET /v1/models``
-(OpenAI); ``POST /v1/messages`` (Anthropic); the Batch API routes of
-:mod:`llmbatch.testing._batchsim` unless ``batch=None``; ``GET /stats`` and
+(OpenAI); ``POST /v1/messages`` (Anthropic); ``POST
+/v1beta/models/{model}:generateContent`` (Gemini, ``base_url`` :attr:`Simulator.url`);
+Azure OpenAI's ``POST /openai/deployments/{deployment}/chat/completions`` and
+``/embeddings`` (``api-version`` query, ``api-key`` header; see
+:mod:`llmbatch.testing._openai`); the Batch API routes of
+:mod:`llmbatch.testing._batchsim` (OpenAI's also under ``/openai/``, as Azure's
+client calls them) and Gemini's of
+:mod:`llmbatch.testing._gemini` unless ``batch=None``; ``GET /stats`` and
 ``POST /stats/reset``.
 
 Prompt caching is reported as each provider reports it (``prompt_cache``; see
@@ -21,8 +27,9 @@ Anthropic's cache reads and writes for ``cache_control`` prefixes, online and in
 
 Every online request goes through the same steps, in this order:
 
-1. **authenticate**: ``Authorization: Bearer <key>`` or ``x-api-key``; 401 if missing, or
-   not in ``api_keys`` when that is set. The key is never echoed.
+1. **authenticate**: ``Authorization: Bearer <key>``, ``x-api-key``, Azure's ``api-key``,
+   or Gemini's ``x-goog-api-key`` / ``?key=``; 401 if missing, or not in ``api_keys`` when that is
+   set (Gemini: 403 and 400 ``API_KEY_INVALID``). The key is never echoed.
 2. **parse and validate**: 400 in the provider's shape (``context_length_exceeded``
    against ``context_window``; Anthropic also needs ``anthropic-version``).
 3. **fault plan**: count the request for its key and pick a fault (see :class:`Fault`);
@@ -65,7 +72,13 @@ from llmbatch.testing._batchsim import BatchBackend, BatchSimConfig
 from llmbatch.testing._config import DEFAULT_MODELS, SimulatorConfig
 from llmbatch.testing._endpoint import Answer, ApiError, Endpoint, dumps
 from llmbatch.testing._faults import Fault, FaultPlan, RequestInfo
-from llmbatch.testing._openai import ChatCompletions, Embeddings
+from llmbatch.testing._gemini import GeminiBatches, GenerateContent, google_api_key
+from llmbatch.testing._openai import (
+    AzureChatCompletions,
+    AzureEmbeddings,
+    ChatCompletions,
+    Embeddings,
+)
 from llmbatch.testing._quota import Quota
 from llmbatch.testing._stats import Recorder, SimulatorStats
 from llmbatch.testing._structured import SPOILS
@@ -131,6 +144,8 @@ class Simulator:
         self._openai = ChatCompletions(config)
         self._anthropic = Messages(config)
         self._endpoints: list[Endpoint] = [self._openai, Embeddings(config), self._anthropic]
+        self._endpoints.append(GenerateContent(config))
+        self._endpoints += [AzureChatCompletions(config), AzureEmbeddings(config)]
         self._quotas: dict[tuple[str, str, str], Quota] = {}
         self._recorder = Recorder()
         self._batch = (
@@ -138,6 +153,7 @@ class Simulator:
             if config.batch
             else None
         )
+        self._gemini_batch = GeminiBatches(config, clock=batch_clock) if config.batch else None
         self._id_prefix = secrets.token_hex(6)
         self._ids = itertools.count(1)
         self._semaphore: asyncio.Semaphore | None = None
@@ -168,7 +184,12 @@ class Simulator:
 
     def stats(self) -> SimulatorStats:
         """A snapshot of the counters (see :class:`SimulatorStats`)."""
-        return self._recorder.snapshot(self._batch.stats() if self._batch else {})
+        batch = self._batch.stats() if self._batch else {}
+        if self._gemini_batch is not None:
+            gemini = self._gemini_batch.stats()
+            batch = {**batch, **gemini}
+            batch["batches_created"] += gemini["gemini_batches_created"]
+        return self._recorder.snapshot(batch)
 
     def reset_stats(self) -> None:
         """Zero the online counters (the batch backend keeps its own)."""
@@ -189,6 +210,8 @@ class Simulator:
         app.router.add_post("/stats/reset", self._reset_stats)
         if self._batch is not None:
             self._batch.add_routes(app)
+        if self._gemini_batch is not None:
+            self._gemini_batch.add_routes(app)
         # handler_cancellation: a client that gives up on a hang frees the handler at once
         runner = web.AppRunner(
             app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0
@@ -248,6 +271,9 @@ class Simulator:
             endpoint.check_headers(request)
             raw = await request.read()
             body = _json_object(raw)
+            deployment = request.match_info.get("deployment")
+            if deployment is not None:  # Azure: the path names the model, not the body
+                body["model"] = deployment
             model, prompt_tokens, reserved = endpoint.validate(body)
             fault = self._pick_fault(endpoint, api_key, model, body)
             spoil = None
@@ -374,7 +400,8 @@ class Simulator:
 
     def _authenticate(self, request: web.Request, endpoint: Endpoint) -> str:
         headers = request.headers
-        key = headers.get("x-api-key", "")
+        key = headers.get("x-api-key", "") or headers.get("api-key", "")
+        key = key or google_api_key(request)
         if not key:
             scheme, _, credentials = headers.get("Authorization", "").partition(" ")
             key = credentials.strip() if scheme.lower() == "bearer" else ""
