@@ -42,6 +42,7 @@ LAYERS: dict[str, int] = {
     "io": 4,
     "cli": 5,
     "integrations": 5,
+    "metrics": 5,
     "testing": 5,
     "compat": 5,
     "__main__": 5,
