@@ -20,6 +20,8 @@ template and items.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import copy
 import math
 import string
 from collections import OrderedDict
@@ -29,6 +31,7 @@ from collections.abc import (
     Awaitable,
     Callable,
     Iterable,
+    Iterator,
     Mapping,
     Sequence,
 )
@@ -75,6 +78,13 @@ from llmbatch.limits import (
 )
 from llmbatch.models import Embedding, EmbeddingRequest, Request, Response, Usage
 from llmbatch.providers.base import Admission, AsyncClosing, Provider, SupportsEmbeddings
+from llmbatch.providers.pool import (
+    DEFAULT_FALLBACK_ON,
+    JOB_FALLBACK_ON,
+    RETIRES_KEY,
+    Fallback,
+    KeyPool,
+)
 from llmbatch.retry import (
     RetryLog,
     RetryPolicy,
@@ -131,6 +141,11 @@ class ClientStatistics:
     #: what those answers cost when they were first paid for (USD)
     saved_cost: float = 0.0
 
+
+#: the provider the current call goes to when it is not the client's own (a fallback's)
+_ROUTE: contextvars.ContextVar[Provider | None] = contextvars.ContextVar(
+    "llmbatch_route", default=None
+)
 
 logger = get_logger("llmbatch.client")
 
@@ -384,6 +399,20 @@ class LLMClient(AsyncClosing):
             Requests that ask for samples (a temperature above 0, ``n`` > 1) are each
             sent. Off by default for a client; ``llmbatch.map`` and ``llmbatch run``
             turn it on for their one job.
+        fallbacks: other routes, in order (:class:`~llmbatch.providers.pool.Fallback`,
+            or a model name of this provider). An item whose final error is one of
+            *fallback_on* is sent to the next route; a route that fails fatally for the
+            whole job (:data:`~llmbatch.providers.pool.JOB_FALLBACK_ON`: a refused key,
+            an exhausted quota, an unknown model, an unreachable server) is left, with
+            one WARNING, for every item still to answer. The response names the model
+            and provider that answered, and is priced at that model's prices.
+        fallback_on: the item errors that go to the next fallback (default
+            :data:`~llmbatch.providers.pool.DEFAULT_FALLBACK_ON`: unavailable or timed
+            out after the retries, context too long, content filtered).
+
+    The provider may be a :class:`~llmbatch.providers.pool.KeyPool` of several keys:
+    each key keeps its own limiter, every request goes through the key with the most
+    room, and a key the provider refuses is retired while the others go on.
 
     A fatal error (a refused key, an exhausted quota, the budget, a provider that
     cannot be reached) stops :meth:`map`: no new request starts, requests already at
@@ -411,10 +440,18 @@ class LLMClient(AsyncClosing):
         cache: ResponseCache | str | None = None,
         cache_policy: CachePolicy | None = None,
         dedupe: bool = False,
+        fallbacks: Sequence[Fallback | str] = (),
+        fallback_on: tuple[type[LLMBatchError], ...] = DEFAULT_FALLBACK_ON,
     ) -> None:
         if max_reasks < 0:
             raise ValueError(f"max_reasks must be >= 0, not {max_reasks!r}")
         self.provider = provider
+        self.fallbacks: tuple[Fallback, ...] = tuple(Fallback.of(f) for f in fallbacks)
+        self.fallback_on = fallback_on
+        #: routes (0: the primary, i: fallbacks[i - 1]) left for the whole job
+        self._dead_routes: set[int] = set()
+        #: the error that made the last route be left (raised once none is left)
+        self._job_error: LLMBatchError | None = None
         self.max_reasks = max_reasks
         self.finish_policy = finish_policy
         self.cache = open_cache(cache)
@@ -483,7 +520,7 @@ class LLMClient(AsyncClosing):
             self._profiles = dict(profiles)
         else:
             self._profiles = configured if configured is not None else load_profiles()
-        self._limiters: dict[str, tuple[asyncio.AbstractEventLoop, Limiter]] = {}
+        self._limiters: dict[tuple[str, str, str], tuple[asyncio.AbstractEventLoop, Limiter]] = {}
         self.max_cost = max_cost
         self._succeeded = 0
         self._failed = 0
@@ -501,13 +538,17 @@ class LLMClient(AsyncClosing):
         return f"<LLMClient {self.provider!r} model={self.model!r}>"
 
     async def aclose(self) -> None:
-        """Close the provider, the Redis connections of shared quotas, and the cache if
+        """Close the provider (and the fallbacks'), the Redis connections of shared
+        quotas, and the cache if
         the client opened it from a name (its pending writes land first either way; a
         cache object passed in stays open for its owner)."""
         try:
             await self.release()
         finally:
             await self.provider.aclose()
+            for fallback in self.fallbacks:
+                if fallback.provider is not None and fallback.provider is not self.provider:
+                    await fallback.provider.aclose()
 
     async def release(self) -> None:
         """Close what the client opened in the running loop (the Redis connections of
@@ -539,39 +580,71 @@ class LLMClient(AsyncClosing):
         for limiter in mine:
             await limiter.aclose()
 
-    def profile(self, model: str) -> ModelProfile:
-        """The profile (limits, prices) of *model* on this client's provider."""
-        return profile_for(self.provider.name, model, profiles=self._profiles)
+    def profile(self, model: str, provider: Provider | None = None) -> ModelProfile:
+        """The profile (limits, prices) of *model* on *provider* (default: the one the
+        current call goes to: this client's, or a fallback's)."""
+        name = (provider or self._route()).name
+        return profile_for(name, model, profiles=self._profiles)
 
-    def limiter_for(self, model: str) -> Limiter:
-        """The limiter this client uses for *model*."""
+    def _route(self) -> Provider:
+        """The provider the current call goes to (a fallback's, within its call)."""
+        return _ROUTE.get() or self.provider
+
+    def limiter_for(self, model: str, provider: Provider | None = None) -> Limiter:
+        """The limiter this client uses for *model* on *provider* (default: the
+        current route; for a :class:`~llmbatch.providers.pool.KeyPool`, its first
+        active key: each key has its own)."""
         if self._limiter is not None:
             return self._limiter
-        # Looked up once per model and event loop, not on every attempt.
+        provider = provider or self._route()
+        if isinstance(provider, KeyPool):
+            provider = (provider.active or provider.members)[0]
+        # Looked up once per model, key and event loop, not on every attempt.
         loop = asyncio.get_running_loop()
-        found = self._limiters.get(model)
+        slot = (model, provider.name, provider.quota_key)
+        found = self._limiters.get(slot)
         if found is None or found[0] is not loop:
             limiter: Limiter
             url = self.limiter_settings.url
+            limits = self.limits if provider is self.provider or self._is_member(provider) else None
             if url is not None:
                 # The quota lives in Redis: every process naming it shares it.
                 limiter = RedisRateLimiter.from_url(
                     url,
-                    self.limits or self.profile(model).limits,
-                    quota=quota_name(self.provider.name, model, api_key=self.provider.quota_key),
+                    limits or self.profile(model, provider).limits,
+                    quota=quota_name(provider.name, model, api_key=provider.quota_key),
                     namespace=self.limiter_settings.namespace,
                 )
                 self._owned_limiters.append((loop, limiter))
             else:
                 limiter = get_limiter(
-                    self.provider.name,
+                    provider.name,
                     model,
-                    api_key=self.provider.quota_key,
-                    limits=self.limits,
-                    default_limits=self.profile(model).limits,
+                    api_key=provider.quota_key,
+                    limits=limits,
+                    default_limits=self.profile(model, provider).limits,
                 )
-            found = self._limiters[model] = (loop, limiter)
+            found = self._limiters[slot] = (loop, limiter)
         return found[1]
+
+    def _is_member(self, provider: Provider) -> bool:
+        """Whether *provider* is one key of this client's own pool."""
+        return isinstance(self.provider, KeyPool) and provider in self.provider.members
+
+    def _room(self, model: str) -> Callable[[Provider], float]:
+        """How much room a pool member's quota has for *model* now: the smallest
+        share of a bucket left, less what already waits for it."""
+
+        def room(member: Provider) -> float:
+            stats = self.limiter_for(model, member).statistics()
+            shares = [
+                stats.available.get(unit, 0.0) / capacity
+                for unit, capacity in stats.capacity.items()
+                if capacity > 0
+            ]
+            return (min(shares) if shares else 1.0) - 0.01 * stats.waiting
+
+        return room
 
     async def check_limiter(self, model: str | None = None) -> None:
         """Make sure the quota of *model* (default: the client's) can be used before
@@ -580,7 +653,12 @@ class LLMClient(AsyncClosing):
         Raises:
             LimiterUnavailable: it cannot (fatal: no request may go without a permit).
         """
-        await self.limiter_for(model or self.model or "").check()
+        model = model or self.model or ""
+        if isinstance(self.provider, KeyPool):
+            for member in self.provider.active:
+                await self.limiter_for(model, member).check()
+            return
+        await self.limiter_for(model).check()
 
     def statistics(self) -> ClientStatistics:
         """Calls, attempts, tokens and money so far (cost ``None`` if prices are unknown)."""
@@ -785,22 +863,26 @@ class LLMClient(AsyncClosing):
         self._embedder()
         return await self._answer(request)
 
-    def _embedder(self) -> SupportsEmbeddings:
-        """The provider as an embedder (its rate-limit rules take embeddings too)."""
-        if not isinstance(self.provider, SupportsEmbeddings):
-            raise ValueError(f"the {self.provider.name} provider cannot embed")
-        return self.provider
+    def _embedder(self, provider: Provider | None = None) -> SupportsEmbeddings:
+        """The provider (default: this client's) as an embedder (its rate-limit rules
+        take embeddings too); a pool's keys embed for it."""
+        provider = provider or self.provider
+        if isinstance(provider, KeyPool):
+            provider = provider.members[0]
+        if not isinstance(provider, SupportsEmbeddings):
+            raise ValueError(f"the {provider.name} provider cannot embed")
+        return provider
 
-    def _admission(self, request: AnyRequest, model: str) -> Admission:
+    def _admission(self, request: AnyRequest, model: str, provider: Provider) -> Admission:
         if isinstance(request, EmbeddingRequest):
-            return self._embedder().admission(request, model)
-        return self.provider.admission(request, model)
+            return self._embedder(provider).admission(request, model)
+        return provider.admission(request, model)
 
-    def _settlement(self, request: AnyRequest, response: Answer) -> Admission:
+    def _settlement(self, request: AnyRequest, response: Answer, provider: Provider) -> Admission:
         if isinstance(request, EmbeddingRequest):
-            return self._embedder().settlement(request, response)
+            return self._embedder(provider).settlement(request, response)
         assert isinstance(response, Response)
-        return self.provider.settlement(request, response)
+        return provider.settlement(request, response)
 
     @overload
     async def _answer(self, request: Request) -> Response: ...
@@ -808,6 +890,81 @@ class LLMClient(AsyncClosing):
     async def _answer(self, request: EmbeddingRequest) -> Embedding: ...
     async def _answer(self, request: AnyRequest) -> Answer:
         request = self._with_defaults(request)
+        try:
+            if not self.fallbacks or isinstance(request, EmbeddingRequest):
+                return await self._answer_on(request)
+            return await self._answer_with_fallbacks(request)
+        except LLMBatchError as exc:
+            self._failed += 1
+            self._invalid += isinstance(exc, InvalidOutput)
+            raise
+
+    async def _answer_with_fallbacks(self, request: Request) -> Response:
+        """:meth:`_answer_on` the primary, then on each fallback in turn while the
+        item's error is one another route may not have (see ``fallbacks``)."""
+        last: LLMBatchError | None = None
+        for index, provider, routed in self._routes(request):
+            token = _ROUTE.set(None if index == 0 else provider)
+            try:
+                return await self._answer_on(routed)
+            except LLMBatchError as exc:
+                if isinstance(exc, JOB_FALLBACK_ON):
+                    self._leave_route(index, provider, routed.model, exc)
+                elif not isinstance(exc, self.fallback_on):
+                    raise
+                last = exc
+                logger.info(
+                    "fallback.next",
+                    key=request.key,
+                    provider=provider.name,
+                    model=routed.model,
+                    reason=type(exc).__name__,
+                )
+            finally:
+                _ROUTE.reset(token)
+        if last is None:  # every route was left before this item started
+            assert self._job_error is not None
+            last = copy.copy(self._job_error)
+            last.item_key = request.key
+        raise last
+
+    def _routes(self, request: Request) -> Iterator[tuple[int, Provider, Request]]:
+        """The routes still open for *request*, in order: (index, provider, request)."""
+        if 0 not in self._dead_routes:
+            yield 0, self.provider, request
+        for index, fallback in enumerate(self.fallbacks, start=1):
+            if index not in self._dead_routes:
+                yield (
+                    index,
+                    fallback.provider or self.provider,
+                    replace(request, model=fallback.model),
+                )
+
+    def _leave_route(
+        self, index: int, provider: Provider, model: str | None, exc: LLMBatchError
+    ) -> None:
+        """Leave a route for the rest of the job (said once)."""
+        if index in self._dead_routes:
+            return
+        self._dead_routes.add(index)
+        self._job_error = exc
+        left = len(self.fallbacks) + 1 - len(self._dead_routes)
+        logger.warning(
+            "fallback.route_left",
+            provider=provider.name,
+            model=model,
+            reason=type(exc).__name__,
+            detail=exc.message,
+            routes_left=left,
+        )
+
+    @overload
+    async def _answer_on(self, request: Request) -> Response: ...
+    @overload
+    async def _answer_on(self, request: EmbeddingRequest) -> Embedding: ...
+    async def _answer_on(self, request: AnyRequest) -> Answer:
+        """Answer *request* on the current route: budget, context window, the call
+        with its retries, then the finish policy and re-asks."""
         reserved = self._reserve_budget(request)
         try:
             if isinstance(request, Request):
@@ -832,10 +989,8 @@ class LLMClient(AsyncClosing):
                     _spent(exc, finished.usage, self._charge(request, finished.usage))
                     raise
         except LLMBatchError as exc:
-            self._failed += 1
-            self._invalid += isinstance(exc, InvalidOutput)
             exc.item_key = exc.item_key or request.key
-            exc.provider = exc.provider or self.provider.name
+            exc.provider = exc.provider or self._route().name
             raise
         finally:
             self._reserved -= reserved
@@ -1008,15 +1163,38 @@ class LLMClient(AsyncClosing):
             # The batch was aborted after an earlier call of this item was answered
             # (a flow making several calls per item): start nothing new.
             raise asyncio.CancelledError("the batch was aborted")
-        limiter = self.limiter_for(model)
-        cost = self._admission(request, model)
+        route = self._route()
+        pool = route if isinstance(route, KeyPool) else None
+        while True:
+            member = route if pool is None else pool.pick(self._room(model))
+            try:
+                return await self._call_member(request, model, member, item, admitted)
+            except RETIRES_KEY as exc:
+                if pool is None:
+                    raise
+                pool.retire(member, exc)
+                if not pool.active:
+                    raise  # no key left: the job stops
+                # another key answers the item (the refused call cost nothing)
+
+    async def _call_member(
+        self,
+        request: AnyRequest,
+        model: str,
+        provider: Provider,
+        item: Any,
+        admitted: Callable[[], None] | None,
+    ) -> Answer:
+        """One call to *provider* (one key) under its limiter."""
+        limiter = self.limiter_for(model, provider)
+        cost = self._admission(request, model, provider)
         mean = self._mean_cost
         for unit, amount in cost.items():
             mean[unit] = amount if unit not in mean else mean[unit] + 0.05 * (amount - mean[unit])
         gate = self._gate
         if not gate.sized and gate.cap is None:
             # sized from the limits before the first request (then from its latencies)
-            self._size_in_flight(limiter)
+            self._size_in_flight(model, limiter)
         async with gate:
             permit = await limiter.acquire(**cost)
             if admitted is not None:
@@ -1027,7 +1205,7 @@ class LLMClient(AsyncClosing):
             loop = asyncio.get_running_loop()
             sent = loop.time()
             try:
-                response: Answer = await self._send(request)
+                response: Answer = await self._send(request, provider)
             except BaseException as exc:
                 if item is not None:
                     item.request_failed()
@@ -1043,26 +1221,38 @@ class LLMClient(AsyncClosing):
             gate.observe(loop.time() - sent)
         self._reach.answered(loop.time())
         if gate.cap is None and gate.due():
-            self._size_in_flight(limiter)
+            self._size_in_flight(model, limiter)
         if response.headers:
             with _Feedback("observe"):
                 await limiter.observe(response.headers, permit)
-        actual = self._settlement(request, response)
+        actual = self._settlement(request, response, provider)
         with _Feedback("settle"):
             permit.settle(
                 tokens=actual.get("tokens"),
                 input_tokens=actual.get("input_tokens"),
                 output_tokens=actual.get("output_tokens"),
-                refund=getattr(self.provider, "refunds_unused", False),
+                refund=getattr(provider, "refunds_unused", False),
             )
         return response
 
-    def _size_in_flight(self, limiter: Limiter) -> None:
-        """Size the in-flight target from what the limiter's limits allow now."""
-        stats = limiter.statistics()
+    def _size_in_flight(self, model: str, limiter: Limiter) -> None:
+        """Size the in-flight target from what the limiter's limits allow now (a key
+        pool's: every active key's limiter, their limits added up)."""
+        limiters = [limiter]
+        pool = self._route()
+        if isinstance(pool, KeyPool) and not self._limiter:
+            limiters = [self.limiter_for(model, member) for member in pool.active] or limiters
+        limits: dict[str, float] = {}
+        capacity: dict[str, float] = {}
+        for each in limiters:
+            stats = each.statistics()
+            for unit, value in stats.limits.items():
+                limits[unit] = limits.get(unit, 0.0) + value
+            for unit, value in stats.capacity.items():
+                capacity[unit] = capacity.get(unit, 0.0) + value
         self._gate.resize(
-            request_rate(stats.limits, self._mean_cost),
-            request_burst(stats.capacity, self._mean_cost),
+            request_rate(limits, self._mean_cost),
+            request_burst(capacity, self._mean_cost),
         )
 
     def _check_reachable(self, exc: ConnectionFailed) -> None:
@@ -1105,17 +1295,17 @@ class LLMClient(AsyncClosing):
         configured = self.profile(model).timeout
         return configured if configured is not None else DEFAULT_TIMEOUT
 
-    async def _send(self, request: AnyRequest) -> Answer:
-        """One call to the provider, within :meth:`timeout_for` its model."""
+    async def _send(self, request: AnyRequest, provider: Provider) -> Answer:
+        """One call to *provider*, within :meth:`timeout_for` its model."""
         call: Awaitable[Answer] = (
-            self._embedder().embed(request)
+            self._embedder(provider).embed(request)
             if isinstance(request, EmbeddingRequest)
-            else self.provider.complete(request)
+            else provider.complete(request)
         )
         answer: Answer = await timed(
             call,
             self.timeout_for(request.model or ""),
-            provider=self.provider.name,
+            provider=provider.name,
             model=request.model,
         )
         return answer
@@ -1329,6 +1519,9 @@ class LLMClient(AsyncClosing):
         it came through a Batch API)."""
         cost = self._charge(request, response.usage, batch=batch)
         self._succeeded += 1
+        if isinstance(response, Response):
+            provider = response.provider or self._route().name
+            return replace(response, cost=cost, key=response.key or request.key, provider=provider)
         return replace(response, cost=cost, key=response.key or request.key)
 
     def _charge(self, request: AnyRequest, usage: Usage, *, batch: bool = False) -> float | None:

@@ -131,6 +131,8 @@ class Response:
             cache, or from an identical request of the same job (``cost`` is then 0).
         key: the item's key, copied from the request.
         cost: the price of the call in USD, when the model's prices are known.
+        provider: the provider that answered (its ``name``; a fallback's when one
+            answered), set by :class:`~llmbatch.client.LLMClient`.
         headers: the response headers (rate-limit feedback), not part of equality.
     """
 
@@ -147,6 +149,7 @@ class Response:
     cached: bool = False
     key: str | None = None
     cost: float | None = None
+    provider: str | None = None
     headers: Mapping[str, str] = field(default_factory=lambda: _EMPTY, compare=False, repr=False)
 
 

@@ -137,7 +137,7 @@ class StoreSummary:
 def response_record(response: Response) -> dict[str, Any]:
     """What the store and the output keep of a :class:`Response` (never its headers); a
     typed answer as JSON values (:func:`~llmbatch.io.answer_fields`); a ``refusal`` and
-    the ``reasks`` only when there are."""
+    the ``reasks`` and the answering ``provider`` only when there are."""
     record: dict[str, Any] = {
         "text": response.text,
         "parsed": answer_fields(response.parsed),
@@ -155,6 +155,8 @@ def response_record(response: Response) -> dict[str, Any]:
     }
     if response.usage.cache_write_tokens:  # (Anthropic's prompt cache only)
         record["usage"]["cache_write_tokens"] = response.usage.cache_write_tokens
+    if response.provider is not None:  # (set by the client: a fallback's, when one answered)
+        record["provider"] = response.provider
     if response.refusal is not None:
         record["refusal"] = response.refusal
     if response.reasks:
@@ -169,6 +171,7 @@ def response_from_record(record: Mapping[str, Any]) -> Response:
     return Response(
         text=record.get("text") or "",
         model=record.get("model"),
+        provider=record.get("provider"),
         usage=Usage(
             input_tokens=usage.get("input_tokens", 0),
             output_tokens=usage.get("output_tokens", 0),

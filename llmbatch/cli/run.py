@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -57,7 +57,8 @@ from llmbatch.io import OUTPUT_FORMATS, count_records
 from llmbatch.job import JobProgress, JobSpec, run_job, write_output
 from llmbatch.limits import Limits
 from llmbatch.metrics import MetricsServer, serve_prometheus
-from llmbatch.providers import ProviderChoice
+from llmbatch.providers import ProviderChoice, open_fallback
+from llmbatch.providers.pool import Fallback, KeyPool
 from llmbatch.store import JobMismatch, Store
 from llmbatch.structured import FinishPolicy
 
@@ -138,6 +139,16 @@ logger = get_logger("llmbatch.cli")
     help="Seconds before a batch's first status check (then backing off).",
 )
 @cache_options
+@click.option(
+    "--fallback",
+    "fallbacks",
+    multiple=True,
+    metavar="MODEL|PROVIDER/MODEL",
+    help="Another model for the records the first cannot answer (unavailable after its "
+    "retries, context too long, content filtered), and for the whole job if the first is "
+    "refused or unreachable; repeat for a chain. PROVIDER/MODEL uses another provider "
+    "(its key from the environment).",
+)
 @click.option(
     "--limiter-url",
     metavar="URL",
@@ -240,6 +251,10 @@ def run(**options: Any) -> None:
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--limiter-url") from None
     cache, cache_policy = cache_of(options)
+    try:
+        fallbacks = [open_fallback(value, choice.name) for value in options["fallbacks"]]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--fallback") from None
     if options["dry_run"]:
         _print_estimate(spec, choice, limits, samples=2, cache=cache, cache_policy=cache_policy)
         return
@@ -267,6 +282,7 @@ def run(**options: Any) -> None:
             cache=cache,
             cache_policy=cache_policy,
             metrics=metrics,
+            fallbacks=fallbacks,
         )
     )
     sys.exit(code)
@@ -313,6 +329,7 @@ async def _run(
     cache: ResponseCache | None = None,
     cache_policy: CachePolicy | None = None,
     metrics: MetricsServer | None = None,
+    fallbacks: Sequence[Fallback] = (),
 ) -> int:
     console = Console(stderr=True)
     records = list(spec.records()) if spec.input == "-" else None  # stdin is read once
@@ -343,6 +360,7 @@ async def _run(
         cache=cache,
         cache_policy=cache_policy,
         dedupe=True,  # one job: identical records are sent once
+        fallbacks=fallbacks,
     )
     if metrics is not None:
         metrics.add(client)  # served until the process ends
@@ -372,6 +390,8 @@ async def _run(
         store=str(spec.store_path),
         schema=spec.schema.name if spec.schema is not None else None,
         cache=cache.where if cache is not None else "off",
+        keys=len(provider.members) if isinstance(provider, KeyPool) else 1,
+        fallbacks=[f"{(f.provider or provider).name}/{f.model}" for f in fallbacks] or None,
         metrics=metrics.url if metrics is not None else None,
     )
     job = asyncio.ensure_future(

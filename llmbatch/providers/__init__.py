@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from llmbatch.config import load_profiles
 from llmbatch.providers.base import Provider
 
-__all__ = ["DEFAULT_MODELS", "ProviderChoice", "choose_provider"]
+if TYPE_CHECKING:
+    from llmbatch.providers.pool import Fallback
+
+__all__ = ["DEFAULT_MODELS", "ProviderChoice", "api_keys", "choose_provider", "open_fallback"]
 
 #: the model used when none is named
 DEFAULT_MODELS = {
@@ -22,7 +26,6 @@ DEFAULT_MODELS = {
     "anthropic": "claude-haiku-4-5",
     "gemini": "gemini-2.5-flash",
 }
-_KEYS = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,11 +59,16 @@ class ProviderChoice:
         if self.kind in ("openai", "url"):
             from llmbatch.providers.openai import OpenAIProvider
 
-            if self.kind == "openai" and not os.environ.get(_KEYS["openai"]):
-                raise ValueError("the openai provider needs OPENAI_API_KEY in the environment")
+            keys = api_keys("openai")
+            if self.kind == "openai" and not keys:
+                raise ValueError(
+                    "the openai provider needs OPENAI_API_KEY (or OPENAI_API_KEYS) in the "
+                    "environment"
+                )
             # An OpenAI-compatible server often needs no key; the SDK insists on one.
-            key = os.environ.get(_KEYS["openai"]) or "no-key"
-            return OpenAIProvider(api_key=key, base_url=self.base_url)
+            return _pooled(
+                [OpenAIProvider(api_key=k, base_url=self.base_url) for k in keys or ["no-key"]]
+            )
         if self.kind == "anthropic":
             try:
                 from llmbatch.providers.anthropic import AnthropicProvider
@@ -68,11 +76,13 @@ class ProviderChoice:
                 raise ValueError(
                     "the anthropic provider needs: pip install 'llmbatch[anthropic]'"
                 ) from None
-            if not os.environ.get(_KEYS["anthropic"]):
+            keys = api_keys("anthropic")
+            if not keys:
                 raise ValueError(
-                    "the anthropic provider needs ANTHROPIC_API_KEY in the environment"
+                    "the anthropic provider needs ANTHROPIC_API_KEY (or ANTHROPIC_API_KEYS) "
+                    "in the environment"
                 )
-            return AnthropicProvider()
+            return _pooled([AnthropicProvider(api_key=k) for k in keys])
         if self.kind == "gemini":
             return _open_gemini()
         if self.kind == "azure":
@@ -110,9 +120,9 @@ def choose_provider(
         if owners:
             provider = owners[0]
     if provider is None:
-        if os.environ.get(_KEYS["openai"]):
+        if api_keys("openai"):
             provider = "openai"
-        elif os.environ.get(_KEYS["anthropic"]):
+        elif api_keys("anthropic"):
             provider = "anthropic"
         elif _gemini_key():
             provider = "gemini"
@@ -132,6 +142,47 @@ def choose_provider(
         )
     default = DEFAULT_MODEL if provider == "local" else DEFAULT_MODELS[provider]
     return ProviderChoice(provider, None, model or default, note)
+
+
+def api_keys(provider: str) -> list[str]:
+    """*provider*'s API keys from the environment: ``{NAME}_API_KEYS`` (several,
+    comma-separated: a key pool) if set, else ``{NAME}_API_KEY``; ``[]`` if neither."""
+    name = provider.upper()
+    many = [k.strip() for k in os.environ.get(f"{name}_API_KEYS", "").split(",")]
+    if any(many):
+        return [k for k in many if k]
+    one = os.environ.get(f"{name}_API_KEY", "").strip()
+    return [one] if one else []
+
+
+def _pooled(providers: list[Provider]) -> Provider:
+    """One provider, or a :class:`~llmbatch.providers.pool.KeyPool` of several keys."""
+    if len(providers) == 1:
+        return providers[0]
+    from llmbatch.providers.pool import KeyPool
+
+    return KeyPool(providers)
+
+
+def open_fallback(value: str, provider: str | None) -> Fallback:
+    """A ``--fallback``: ``MODEL`` (of *provider*, the run's) or ``PROVIDER/MODEL``
+    (``anthropic/claude-haiku-4-5``: another provider, its key from the environment).
+
+    Raises:
+        ValueError: the other provider cannot be opened (no key, no extra).
+    """
+    from llmbatch.providers.pool import Fallback
+
+    name, _, model = value.partition("/")
+    if (
+        model
+        and name in ("openai", "anthropic", "gemini", "azure", "local")
+        and name != (provider or "")
+    ):
+        return Fallback(model, choose_provider(name, model).open())
+    if model and name == provider:
+        return Fallback(model)
+    return Fallback(value)
 
 
 #: Gemini's keys, in the order the google-genai SDK reads them
@@ -154,11 +205,13 @@ def _open_gemini() -> Provider:
     except ImportError:
         raise ValueError("the gemini provider needs: pip install 'llmbatch[gemini]'") from None
     key = _gemini_key()
-    if not key:
+    keys = api_keys("gemini") or ([key] if key else [])
+    if not keys:
         raise ValueError(
-            "the gemini provider needs GEMINI_API_KEY or GOOGLE_API_KEY in the environment"
+            "the gemini provider needs GEMINI_API_KEY (or GEMINI_API_KEYS) or GOOGLE_API_KEY "
+            "in the environment"
         )
-    return GeminiProvider(key)
+    return _pooled([GeminiProvider(k) for k in keys])
 
 
 #: what Azure OpenAI needs from the environment, as the official client reads it
