@@ -70,6 +70,7 @@ from llmbatch.failure import (
 from llmbatch.limits import (
     Limiter,
     Limits,
+    RateLimitHeaders,
     RedisRateLimiter,
     get_limiter,
     quota_name,
@@ -1211,6 +1212,12 @@ class LLMClient(AsyncClosing):
                     item.request_failed()
                 if isinstance(exc, RateLimited):
                     dimension = {"requests": "rpm", "tokens": "tpm"}.get(exc.kind or "")
+                    if exc.limit is not None and dimension is not None:
+                        # the 429 names the limit (no header does): adopted like one
+                        with _Feedback("observe"):
+                            await limiter.observe(
+                                RateLimitHeaders(limits={dimension: int(exc.limit)})
+                            )
                     with _Feedback("on_rate_limited"):
                         await limiter.on_rate_limited(exc.retry_after, dimension=dimension)
                 elif isinstance(exc, ConnectionFailed) and exc.connect:

@@ -161,10 +161,20 @@ class RateLimited(TransientError):
 
     Attributes:
         kind: which limit, when the provider says (``"requests"``, ``"tokens"``).
+        limit: the limit itself (per minute), when the 429 names it (Gemini's
+            ``QuotaFailure`` does): the limiter adopts it as a header would.
     """
 
-    def __init__(self, message: str = "", *, kind: str | None = None, **context: Any) -> None:
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        kind: str | None = None,
+        limit: float | None = None,
+        **context: Any,
+    ) -> None:
         self.kind = kind
+        self.limit = limit
         super().__init__(message, **context)
 
 

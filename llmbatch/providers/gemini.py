@@ -131,6 +131,22 @@ def _violations(details: Sequence[Any]) -> list[Mapping[str, Any]]:
     return found
 
 
+def _per_minute_limit(violations: Sequence[Mapping[str, Any]]) -> float | None:
+    """The per-minute limit a 429's ``QuotaFailure`` names (``quotaValue`` of a
+    ``...PerMinute...`` quota), the smallest when several do; ``None`` if none does."""
+    values: list[float] = []
+    for violation in violations:
+        if "PerMinute" not in str(violation.get("quotaId") or ""):
+            continue
+        try:
+            value = float(str(violation.get("quotaValue")))
+        except ValueError:
+            continue
+        if value > 0:
+            values.append(value)
+    return min(values) if values else None
+
+
 def _key_invalid(details: Sequence[Any], message: str) -> bool:
     """Whether a 400 is Gemini's "API key not valid" (``ErrorInfo`` ``API_KEY_INVALID``)."""
     for detail in details:
@@ -192,7 +208,7 @@ def classify_gemini_status(
             kind = "tokens"
         elif any("Request" in q for q in ids):
             kind = "requests"
-        return RateLimited(message, kind=kind, **context)
+        return RateLimited(message, kind=kind, limit=_per_minute_limit(violations), **context)
     if status in (401, 403) or grpc in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
         return AuthenticationFailed(message, **context)
     if status == 400 and _key_invalid(details, message):

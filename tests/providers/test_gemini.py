@@ -346,6 +346,26 @@ async def test_429s_with_retry_delay_are_honoured(clock: FakeClock) -> None:
     assert clock.time() - started >= 120.0
 
 
+async def test_a_key_of_unknown_limits_learns_them_from_the_429(clock: FakeClock) -> None:
+    """A model with no profile, ``Limits.auto()``, a key enforcing 10 RPM: Gemini sends
+    no limit headers, but its 429 names the limit (``quotaValue``); the limiter adopts it
+    and paces there, so every item is answered after the first few 429s instead of
+    running out of attempts."""
+    async with Simulator(rpm=10, clock=clock.time) as sim, provider_for(sim) as provider:
+        result = await llmbatch.map(
+            "{item}",
+            [f"unknown {i}" for i in range(40)],
+            model="gemini-unprofiled",
+            provider=provider,
+            limits=Limits.auto(),
+        )
+        stats = sim.stats()
+    assert (40, 0) == (len(result.ok), len(result.errors))
+    assert 40 == stats.ok
+    # the limit is learned from the first 429s: then paced, not probed
+    assert stats.rate_limited["gemini"] <= 10, stats.rate_limited
+
+
 async def test_one_429_waits_its_retry_delay(clock: FakeClock) -> None:
     """A scripted 429 with ``retryDelay: "7s"``: the item is answered on its second
     attempt, not before 7 virtual seconds."""
