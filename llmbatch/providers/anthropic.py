@@ -37,10 +37,18 @@ charges the first request 1.25x the input price for that prefix and every reques
 five minutes 0.1x, and those reads leave ITPM alone. :func:`message_response` reads
 ``cache_read_input_tokens`` into ``Usage.cached_tokens``, and
 :meth:`AnthropicProvider.settlement` leaves them out of ITPM.
+
+A prefix is written by the first request that carries it, and becomes readable only once
+that request is answered: a job that starts hundreds of requests at once would pay the
+1.25x write hundreds of times. So the first request with a cold prefix goes alone, and
+the others with the same prefix wait for its answer (online; a Batch API shares no
+cache across its requests anyway). A prefix the server did not cache is not waited for
+again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import math
@@ -58,6 +66,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "the Anthropic provider needs the 'anthropic' package: pip install 'llmbatch[anthropic]'"
     ) from exc
 
+from llmbatch._log import get_logger
 from llmbatch.batchapi import AnyRequest, BatchLimits, BatchStatus, Outcome
 from llmbatch.errors import (
     AuthenticationFailed,
@@ -88,6 +97,8 @@ __all__ = [
     "message_response",
     "min_cacheable_tokens",
 ]
+
+logger = get_logger("llmbatch.providers")
 
 #: Anthropic requires max_tokens; this is used when a request sets none
 DEFAULT_MAX_TOKENS = 1024
@@ -313,6 +324,11 @@ class AnthropicProvider(AsyncClosing):
         self.prompt_caching = prompt_caching
         #: (model, system prompt) -> until when the server is taken to hold it cached
         self._warm: dict[tuple[str, str], float] = {}
+        #: (model, system prompt) -> the answer of the request writing it, which the
+        #: others with that prefix wait for (see the module docstring)
+        self._priming: dict[tuple[str, str], asyncio.Future[None]] = {}
+        #: prefixes the server did not cache when asked: not waited for again
+        self._uncached: set[tuple[str, str]] = set()
         self._clock = clock
         #: Anthropic counts the tokens a request actually used: the unused part of a
         #: max_tokens reservation comes back when the request is settled
@@ -359,9 +375,7 @@ class AnthropicProvider(AsyncClosing):
             model = request.model or ""
             prefix = self._auto_prefix(request, model)
             if prefix is not None:
-                if len(self._warm) >= _MAX_WARM:
-                    self._warm.clear()
-                self._warm[model, prefix[0]] = self._clock() + WARM_SECONDS
+                self._remember_warm((model, prefix[0]))
         return Admission(
             input_tokens=max(0, usage.input_tokens - usage.cached_tokens),
             output_tokens=usage.output_tokens,
@@ -427,7 +441,48 @@ class AnthropicProvider(AsyncClosing):
         return params
 
     async def complete(self, request: Request) -> Response:
-        """One message; errors come out as :mod:`llmbatch.errors` exceptions."""
+        """One message; errors come out as :mod:`llmbatch.errors` exceptions. A
+        request whose cached prefix is cold waits while another request writes it."""
+        model = request.model or ""
+        prefix = self._auto_prefix(request, model)
+        if prefix is None:
+            return await self._complete(request)
+        slot = (model, prefix[0])
+        while self._cold(slot):
+            primer = self._priming.get(slot)
+            if primer is None:
+                return await self._prime(slot, request)
+            await asyncio.shield(primer)
+        return await self._complete(request)
+
+    def _cold(self, slot: tuple[str, str]) -> bool:
+        """Whether the prefix *slot* is worth waiting for: not warm, and cacheable."""
+        return slot not in self._uncached and self._warm.get(slot, 0.0) <= self._clock()
+
+    async def _prime(self, slot: tuple[str, str], request: Request) -> Response:
+        """Send *request* alone to write the prefix *slot*; the others wait for it."""
+        primer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._priming[slot] = primer
+        try:
+            response = await self._complete(request)
+            usage = response.usage
+            if usage.cache_write_tokens or usage.cached_tokens:
+                self._remember_warm(slot)
+            else:
+                self._uncached.add(slot)  # too short for the server: never wait again
+                logger.info("anthropic.prefix_not_cached", model=slot[0])
+            return response
+        finally:
+            del self._priming[slot]
+            primer.set_result(None)  # answered or failed: the others go (one primes anew)
+
+    def _remember_warm(self, slot: tuple[str, str]) -> None:
+        if len(self._warm) >= _MAX_WARM:
+            self._warm.clear()
+        self._warm[slot] = self._clock() + WARM_SECONDS
+
+    async def _complete(self, request: Request) -> Response:
+        """One Messages API call."""
         params = self.message_params(request)
         started = time.monotonic()
         try:

@@ -84,6 +84,10 @@ class SimulatorConfig:
             prefix of 1,024+ tokens, Anthropic's cache reads and writes for prefixes
             marked with ``cache_control`` (reads then leave ITPM alone), online and in
             batches. ``False``: a server without prompt caching.
+        prompt_cache_ready: when a request's cache entries become readable online:
+            ``"admitted"`` (the optimistic case: concurrent requests with a new prefix
+            write it once) or ``"answered"`` (a real server's worst case: only once the
+            answer is sent, so every request sent before that writes it again).
         script: scripted faults (``Fault(nth=..., key=...)``) or a callable
             ``(RequestInfo) -> Fault | None``; consulted before the fractions.
         seed: seeds the fault draws and the jitter.
@@ -118,6 +122,7 @@ class SimulatorConfig:
     invalid_json: float = 0.0
     schema_violations: float = 0.0
     prompt_cache: bool = True
+    prompt_cache_ready: Literal["admitted", "answered"] = "admitted"
     script: FaultScript = ()
     seed: int = 0
     batch: BatchSimConfig | None = field(default_factory=BatchSimConfig)

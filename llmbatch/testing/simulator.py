@@ -284,8 +284,9 @@ class Simulator:
             quota = self._admit(
                 endpoint, api_key, model, prompt_tokens, reserved, headers, cache.read
             )
-            if fault is None or fault.kind == "hang":  # the answer will be sent
-                endpoint.keep_cached(cache, self._clock())
+            ready_at_admission = self._config.prompt_cache_ready == "admitted"
+            if ready_at_admission and (fault is None or fault.kind == "hang"):
+                endpoint.keep_cached(cache, self._clock())  # the answer will be sent
             answer = endpoint.answer(body, prompt_tokens, token, spoil, cache)
             await self._enter()
             try:
@@ -295,6 +296,8 @@ class Simulator:
                         return await self._inject(fault, request, endpoint, answer, headers, model)
                     await self._sleep(self._config.hang_seconds)  # then answer, if still wanted
                 response = await self._send(request, endpoint, answer, headers, started)
+                if not ready_at_admission:
+                    endpoint.keep_cached(cache, self._clock())  # readable once answered
             finally:
                 self._leave()
             produced = answer.completion_tokens

@@ -9,6 +9,7 @@ against the simulator. The simulator's prompt caches run on an injected ``FakeCl
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 from collections.abc import Sequence
@@ -380,6 +381,38 @@ async def test_automatic_caching_costs_less_and_saves_exactly_the_reads_discount
     ) / 1e6
     assert costs["auto"] < costs["off"]
     assert saving == pytest.approx(costs["off"] - costs["auto"])
+
+
+async def test_a_cold_prefix_is_written_once_when_many_requests_start_together() -> None:
+    """50 requests with the 2,000-token instruction sent at once to a server whose cache
+    entries become readable only once their request is answered (the real case): the
+    first goes alone and writes the prefix, the other 49 wait for it and read it. One
+    write, 49 reads; without the wait each request sent before the first answer would
+    write it again."""
+    async with (
+        Simulator(prompt_cache_ready="answered", ttft=0.05) as sim,
+        anthropic_provider(sim) as provider,
+    ):
+        responses = await asyncio.gather(*(provider.complete(ask(i)) for i in range(50)))
+        stats = sim.stats()
+    assert 50 == len(responses)
+    assert (PREFIX, 49 * PREFIX) == (stats.cache_write_tokens, stats.cache_read_tokens)
+    assert 1 == sum(r.usage.cache_write_tokens > 0 for r in responses)
+
+
+async def test_a_server_that_caches_nothing_is_not_waited_for() -> None:
+    """A server without prompt caching: the first request reports no write, so the
+    others are not held back (for it or ever again): they all go at once."""
+    async with (
+        Simulator(prompt_cache=False, ttft=0.05) as sim,
+        anthropic_provider(sim) as provider,
+    ):
+        first = await provider.complete(ask(0))
+        responses = await asyncio.gather(*(provider.complete(ask(i)) for i in range(1, 30)))
+        stats = sim.stats()
+    assert 0 == first.usage.cache_write_tokens
+    assert 29 == len(responses)
+    assert stats.max_concurrent > 1  # they went together
 
 
 async def test_more_than_four_breakpoints_are_refused_like_anthropic_does() -> None:
