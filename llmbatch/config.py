@@ -182,6 +182,9 @@ class ProviderProfile:
         base_url: its OpenAI-compatible base URL, when it has one: an
             :class:`~llmbatch.providers.openai.OpenAIProvider` pointed there takes this
             provider's name (and so its profiles).
+        daily_request_headers: its ``x-ratelimit-*-requests`` headers count requests
+            per *day* (Groq's do), not per minute: they are left out of the pacing, which
+            would otherwise read a daily allowance as a per-minute limit.
     """
 
     name: str
@@ -193,6 +196,7 @@ class ProviderProfile:
     completion_window: str = "24h"
     limits_source: str = "profile"
     base_url: str | None = None
+    daily_request_headers: bool = False
 
 
 _MB = 1024 * 1024
@@ -234,6 +238,7 @@ BUILTIN_PROVIDERS: Mapping[str, ProviderProfile] = {
             batch=True,
             batch_discount=0.25,
             limits_source="headers",
+            daily_request_headers=True,  # requests per day; tokens per minute
             base_url="https://api.groq.com/openai/v1",
         ),
         ProviderProfile(
@@ -281,6 +286,7 @@ def _provider_from(
         "completion_window": str,
         "limits_source": str,
         "base_url": str,
+        "daily_request_headers": bool,
     }
     changes: dict[str, Any] = {}
     for key, value in table.items():

@@ -102,6 +102,9 @@ StructuredOutputs: TypeAlias = Literal["json_schema", "json_object"]
 #: what OpenAI reserves against TPM when a request sets no max_tokens (conservative)
 DEFAULT_MAX_TOKENS = 4096
 
+#: the request-count headers of a provider whose count is per day (Groq's)
+_DAILY = frozenset(f"x-ratelimit-{what}-requests" for what in ("limit", "remaining", "reset"))
+
 _QUOTA = "insufficient_quota"
 _BILLING_CODES = frozenset({_QUOTA, "billing_hard_limit_reached", "credit_balance_exhausted"})
 _FILTERED = frozenset({"content_filter", "content_policy_violation"})
@@ -476,6 +479,9 @@ class OpenAIProvider(AsyncClosing):
                 provider=self.name,
                 model=model,
             )
+        if self.profile.daily_request_headers:
+            # a daily allowance is not a per-minute limit: not for the pacing
+            return answer, {k: v for k, v in raw.headers.items() if k.lower() not in _DAILY}
         return answer, raw.headers
 
     async def complete(self, request: Request) -> Response:

@@ -139,3 +139,27 @@ def test_provider_tables_are_checked() -> None:
         0.3
         == _providers_from({"providers": {"groq": {"batch_discount": 0.3}}})["groq"].batch_discount
     )
+
+
+async def test_groqs_daily_request_headers_do_not_pace_per_minute() -> None:
+    """Groq's ``x-ratelimit-*-requests`` count requests per day: a Groq-named server's
+    responses leave them out (its token headers stay), so a client learning its limits
+    from the headers paces tokens per minute and never takes 14,400 requests a day for
+    14,400 a minute."""
+    from llmbatch.limits import Limits
+
+    async with Simulator(rpm=14_400, tpm=6_000) as sim:
+        groq = OpenAIProvider(base_url=sim.base_url, api_key="gsk-test", name="groq")
+        plain = OpenAIProvider(base_url=sim.base_url, api_key="sk-test")
+        async with LLMClient(groq, model="llama-3.1-8b-instant", limits=Limits.auto()) as client:
+            response = await client.complete(Request.from_prompt("hello", max_tokens=8))
+            learned = client.limiter_for("llama-3.1-8b-instant").statistics().limits
+        async with plain:
+            other = await plain.complete(
+                Request.from_prompt("hello", model="gpt-4o-mini", max_tokens=8)
+            )
+    assert "x-ratelimit-limit-requests" not in {k.lower() for k in response.headers}
+    assert "x-ratelimit-limit-tokens" in {k.lower() for k in response.headers}
+    assert "x-ratelimit-limit-requests" in {k.lower() for k in other.headers}
+    assert "rpm" not in learned
+    assert 6_000 == round(learned["tpm"])
