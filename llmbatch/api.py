@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import AsyncIterable, Callable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -23,6 +23,7 @@ from llmbatch.failure import BatchResult, FailureStrategy, ItemError, OnError, f
 from llmbatch.limits import Limits
 from llmbatch.models import Request, Response
 from llmbatch.providers.base import Provider
+from llmbatch.providers.pool import Fallback
 from llmbatch.retry import RetryPolicy
 from llmbatch.routing import Mode, Prefer
 from llmbatch.runner import BatchStream, aiterate, run_batch, stream_batch
@@ -86,6 +87,7 @@ def _item_answerer(
     cache: ResponseCache | str | None = None,
     cache_policy: CachePolicy | None = None,
     dedupe: bool = True,
+    fallbacks: Sequence[Fallback | str] = (),
 ) -> _Answerer:
     """The :class:`_Answerer` (OpenAI from the environment when no provider is given)."""
     # a bad response model (or pydantic missing) is the call's error, not every item's
@@ -108,7 +110,9 @@ def _item_answerer(
         cache=cache,
         cache_policy=cache_policy,
         dedupe=dedupe,
+        fallbacks=fallbacks,
     )
+    client.start_job()  # a pool's keys retired by an earlier call are tried again
     return _Answerer(provider, owned, client, template, system, key, schema)
 
 
@@ -132,6 +136,7 @@ async def map(  # shadows builtins.map inside this module only: llmbatch.map is 
     cache: ResponseCache | str | None = None,
     cache_policy: CachePolicy | None = None,
     dedupe: bool = True,
+    fallbacks: Sequence[Fallback | str] = (),
     on_result: Callable[[int, Response | ItemError], None] | None = None,
     mode: Mode = "online",
     deadline: float | None = None,
@@ -178,6 +183,9 @@ async def map(  # shadows builtins.map inside this module only: llmbatch.map is 
         cache_policy: how the cache is used (:class:`~llmbatch.cache.CachePolicy`).
         dedupe: identical requests of this call are sent once (default on; requests
             with a temperature above 0 are samples and are each sent).
+        fallbacks: other models (or :class:`~llmbatch.providers.pool.Fallback` routes
+            on other providers) for the items the first cannot answer, and for the
+            whole call if it is refused or unreachable (see ``LLMClient``; online).
         on_result: called with ``(index, Response or ItemError)`` as each item
             finishes; persist there to keep finished work across a Ctrl-C (online).
         mode: ``"online"``, ``"batch"`` (the provider's Batch API: half price, answers
@@ -210,6 +218,7 @@ async def map(  # shadows builtins.map inside this module only: llmbatch.map is 
         cache=cache,
         cache_policy=cache_policy,
         dedupe=dedupe,
+        fallbacks=fallbacks,
     )
     try:
         if mode != "online":
@@ -300,6 +309,7 @@ def imap(
     cache: ResponseCache | str | None = None,
     cache_policy: CachePolicy | None = None,
     dedupe: bool = True,
+    fallbacks: Sequence[Fallback | str] = (),
 ) -> BatchStream[Response]:
     """Like :func:`map`, for inputs that do not fit in memory: outcomes as they finish.
 
@@ -324,6 +334,7 @@ def imap(
         cache=cache,
         cache_policy=cache_policy,
         dedupe=dedupe,
+        fallbacks=fallbacks,
     )
     stream: BatchStream[Response] = stream_batch(
         answerer,

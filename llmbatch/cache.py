@@ -327,6 +327,7 @@ class CachedResponse:
     Attributes:
         text: the answer's text (a typed answer's JSON: the client validates it again).
         model: the model that answered.
+        provider: the provider that answered (``Response.provider``).
         usage: the tokens the original call consumed (``cached_tokens`` included).
         finish_reason: why the output stopped.
         refusal: the model's refusal, if it declined.
@@ -339,6 +340,7 @@ class CachedResponse:
 
     text: str
     model: str | None = None
+    provider: str | None = None
     usage: Usage = field(default_factory=Usage)
     finish_reason: str | None = None
     refusal: str | None = None
@@ -353,6 +355,7 @@ class CachedResponse:
         return cls(
             text=response.text,
             model=response.model,
+            provider=response.provider,
             usage=response.usage,
             finish_reason=response.finish_reason,
             refusal=response.refusal,
@@ -369,6 +372,7 @@ class CachedResponse:
         return Response(
             text=self.text,
             model=self.model,
+            provider=self.provider,
             usage=self.usage,
             finish_reason=self.finish_reason,
             request_id=self.request_id,
@@ -391,6 +395,7 @@ class CachedResponse:
                 "v": VALUE_VERSION,
                 "text": self.text,
                 "model": self.model,
+                "provider": self.provider,
                 "usage": {
                     "input_tokens": self.usage.input_tokens,
                     "output_tokens": self.usage.output_tokens,
@@ -427,6 +432,7 @@ class CachedResponse:
         return cls(
             text=text,
             model=_text(record, "model"),
+            provider=_text(record, "provider"),
             usage=Usage(
                 input_tokens=_count(usage, "input_tokens"),
                 output_tokens=_count(usage, "output_tokens"),

@@ -69,6 +69,7 @@ from llmbatch.failure import (
 )
 from llmbatch.limits import (
     Limiter,
+    LimiterStatistics,
     Limits,
     RateLimitHeaders,
     RedisRateLimiter,
@@ -142,6 +143,12 @@ class ClientStatistics:
     #: what those answers cost when they were first paid for (USD)
     saved_cost: float = 0.0
 
+
+#: set when a fallback answered the current item (its answer is not cached as the
+#: primary's; read by the caller of ``_answer`` in the same task)
+_FELL_BACK: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "llmbatch_fell_back", default=False
+)
 
 #: the provider the current call goes to when it is not the client's own (a fallback's)
 _ROUTE: contextvars.ContextVar[Provider | None] = contextvars.ContextVar(
@@ -607,7 +614,10 @@ class LLMClient(AsyncClosing):
         if found is None or found[0] is not loop:
             limiter: Limiter
             url = self.limiter_settings.url
-            limits = self.limits if provider is self.provider or self._is_member(provider) else None
+            # explicit limits are the client's model's on the client's provider (each key
+            # of a pool has them); a fallback's model or provider paces by its profile
+            own = provider is self.provider or self._is_member(provider)
+            limits = self.limits if own and self.model in (None, model) else None
             if url is not None:
                 # The quota lives in Redis: every process naming it shares it.
                 limiter = RedisRateLimiter.from_url(
@@ -627,6 +637,40 @@ class LLMClient(AsyncClosing):
                 )
             found = self._limiters[slot] = (loop, limiter)
         return found[1]
+
+    def quota_statistics(self, model: str) -> LimiterStatistics:
+        """The limiter statistics of *model*'s quota (what the live view shows): a key
+        pool's keys added up (limits, levels, counts; the longest wait and cooldown)."""
+        pool = self.provider
+        if not isinstance(pool, KeyPool) or self._limiter is not None:
+            return self.limiter_for(model).statistics()
+        members = pool.active_for(model) or pool.members
+        each = [self.limiter_for(model, member).statistics() for member in members]
+
+        def added(name: str) -> dict[str, float]:
+            total: dict[str, float] = {}
+            for stats in each:
+                for unit, value in getattr(stats, name).items():
+                    total[unit] = total.get(unit, 0.0) + value
+            return total
+
+        caps = [s.concurrency_cap for s in each]
+        return LimiterStatistics(
+            acquired=sum(s.acquired for s in each),
+            waiting=sum(s.waiting for s in each),
+            in_flight=sum(s.in_flight for s in each),
+            concurrency_cap=None if None in caps else sum(c or 0.0 for c in caps),
+            waited_seconds=sum(s.waited_seconds for s in each),
+            max_wait_seconds=max(s.max_wait_seconds for s in each),
+            rate_limited=sum(s.rate_limited for s in each),
+            cooldown_remaining=max(s.cooldown_remaining for s in each),
+            header_corrections=sum(s.header_corrections for s in each),
+            learned=tuple(sorted({d for s in each for d in s.learned})),
+            available=added("available"),
+            capacity=added("capacity"),
+            others=added("others"),
+            limits=added("limits"),
+        )
 
     def _is_member(self, provider: Provider) -> bool:
         """Whether *provider* is one key of this client's own pool."""
@@ -722,6 +766,9 @@ class LLMClient(AsyncClosing):
         served = await self._lookup(request, key)
         if served is not None:
             return served
+        if key in self._pending or (self._memo is not None and key in self._memo):
+            # an identical request started, or even finished, while this one looked
+            return await self._answer_once(request)
         future: asyncio.Future[Response | None] = asyncio.get_running_loop().create_future()
         self._pending[key] = future
         response: Response | None = None
@@ -731,13 +778,14 @@ class LLMClient(AsyncClosing):
             if served is not None:
                 response = served
                 return served
+            _FELL_BACK.set(False)
             response = await self._answer(request)
         finally:
             del self._pending[key]
             future.set_result(response)
             if claimed and response is None:
                 await self._unclaim(key)  # failed: the other processes may try
-        self._remember(key, response, unclaim=claimed)
+        self._remember(key, response, unclaim=claimed, persist=not _FELL_BACK.get())
         return response
 
     async def _claim(self, request: Request, key: str) -> tuple[bool, Response | None]:
@@ -830,7 +878,9 @@ class LLMClient(AsyncClosing):
         logger.debug("cache.served", key=request.key, duplicate=duplicate)
         return replace(answer, parsed=parsed, key=request.key, cost=0.0, attempts=0, cached=True)
 
-    def _remember(self, key: str, response: Response, *, unclaim: bool = False) -> None:
+    def _remember(
+        self, key: str, response: Response, *, unclaim: bool = False, persist: bool = True
+    ) -> None:
         """Keep *response* for the identical requests to come: in the dedupe memory, and
         in the cache (written in the background: it never delays the caller's own
         bookkeeping, such as a checkpoint write; :meth:`aclose` waits for it)."""
@@ -838,17 +888,19 @@ class LLMClient(AsyncClosing):
             self._memo[key] = response
             if len(self._memo) > DEDUPE_MEMORY:
                 self._memo.popitem(last=False)
-        if self.cache is not None and (self.cache_policy.writes or unclaim):
-            task = asyncio.create_task(self._write(key, response, unclaim=unclaim))
+        if self.cache is not None and ((self.cache_policy.writes and persist) or unclaim):
+            task = asyncio.create_task(self._write(key, response, unclaim=unclaim, persist=persist))
             self._cache_writes.add(task)
             task.add_done_callback(self._cache_writes.discard)
 
-    async def _write(self, key: str, response: Response, *, unclaim: bool) -> bool:
+    async def _write(
+        self, key: str, response: Response, *, unclaim: bool, persist: bool = True
+    ) -> bool:
         """Store *response*, then give up the claim on it (the waiters find it)."""
         assert self.cache is not None
         stored = False
         try:
-            if self.cache_policy.writes:
+            if self.cache_policy.writes and persist:
                 stored = await self.cache.put(key, response, ttl=self.cache_policy.ttl)
         finally:
             if unclaim:
@@ -907,12 +959,16 @@ class LLMClient(AsyncClosing):
         for index, provider, routed in self._routes(request):
             token = _ROUTE.set(None if index == 0 else provider)
             try:
-                return await self._answer_on(routed)
+                response = await self._answer_on(routed)
+                # another model's answer: not stored in the cache under this request's
+                # key (the primary may answer it itself next time)
+                _FELL_BACK.set(index > 0)
+                return response
             except LLMBatchError as exc:
                 if isinstance(exc, JOB_FALLBACK_ON):
                     self._leave_route(index, provider, routed.model, exc)
-                elif not isinstance(exc, self.fallback_on):
-                    raise
+                elif index not in self._dead_routes and not isinstance(exc, self.fallback_on):
+                    raise  # (an item of a route left meanwhile moves on, whatever its error)
                 last = exc
                 logger.info(
                     "fallback.next",
@@ -928,6 +984,15 @@ class LLMClient(AsyncClosing):
             last = copy.copy(self._job_error)
             last.item_key = request.key
         raise last
+
+    def start_job(self) -> None:
+        """Try every route and key again: what an earlier job left or retired (a
+        refused key, an unreachable primary) may work now. :meth:`map` calls it."""
+        self._dead_routes.clear()
+        self._job_error = None
+        for provider in (self.provider, *(f.provider for f in self.fallbacks)):
+            if isinstance(provider, KeyPool):
+                provider.reinstate()
 
     def _routes(self, request: Request) -> Iterator[tuple[int, Provider, Request]]:
         """The routes still open for *request*, in order: (index, provider, request)."""
@@ -1167,16 +1232,19 @@ class LLMClient(AsyncClosing):
         route = self._route()
         pool = route if isinstance(route, KeyPool) else None
         while True:
-            member = route if pool is None else pool.pick(self._room(model))
+            member = route if pool is None else pool.pick(self._room(model), model)
             try:
-                return await self._call_member(request, model, member, item, admitted)
+                answer = await self._call_member(request, model, member, item, admitted, pool)
             except RETIRES_KEY as exc:
                 if pool is None:
                     raise
-                pool.retire(member, exc)
-                if not pool.active:
+                pool.retire(member, exc, model)
+                if not pool.active_for(model):
                     raise  # no key left: the job stops
-                # another key answers the item (the refused call cost nothing)
+                continue  # another key answers the item (the refused call cost nothing)
+            if answer is not None:
+                return answer
+            # the key was retired while this call waited for its permit: another key
 
     async def _call_member(
         self,
@@ -1185,8 +1253,10 @@ class LLMClient(AsyncClosing):
         provider: Provider,
         item: Any,
         admitted: Callable[[], None] | None,
-    ) -> Answer:
-        """One call to *provider* (one key) under its limiter."""
+        pool: KeyPool | None = None,
+    ) -> Answer | None:
+        """One call to *provider* (one key of *pool*, if any) under its limiter;
+        ``None`` when that key was retired while the call waited for its permit."""
         limiter = self.limiter_for(model, provider)
         cost = self._admission(request, model, provider)
         mean = self._mean_cost
@@ -1198,6 +1268,9 @@ class LLMClient(AsyncClosing):
             self._size_in_flight(model, limiter)
         async with gate:
             permit = await limiter.acquire(**cost)
+            if pool is not None and provider not in pool.active_for(model):
+                permit.release()
+                return None
             if admitted is not None:
                 admitted()
             self._requests += 1
@@ -1248,7 +1321,8 @@ class LLMClient(AsyncClosing):
         limiters = [limiter]
         pool = self._route()
         if isinstance(pool, KeyPool) and not self._limiter:
-            limiters = [self.limiter_for(model, member) for member in pool.active] or limiters
+            members = pool.active_for(model)
+            limiters = [self.limiter_for(model, member) for member in members] or limiters
         limits: dict[str, float] = {}
         capacity: dict[str, float] = {}
         for each in limiters:
@@ -1340,7 +1414,11 @@ class LLMClient(AsyncClosing):
             prefer: ``"cost"`` or ``"speed"`` (for ``"auto"``).
             journal: where batch ids are recorded so that a rerun resumes polling
                 (a :class:`~llmbatch.store.Store`); batch mode only.
+
+        Each call is a new job: routes left and keys retired by an earlier one are
+        tried again. Fallbacks apply online; through a Batch API the primary answers.
         """
+        self.start_job()
         return await self._map(
             self.complete,
             requests,

@@ -513,6 +513,7 @@ async def run_job(
     """
     progress = progress if progress is not None else JobProgress()
     spec.check_paths()
+    client.start_job()  # routes left and keys retired by an earlier job: tried again
     with contextlib.ExitStack() as stack:
         if store is None:
             store = stack.enter_context(Store(spec.store_path))

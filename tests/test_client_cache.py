@@ -305,3 +305,17 @@ def test_one_memory_cache_serves_every_map_call_of_a_notebook() -> None:
     assert [r.text for r in paid.ok] == [r.text for r in served.ok]
     assert 4 == len(served.ok)
     assert 4 == cache.statistics().hits
+
+
+async def test_identical_requests_at_once_with_a_cache_are_sent_once(tmp_path: Path) -> None:
+    """Five identical requests at once through a client with a cache (whose lookup
+    awaits) and dedupe: one request is sent, and all five get its answer (before, the
+    ones that looked the cache up together each took the in-flight slot and the job
+    failed them with a KeyError)."""
+    provider = FakeProvider(upper)
+    async with client(provider, cache=str(tmp_path / "c.sqlite"), dedupe=True) as llm:
+        answers = await asyncio.gather(*(llm.complete("same question") for _ in range(5)))
+        stats = llm.statistics()
+    assert 1 == len(provider.calls)
+    assert ["SAME QUESTION"] * 5 == [a.text for a in answers]
+    assert (5, 4) == (stats.succeeded, stats.duplicates)

@@ -252,7 +252,8 @@ def run(**options: Any) -> None:
         raise click.BadParameter(str(exc), param_hint="--limiter-url") from None
     cache, cache_policy = cache_of(options)
     try:
-        fallbacks = [open_fallback(value, choice.name) for value in options["fallbacks"]]
+        # (a URL provider is "openai" by name: its fallback to openai/... is OpenAI's)
+        fallbacks = [open_fallback(value, choice.kind) for value in options["fallbacks"]]
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--fallback") from None
     if options["dry_run"]:
@@ -511,7 +512,7 @@ def _progress_display(
 def _snapshot(progress: JobProgress, client: Any, model: str) -> dict[str, Any]:
     per_minute, tokens_per_minute = progress.rates()
     stats = client.statistics()
-    limiter = client.limiter_for(model).statistics()
+    limiter = client.quota_statistics(model)
     eta = progress.eta()
     return {
         "finished": progress.finished,

@@ -50,8 +50,10 @@ class ProviderChoice:
         """The provider's name in profiles and fingerprints."""
         return "openai" if self.kind == "url" else self.kind
 
-    def open(self) -> Provider:
-        """The provider, its key from the environment.
+    def open(self, *, api_key: str | None = None) -> Provider:
+        """The provider, its key from the environment (or *api_key*: ``llmbatch
+        estimate`` passes a placeholder, to name the server it would call without
+        calling it).
 
         Raises:
             ValueError: its key is not set, or its extra is not installed.
@@ -59,7 +61,7 @@ class ProviderChoice:
         if self.kind in ("openai", "url"):
             from llmbatch.providers.openai import OpenAIProvider
 
-            keys = api_keys("openai")
+            keys = [api_key] if api_key else api_keys("openai")
             if self.kind == "openai" and not keys:
                 raise ValueError(
                     "the openai provider needs OPENAI_API_KEY (or OPENAI_API_KEYS) in the "
@@ -76,7 +78,7 @@ class ProviderChoice:
                 raise ValueError(
                     "the anthropic provider needs: pip install 'llmbatch[anthropic]'"
                 ) from None
-            keys = api_keys("anthropic")
+            keys = [api_key] if api_key else api_keys("anthropic")
             if not keys:
                 raise ValueError(
                     "the anthropic provider needs ANTHROPIC_API_KEY (or ANTHROPIC_API_KEYS) "
@@ -84,7 +86,7 @@ class ProviderChoice:
                 )
             return _pooled([AnthropicProvider(api_key=k) for k in keys])
         if self.kind == "gemini":
-            return _open_gemini()
+            return _open_gemini(api_key)
         if self.kind == "azure":
             return _open_azure()
         from llmbatch.providers.local import LocalProvider, local_model_available
@@ -117,8 +119,8 @@ def choose_provider(
         owners = sorted(
             name.partition("/")[0] for name in load_profiles() if name.endswith("/" + model)
         )
-        if owners:
-            provider = owners[0]
+        if owners:  # OpenAI's own before the services that host its models (azure/...)
+            provider = "openai" if "openai" in owners else owners[0]
     if provider is None:
         if api_keys("openai"):
             provider = "openai"
@@ -194,7 +196,7 @@ def _gemini_key() -> str | None:
     return next((os.environ[v] for v in _GEMINI_KEYS if os.environ.get(v)), None)
 
 
-def _open_gemini() -> Provider:
+def _open_gemini(api_key: str | None = None) -> Provider:
     """:class:`~llmbatch.providers.gemini.GeminiProvider` with the environment's key.
 
     Raises:
@@ -204,8 +206,8 @@ def _open_gemini() -> Provider:
         from llmbatch.providers.gemini import GeminiProvider
     except ImportError:
         raise ValueError("the gemini provider needs: pip install 'llmbatch[gemini]'") from None
-    key = _gemini_key()
-    keys = api_keys("gemini") or ([key] if key else [])
+    key = api_key or _gemini_key()
+    keys = [api_key] if api_key else api_keys("gemini") or ([key] if key else [])
     if not keys:
         raise ValueError(
             "the gemini provider needs GEMINI_API_KEY (or GEMINI_API_KEYS) or GOOGLE_API_KEY "

@@ -19,13 +19,16 @@ fatally unusable for the whole job is left for the next route.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from llmbatch._log import get_logger
 from llmbatch.errors import (
     AuthenticationFailed,
+    ConnectionFailed,
     ContentFiltered,
     ContextLengthExceeded,
     LLMBatchError,
@@ -52,10 +55,11 @@ logger = get_logger("llmbatch.providers")
 RETIRES_KEY: tuple[type[LLMBatchError], ...] = (AuthenticationFailed, QuotaExhausted)
 
 #: an item's final error (after its retries) that sends it to the next fallback: the
-#: model was unavailable, its context too short, or its content filter refused
+#: model was unavailable or unreachable, its context too short, or its filter refused
 DEFAULT_FALLBACK_ON: tuple[type[LLMBatchError], ...] = (
     ProviderUnavailable,
     Timeout,
+    ConnectionFailed,
     ContextLengthExceeded,
     ContentFiltered,
 )
@@ -96,6 +100,11 @@ class Fallback:
 class KeyPool(AsyncClosing):
     """Several providers of one service, one per API key, used as one provider.
 
+    A key refused outright (:class:`~llmbatch.errors.AuthenticationFailed`) is retired
+    for every model; a key out of quota (:class:`~llmbatch.errors.QuotaExhausted`,
+    which Gemini counts per model) for that model only. :meth:`reinstate` gives them
+    all another chance (``LLMClient.map`` does, at the start of each job).
+
     Args:
         members: the providers, one per key (at least one; all with the same ``name``).
 
@@ -114,50 +123,81 @@ class KeyPool(AsyncClosing):
         digest = hashlib.sha256("|".join(m.quota_key for m in members).encode()).hexdigest()
         #: the pool as a whole (each member keeps its own quota_key and limiter)
         self.quota_key = f"pool-{digest[:12]}"
-        self._retired: dict[int, str] = {}
+        #: (member index, model or None for every model) -> the error that retired it
+        self._retired: dict[tuple[int, str | None], LLMBatchError] = {}
         endpoint = getattr(members[0], "endpoint", None)
         if isinstance(endpoint, str):
             self.endpoint = endpoint  # keys do not change answers: one cache key space
+        has_batch = getattr(members[0], "has_batch_api", None)
+        if isinstance(has_batch, bool):
+            self.has_batch_api = has_batch
 
     def __repr__(self) -> str:
         return f"<KeyPool {self.name} {len(self.active)}/{len(self.members)} keys active>"
 
     @property
     def active(self) -> tuple[Provider, ...]:
-        """The members not retired."""
-        return tuple(m for i, m in enumerate(self.members) if i not in self._retired)
+        """The members not retired for every model."""
+        return self.active_for(None)
+
+    def active_for(self, model: str | None) -> tuple[Provider, ...]:
+        """The members that may still answer *model*."""
+        return tuple(
+            m
+            for i, m in enumerate(self.members)
+            if (i, None) not in self._retired and (i, model) not in self._retired
+        )
 
     @property
     def refunds_unused(self) -> bool:
         """As the members' rule (they are one service)."""
         return bool(getattr(self.members[0], "refunds_unused", False))
 
-    def retire(self, member: Provider, error: LLMBatchError) -> None:
-        """Leave *member* out for the rest of the job, because of *error* (said once)."""
+    def retire(self, member: Provider, error: LLMBatchError, model: str | None = None) -> None:
+        """Leave *member* out because of *error* (said once): for every model when the
+        key is refused, for *model* alone when its quota for it is spent."""
         index = self.members.index(member)
-        if index in self._retired:
+        scope = model if isinstance(error, QuotaExhausted) else None
+        if (index, None) in self._retired or (index, scope) in self._retired:
             return
-        self._retired[index] = type(error).__name__
+        self._retired[index, scope] = error
         logger.warning(
             "pool.key_retired",
             provider=self.name,
             quota=member.quota_key.split("@")[0],
             key_hint=error.key_hint,
+            model=scope,
             reason=type(error).__name__,
             detail=error.message,
-            keys_left=len(self.active),
+            keys_left=len(self.active_for(model)),
         )
 
-    def pick(self, room: Callable[[Provider], float]) -> Provider:
-        """The active member with the most *room* (ties: the first).
+    def reinstate(self) -> None:
+        """Give every retired key another chance (a new job)."""
+        self._retired.clear()
+
+    def pick(self, room: Callable[[Provider], float], model: str | None = None) -> Provider:
+        """The member with the most *room* among those that may answer *model* (ties:
+        the first).
 
         Raises:
-            ValueError: every member is retired.
+            LLMBatchError: none is left: the error that retired the last one (a
+                :class:`~llmbatch.errors.FatalError`, which stops a job).
         """
-        active = self.active
+        active = self.active_for(model)
         if not active:
-            raise ValueError("every key of the pool is retired")
+            last = next(reversed(self._retired.values()))
+            raise copy.copy(last)
         return max(active, key=room)
+
+    def batch(self) -> Any:
+        """The Batch API of the first key still active (batches belong to the account:
+        polling after a restart goes through the same first key)."""
+        member = (self.active or self.members)[0]
+        backend = getattr(member, "batch", None)
+        if backend is None:
+            raise ValueError(f"the {self.name} provider has no Batch API")
+        return backend()
 
     async def complete(self, request: Request) -> Response:
         """Answer with the first active member (an :class:`LLMClient` spreads requests

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,8 @@ from llmbatch.limits import Limits
 from llmbatch.providers.openai import OpenAIProvider
 from llmbatch.providers.pool import Fallback, KeyPool
 from llmbatch.testing import FakeClock, Fault, RequestInfo, Simulator
+from llmbatch.testing.pytest_plugin import SimulatorFactory
+from llmbatch.testing.simulator import BatchSimConfig
 
 MODEL = "gpt-4o-mini"
 KEYS = ["sk-pool-aaaa", "sk-pool-bbbb", "sk-pool-cccc"]
@@ -348,3 +350,140 @@ async def test_several_keys_open_as_a_pool_and_fallbacks_parse(
     await other.provider.aclose()
     with pytest.raises(TypeError, match="a fallback is a model name"):
         Fallback.of("  ")
+
+
+# -- what the review found: each case as a user would hit it ----------------------------
+
+
+def quota_spent_for(model: str) -> Callable[[RequestInfo], Fault | None]:
+    """Every key's quota for *model* is spent (per model, as Gemini counts it)."""
+
+    def script(info: RequestInfo) -> Fault | None:
+        if info.model == model:
+            return Fault(status=429, error_type="insufficient_quota")
+        return None
+
+    return script
+
+
+async def test_a_model_out_of_quota_on_every_key_falls_back_on_the_same_keys(
+    clock: FakeClock,
+) -> None:
+    """The primary model's quota is spent on all three keys: the keys are retired for
+    that model only, so the fallback model is answered through the same pool."""
+    async with (
+        Simulator(clock=clock.time, script=quota_spent_for(MODEL)) as sim,
+        pool_at(sim) as pool,
+        LLMClient(pool, model=MODEL, limits=Limits(rpm=100_000), fallbacks=["gpt-4o"]) as client,
+    ):
+        result = await client.map([llmbatch.Request.from_prompt(f"spent {i}") for i in range(10)])
+    assert (10, 0) == (len(result.ok), len(result.errors))
+    assert {"gpt-4o"} == {r.model for r in result.ok}
+
+
+async def test_when_the_last_key_goes_the_job_stops_with_its_error(clock: FakeClock) -> None:
+    """No fallback: every key out of quota for the model stops the job with that
+    (fatal) error, never a bare ValueError."""
+    async with (
+        Simulator(clock=clock.time, script=quota_spent_for(MODEL)) as sim,
+        pool_at(sim) as pool,
+    ):
+        with pytest.raises(BatchFailed) as caught:
+            await llmbatch.map(
+                "{item}",
+                [f"spent {i}" for i in range(10)],
+                model=MODEL,
+                provider=pool,
+                limits=Limits(rpm=100_000),
+            )
+    assert "fatal" == caught.value.reason
+    assert "QuotaExhausted" == caught.value.error.error_type
+
+
+async def test_items_in_flight_on_an_unreachable_primary_all_move_to_the_fallback(
+    clock: FakeClock,
+) -> None:
+    """A primary nobody answers (connections refused) and a working fallback: every one
+    of 60 items is answered by the fallback, the ones already retrying on the primary
+    when it was left included."""
+    async with Simulator(clock=clock.time) as backup_sim:
+        backup = OpenAIProvider(base_url=backup_sim.base_url, api_key="sk-b", name="backup")
+        async with LLMClient(
+            OpenAIProvider(base_url="http://127.0.0.1:9/v1", api_key="sk-gone"),
+            model=MODEL,
+            limits=Limits(rpm=100_000),
+            fallbacks=[Fallback(MODEL, backup)],
+        ) as client:
+            result = await client.map(
+                [llmbatch.Request.from_prompt(f"moved {i}") for i in range(60)]
+            )
+    assert (60, 0) == (len(result.ok), len(result.errors))
+    assert {"backup"} == {r.provider for r in result.ok}
+
+
+async def test_a_fallbacks_answer_is_not_cached_as_the_primarys(clock: FakeClock) -> None:
+    """An item the primary could not answer once is answered by the fallback; the next
+    job, with the primary working, asks the primary rather than being served the other
+    model's answer from the cache. What is cached keeps who answered."""
+    from llmbatch.cache import MemoryCache
+
+    cache = MemoryCache()
+
+    def down_once(info: RequestInfo) -> Fault | None:
+        return Fault(status=503, retry_after=0.1) if info.model == MODEL else None
+
+    prompts = [llmbatch.Request.from_prompt(f"cached {i}") for i in range(3)]
+    async with (
+        Simulator(clock=clock.time, script=down_once) as sim,
+        LLMClient(
+            OpenAIProvider(base_url=sim.base_url, api_key="sk-c"),
+            model=MODEL,
+            limits=Limits(rpm=100_000),
+            fallbacks=["gpt-4o"],
+            cache=cache,
+        ) as client,
+    ):
+        first = await client.map(prompts)
+    async with Simulator(clock=clock.time) as healthy:
+        async with LLMClient(
+            OpenAIProvider(base_url=healthy.base_url, api_key="sk-c"),
+            model=MODEL,
+            limits=Limits(rpm=100_000),
+            cache=cache,
+        ) as client:
+            second = await client.map(prompts)
+        asked = healthy.stats().ok
+    assert {"gpt-4o"} == {r.model for r in first.ok}
+    assert 3 == asked
+    assert not any(r.cached for r in second.ok)
+    assert {MODEL} == {(r.model or "").split("-2024")[0] for r in second.ok}
+
+
+async def test_a_pool_goes_through_the_batch_api(simulator_factory: SimulatorFactory) -> None:
+    """``mode="batch"`` with a key pool: the batch goes through one of its keys."""
+    wall = FakeClock(start=10_000.0)
+    fast = BatchSimConfig(
+        validating_seconds=0.01, seconds_per_request=0.001, finalizing_seconds=0.01
+    )
+    sim = await simulator_factory(batch=fast, batch_clock=wall.time)
+    async with pool_at(sim) as pool:
+        client = LLMClient(pool, model=MODEL, sleep=wall.sleep)
+        client.batch_poll_interval = 0.05
+        result = await client.map(
+            [llmbatch.Request.from_prompt(f"batched {i}", key=f"b{i}") for i in range(6)],
+            mode="batch",
+        )
+    assert 6 == len(result.ok)
+    assert 1 == sim.stats().batch["openai_batches_created"]
+
+
+async def test_the_live_view_adds_up_the_keys(clock: FakeClock) -> None:
+    """``quota_statistics``: three keys of 300 RPM show as 900 RPM in all."""
+    async with (
+        Simulator(clock=clock.time) as sim,
+        LLMClient(pool_at(sim), model=MODEL, limits=Limits(rpm=300)) as client,
+    ):
+        await client.map([llmbatch.Request.from_prompt(f"seen {i}") for i in range(9)])
+        stats = client.quota_statistics(MODEL)
+    assert 900 == round(stats.limits["rpm"])
+    assert 9 == stats.acquired
