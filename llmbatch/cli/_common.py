@@ -152,7 +152,8 @@ def request_options(f: Any) -> Any:
         click.option("--system", help="A system prompt."),
         click.option("--model", help="The model (default: the provider's usual one)."),
         click.option(
-            "--provider", help="openai, anthropic, local, or an OpenAI-compatible base URL."
+            "--provider",
+            help="openai, anthropic, gemini, azure, local, or an OpenAI-compatible base URL.",
         ),
         click.option(
             "--max-tokens",
