@@ -8,7 +8,8 @@ The convention (also in ``docs/README.md``):
 * a fenced ``bash`` block is run by ``bash -e`` in that same folder, after the page's
   earlier blocks (so a file a Python block wrote is there);
 * a fenced ``toml`` block is a configuration file: it is parsed, and loaded as an
-  ``llmbatch.toml`` by :mod:`llmbatch.config` (profiles and limiter settings);
+  ``llmbatch.toml`` by :mod:`llmbatch.config` (model and provider profiles, limiter
+  settings) and :func:`llmbatch.cache.cache_settings` (the ``[cache]`` table);
 * a block preceded by ``<!-- run: pytest -->`` is saved as a test module and run by
   pytest, as a user's own test suite would run it;
 * any other block, or one that cannot run offline, is preceded by
@@ -41,7 +42,8 @@ from typing import Any
 
 import pytest
 
-from llmbatch.config import limiter_settings, load_profiles
+from llmbatch.cache import cache_settings
+from llmbatch.config import limiter_settings, load_profiles, load_providers
 from llmbatch.testing import BatchSimConfig, Simulator
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -231,14 +233,16 @@ def run_bash(block: Block, work: Path) -> str:
 
 
 def load_toml(block: Block, work: Path) -> None:
-    """The block is a valid llmbatch.toml: it parses, and its profiles and limiter
-    settings load."""
+    """The block is a valid llmbatch.toml: it parses, and its model and provider
+    profiles, limiter settings and cache settings load."""
     tomllib.loads(block.code)
     config = work / "llmbatch.toml"
     config.write_text(block.code, encoding="utf-8")
     try:
         load_profiles(config)
+        load_providers(config)
         limiter_settings(config)
+        cache_settings(config)
     finally:
         config.unlink()
 
