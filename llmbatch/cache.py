@@ -107,6 +107,7 @@ __all__ = [
     "ResponseCache",
     "SQLiteCache",
     "SupportsClaim",
+    "SupportsRelease",
     "cache_key",
     "cache_settings",
     "default_cache_path",
@@ -494,6 +495,15 @@ class ResponseCache(Protocol):
 
     async def aclose(self) -> None:
         """Release the file or connection (later calls miss)."""
+        ...
+
+
+@runtime_checkable
+class SupportsRelease(Protocol):
+    """A cache that holds connections of one event loop (:class:`RedisCache`)."""
+
+    async def release(self) -> None:
+        """Close what it opened in the running loop; stay usable."""
         ...
 
 
@@ -968,6 +978,11 @@ class RedisCache(_Cache):
         )
         self._redis = client
         self._owns_client = isinstance(redis, str)
+        self._url = redis if isinstance(redis, str) else None
+        self._timeout = timeout
+        #: the event loop the client's connections belong to (a URL's client is made
+        #: anew for another loop: ``map_sync`` runs each call in its own)
+        self._bound: asyncio.AbstractEventLoop | None = None
         self.namespace = namespace
         self._prefix = f"llmbatch:{namespace}:response:"
         self._claims = f"llmbatch:{namespace}:claim:"
@@ -997,7 +1012,7 @@ class RedisCache(_Cache):
 
     async def _read(self, key: str) -> str | bytes | None:
         async with self._semaphore():
-            value: str | bytes | None = await self._redis.get(self._prefix + key)
+            value: str | bytes | None = await self._now().get(self._prefix + key)
         return value
 
     async def _write(self, key: str, value: str, cached: CachedResponse) -> bool:
@@ -1005,7 +1020,7 @@ class RedisCache(_Cache):
         if cached.expires is not None:
             expiry = max(1, math.ceil((cached.expires - cached.created) * 1000))
         async with self._semaphore():
-            await self._redis.set(self._prefix + key, value, px=expiry)
+            await self._now().set(self._prefix + key, value, px=expiry)
         return True
 
     async def claim(self, key: str, *, seconds: float) -> bool:
@@ -1017,7 +1032,7 @@ class RedisCache(_Cache):
             return True
         try:
             async with self._semaphore():
-                won = await self._redis.set(
+                won = await self._now().set(
                     self._claims + key, b"1", nx=True, px=max(1, math.ceil(seconds * 1000))
                 )
         except Exception as exc:
@@ -1032,13 +1047,30 @@ class RedisCache(_Cache):
             return
         try:
             async with self._semaphore():
-                await self._redis.delete(self._claims + key)
+                await self._now().delete(self._claims + key)
         except Exception as exc:
             self._failed("claim", exc)
 
     async def _close(self) -> None:
-        if self._owns_client:
+        await self.release()
+
+    async def release(self) -> None:
+        """Close the connections this cache opened in the running event loop, and stay
+        usable: another loop opens its own (a client leaves a cache it was given open,
+        and releases it so at the end of each job)."""
+        if self._owns_client and self._bound is asyncio.get_running_loop():
             await self._redis.aclose()
+            self._bound = None
+
+    def _now(self) -> Redis:
+        """The client for the running event loop (connections belong to one loop)."""
+        loop = asyncio.get_running_loop()
+        if self._url is not None and self._bound is not loop:
+            # (another loop's client is left to that loop: its connections cannot be
+            # used, nor closed, from this one)
+            self._redis = self._client(self._url, self._timeout)
+            self._bound = loop
+        return self._redis
 
     def _describe(self, exc: Exception) -> str:
         text = f"{type(exc).__name__}: {exc}"

@@ -41,7 +41,13 @@ from typing import Any, TypeVar, overload
 
 from llmbatch._log import get_logger
 from llmbatch.batchapi import Journal, batch_backend, run_batch_api
-from llmbatch.cache import CachePolicy, ResponseCache, SupportsClaim, open_cache
+from llmbatch.cache import (
+    CachePolicy,
+    ResponseCache,
+    SupportsClaim,
+    SupportsRelease,
+    open_cache,
+)
 from llmbatch.concurrency import SAFETY_CAP, InFlight, InFlightTarget
 from llmbatch.config import (
     LimiterSettings,
@@ -575,8 +581,11 @@ class LLMClient(AsyncClosing):
 
     async def _close_cache(self) -> None:
         await self.flush()
+        cache: object = self.cache  # (a ResponseCache that may also SupportsRelease)
         if self.cache is not None and self._owns_cache:
             await self.cache.aclose()
+        elif isinstance(cache, SupportsRelease):
+            await cache.release()  # the owner's cache: its connections of this loop
 
     async def _close_limiters(self) -> None:
         """Close the shared-quota limiters this client opened in the running loop (their

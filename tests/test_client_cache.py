@@ -319,3 +319,24 @@ async def test_identical_requests_at_once_with_a_cache_are_sent_once(tmp_path: P
     assert 1 == len(provider.calls)
     assert ["SAME QUESTION"] * 5 == [a.text for a in answers]
     assert (5, 4) == (stats.succeeded, stats.duplicates)
+
+
+def test_one_redis_cache_object_serves_map_calls_in_separate_event_loops(
+    redis_url: str,
+) -> None:
+    """``map_sync`` runs each call in its own event loop: a ``RedisCache`` made from a
+    URL opens its connections anew in each, so the second call is served from the
+    first's answers (before, it reused the first loop's dead connections and fell back
+    to no cache)."""
+    import uuid
+
+    from llmbatch.cache import RedisCache
+
+    cache = RedisCache(redis_url, namespace=f"loops-{uuid.uuid4().hex}")
+    first, second = FakeProvider(upper), FakeProvider(upper)
+    notes = [{"text": f"loop note {i}"} for i in range(3)]
+    llmbatch.map_sync("{text}", notes, model="m", provider=first, cache=cache)
+    served = llmbatch.map_sync("{text}", notes, model="m", provider=second, cache=cache)
+    assert (3, 0) == (len(first.calls), len(second.calls))
+    assert 3 == sum(r.cached for r in served.ok)
+    assert 0 == cache.statistics().errors
