@@ -38,19 +38,35 @@ Typed answers (a request's ``response_model``) go as ``response_mime_type:
 "application/json"`` with the schema as ``response_json_schema``; the client validates
 the answer (re-asking when it is invalid), online and in batches alike.
 
-The Batch API (:class:`GeminiBatchBackend`, ``provider.batch()``): inline requests
-(``batches.create(src=[...])``, up to 20 MB a job), each tagged with its custom id in
-``metadata.key``; the job is polled through ``batches.get`` (``JOB_STATE_*``), and its
-inline responses are joined on that key. JSONL file input is not used.
+The Batch API (:class:`GeminiBatchBackend`, ``provider.batch()``) sends a job one of two
+ways. A small job (at most :data:`INLINE_MAX_REQUESTS` requests and 19 MB) goes inline
+(``batches.create(src=[...])``), each request tagged with its custom id in
+``metadata.key``, and its responses come back inside the job. A larger one (up to the
+provider profile's ``batch_max_requests`` and ``batch_max_bytes``: 2 GB, Gemini's file
+limit) goes as a JSONL file, one ``{"key", "request"}`` line per request (the REST
+``GenerateContentRequest``), uploaded with ``files.upload`` (``application/jsonl``) and
+named in ``batches.create(src="files/...")``; its results are the JSONL file the ended job
+names (``dest.file_name``), downloaded with ``files.download`` to a temporary file and
+read line by line: ``{"key", "response"}`` or ``{"key", "error"}``. Either way the job is
+polled through ``batches.get`` (``JOB_STATE_*``) and the results are joined on the key;
+the journal holds the job's name only, so a resumed run polls it and downloads its
+results without uploading anything again. Gemini deletes uploaded files after 48 hours;
+llmbatch does not delete them itself (a rerun may download a result file again).
+
+``GOOGLE_GEMINI_BASE_URL`` (the SDK's own variable) points the provider at another
+server, a simulator for instance, when no ``base_url`` is given.
 """
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import json
 import os
+import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequence
+from typing import IO, Any
 
 import httpx2
 import pydantic
@@ -64,7 +80,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "the Gemini provider needs the 'google-genai' package: pip install 'llmbatch[gemini]'"
     ) from exc
 
+from llmbatch._log import get_logger
 from llmbatch.batchapi import AnyRequest, BatchLimits, BatchStatus, Outcome
+from llmbatch.config import ProviderProfile, load_providers, provider_profile
 from llmbatch.errors import (
     AuthenticationFailed,
     BadRequest,
@@ -86,6 +104,8 @@ from llmbatch.tokens import admission_estimate
 
 __all__ = [
     "GEMINI_KEY_VARIABLES",
+    "INLINE_MAX_BYTES",
+    "INLINE_MAX_REQUESTS",
     "GeminiBatchBackend",
     "GeminiProvider",
     "classify_gemini_error",
@@ -99,6 +119,26 @@ GEMINI_KEY_VARIABLES = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com/"
 #: the API version: the Batch API and ``responseJsonSchema`` are v1beta's
 API_VERSION = "v1beta"
+#: the google-genai SDK's variable for another server than Gemini's
+BASE_URL_VARIABLE = "GOOGLE_GEMINI_BASE_URL"
+#: the most requests a batch job sends inline; a larger one goes as a JSONL file (an
+#: inline job's responses all come back in one answer to ``batches.get``)
+INLINE_MAX_REQUESTS = 1_000
+#: the largest inline job: Gemini's 20 MB, measured on the SDK-shaped requests, with a
+#: margin for the REST wrapping
+INLINE_MAX_BYTES = 19 * 1024 * 1024
+#: the share of the profile's file limit a file job fills: the lines are measured in the
+#: SDK's shape, a little shorter than the REST lines written to the file
+_FILE_MARGIN = 0.98
+_JSONL = "application/jsonl"
+#: ``GenerateContentConfig`` fields that are parts of the REST request itself, not of its
+#: ``generationConfig``; the SDK-only ones are dropped
+_REQUEST_FIELDS = frozenset(
+    {"systemInstruction", "safetySettings", "tools", "toolConfig", "labels", "cachedContent"}
+)
+_SDK_ONLY_FIELDS = frozenset(
+    {"httpOptions", "automaticFunctionCalling", "shouldReturnHttpResponse"}
+)
 _QUOTA_FAILURE = "type.googleapis.com/google.rpc.QuotaFailure"
 _RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
 _ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
@@ -108,6 +148,8 @@ _ENDED_STATES = frozenset(
     | {"JOB_STATE_EXPIRED"}
 )
 _JSON = "application/json"
+
+logger = get_logger("llmbatch.providers")
 
 
 def _retry_delay(details: Sequence[Any]) -> float | None:
@@ -289,9 +331,13 @@ class GeminiProvider(AsyncClosing):
     Args:
         api_key: the key (default: ``GEMINI_API_KEY``, else ``GOOGLE_API_KEY``); never
             logged or shown.
-        base_url: another Gemini-compatible server (a simulator).
+        base_url: another Gemini-compatible server (a simulator); default
+            ``GOOGLE_GEMINI_BASE_URL`` if set, else Gemini's.
         timeout: seconds per HTTP request.
         name: the provider's name in limits, profiles and logs.
+        profile: what the provider offers (its Batch API's file limits); default the
+            profile of *name* (:data:`llmbatch.config.BUILTIN_PROVIDERS`, as the
+            configuration file overrides it).
 
     Raises:
         AuthenticationFailed: no key given and none in the environment.
@@ -304,6 +350,7 @@ class GeminiProvider(AsyncClosing):
         base_url: str | None = None,
         timeout: float = 600.0,
         name: str = "gemini",
+        profile: ProviderProfile | None = None,
     ) -> None:
         key = (
             api_key or next((os.environ[v] for v in GEMINI_KEY_VARIABLES if os.environ.get(v)), "")
@@ -313,6 +360,7 @@ class GeminiProvider(AsyncClosing):
                 "no Gemini API key: pass api_key, or set GEMINI_API_KEY or GOOGLE_API_KEY",
                 provider=name,
             )
+        base_url = base_url or os.environ.get(BASE_URL_VARIABLE) or None
         # httpx2 rather than the SDK's aiohttp session: that one subclasses
         # aiohttp.ClientSession, which aiohttp deprecates with a warning on every use
         self._http = httpx2.AsyncClient(
@@ -328,6 +376,8 @@ class GeminiProvider(AsyncClosing):
         )
         self._client = genai.Client(api_key=key, http_options=options)
         self.name = name
+        #: what the provider offers (its Batch API's file limits)
+        self.profile = profile or provider_profile(name, providers=load_providers())
         self.base_url = base_url or DEFAULT_BASE_URL
         #: a fingerprint of the key, never the key
         self.quota_key = key_fingerprint(key) + "@" + self.base_url
@@ -443,8 +493,17 @@ class GeminiProvider(AsyncClosing):
         )
 
     def batch(self) -> GeminiBatchBackend:
-        """This provider's Batch API (half price, its own quota)."""
-        return GeminiBatchBackend(self, self._client)
+        """This provider's Batch API (half price, its own quota; the file limits from
+        the provider's profile)."""
+        return GeminiBatchBackend(
+            self,
+            self._client,
+            limits=BatchLimits(
+                max_requests=self.profile.batch_max_requests,
+                max_bytes=int(self.profile.batch_max_bytes * _FILE_MARGIN),
+                one_model=True,
+            ),
+        )
 
 
 def gemini_response(
@@ -502,15 +561,26 @@ def gemini_response(
 
 
 class GeminiBatchBackend:
-    """Gemini's Batch API with inline requests: ``batches.create`` / ``get`` / ``cancel``.
+    """Gemini's Batch API: ``batches.create`` / ``get`` / ``cancel``, with the requests
+    inline or in a JSONL file (``files.upload`` / ``files.download``).
 
-    Each request carries its custom id as ``metadata.key``; the job's inline responses
-    carry it back and are joined on it. A job runs one model (it is in the URL).
+    A job goes inline when it holds at most *inline_max_requests* requests and
+    *inline_max_bytes*; else as a file. Either way each request carries its custom id
+    (``metadata.key`` inline, ``key`` in a file) and the results are joined on it. A job
+    runs one model (it is in the URL).
+
+    Args:
+        provider: the provider (its request mapping, name and key hint).
+        client: the SDK client.
+        limits: what one job may hold (default: one inline job's limits; the provider
+            passes its profile's file limits).
+        inline_max_requests: the most requests sent inline.
+        inline_max_bytes: the largest inline job, measured on :meth:`line`'s output.
     """
 
-    #: 20 MB per inline job (Gemini's limit), measured on the SDK-shaped lines with a
-    #: margin for the REST wrapping; the count is not limited below that
-    limits = BatchLimits(max_requests=100_000, max_bytes=19 * 1024 * 1024, one_model=True)
+    #: one inline job (20 MB, measured on the SDK-shaped lines with a margin for the REST
+    #: wrapping); ``provider.batch()`` passes the file limits of its profile instead
+    limits = BatchLimits(max_requests=100_000, max_bytes=INLINE_MAX_BYTES, one_model=True)
 
     def __init__(
         self,
@@ -518,33 +588,97 @@ class GeminiBatchBackend:
         client: genai.Client,
         *,
         limits: BatchLimits | None = None,
+        inline_max_requests: int = INLINE_MAX_REQUESTS,
+        inline_max_bytes: int = INLINE_MAX_BYTES,
     ) -> None:
         self.provider = provider
         self.name = provider.name
         self._client = client
         if limits is not None:
             self.limits = limits
+        self.inline_max_requests = inline_max_requests
+        self.inline_max_bytes = inline_max_bytes
+
+    def __repr__(self) -> str:
+        return (
+            f"<GeminiBatchBackend {self.name} inline<={self.inline_max_requests} requests, "
+            f"files<={self.limits.max_bytes:,} bytes>"
+        )
 
     def line(self, custom_id: str, request: AnyRequest) -> dict[str, Any]:
-        """An inline request: ``{"contents", "config", "metadata": {"key": custom_id}}``."""
+        """An inline request: ``{"contents", "config", "metadata": {"key": custom_id}}``
+        (in the SDK's names; a file line is made from it)."""
         if isinstance(request, EmbeddingRequest):
             raise BadRequest("Gemini embedding batches are not supported", provider=self.name)
         params = self.provider.content_params(request)
         self.provider.generate_config(params, request.model or "")
         return {**params, "metadata": {"key": custom_id}}
 
+    def inline(self, lines: Sequence[Mapping[str, Any]]) -> bool:
+        """Whether a job of *lines* goes inline (else as a JSONL file)."""
+        if len(lines) > self.inline_max_requests:
+            return False
+        size = 0
+        for line in lines:
+            size += len(json.dumps(line).encode()) + 1
+            if size > self.inline_max_bytes:
+                return False
+        return True
+
     async def submit(self, lines: Sequence[Mapping[str, Any]], *, model: str | None) -> str:
-        """Create the batch job; its name (``batches/...``) is the id."""
-        inline = [genai_types.InlinedRequest.model_validate(line) for line in lines]
-        job: genai_types.BatchJob = await self._call(
-            self._client.aio.batches.create(
-                model=model or "", src=inline, config={"display_name": "llmbatch"}
-            ),
-            model,
-        )
+        """Create the batch job, inline or from an uploaded JSONL file; its name
+        (``batches/...``) is the id."""
+        if self.inline(lines):
+            inline = [genai_types.InlinedRequest.model_validate(line) for line in lines]
+            src: Any = inline
+        else:
+            src = await self._upload(lines, model)
+        try:
+            job: genai_types.BatchJob = await self._call(
+                self._client.aio.batches.create(
+                    model=model or "", src=src, config={"display_name": "llmbatch"}
+                ),
+                model,
+            )
+        except LLMBatchError:
+            if isinstance(src, str):  # the job will not read it: free the storage
+                await self._forget(src)
+            raise
         if not job.name:
             raise ProviderUnavailable("the batch was created without a name", provider=self.name)
         return job.name
+
+    async def _upload(self, lines: Sequence[Mapping[str, Any]], model: str | None) -> str:
+        """Write *lines* as a JSONL input file (in a worker thread: it may be large) and
+        upload it; the file's name (``files/...``)."""
+        with tempfile.TemporaryFile() as spool:
+            size = await asyncio.to_thread(_write_jsonl, spool, lines)
+            spool.seek(0)
+            try:
+                uploaded: genai_types.File = await self._call(
+                    self._client.aio.files.upload(
+                        file=spool,
+                        config={"mime_type": _JSONL, "display_name": "llmbatch-batch-input"},
+                    ),
+                    model,
+                )
+            except (KeyError, ValueError) as exc:  # no upload URL, or never finalized
+                raise ProviderUnavailable(
+                    f"the batch input file could not be uploaded: {exc}",
+                    provider=self.name,
+                    model=model,
+                ) from None
+        if not uploaded.name:
+            raise ProviderUnavailable("the file was uploaded without a name", provider=self.name)
+        logger.debug("batch.file_uploaded", file=uploaded.name, requests=len(lines), bytes=size)
+        return uploaded.name
+
+    async def _forget(self, name: str) -> None:
+        """Delete the uploaded file *name*, if it can be (it expires in 48 hours anyway)."""
+        try:
+            await self._call(self._client.aio.files.delete(name=name))
+        except LLMBatchError as exc:
+            logger.debug("batch.file_not_deleted", file=name, error=str(exc))
 
     async def status(self, batch_id: str) -> BatchStatus:
         """``ended`` once the job succeeded, was cancelled or expired; ``failed`` with
@@ -557,13 +691,23 @@ class GeminiBatchBackend:
         return BatchStatus(batch_id, "ended" if state in _ENDED_STATES else "running", state)
 
     async def results(self, batch_id: str) -> AsyncIterator[tuple[str, Any]]:
-        """The job's inline responses, by the key in their metadata."""
+        """The job's results by key: its inline responses, or the lines of its result
+        file (downloaded to a temporary file, then read line by line)."""
         job: genai_types.BatchJob = await self._call(self._client.aio.batches.get(name=batch_id))
         dest = job.dest
+        if dest is not None and dest.file_name:
+            with tempfile.TemporaryFile() as spool:
+                await self._call(
+                    self._client.aio.files.download(file=dest.file_name, destination=spool)
+                )
+                spool.seek(0)
+                for key, raw in _result_lines(spool, batch_id):
+                    yield key, raw
+            return
         for entry in (dest.inlined_responses if dest is not None else None) or ():
-            key = (entry.metadata or {}).get("key")
-            if key is not None:
-                yield key, entry
+            found = (entry.metadata or {}).get("key")
+            if found is not None:
+                yield found, entry
 
     def outcome(self, raw: Any, request: AnyRequest) -> Outcome:
         """The response, or the classified error of the request."""
@@ -593,3 +737,102 @@ class GeminiBatchBackend:
             error = classify_gemini_error(exc, provider=self.name, model=model)
             error.key_hint = self.provider.key_hint
             raise error from exc
+
+
+def _rest_request(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The REST ``GenerateContentRequest`` (a JSONL batch line's ``request``) for
+    :meth:`GeminiProvider.content_params`' ``{"contents", "config"}``.
+
+    The config's fields go by their REST (camelCase) names: the system instruction,
+    safety settings, tools, tool config, labels and cached content into the request
+    itself, the others into its ``generationConfig``.
+    """
+    config = genai_types.GenerateContentConfig.model_validate(params.get("config") or {})
+    fields = config.model_dump(mode="json", by_alias=True, exclude_none=True)
+    request: dict[str, Any] = {
+        "contents": [
+            genai_types.Content.model_validate(content).model_dump(
+                mode="json", by_alias=True, exclude_none=True
+            )
+            for content in params.get("contents") or ()
+        ]
+    }
+    generation: dict[str, Any] = {}
+    for name, value in fields.items():
+        if name in _SDK_ONLY_FIELDS:
+            continue
+        if name == "systemInstruction" and isinstance(value, str):
+            value = {"parts": [{"text": value}], "role": "user"}
+        (request if name in _REQUEST_FIELDS else generation)[name] = value
+    if generation:
+        request["generationConfig"] = generation
+    return request
+
+
+def _write_jsonl(spool: IO[bytes], lines: Sequence[Mapping[str, Any]]) -> int:
+    """Write the file lines (``{"key", "request"}``) of the inline *lines*; the bytes."""
+    size = 0
+    for line in lines:
+        record = {"key": line["metadata"]["key"], "request": _rest_request(line)}
+        data = json.dumps(record, separators=(",", ":")).encode() + b"\n"
+        spool.write(data)
+        size += len(data)
+    return size
+
+
+def _result_lines(spool: IO[bytes], batch_id: str) -> Iterator[tuple[str, Any]]:
+    """``(key, InlinedResponse)`` per line of a result file; a line that cannot be read
+    is skipped (its request counts as missing from the results)."""
+    for number, line in enumerate(spool, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            key = record["key"]
+            raw = _inlined(record)
+        except (ValueError, KeyError, TypeError, pydantic.ValidationError) as exc:
+            logger.warning(
+                "batch.unreadable_result", batch_id=batch_id, line=number, error=repr(exc)[:200]
+            )
+            continue
+        yield str(key), raw
+
+
+def _inlined(record: Mapping[str, Any]) -> genai_types.InlinedResponse:
+    """A result line as the SDK's ``InlinedResponse`` (what inline jobs give)."""
+    error = record.get("error")
+    if isinstance(error, Mapping):
+        return genai_types.InlinedResponse(
+            error=genai_types.JobError(
+                code=error.get("code") if isinstance(error.get("code"), int) else None,
+                message=str(error.get("message") or "") or None,
+            )
+        )
+    return genai_types.InlinedResponse(response=_known(record["response"]))
+
+
+def _known(data: Any) -> genai_types.GenerateContentResponse:
+    """A ``GenerateContentResponse`` from its JSON, leaving out the fields this SDK
+    version does not know (a newer server's; the SDK's models forbid extra fields)."""
+    data = copy.deepcopy(data)
+    for _ in range(8):  # each pass removes every unknown field pydantic reports
+        try:
+            return genai_types.GenerateContentResponse.model_validate(data)
+        except pydantic.ValidationError as exc:
+            problems = exc.errors()
+            if any(p["type"] != "extra_forbidden" for p in problems):
+                raise
+            for problem in problems:
+                _drop(data, problem["loc"])
+    return genai_types.GenerateContentResponse.model_validate(data)
+
+
+def _drop(data: Any, loc: Sequence[int | str]) -> None:
+    """Remove the value at *loc* (a pydantic error location) from *data*."""
+    for step in loc[:-1]:
+        try:
+            data = data[step]
+        except (KeyError, IndexError, TypeError):
+            return
+    if isinstance(data, dict):
+        data.pop(loc[-1], None)

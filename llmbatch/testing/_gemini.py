@@ -28,7 +28,25 @@ requests run (``seconds_per_request`` each) and for ``finalizing_seconds``, then
 the requests that ran before it; a job still running at ``completion_window_seconds`` is
 ``EXPIRED``, with no results (as Gemini documents). Requests whose ``metadata.key`` is in
 ``fail_custom_ids`` (or drawn by ``failure_rate``) fail with ``failure_status_code``.
-JSONL file input (``fileName``) is not simulated.
+
+JSONL files, :class:`GeminiFiles` (the File API as ``client.files`` calls it): ``POST
+/upload/v1beta/files`` starts a resumable upload (``X-Goog-Upload-Protocol: resumable``,
+``X-Goog-Upload-Command: start``, the size and type in ``X-Goog-Upload-Header-Content-
+Length`` / ``-Type``, the key in ``x-goog-api-key``) and answers its session URL in
+``X-Goog-Upload-URL``; ``POST`` to that URL (``?upload_id=``: the session is the
+credential, no key is sent) with ``X-Goog-Upload-Command: upload`` at
+``X-Goog-Upload-Offset``, the last chunk ``upload, finalize``, answers ``{"file": ...}``.
+Every upload answer, errors included, carries ``X-Goog-Upload-Status`` (``active`` or
+``final``): the SDK pauses and retries an answer without it. ``GET /v1beta/files/{name}``
+is the file's metadata, ``DELETE`` removes it, and ``GET
+/v1beta/files/{name}:download?alt=media`` (also under ``/download/``) its bytes; uploaded
+files cannot be downloaded, only generated ones. A job created with ``inputConfig:
+{"fileName": "files/..."}`` reads that file's lines, ``{"key", "request"}`` each, and once
+ended names its result file in ``metadata.output.responsesFile``: one line per request it
+ran, ``{"key", "response"}`` or ``{"key", "error"}``, in a shuffled order when
+``shuffle_output`` is set (Gemini documents input order; the shuffle proves the join on
+keys). Counters: ``gemini_files_uploaded``, ``gemini_file_bytes_uploaded``,
+``gemini_file_batches_created``, ``gemini_files_downloaded``.
 """
 
 from __future__ import annotations
@@ -40,12 +58,13 @@ import json
 import math
 import secrets
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from llmbatch.testing._batchsim import _OFFLOAD_BYTES, _OFFLOAD_ITEMS, _offload, _shuffled
 from llmbatch.testing._buckets import DAY, MINUTE
 from llmbatch.testing._cache import NO_CACHE, CacheUse
 from llmbatch.testing._content import Output, estimate_tokens
@@ -64,7 +83,7 @@ from llmbatch.testing._structured import (
 if TYPE_CHECKING:
     from llmbatch.testing._config import SimulatorConfig
 
-__all__ = ["GeminiBatches", "GenerateContent", "GoogleError", "google_api_key"]
+__all__ = ["GeminiBatches", "GeminiFiles", "GenerateContent", "GoogleError", "google_api_key"]
 
 _QUOTA_FAILURE = "type.googleapis.com/google.rpc.QuotaFailure"
 _RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
@@ -116,6 +135,10 @@ _MODEL: contextvars.ContextVar[str] = contextvars.ContextVar("gemini_model", def
 _JSON = "application/json"
 #: the largest inline batch request Gemini takes (20 MB)
 _MAX_INLINE_BYTES = 20 * 1024 * 1024
+#: the largest file the File API takes (2 GB)
+_MAX_FILE_BYTES = 2 * 1024 * 1024 * 1024
+#: how long an uploaded or generated file lives (48 hours)
+_FILE_TTL = 48 * 3600.0
 
 
 #: the request validate checked, for answer (the same task)
@@ -464,6 +487,10 @@ class _Job:
     #: per item: (its metadata, the response or the error body)
     items: list[tuple[dict[str, Any], dict[str, Any]]]
     cancel_at: float | None = None
+    #: created from a JSONL file: its results go to a file too
+    from_file: bool = False
+    #: the result file, once the ended job has written it
+    responses_file: str | None = None
 
     def done_count(self, now: float) -> int:
         """Items (in input order) finished by *now*."""
@@ -494,11 +521,280 @@ def _timestamp(when: float) -> str:
     return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+@dataclass(slots=True)
+class _File:
+    """A file of the File API: uploaded, or generated (a batch's results)."""
+
+    id: str
+    display_name: str
+    mime_type: str
+    api_key: str
+    created: float
+    content: bytes
+    generated: bool = False
+
+
+@dataclass(slots=True)
+class _Upload:
+    """A resumable upload session: what was declared at its start, what came so far."""
+
+    api_key: str
+    display_name: str
+    mime_type: str
+    size: int
+    received: bytearray = field(default_factory=bytearray)
+
+
+class GeminiFiles:
+    """The File API routes the ``google-genai`` SDK calls: the resumable upload, the
+    metadata, the download of generated files, and deletion.
+
+    Args:
+        config: the simulator's configuration (``api_keys``).
+        clock: the wall clock (UNIX seconds) of the timestamps.
+    """
+
+    def __init__(self, config: SimulatorConfig, *, clock: Callable[[], float]) -> None:
+        self._config = config
+        self._clock = clock
+        self._files: dict[str, _File] = {}
+        self._uploads: dict[str, _Upload] = {}
+        self._counters = dict.fromkeys(
+            ("gemini_files_uploaded", "gemini_file_bytes_uploaded", "gemini_files_downloaded"), 0
+        )
+
+    def __repr__(self) -> str:
+        return f"<GeminiFiles files={len(self._files)} uploads={len(self._uploads)}>"
+
+    def add_routes(self, app: web.Application) -> None:
+        """Register the File API routes on *app* (the download before the metadata: the
+        metadata route's name would match ``{name}:download`` too)."""
+        app.router.add_post("/upload/v1beta/files", self._upload)
+        app.router.add_get("/v1beta/files/{name}:download", self._download)
+        app.router.add_get("/download/v1beta/files/{name}:download", self._download)
+        app.router.add_get("/v1beta/files/{name}", self._get)
+        app.router.add_delete("/v1beta/files/{name}", self._delete)
+
+    def stats(self) -> dict[str, int]:
+        """Files uploaded (and their bytes), result files downloaded."""
+        return dict(self._counters)
+
+    def lookup(self, name: str, api_key: str) -> _File:
+        """The file *name* (``files/...``) of *api_key*.
+
+        Raises:
+            ApiError: 404 if there is no such file for this key.
+        """
+        found = self._files.get(name.removeprefix("files/"))
+        if found is None or found.api_key != api_key:
+            raise GoogleError(404, f"File {name} not found.")
+        return found
+
+    def generate(self, file_id: str, api_key: str, content: bytes) -> str:
+        """Store a generated file (a batch's results); its name."""
+        self._files[file_id] = _File(
+            id=file_id,
+            display_name=file_id,
+            mime_type="application/jsonl",
+            api_key=api_key,
+            created=self._clock(),
+            content=content,
+            generated=True,
+        )
+        return f"files/{file_id}"
+
+    def resource(self, found: _File, base: str) -> dict[str, Any]:
+        """The ``File`` resource of *found* (*base*: the server's root URL)."""
+        resource: dict[str, Any] = {
+            "name": f"files/{found.id}",
+            "displayName": found.display_name,
+            "mimeType": found.mime_type,
+            "sizeBytes": str(len(found.content)),
+            "createTime": _timestamp(found.created),
+            "updateTime": _timestamp(found.created),
+            "expirationTime": _timestamp(found.created + _FILE_TTL),
+            "uri": f"{base}/v1beta/files/{found.id}",
+            "state": "ACTIVE",
+            "source": "GENERATED" if found.generated else "UPLOADED",
+        }
+        if found.generated:
+            resource["downloadUri"] = f"{base}/download/v1beta/files/{found.id}:download?alt=media"
+        return resource
+
+    # -- handlers ------------------------------------------------------------------------
+
+    async def _upload(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        upload_id = request.query.get("upload_id")
+        try:
+            if upload_id is None:
+                return self._start(request, raw)
+            return self._chunk(request, upload_id, raw)
+        except ApiError as error:
+            body = _error_json(error.status, error.message, _details(error))
+            # "final": the SDK retries (after real pauses) an answer with no upload status
+            headers = {"X-Goog-Upload-Status": "final"}
+            return web.json_response(body, status=error.status, headers=headers, dumps=_compact)
+
+    def _start(self, request: web.Request, raw: bytes) -> web.Response:
+        """``X-Goog-Upload-Command: start``: open a session, answer its URL."""
+        api_key = _authenticated(request, self._config)
+        headers = request.headers
+        if headers.get("X-Goog-Upload-Protocol", "").lower() != "resumable":
+            raise GoogleError(400, "Only the resumable upload protocol is supported.")
+        if headers.get("X-Goog-Upload-Command", "").lower() != "start":
+            raise GoogleError(400, "The first request of an upload must be 'start'.")
+        try:
+            size = int(headers.get("X-Goog-Upload-Header-Content-Length", ""))
+            declared = json.loads(raw) if raw else {}
+        except ValueError:
+            raise GoogleError(400, "Invalid upload start request.") from None
+        if size < 0 or size > _MAX_FILE_BYTES:
+            raise GoogleError(400, f"File size {size} exceeds the limit of {_MAX_FILE_BYTES}.")
+        file = declared.get("file") if isinstance(declared, dict) else None
+        file = file if isinstance(file, dict) else {}
+        upload_id = secrets.token_urlsafe(24)
+        self._uploads[upload_id] = _Upload(
+            api_key=api_key,
+            display_name=str(file.get("displayName") or ""),
+            mime_type=headers.get("X-Goog-Upload-Header-Content-Type")
+            or str(file.get("mimeType") or "application/octet-stream"),
+            size=size,
+        )
+        query = f"upload_id={upload_id}&upload_protocol=resumable"
+        url = f"{_root(request)}/upload/v1beta/files?{query}"
+        return web.Response(
+            headers={
+                "X-Goog-Upload-URL": url,
+                "X-Goog-Upload-Status": "active",
+                "X-Goog-Upload-Chunk-Granularity": "262144",
+            }
+        )
+
+    def _chunk(self, request: web.Request, upload_id: str, raw: bytes) -> web.Response:
+        """``upload`` (and ``finalize``) at ``X-Goog-Upload-Offset``."""
+        session = self._uploads.get(upload_id)
+        if session is None:
+            raise GoogleError(404, "No active upload session with this id.")
+        commands = {
+            c.strip().lower() for c in request.headers.get("X-Goog-Upload-Command", "").split(",")
+        }
+        if "query" in commands:
+            return web.Response(
+                headers={
+                    "X-Goog-Upload-Status": "active",
+                    "X-Goog-Upload-Size-Received": str(len(session.received)),
+                }
+            )
+        if not commands <= {"upload", "finalize"} or not commands:
+            del self._uploads[upload_id]
+            raise GoogleError(400, "Unknown X-Goog-Upload-Command.")
+        if "upload" in commands:
+            offset = request.headers.get("X-Goog-Upload-Offset", "")
+            if offset != str(len(session.received)):
+                del self._uploads[upload_id]
+                raise GoogleError(
+                    400, f"Invalid upload offset {offset!r}: {len(session.received)} received."
+                )
+            session.received += raw
+        if "finalize" not in commands:
+            if len(session.received) > session.size:
+                del self._uploads[upload_id]
+                raise GoogleError(400, "More bytes uploaded than declared.")
+            return web.Response(headers={"X-Goog-Upload-Status": "active"})
+        del self._uploads[upload_id]
+        if len(session.received) != session.size:
+            raise GoogleError(
+                400,
+                f"The upload declared {session.size} bytes and sent {len(session.received)}.",
+            )
+        file_id = secrets.token_hex(6)
+        found = self._files[file_id] = _File(
+            id=file_id,
+            display_name=session.display_name,
+            mime_type=session.mime_type,
+            api_key=session.api_key,
+            created=self._clock(),
+            content=bytes(session.received),
+        )
+        self._counters["gemini_files_uploaded"] += 1
+        self._counters["gemini_file_bytes_uploaded"] += len(found.content)
+        return web.json_response(
+            {"file": self.resource(found, _root(request))},
+            headers={"X-Goog-Upload-Status": "final"},
+            dumps=_compact,
+        )
+
+    async def _get(self, request: web.Request) -> web.Response:
+        def get() -> dict[str, Any]:
+            api_key = _authenticated(request, self._config)
+            found = self.lookup(request.match_info["name"], api_key)
+            return self.resource(found, _root(request))
+
+        return _answered(get)
+
+    async def _delete(self, request: web.Request) -> web.Response:
+        def delete() -> dict[str, Any]:
+            api_key = _authenticated(request, self._config)
+            found = self.lookup(request.match_info["name"], api_key)
+            del self._files[found.id]
+            return {}
+
+        return _answered(delete)
+
+    async def _download(self, request: web.Request) -> web.Response:
+        try:
+            api_key = _authenticated(request, self._config)
+            found = self.lookup(request.match_info["name"], api_key)
+            if request.query.get("alt") != "media":
+                raise GoogleError(400, "Downloads need alt=media.")
+            if not found.generated:
+                raise GoogleError(
+                    400, f"File files/{found.id} was uploaded: only generated files download."
+                )
+        except ApiError as error:
+            body = _error_json(error.status, error.message, _details(error))
+            return web.json_response(body, status=error.status, dumps=_compact)
+        self._counters["gemini_files_downloaded"] += 1
+        return web.Response(body=found.content, content_type="application/octet-stream")
+
+
+def _root(request: web.Request) -> str:
+    """The server's root URL as the client reached it."""
+    return f"{request.scheme}://{request.host}"
+
+
+def _authenticated(request: web.Request, config: SimulatorConfig) -> str:
+    """The request's key, checked against ``api_keys``.
+
+    Raises:
+        ApiError: Gemini's 403 without a key, 400 for a key not valid.
+    """
+    key = google_api_key(request)
+    if not key:
+        raise GoogleError(403, "Method doesn't allow unregistered callers.")
+    allowed = config.api_keys
+    if allowed is not None and key not in allowed:
+        raise GoogleError(400, "API key not valid. Please pass a valid API key.")
+    return key
+
+
+def _answered(handle: Callable[[], dict[str, Any]]) -> web.Response:
+    """*handle*'s JSON, or its error in Google's shape."""
+    try:
+        payload = handle()
+    except ApiError as error:
+        body = _error_json(error.status, error.message, _details(error))
+        return web.json_response(body, status=error.status, dumps=_compact)
+    return web.json_response(payload, dumps=_compact)
+
+
 _ENDED = ("BATCH_STATE_SUCCEEDED", "BATCH_STATE_CANCELLED", "BATCH_STATE_EXPIRED")
 
 
 class GeminiBatches:
-    """The Gemini Batch API routes (inline requests), on the batch clock.
+    """The Gemini Batch API routes (inline requests, or a JSONL file of :attr:`files`), on
+    the batch clock.
 
     Args:
         config: the simulator's configuration (``config.batch`` sets the schedule).
@@ -514,8 +810,16 @@ class GeminiBatches:
         self._prefix = secrets.token_hex(4)
         self._ids = itertools.count(1)
         self._counters = dict.fromkeys(
-            ("gemini_batches_created", "gemini_batches_cancel_requested", "gemini_api_errors"), 0
+            (
+                "gemini_batches_created",
+                "gemini_file_batches_created",
+                "gemini_batches_cancel_requested",
+                "gemini_api_errors",
+            ),
+            0,
         )
+        #: the File API: JSONL inputs and result files
+        self.files = GeminiFiles(config, clock=clock)
 
     def __repr__(self) -> str:
         return f"<GeminiBatches jobs={len(self._jobs)}>"
@@ -526,11 +830,13 @@ class GeminiBatches:
         app.router.add_get("/v1beta/batches/{id}", self._get)
         app.router.add_post("/v1beta/batches/{id}:cancel", self._cancel)
         app.router.add_delete("/v1beta/batches/{id}", self._delete)
+        self.files.add_routes(app)
 
     def stats(self) -> dict[str, int]:
-        """Jobs created, cancels asked, and the requests of ended jobs by fate."""
+        """Jobs created (from a file among them), cancels asked, the requests of ended
+        jobs by fate, and the File API's counters."""
         now = self._clock()
-        stats = dict(self._counters)
+        stats = {**self._counters, **self.files.stats()}
         completed = failed = unrun = 0
         for job in self._jobs.values():
             if job.state(now) not in _ENDED:
@@ -548,13 +854,7 @@ class GeminiBatches:
     # -- handlers --------------------------------------------------------------------------
 
     def _authenticate(self, request: web.Request) -> str:
-        key = google_api_key(request)
-        allowed = self._config.api_keys
-        if not key:
-            raise GoogleError(403, "Method doesn't allow unregistered callers.")
-        if allowed is not None and key not in allowed:
-            raise GoogleError(400, "API key not valid. Please pass a valid API key.")
-        return key
+        return _authenticated(request, self._config)
 
     def _job(self, request: web.Request) -> _Job:
         key = self._authenticate(request)
@@ -574,9 +874,59 @@ class GeminiBatches:
 
     async def _create(self, request: web.Request) -> web.Response:
         raw = await request.read()
-        return self._answer(lambda: self._created(request, raw))
+        try:
+            key, model, batch = self._parse_create(request, raw)
+            config = batch.get("inputConfig") or {}
+            if not isinstance(config, dict):
+                raise GoogleError(400, "* BatchGenerateContentRequest.batch.input_config: invalid")
+            name = config.get("fileName")
+            entries: Any
+            if name is not None:
+                content = self.files.lookup(str(name), key).content
+                entries = await _offload(
+                    lambda: _file_entries(content), heavy=len(content) >= _OFFLOAD_BYTES
+                )
+            else:
+                if len(raw) > _MAX_INLINE_BYTES:
+                    raise GoogleError(400, "Request payload size exceeds the limit.")
+                entries = (config.get("requests") or {}).get("requests")
+            if not isinstance(entries, list) or not entries:
+                raise GoogleError(
+                    400, "* BatchGenerateContentRequest.batch.input_config: no requests"
+                )
+            job_id = f"{self._prefix}{next(self._ids):08x}"
+            items = await _offload(
+                lambda: [self._item(job_id, model, n, entry) for n, entry in enumerate(entries)],
+                heavy=len(entries) >= _OFFLOAD_ITEMS,
+            )
+        except ApiError as error:
+            self._counters["gemini_api_errors"] += 1
+            body = _error_json(error.status, error.message, _details(error))
+            return web.json_response(body, status=error.status, dumps=_compact)
+        now = self._clock()
+        timing = self._batch
+        job = _Job(
+            id=job_id,
+            model=model,
+            display_name=str(batch.get("displayName") or ""),
+            api_key=key,
+            created=now,
+            start=now + timing.validating_seconds,
+            per_request=timing.seconds_per_request,
+            finalizing=timing.finalizing_seconds,
+            deadline=now + timing.completion_window_seconds,
+            cancel_delay=timing.cancel_seconds,
+            items=items,
+            from_file=name is not None,
+        )
+        self._jobs[job_id] = job
+        self._counters["gemini_batches_created"] += 1
+        if job.from_file:
+            self._counters["gemini_file_batches_created"] += 1
+        return web.json_response(self._operation(job, now), dumps=_compact)
 
-    def _created(self, request: web.Request, raw: bytes) -> dict[str, Any]:
+    def _parse_create(self, request: web.Request, raw: bytes) -> tuple[str, str, dict[str, Any]]:
+        """The key, the model and the ``batch`` of a ``batchGenerateContent`` call."""
         key = self._authenticate(request)
         model = request.match_info["model"]
         if self._config.reject_unknown_models and model not in self._config.models:
@@ -588,35 +938,7 @@ class GeminiBatches:
         batch = body.get("batch") if isinstance(body, dict) else None
         if not isinstance(batch, dict):
             raise GoogleError(400, "* BatchGenerateContentRequest.batch: batch is required")
-        config = batch.get("inputConfig") or {}
-        if "fileName" in config:
-            raise GoogleError(501, "JSONL file input is not simulated: use inline requests")
-        requests = (config.get("requests") or {}).get("requests")
-        if not isinstance(requests, list) or not requests:
-            raise GoogleError(400, "* BatchGenerateContentRequest.batch.input_config: no requests")
-        if len(raw) > _MAX_INLINE_BYTES:
-            raise GoogleError(400, "Request payload size exceeds the limit.")
-        job_id = f"{self._prefix}{next(self._ids):08x}"
-        items = [self._item(job_id, model, n, entry) for n, entry in enumerate(requests)]
-        now = self._clock()
-        timing = self._batch
-        start = now + timing.validating_seconds
-        job = _Job(
-            id=job_id,
-            model=model,
-            display_name=str(batch.get("displayName") or ""),
-            api_key=key,
-            created=now,
-            start=start,
-            per_request=timing.seconds_per_request,
-            finalizing=timing.finalizing_seconds,
-            deadline=now + timing.completion_window_seconds,
-            cancel_delay=timing.cancel_seconds,
-            items=items,
-        )
-        self._jobs[job_id] = job
-        self._counters["gemini_batches_created"] += 1
-        return self._operation(job, now)
+        return key, model, batch
 
     def _item(
         self, job_id: str, model: str, index: int, entry: Any
@@ -705,7 +1027,9 @@ class GeminiBatches:
         if done:
             metadata["endTime"] = _timestamp(now)
             delivered = self._delivered(job, now)
-            if delivered:
+            if delivered and job.from_file:
+                metadata["output"] = {"responsesFile": self._responses_file(job, delivered)}
+            elif delivered:
                 metadata["output"] = {
                     "inlinedResponses": {
                         "inlinedResponses": [
@@ -714,6 +1038,41 @@ class GeminiBatches:
                     }
                 }
         return {"name": f"batches/{job.id}", "metadata": metadata, "done": done}
+
+    def _responses_file(
+        self, job: _Job, delivered: Sequence[tuple[dict[str, Any], dict[str, Any]]]
+    ) -> str:
+        """The ended file job's result file (written the first time it is asked for):
+        ``{"key", "response" | "error"}`` per request it ran."""
+        if job.responses_file is None:
+            lines = [dumps({"key": meta.get("key"), **entry}) + b"\n" for meta, entry in delivered]
+            content = b"".join(_shuffled(lines, self._batch, f"{job.id}:gemini"))
+            job.responses_file = self.files.generate(f"batch-{job.id}", job.api_key, content)
+        return job.responses_file
+
+
+def _file_entries(content: bytes) -> list[dict[str, Any]]:
+    """The requests of a batch input file, as inline entries (``{"request", "metadata":
+    {"key"}}``); blank lines are skipped.
+
+    Raises:
+        ApiError: a line that is not a JSON object with a ``request`` object.
+    """
+    entries: list[dict[str, Any]] = []
+    for number, line in enumerate(content.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("request"), dict):
+            raise GoogleError(
+                400, f"Line {number} of the input file is not a {{key, request}} JSON object."
+            )
+        metadata = {"key": str(record["key"])} if "key" in record else {}
+        entries.append({"request": record["request"], "metadata": metadata})
+    return entries
 
 
 def _compact(payload: Any) -> str:

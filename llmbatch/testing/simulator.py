@@ -18,7 +18,8 @@ Azure OpenAI's ``POST /openai/deployments/{deployment}/chat/completions`` and
 :mod:`llmbatch.testing._openai`); the Batch API routes of
 :mod:`llmbatch.testing._batchsim` (OpenAI's also under ``/openai/``, as Azure's
 client calls them) and Gemini's of
-:mod:`llmbatch.testing._gemini` unless ``batch=None``; ``GET /stats`` and
+:mod:`llmbatch.testing._gemini` (with the File API its JSONL jobs read and write)
+unless ``batch=None``; ``GET /stats`` and
 ``POST /stats/reset``.
 
 Prompt caching is reported as each provider reports it (``prompt_cache``; see

@@ -1,24 +1,38 @@
 """Gemini: error translation (a table, then the real SDK's errors over HTTP), the provider
 through ``llmbatch.map`` against the simulator, and its Batch API through the shared
-lifecycle (journal, resume after a kill) — all with the official ``google-genai`` SDK.
+lifecycle (journal, resume after a kill), inline and with JSONL files, up to
+``llmbatch run`` killed with SIGKILL — all with the official ``google-genai`` SDK.
 
 Time is injected, never slept: online tests run the loop on a ``FakeClock``
 (``patch_loop``), batch tests move the simulator's batch clock with the lifecycle's
-``sleep``.
+``sleep``. The CLI test's child process polls on its own clock; the batch clock it
+reads stands still until the test moves it, so no job ends before the test says so.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
+import json
+import os
 import re
+import signal
 import socket
+import sqlite3
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 
 pytest.importorskip("google.genai", reason="needs the gemini extra (google-genai)")
+
+from google import genai
+from google.genai import errors as genai_errors
+from google.genai import types as genai_types
 
 import llmbatch
 from llmbatch.batchapi import MemoryJournal, run_batch_api
@@ -443,8 +457,8 @@ def assert_own_answers(outcomes: Mapping[str, Any], n: int) -> None:
 async def test_1000_items_through_the_batch_api(
     simulator_factory: SimulatorFactory, wall: FakeClock
 ) -> None:
-    """1,000 items through the Gemini Batch API (one inline job): every item answered
-    with its own answer, joined on its key; usage reported."""
+    """1,000 items through the Gemini Batch API (one inline job, no file: the inline
+    limit): every item answered with its own answer, joined on its key; usage reported."""
     sim = await simulator_factory(batch=timing(), batch_clock=wall.time)
     requests = chat(1000)
     async with provider_for(sim) as provider:
@@ -453,10 +467,11 @@ async def test_1000_items_through_the_batch_api(
         )
     assert_own_answers(outcomes, 1000)
     stats = sim.stats().batch
-    assert (1, 1000, 0) == (
+    assert (1, 1000, 0, 0) == (
         stats["gemini_batches_created"],
         stats["gemini_batch_requests_completed"],
         stats["gemini_batch_requests_failed"],
+        stats["gemini_files_uploaded"],
     )
     assert all(o.usage.input_tokens > 0 for o in outcomes.values() if isinstance(o, Response))
 
@@ -557,3 +572,319 @@ async def test_an_unknown_batch_is_fatal_and_names_no_key(
                 provider.batch(), chat(1), journal=journal, poll_interval=POLL, sleep=wall.sleep
             )
     assert KEY not in str(info.value)
+
+
+# -- the Batch API with JSONL files --------------------------------------------------------
+
+
+async def test_1500_items_through_a_jsonl_file(
+    simulator_factory: SimulatorFactory, wall: FakeClock
+) -> None:
+    """1,500 items (above the inline limit) go as one uploaded JSONL file; the result
+    file, downloaded, answers every item with its own answer, joined on its key (the
+    simulator shuffles the lines)."""
+    sim = await simulator_factory(batch=timing(), batch_clock=wall.time)
+    requests = chat(1500)
+    async with provider_for(sim) as provider:
+        backend = provider.batch()
+        assert 2048 * 1024 * 1024 * 0.98 == pytest.approx(backend.limits.max_bytes)
+        outcomes = await run_batch_api(backend, requests, poll_interval=POLL, sleep=wall.sleep)
+    assert_own_answers(outcomes, 1500)
+    stats = sim.stats().batch
+    assert {
+        "gemini_files_uploaded": 1,
+        "gemini_batches_created": 1,
+        "gemini_file_batches_created": 1,
+        "gemini_files_downloaded": 1,
+        "gemini_batch_requests_completed": 1500,
+        "gemini_batch_requests_failed": 0,
+    } == {name: stats[name] for name in FILE_COUNTERS}
+    assert stats["gemini_file_bytes_uploaded"] > 1500 * 50
+    assert all(o.usage.input_tokens > 0 for o in outcomes.values() if isinstance(o, Response))
+
+
+FILE_COUNTERS = (
+    "gemini_files_uploaded",
+    "gemini_batches_created",
+    "gemini_file_batches_created",
+    "gemini_files_downloaded",
+    "gemini_batch_requests_completed",
+    "gemini_batch_requests_failed",
+)
+
+
+async def test_a_file_line_carries_the_generation_config(
+    simulator_factory: SimulatorFactory, wall: FakeClock
+) -> None:
+    """A file line is the REST request: the system instruction, ``maxOutputTokens`` and
+    a JSON schema reach the server as it reads them (the answer stops at 4 tokens; a
+    typed answer is JSON for its schema)."""
+    sim = await simulator_factory(batch=timing(), batch_clock=wall.time)
+    schema = {
+        "type": "object",
+        "properties": {"title": {"type": "string"}, "pages": {"type": "integer"}},
+        "required": ["title", "pages"],
+    }
+    requests = [
+        (
+            "short",
+            Request(
+                messages=[
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "a short answer please"},
+                ],
+                model=FLASH,
+                max_tokens=4,
+                temperature=0.3,
+            ),
+        ),
+        ("typed", Request.from_prompt("describe a book", model=FLASH, response_model=schema)),
+    ]
+    async with provider_for(sim) as provider:
+        backend = provider.batch()
+        backend.inline_max_requests = 0  # every job as a file
+        outcomes = await run_batch_api(backend, requests, poll_interval=POLL, sleep=wall.sleep)
+    short, typed = outcomes["short"], outcomes["typed"]
+    assert isinstance(short, Response)
+    assert isinstance(typed, Response)
+    assert ("MAX_TOKENS", 4) == (short.finish_reason, short.usage.output_tokens)
+    assert short.text.startswith(f"[{content_tag('a short answer please')}]")
+    answer = json.loads(typed.text)
+    assert {"title", "pages"} == set(answer)
+    assert 1 == sim.stats().batch["gemini_files_uploaded"]
+
+
+async def test_failed_lines_of_the_result_file_become_their_items_errors(
+    simulator_factory: SimulatorFactory, wall: FakeClock
+) -> None:
+    """A request the server rejects (its prompt exceeds the context window: a 400 line)
+    and one that fails (a 500 line, no resubmit left) end as their own errors; the
+    others of the file are answered."""
+    sim = await simulator_factory(
+        batch=timing(fail_custom_ids={"doc-0002"}), batch_clock=wall.time, context_window=200
+    )
+    requests = chat(6)
+    requests[4] = ("doc-0004", Request.from_prompt("word " * 400, model=FLASH, max_tokens=16))
+    async with provider_for(sim) as provider:
+        backend = provider.batch()
+        backend.inline_max_requests = 0
+        outcomes = await run_batch_api(
+            backend, requests, poll_interval=POLL, sleep=wall.sleep, resubmits=0
+        )
+    too_long, failed = outcomes.pop("doc-0004"), outcomes.pop("doc-0002")
+    assert isinstance(too_long, ContextLengthExceeded), too_long
+    assert isinstance(failed, ProviderUnavailable), failed
+    assert KEY not in str(failed)
+    assert [f"doc-{i:04d}" for i in (0, 1, 3, 5)] == sorted(outcomes)
+    assert all(isinstance(o, Response) for o in outcomes.values())
+    stats = sim.stats().batch
+    assert (1, 1, 2) == (
+        stats["gemini_file_batches_created"],
+        stats["gemini_files_downloaded"],
+        stats["gemini_batch_requests_failed"],
+    )
+
+
+async def test_a_file_job_resumes_after_a_kill_without_uploading_again(
+    simulator_factory: SimulatorFactory, wall: FakeClock, tmp_path: Any
+) -> None:
+    """Killed right after its file job was created, a rerun with a new provider and the
+    journal reopened from its file polls that job and downloads its result file: one
+    upload, one job, every item answered once."""
+    sim = await simulator_factory(batch=timing(), batch_clock=wall.time)
+    requests = chat(1200)
+    async with provider_for(sim) as provider:
+        with Store(tmp_path / "job.sqlite") as store:
+            await interrupted(
+                lambda sleep: run_batch_api(
+                    provider.batch(), requests, journal=store, poll_interval=POLL, sleep=sleep
+                )
+            )
+    assert (1, 1) == (
+        sim.stats().batch["gemini_files_uploaded"],
+        sim.stats().batch["gemini_file_batches_created"],
+    )
+
+    ended: list[str] = []
+    async with provider_for(sim) as fresh:
+        with Store(tmp_path / "job.sqlite") as store:
+            (recorded,) = store.batches("submitted", provider="gemini")
+            assert 1200 == len(recorded.items)
+            outcomes = await run_batch_api(
+                fresh.batch(),
+                requests,
+                journal=store,
+                on_result=lambda key, _: ended.append(key),
+                poll_interval=POLL,
+                sleep=wall.sleep,
+            )
+            statuses = [b.status for b in store.batches()]
+    assert ["collected"] == statuses
+    stats = sim.stats().batch
+    assert (1, 1, 1, 1200) == (
+        stats["gemini_files_uploaded"],
+        stats["gemini_batches_created"],
+        stats["gemini_files_downloaded"],
+        stats["gemini_batch_requests_completed"],
+    )
+    assert sorted(k for k, _ in requests) == sorted(ended)
+    assert_own_answers(outcomes, 1200)
+
+
+async def test_the_simulator_speaks_the_sdks_resumable_upload(
+    simulator_factory: SimulatorFactory, wall: FakeClock
+) -> None:
+    """The SDK's own ``files.upload`` of a 9 MB file (two chunks: upload, then upload
+    and finalize) arrives whole; its metadata says so; an uploaded file cannot be
+    downloaded, and a deleted one is gone (404)."""
+    sim = await simulator_factory(batch=timing(), batch_clock=wall.time)
+    content = b"".join(b'{"key":"k%07d","pad":"%s"}\n' % (i, b"x" * 80) for i in range(90_000))
+    assert len(content) > 8 * 1024 * 1024
+    http = httpx2.AsyncClient()  # as GeminiProvider does: not the SDK's aiohttp session
+    client = genai.Client(
+        api_key=KEY,
+        http_options=genai_types.HttpOptions(
+            base_url=sim.url,
+            api_version="v1beta",
+            retry_options=genai_types.HttpRetryOptions(attempts=1),
+            httpx_async_client=http,
+        ),
+    )
+    try:
+        uploaded = await client.aio.files.upload(
+            file=io.BytesIO(content), config={"mime_type": "application/jsonl"}
+        )
+        assert uploaded.name is not None
+        found = await client.aio.files.get(name=uploaded.name)
+        assert (len(content), "ACTIVE", "UPLOADED") == (
+            found.size_bytes,
+            found.state.value if found.state else None,
+            found.source.value if found.source else None,
+        )
+        with pytest.raises(genai_errors.ClientError) as refused:
+            await client.aio.files.download(file=uploaded.name)
+        assert 400 == refused.value.code
+        await client.aio.files.delete(name=uploaded.name)
+        with pytest.raises(genai_errors.ClientError) as gone:
+            await client.aio.files.get(name=uploaded.name)
+        assert 404 == gone.value.code
+    finally:
+        await client.aio.aclose()
+        await http.aclose()
+    stats = sim.stats().batch
+    assert (1, len(content)) == (
+        stats["gemini_files_uploaded"],
+        stats["gemini_file_bytes_uploaded"],
+    )
+
+
+async def test_a_refused_upload_is_fatal_and_creates_no_job(
+    simulator_factory: SimulatorFactory, wall: FakeClock
+) -> None:
+    """A key the server refuses fails at the upload's start: AuthenticationFailed (which
+    stops the job), naming only the key's last four characters; no file, no job."""
+    sim = await simulator_factory(
+        batch=timing(), batch_clock=wall.time, api_keys=["AIzaSy-another-key-0000"]
+    )
+    async with provider_for(sim) as provider:
+        backend = provider.batch()
+        backend.inline_max_requests = 0
+        with pytest.raises(AuthenticationFailed) as info:
+            await run_batch_api(backend, chat(3), poll_interval=POLL, sleep=wall.sleep)
+    assert "[key …7f3a]" in str(info.value)
+    assert KEY not in str(info.value)
+    stats = sim.stats().batch
+    assert (0, 0) == (stats["gemini_files_uploaded"], stats["gemini_batches_created"])
+
+
+# -- the CLI killed with SIGKILL -------------------------------------------------------------
+
+
+def gemini_env(sim: Simulator) -> dict[str, str]:
+    """The environment of a ``llmbatch run --provider gemini`` child pointed at *sim*
+    through the SDK's own ``GOOGLE_GEMINI_BASE_URL``, with no other provider's key."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith(("_API_KEY", "_API_KEYS"))}
+    env.pop("LLMBATCH_TEST_KILL_AT", None)
+    env.update(GEMINI_API_KEY=KEY, GOOGLE_GEMINI_BASE_URL=sim.url, COLUMNS="200")
+    return env
+
+
+def journaled(store: Path) -> int:
+    """Batches the child's checkpoint store holds (0 before it exists)."""
+    if not store.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=1) as db:
+            return int(db.execute("SELECT COUNT(*) FROM batches").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
+
+
+async def test_cli_killed_after_its_file_job_was_created_resumes_polling(
+    simulator_factory: SimulatorFactory, wall: FakeClock, tmp_path: Path
+) -> None:
+    """``llmbatch run --provider gemini --mode batch`` with 1,100 records (one JSONL file
+    job) is SIGKILLed once its job is journaled (the job cannot end before: the batch
+    clock stands still); the same command then polls that job and downloads its result
+    file: one upload, one job, every record answered in order."""
+    sim = await simulator_factory(batch=timing(), batch_clock=wall.time)
+    records = [{"id": f"doc-{i:04d}", "text": f"document {i:04d}"} for i in range(1100)]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "out.jsonl"
+    args = [
+        *("-m", "llmbatch", "run", source, "-o", out, "--provider", "gemini"),
+        *("--model", FLASH, "--prompt", "{text}", "--id-field", "id"),
+        *("--mode", "batch", "--poll-interval", "0.05", "--max-tokens", "16"),
+    ]
+    env = gemini_env(sim)
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *map(str, args),
+        cwd=tmp_path,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    store = Path(f"{out}.llmbatch.sqlite")
+    while journaled(store) < 1 and child.returncode is None:  # noqa: ASYNC110 - another process's state
+        await asyncio.sleep(0.02)
+    assert child.returncode is None, await child.communicate()
+    child.send_signal(signal.SIGKILL)
+    assert -signal.SIGKILL == await child.wait()
+    assert not out.exists() or not out.read_text().strip()
+    batch = sim.stats().batch
+    assert (1, 1, 0) == (
+        batch["gemini_files_uploaded"],
+        batch["gemini_file_batches_created"],
+        batch["gemini_files_downloaded"],
+    )
+
+    wall.advance(3600.0)  # the job runs to its end while nobody watches
+    rerun = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *map(str, args),
+        cwd=tmp_path,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(rerun.communicate(), 120)
+    assert 0 == rerun.returncode, err.decode()[-2000:]
+    assert "batch.resumed" in err.decode()
+    batch = sim.stats().batch
+    assert (1, 1, 1, 1100) == (
+        batch["gemini_files_uploaded"],
+        batch["gemini_batches_created"],
+        batch["gemini_files_downloaded"],
+        batch["gemini_batch_requests_completed"],
+    )
+    assert 0 == sim.stats().requests  # nothing went online
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in records] == [line["key"] for line in lines]
+    for line, record in zip(lines, records, strict=True):
+        assert "ok" == line["status"], line
+        assert line["answer"].startswith(f"[{content_tag(record['text'])}]"), line
+    assert KEY not in err.decode()
