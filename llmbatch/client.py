@@ -122,6 +122,7 @@ __all__ = [
     "LLMClient",
     "build_request",
     "template_fields",
+    "watch_new_clients",
 ]
 
 
@@ -148,6 +149,23 @@ class ClientStatistics:
     duplicates: int = 0
     #: what those answers cost when they were first paid for (USD)
     saved_cost: float = 0.0
+
+
+#: called with every LLMClient made (see :func:`watch_new_clients`)
+_WATCHERS: list[Callable[[LLMClient], None]] = []
+
+
+def watch_new_clients(callback: Callable[[LLMClient], None]) -> Callable[[], None]:
+    """Call *callback* with every :class:`LLMClient` made from now on, those that
+    ``llmbatch.map`` and ``llmbatch run`` make inside included; returns the function
+    that stops it. ``llmbatch.metrics`` uses it (``every_client=True``)."""
+    _WATCHERS.append(callback)
+
+    def stop() -> None:
+        if callback in _WATCHERS:
+            _WATCHERS.remove(callback)
+
+    return stop
 
 
 #: set when a fallback answered the current item (its answer is not cached as the
@@ -547,6 +565,11 @@ class LLMClient(AsyncClosing):
         self._requests = 0
         #: seconds before the first status check of a Batch API batch (then backing off)
         self.batch_poll_interval = 15.0
+        for watcher in tuple(_WATCHERS):
+            try:
+                watcher(self)
+            except Exception as exc:  # a watcher's failure never stops a client
+                logger.warning("client.watcher_failed", error=f"{type(exc).__name__}: {exc}")
 
     def __repr__(self) -> str:
         return f"<LLMClient {self.provider!r} model={self.model!r}>"

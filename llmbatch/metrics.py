@@ -99,7 +99,7 @@ from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self
 
 from llmbatch._log import get_logger
-from llmbatch.client import LLMClient
+from llmbatch.client import LLMClient, watch_new_clients
 from llmbatch.errors import redact
 from llmbatch.limits import Limiter, key_fingerprint
 from llmbatch.models import EmbeddingRequest, Request
@@ -444,6 +444,12 @@ class _Watch:
         self.sink = sink
         self.taps: dict[int, _Tap] = {}
         self.closed = False
+        self._stop_following: Callable[[], None] | None = None
+
+    def follow_new_clients(self) -> None:
+        """Watch every client made from now on too (``every_client=True``). The
+        clients stay watched, and their counters counted, until :meth:`close`."""
+        self._stop_following = watch_new_clients(self.add)
 
     def add(self, client: LLMClient) -> None:
         if self.closed:
@@ -455,6 +461,8 @@ class _Watch:
             _detach(client, self.sink)
 
     def close(self) -> None:
+        if self._stop_following is not None:
+            self._stop_following()
         for tap in list(self.taps.values()):
             self.remove(tap.client)
         self.closed = True
@@ -493,6 +501,7 @@ class Instrumentation:
         meter_provider: MeterProvider | None = None,
         tracer_provider: TracerProvider | None = None,
         spans: bool = True,
+        every_client: bool = False,
     ) -> None:
         otel_metrics = _require("opentelemetry.metrics")
         trace = _require("opentelemetry.trace")
@@ -514,6 +523,8 @@ class Instrumentation:
             if f.kind == "histogram"
         }
         self._watch = _Watch(_OtelSink(histograms, tracer))
+        if every_client:
+            self._watch.follow_new_clients()
         for f in _FIGURES:
             if f.kind == "histogram":
                 continue
@@ -571,6 +582,7 @@ def instrument(
     meter_provider: MeterProvider | None = None,
     tracer_provider: TracerProvider | None = None,
     spans: bool = True,
+    every_client: bool = False,
 ) -> Instrumentation:
     """Report the figures of *clients* (see the module docstring) as OpenTelemetry
     metrics, and each attempt as a span.
@@ -585,13 +597,18 @@ def instrument(
             a no-op until an SDK is configured).
         tracer_provider: where the spans go (default: the global one).
         spans: one span per attempt; ``False``: metrics only.
+        every_client: watch every client made from now on as well (the ones
+            ``llmbatch.map`` makes inside included), until the instrumentation closes.
 
     Raises:
         ImportError: opentelemetry-api is not installed.
         ValueError: a client has an attempt hook of someone else's.
     """
     instrumentation = Instrumentation(
-        meter_provider=meter_provider, tracer_provider=tracer_provider, spans=spans
+        meter_provider=meter_provider,
+        tracer_provider=tracer_provider,
+        spans=spans,
+        every_client=every_client,
     )
     for client in clients:
         instrumentation.add(client)
@@ -629,12 +646,14 @@ class PrometheusCollector(Collector):
 
     Args:
         clients: the clients to watch (more with :meth:`add`).
+        every_client: watch every client made from now on as well (the ones
+            ``llmbatch.map`` makes inside included), until :meth:`close`.
 
     Raises:
         ImportError: prometheus-client is not installed.
     """
 
-    def __init__(self, *clients: LLMClient) -> None:
+    def __init__(self, *clients: LLMClient, every_client: bool = False) -> None:
         prometheus = _require("prometheus_client")
         self._prometheus = _require("prometheus_client.core")
         histograms = {
@@ -657,6 +676,8 @@ class PrometheusCollector(Collector):
         self._watch = _Watch(_PrometheusSink(histograms))
         for client in clients:
             self.add(client)
+        if every_client:
+            self._watch.follow_new_clients()
 
     def __repr__(self) -> str:
         state = "closed" if self._watch.closed else f"{len(self._watch.taps)} clients"
@@ -771,6 +792,7 @@ def serve_prometheus(
     *clients: LLMClient,
     host: str = "127.0.0.1",
     registry: CollectorRegistry | None = None,
+    every_client: bool = False,
 ) -> MetricsServer:
     """Serve the figures of *clients* in Prometheus' text format at
     ``http://HOST:PORT/metrics``, from a daemon thread (prometheus_client's
@@ -783,13 +805,15 @@ def serve_prometheus(
             lets any host scrape, and read your job's figures).
         registry: a ``CollectorRegistry`` to add the figures to and serve (your own
             metrics beside them); default: a registry of llmbatch's figures alone.
+        every_client: report every client made from now on as well (the ones
+            ``llmbatch.map`` makes inside included).
 
     Raises:
         ImportError: prometheus-client is not installed.
         OSError: the port cannot be listened on (taken, or not allowed).
     """
     prometheus = _require("prometheus_client")
-    collector = PrometheusCollector(*clients)
+    collector = PrometheusCollector(*clients, every_client=every_client)
     if registry is None:
         registry = prometheus.CollectorRegistry(auto_describe=True)
     registry.register(collector)

@@ -288,6 +288,35 @@ async def test_closed_instrumentation_observes_nothing(clock: FakeClock) -> None
     assert [] == [key for key in points if key[0] != "attempt.duration"]
 
 
+async def test_every_client_counts_the_clients_llmbatch_map_makes(clock: FakeClock) -> None:
+    """``instrument(every_client=True)``: two ``llmbatch.map`` calls (each makes its own
+    client inside) are both counted, their requests equal to the simulator's; after
+    close a third call is not."""
+    import llmbatch
+
+    reader = InMemoryMetricReader()
+    meter_provider = otel_metrics_sdk.MeterProvider(metric_readers=[reader])
+    async with (
+        Simulator(clock=clock.time) as sim,
+        OpenAIProvider(base_url=sim.base_url, api_key=API_KEY) as provider,
+    ):
+        instrumentation = instrument(meter_provider=meter_provider, spans=False, every_client=True)
+        for batch in range(2):
+            await llmbatch.map(
+                "{item}",
+                [f"every client {batch}-{i}" for i in range(4)],
+                model=MODEL,
+                provider=provider,
+            )
+        counted = total(otel_points(reader)[0], "requests")
+        sent = sim.stats().requests
+        instrumentation.close()
+        await llmbatch.map("{item}", ["after close"], model=MODEL, provider=provider)
+    assert (8, 8) == (counted, sent)
+    points, _ = otel_points(reader)
+    assert 0 == total(points, "requests")
+
+
 # -- Prometheus -------------------------------------------------------------------------
 
 
