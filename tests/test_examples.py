@@ -130,3 +130,28 @@ def test_extract_typed_example_against_the_simulator(
         assert reading["module"].startswith(f"[{content_tag(prompt)}]")
         assert 1 <= len(reading["topics"]) <= 5
         assert reading["audience"] in ("beginner", "intermediate", "expert")
+
+
+def test_many_keys_example_against_the_simulator(tmp_path: Path) -> None:
+    """examples/many_keys.py: three keys (one revoked mid-run) and a fallback model
+    answer every document; each line names the model that answered, and the revoked key
+    is retired with one warning that never shows it."""
+    out = tmp_path / "many.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_API_KEY")}
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "many_keys.py"), "--provider", "simulator", "-o", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    docs = sorted(p.name for p in (EXAMPLES / "docs").glob("*.txt"))
+    assert docs == [r["doc"] for r in records]
+    assert all("summary" in r for r in records)
+    models = {r["model"].split("-20")[0] for r in records}
+    assert {"gpt-4o-mini", "gpt-4o"} == models
+    assert f"{len(docs)} summarized" in done.stdout
+    assert 1 == done.stderr.count("pool.key_retired")
+    assert "sk-sim-key-two" not in done.stderr
