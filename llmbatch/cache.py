@@ -771,6 +771,10 @@ def _schema_version(db: sqlite3.Connection) -> str | None:
     return None if row is None else str(row[0])
 
 
+#: the most the default SQLite cache's answers may take before the oldest go
+DEFAULT_MAX_BYTES = 1024**3
+
+
 def default_cache_path() -> Path:
     """Where the SQLite cache lives unless told otherwise: ``$XDG_CACHE_HOME/llmbatch/
     responses.sqlite`` when that variable holds an absolute path (on any platform),
@@ -799,10 +803,16 @@ class SQLiteCache(_Cache):
     deleted or rewritten to repair it: delete it to start afresh. Expired rows are
     removed when the file is opened.
 
+    The file stays under *max_bytes* of answers: when they grow past it (checked when
+    the file is opened and every 256 writes) the oldest are removed until they fill 80%
+    of it, and SQLite reuses their pages (the file itself does not shrink).
+
     WAL needs a local file system (not NFS or SMB): on a shared drive use Redis.
 
     Args:
         path: the file (created with its folder); default :func:`default_cache_path`.
+        max_bytes: the most the stored answers may take (default 1 GiB; ``None``: no
+            bound).
         busy_timeout: seconds a statement waits for another process's lock.
         retry_interval: seconds the file is left alone after a failure.
         warn_every: seconds between two warnings (failures in between are counted).
@@ -813,6 +823,7 @@ class SQLiteCache(_Cache):
         self,
         path: str | os.PathLike[str] | None = None,
         *,
+        max_bytes: int | None = DEFAULT_MAX_BYTES,
         busy_timeout: float = 0.2,
         retry_interval: float = 30.0,
         warn_every: float = 300.0,
@@ -825,7 +836,11 @@ class SQLiteCache(_Cache):
             retry_interval=retry_interval,
             warn_every=warn_every,
         )
+        if max_bytes is not None and max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive (or None), not {max_bytes!r}")
+        self.max_bytes = max_bytes
         self._busy_timeout = busy_timeout
+        self._writes_since_check = 0
         self._db: sqlite3.Connection | None = None  # only ever touched by the worker thread
         self._worker = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="llmbatch-cache"
@@ -857,11 +872,41 @@ class SQLiteCache(_Cache):
                     db.execute("DELETE FROM responses WHERE expires <= ?", (now,))
                 except sqlite3.OperationalError:
                     pass  # another process is writing: prune next time
+            self._bound(db)
         except BaseException:
             db.close()
             raise
         self._db = db
         return db
+
+    def _bound(self, db: sqlite3.Connection) -> None:
+        """Remove the oldest answers while they take more than ``max_bytes`` (worker
+        thread), down to 80% of it."""
+        if self.max_bytes is None:
+            return
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        used = db.execute("PRAGMA page_count").fetchone()[0]
+        free = db.execute("PRAGMA freelist_count").fetchone()[0]
+        live = (used - free) * page_size
+        if live <= self.max_bytes:
+            return
+        rows = db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+        drop = math.ceil(rows * (1.0 - 0.8 * self.max_bytes / live))
+        try:
+            db.execute(
+                "DELETE FROM responses WHERE key IN "
+                "(SELECT key FROM responses ORDER BY created LIMIT ?)",
+                (drop,),
+            )
+        except sqlite3.OperationalError:
+            return  # another process is writing: bound next time
+        logger.info(
+            "cache.evicted",
+            cache=str(self.path),
+            answers=drop,
+            bytes=live,
+            max_bytes=self.max_bytes,
+        )
 
     def _reset(self) -> None:
         """Drop the connection after a failure (worker thread): the next use reopens."""
@@ -891,11 +936,16 @@ class SQLiteCache(_Cache):
         if not self._usable():
             return False
         try:
-            self._connection().execute(
+            db = self._connection()
+            db.execute(
                 "INSERT OR REPLACE INTO responses (key, value, created, expires) "
                 "VALUES (?, ?, ?, ?)",
                 (key, value, created, expires),
             )
+            self._writes_since_check += 1
+            if self._writes_since_check >= 256:
+                self._writes_since_check = 0
+                self._bound(db)
         except BaseException:
             self._pause()
             self._reset()

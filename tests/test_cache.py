@@ -901,3 +901,30 @@ def test_without_a_cache_table_nothing_is_configured(
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("LLMBATCH_CONFIG", raising=False)
     assert None is cache_settings().location
+
+
+async def test_the_sqlite_cache_keeps_under_its_size_bound(tmp_path: Path) -> None:
+    """2,000 answers of ~1 KB into a cache bound to 200 KB: the answers never take much
+    more than the bound (checked every 256 writes), the oldest went first, and the
+    newest are all still served."""
+    clock = FakeClock(start=1_000_000.0)
+    path = tmp_path / "bounded.sqlite"
+    async with SQLiteCache(path, max_bytes=200_000, clock=clock.time) as cache:
+        for i in range(2000):
+            clock.advance(1.0)
+            await cache.put(f"k{i}", Response(text=f"{i:04d}" + "x" * 1000))
+        newest = [await cache.get(f"k{i}") for i in range(1990, 2000)]
+        oldest = await cache.get("k0")
+    assert all(hit is not None for hit in newest)
+    assert oldest is None
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+        kept = db.execute("SELECT SUM(LENGTH(value)) FROM responses").fetchone()[0]
+    assert 100 < rows < 2000
+    # bound + what 256 writes add between two checks
+    assert kept <= 200_000 + 256 * 1_200
+
+
+def test_a_size_bound_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="max_bytes must be positive"):
+        SQLiteCache(tmp_path / "c.sqlite", max_bytes=0)
