@@ -9,7 +9,6 @@ many requests run before a completion window closes is exact.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import re
@@ -47,6 +46,7 @@ from llmbatch.testing import FakeClock, Simulator
 from llmbatch.testing._content import content_tag
 from llmbatch.testing.pytest_plugin import SimulatorFactory
 from llmbatch.testing.simulator import BatchSimConfig
+from tests.helpers.interrupt import Interrupt, interrupted
 
 START = 1_700_000_000.0
 MINI = "gpt-4o-mini"
@@ -123,28 +123,6 @@ async def openai_statuses(sim: Simulator, batch_ids: Sequence[str]) -> list[str]
     """The simulator's status of each OpenAI batch."""
     async with openai.AsyncOpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as raw:
         return [(await raw.batches.retrieve(b)).status for b in batch_ids]
-
-
-class Interrupt:
-    """A ``sleep`` for the lifecycle that signals its first wait, then blocks until the
-    task is cancelled: a Ctrl-C right after the batches were submitted."""
-
-    def __init__(self) -> None:
-        self.waiting = asyncio.Event()
-
-    async def __call__(self, seconds: float) -> None:
-        self.waiting.set()
-        await asyncio.Event().wait()
-
-
-async def interrupted(job: Callable[[Interrupt], Awaitable[Any]]) -> None:
-    """Start *job* (given the interrupting sleep) and cancel it once it first waits."""
-    interrupt = Interrupt()
-    task = asyncio.ensure_future(job(interrupt))
-    await interrupt.waiting.wait()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
 
 
 @pytest.fixture

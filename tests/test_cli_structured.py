@@ -26,6 +26,7 @@ from llmbatch.cli import cli
 from llmbatch.testing import Fault, RequestInfo, Simulator
 from llmbatch.testing._content import content_tag
 from llmbatch.testing.pytest_plugin import SimulatorFactory
+from tests.test_cli import run_args
 
 pytest.importorskip("pydantic")
 
@@ -114,24 +115,6 @@ async def llmbatch(
     out, err = await asyncio.wait_for(proc.communicate(), seconds)
     assert proc.returncode is not None
     return Done(proc.returncode, out.decode(), err.decode())
-
-
-def run_args(sim: Simulator, source: Path, out: Path, *extra: str | Path) -> list[str | Path]:
-    return [
-        "run",
-        source,
-        "-o",
-        out,
-        "--provider",
-        sim.base_url,
-        "--prompt",
-        TEMPLATE,
-        "--rpm",
-        "100000",
-        "--tpm",
-        "100000000",
-        *extra,
-    ]
 
 
 def docs(n: int) -> list[dict[str, str]]:

@@ -7,9 +7,8 @@ the simulator's batch clock with the lifecycle's ``sleep``.
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from llmbatch.testing import FakeClock, Simulator
 from llmbatch.testing._faults import Fault
 from llmbatch.testing.pytest_plugin import SimulatorFactory
 from llmbatch.testing.simulator import BatchSimConfig
+from tests.helpers.interrupt import interrupted
 
 API_VERSION = "2024-10-21"
 KEY = "0123456789abcdef0123456789abcdef"
@@ -168,27 +168,6 @@ def test_the_quota_bound_never_exceeds_a_whole_thousand() -> None:
 
 
 # -- Global Batch --------------------------------------------------------------------------
-
-
-class Interrupt:
-    """The lifecycle's first wait signals, then blocks until the task is cancelled: the
-    process dies right after submitting."""
-
-    def __init__(self) -> None:
-        self.waiting = asyncio.Event()
-
-    async def __call__(self, seconds: float) -> None:
-        self.waiting.set()
-        await asyncio.Event().wait()
-
-
-async def interrupted(job: Callable[[Interrupt], Awaitable[Any]]) -> None:
-    interrupt = Interrupt()
-    task = asyncio.ensure_future(job(interrupt))
-    await interrupt.waiting.wait()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
 
 
 async def test_a_batch_job_resumes_polling_after_a_crash_and_creates_one_batch(

@@ -21,7 +21,7 @@ import signal
 import socket
 import sqlite3
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,7 @@ from llmbatch.testing._content import content_tag
 from llmbatch.testing._faults import FaultKind
 from llmbatch.testing.pytest_plugin import SimulatorFactory
 from llmbatch.testing.simulator import BatchSimConfig
+from tests.helpers.interrupt import interrupted
 
 FLASH = "gemini-2.5-flash"
 KEY = "AIzaSy-secret-test-key-7f3a"
@@ -474,27 +475,6 @@ async def test_1000_items_through_the_batch_api(
         stats["gemini_files_uploaded"],
     )
     assert all(o.usage.input_tokens > 0 for o in outcomes.values() if isinstance(o, Response))
-
-
-class Interrupt:
-    """A ``sleep`` for the lifecycle that signals its first wait, then blocks until the
-    task is cancelled: the process killed right after the job was submitted."""
-
-    def __init__(self) -> None:
-        self.waiting = asyncio.Event()
-
-    async def __call__(self, seconds: float) -> None:
-        self.waiting.set()
-        await asyncio.Event().wait()
-
-
-async def interrupted(job: Callable[[Interrupt], Awaitable[Any]]) -> None:
-    interrupt = Interrupt()
-    task = asyncio.ensure_future(job(interrupt))
-    await interrupt.waiting.wait()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
 
 
 async def test_a_rerun_after_a_kill_resumes_polling_and_never_resubmits(
