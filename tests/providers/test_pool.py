@@ -20,7 +20,6 @@ from structlog.testing import capture_logs
 import llmbatch
 from llmbatch.client import LLMClient
 from llmbatch.config import BUILTIN_PROFILES
-from llmbatch.errors import AuthenticationFailed
 from llmbatch.failure import BatchFailed
 from llmbatch.limits import Limits
 from llmbatch.providers.openai import OpenAIProvider
@@ -124,24 +123,6 @@ async def test_a_revoked_key_is_retired_and_the_others_finish(clock: FakeClock) 
     assert all(KEYS[1] not in str(value) for e in logs for value in e.values())
     # after the retirement the revoked key saw at most the requests already on their way
     assert recorder.by_key[KEYS[1]] < 41 + 20
-
-
-async def test_the_job_stops_when_no_key_is_left(clock: FakeClock) -> None:
-    """Every key refused: the job stops (fatal) instead of spinning."""
-    async with (
-        Simulator(rpm=600, clock=clock.time, api_keys=["sk-the-only-good-one"]) as sim,
-        pool_at(sim) as pool,
-    ):
-        with pytest.raises(BatchFailed) as caught:
-            await llmbatch.map(
-                "{item}",
-                [f"doomed {i}" for i in range(20)],
-                model=MODEL,
-                provider=pool,
-                limits=Limits(rpm=600),
-            )
-    assert "fatal" == caught.value.reason
-    assert isinstance(caught.value.error.exception, AuthenticationFailed)
 
 
 def unavailable_for_a_fifth(info: RequestInfo) -> Fault | None:
@@ -381,23 +362,34 @@ async def test_a_model_out_of_quota_on_every_key_falls_back_on_the_same_keys(
     assert {"gpt-4o"} == {r.model for r in result.ok}
 
 
-async def test_when_the_last_key_goes_the_job_stops_with_its_error(clock: FakeClock) -> None:
-    """No fallback: every key out of quota for the model stops the job with that
-    (fatal) error, never a bare ValueError."""
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        # every key refused outright
+        ({"api_keys": ["sk-the-only-good-one"]}, "AuthenticationFailed"),
+        # every key out of quota for the model
+        ({"script": quota_spent_for(MODEL)}, "QuotaExhausted"),
+    ],
+)
+async def test_when_the_last_key_goes_the_job_stops_with_its_error(
+    clock: FakeClock, options: dict[str, Any], expected: str
+) -> None:
+    """No fallback and no key left: the job stops (fatal) with the error that retired
+    the last key, instead of spinning or raising a bare ValueError."""
     async with (
-        Simulator(clock=clock.time, script=quota_spent_for(MODEL)) as sim,
+        Simulator(clock=clock.time, **options) as sim,
         pool_at(sim) as pool,
     ):
         with pytest.raises(BatchFailed) as caught:
             await llmbatch.map(
                 "{item}",
-                [f"spent {i}" for i in range(10)],
+                [f"doomed {i}" for i in range(10)],
                 model=MODEL,
                 provider=pool,
                 limits=Limits(rpm=100_000),
             )
     assert "fatal" == caught.value.reason
-    assert "QuotaExhausted" == caught.value.error.error_type
+    assert expected == caught.value.error.error_type
 
 
 async def test_items_in_flight_on_an_unreachable_primary_all_move_to_the_fallback(
