@@ -79,7 +79,6 @@ import re
 import sqlite3
 import sys
 import time
-import tomllib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -89,7 +88,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, TypeVar, runtime
 from urllib.parse import urlsplit, urlunsplit
 
 from llmbatch._log import get_logger
-from llmbatch.config import config_file
+from llmbatch.config import read_settings
 from llmbatch.errors import redact
 from llmbatch.models import Request, Response, Usage
 
@@ -1260,17 +1259,11 @@ def cache_settings(path: str | Path | None = None) -> CacheSettings:
     Raises:
         ValueError: unknown ``[cache]`` settings or values of the wrong kind.
     """
-    found = config_file(path)
-    table: Mapping[str, Any] = {}
-    if found is not None:
-        with found.open("rb") as f:
-            data = tomllib.load(f)
-        if found.name == "pyproject.toml":
-            data = data.get("tool", {}).get("llmbatch", {})
-        table = data.get("cache") or {}
-        unknown = set(table) - set(_SETTINGS)
-        if unknown:
-            raise ValueError(f"{found.name}: unknown [cache] settings: {sorted(unknown)}")
+    found, data = read_settings(path)
+    table: Mapping[str, Any] = data.get("cache") or {}
+    unknown = set(table) - set(_SETTINGS)
+    if found is not None and unknown:
+        raise ValueError(f"{found.name}: unknown [cache] settings: {sorted(unknown)}")
     where = found.name if found is not None else "[cache]"
     location = os.environ.get("LLMBATCH_CACHE") or table.get("location")
     if location is not None and not isinstance(location, str):

@@ -576,9 +576,8 @@ class LLMClient(AsyncClosing):
 
     async def aclose(self) -> None:
         """Close the provider (and the fallbacks'), the Redis connections of shared
-        quotas, and the cache if
-        the client opened it from a name (its pending writes land first either way; a
-        cache object passed in stays open for its owner)."""
+        quotas, and the cache if the client opened it from a name (its pending writes
+        land first either way; a cache object passed in stays open for its owner)."""
         try:
             await self.release()
         finally:
@@ -671,9 +670,10 @@ class LLMClient(AsyncClosing):
         return found[1]
 
     def quota_statistics(self, model: str) -> LimiterStatistics:
-        """The limiter statistics of *model*'s quota (what the live view shows): a key
-        pool's keys added up (limits, levels, counts; the longest wait and cooldown)."""
-        pool = self.provider
+        """The limiter statistics of *model*'s quota on the current route (what the
+        live view shows): a key pool's keys added up (limits, levels, counts; the
+        longest wait and cooldown)."""
+        pool = self._route()
         if not isinstance(pool, KeyPool) or self._limiter is not None:
             return self.limiter_for(model).statistics()
         members = pool.active_for(model) or pool.members
@@ -1349,23 +1349,12 @@ class LLMClient(AsyncClosing):
 
     def _size_in_flight(self, model: str, limiter: Limiter) -> None:
         """Size the in-flight target from what the limiter's limits allow now (a key
-        pool's: every active key's limiter, their limits added up)."""
-        limiters = [limiter]
-        pool = self._route()
-        if isinstance(pool, KeyPool) and not self._limiter:
-            members = pool.active_for(model)
-            limiters = [self.limiter_for(model, member) for member in members] or limiters
-        limits: dict[str, float] = {}
-        capacity: dict[str, float] = {}
-        for each in limiters:
-            stats = each.statistics()
-            for unit, value in stats.limits.items():
-                limits[unit] = limits.get(unit, 0.0) + value
-            for unit, value in stats.capacity.items():
-                capacity[unit] = capacity.get(unit, 0.0) + value
+        pool's: every key's limits added up, :meth:`quota_statistics`)."""
+        pooled = isinstance(self._route(), KeyPool)
+        stats = self.quota_statistics(model) if pooled else limiter.statistics()
         self._gate.resize(
-            request_rate(limits, self._mean_cost),
-            request_burst(capacity, self._mean_cost),
+            request_rate(stats.limits, self._mean_cost),
+            request_burst(stats.capacity, self._mean_cost),
         )
 
     def _check_reachable(self, exc: ConnectionFailed) -> None:

@@ -82,6 +82,7 @@ __all__ = [
     "load_settings",
     "profile_for",
     "provider_profile",
+    "read_settings",
 ]
 
 _LIMIT_FIELDS = {f.name for f in fields(Limits)}
@@ -582,9 +583,15 @@ def config_file(path: str | Path | None = None) -> Path | None:
     return None
 
 
+def read_settings(path: str | Path | None = None) -> tuple[Path | None, dict[str, Any]]:
+    """The configuration file in force (see :func:`config_file`) and its llmbatch
+    settings (the ``[tool.llmbatch]`` table of a ``pyproject.toml``), or ``(None, {})``:
+    what every table's reader (``[models]``, ``[limiter]``, ``[cache]``...) starts from."""
+    return _settings(path)
+
+
 def _settings(path: str | Path | None) -> tuple[Path | None, dict[str, Any]]:
-    """The configuration file in force and its llmbatch settings (the ``[tool.llmbatch]``
-    table of a ``pyproject.toml``), or ``(None, {})``."""
+    """See :func:`read_settings`."""
     found = config_file(path)
     if found is None:
         return None, {}

@@ -20,6 +20,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from llmbatch.testing._buckets import DAY, MINUTE
 from llmbatch.testing._cache import NO_CACHE, CacheUse, PromptCache
 from llmbatch.testing._faults import Fault
 from llmbatch.testing._quota import Quota, Rejection
@@ -31,7 +32,19 @@ if TYPE_CHECKING:
     from llmbatch.testing._content import Output
     from llmbatch.testing._structured import Spoil
 
-__all__ = ["Answer", "ApiError", "Endpoint", "dumps", "retry_headers"]
+__all__ = ["Answer", "ApiError", "Endpoint", "dumps", "minute_and_day_buckets", "retry_headers"]
+
+
+def minute_and_day_buckets(config: SimulatorConfig) -> list[tuple[str, float, int]]:
+    """Requests and tokens per minute and per day, as *config* sets them (OpenAI's and
+    Gemini's limits; ``Endpoint.bucket_specs``)."""
+    specs = [
+        ("requests", MINUTE, config.rpm),
+        ("tokens", MINUTE, config.tpm),
+        ("requests", DAY, config.rpd),
+        ("tokens", DAY, config.tpd),
+    ]
+    return [(name, period, limit) for name, period, limit in specs if limit is not None]
 
 
 #: one encoder for every body (``json.dumps`` with ``separators`` builds one per call)

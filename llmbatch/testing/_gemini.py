@@ -68,7 +68,7 @@ from llmbatch.testing._batchsim import _OFFLOAD_BYTES, _OFFLOAD_ITEMS, _offload,
 from llmbatch.testing._buckets import DAY, MINUTE
 from llmbatch.testing._cache import NO_CACHE, CacheUse
 from llmbatch.testing._content import Output, estimate_tokens
-from llmbatch.testing._endpoint import Answer, ApiError, Endpoint, dumps
+from llmbatch.testing._endpoint import Answer, ApiError, Endpoint, dumps, minute_and_day_buckets
 from llmbatch.testing._faults import Fault
 from llmbatch.testing._quota import Quota, Rejection
 from llmbatch.testing._schema import SchemaError
@@ -371,13 +371,7 @@ class GenerateContent(Endpoint):
 
     @staticmethod
     def bucket_specs(config: SimulatorConfig) -> list[tuple[str, float, int]]:
-        specs = [
-            ("requests", MINUTE, config.rpm),
-            ("tokens", MINUTE, config.tpm),
-            ("requests", DAY, config.rpd),
-            ("tokens", DAY, config.tpd),
-        ]
-        return [(name, period, limit) for name, period, limit in specs if limit is not None]
+        return minute_and_day_buckets(config)
 
     def error_body(self, error: ApiError, request_id: str) -> dict[str, Any]:
         return _error_json(error.status, error.message, _details(error))

@@ -37,7 +37,14 @@ from llmbatch.testing._content import (
     openai_chat_completion,
     openai_usage,
 )
-from llmbatch.testing._endpoint import Answer, ApiError, Endpoint, dumps, retry_headers
+from llmbatch.testing._endpoint import (
+    Answer,
+    ApiError,
+    Endpoint,
+    dumps,
+    minute_and_day_buckets,
+    retry_headers,
+)
 from llmbatch.testing._faults import Fault
 from llmbatch.testing._quota import Quota, Rejection
 from llmbatch.testing._structured import (
@@ -120,13 +127,7 @@ class _OpenAI(Endpoint):
 
     @staticmethod
     def bucket_specs(config: SimulatorConfig) -> list[tuple[str, float, int]]:
-        specs = [
-            ("requests", MINUTE, config.rpm),
-            ("tokens", MINUTE, config.tpm),
-            ("requests", DAY, config.rpd),
-            ("tokens", DAY, config.tpd),
-        ]
-        return [(name, period, limit) for name, period, limit in specs if limit is not None]
+        return minute_and_day_buckets(config)
 
     def error_body(self, error: ApiError, request_id: str) -> dict[str, Any]:
         return {
