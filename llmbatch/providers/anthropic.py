@@ -469,6 +469,8 @@ class AnthropicProvider(AsyncClosing):
             if usage.cache_write_tokens or usage.cached_tokens:
                 self._remember_warm(slot)
             else:
+                if len(self._uncached) >= _MAX_WARM:
+                    self._uncached.clear()  # (bounded, as the warm prefixes are)
                 self._uncached.add(slot)  # too short for the server: never wait again
                 logger.info("anthropic.prefix_not_cached", model=slot[0])
             return response
